@@ -1,0 +1,104 @@
+"""The one measurement record: every benchmark writes these, the report reads only these.
+
+A record is one JSON line under `reports/results/<run_id>.jsonl`. Files are append-only: a run
+never rewrites or truncates an earlier line. `load_records` gives pandas one flat table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from errors import UserError
+
+SCHEMA_VERSION = 1
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "reports" / "results"
+
+
+@dataclass
+class Record:
+    # What was measured.
+    run_id: str
+    model: str
+    family: str  # "cyclegan" | "nst"
+    variant: str  # "fp32", "int8-ptq", ...
+    weights: str  # "random" or "<path>@sha256:<hex>"
+    input_shape: list[int]
+    params: int
+    macs: int
+    size_fp32_bytes: int  # fp32 weights as a state_dict on disk
+    # Where and how.
+    target: str  # target config name, e.g. "host"
+    device: str  # human label from the target config
+    isa_level: str  # e.g. "avx2"; "" where the target has no levels
+    runtime: str  # "tvm" | "torch" | "onnxruntime"
+    threads: int
+    artifact_bytes: int | None = None  # compiled library / ONNX file size
+    tuned_trials: int | None = None  # tuning records in the applied database; None = untuned
+    db_hash: str | None = None
+    # Timing (milliseconds over the timed samples, after warm-up).
+    warmup: int = 0
+    samples: int = 0
+    duration_s: float = 0.0
+    latency_mean_ms: float = 0.0
+    latency_std_ms: float = 0.0
+    latency_cov: float = 0.0
+    latency_min_ms: float = 0.0
+    latency_p50_ms: float = 0.0
+    latency_p90_ms: float = 0.0
+    latency_p99_ms: float = 0.0
+    latency_max_ms: float = 0.0
+    valid: bool = True
+    invalid_reason: str = ""
+    # Correctness against the torch fp32 reference on the same input.
+    max_abs_err: float | None = None
+    tolerance: float | None = None
+    # Environment fingerprint and provenance.
+    env: dict = field(default_factory=dict)
+    timestamp: str = ""
+    schema: int = SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Record":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise UserError(f"record has unknown fields {sorted(unknown)}; expected schema {SCHEMA_VERSION}")
+        return cls(**data)
+
+
+def append_records(records: list[Record], path: Path) -> Path:
+    """Append records as JSON lines; earlier lines are never touched."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        for record in records:
+            f.write(record.to_json() + "\n")
+    return path
+
+
+def read_records(path: Path) -> list[Record]:
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(Record.from_dict(json.loads(line)))
+            except (json.JSONDecodeError, TypeError) as exc:
+                raise UserError(f"{path}:{number}: not a benchmark record ({exc})") from exc
+    return records
+
+
+def load_records(results_dir: Path = RESULTS_DIR) -> pd.DataFrame:
+    """All records below `results_dir` as one DataFrame, one row per record."""
+    paths = sorted(Path(results_dir).glob("*.jsonl"))
+    rows = [dataclasses.asdict(r) for p in paths for r in read_records(p)]
+    columns = [f.name for f in dataclasses.fields(Record)]
+    return pd.DataFrame(rows, columns=columns)

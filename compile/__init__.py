@@ -1,0 +1,1 @@
+"""Model import, compilation, tuning and the tuning database."""

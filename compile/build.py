@@ -1,0 +1,91 @@
+"""Build a Relax module for a target from its tuning database, with a content-addressed cache.
+
+The cache key covers everything that changes the machine code: the model's weights and graph
+(`source_digest`), the input shape, the target, the database contents and the TVM version. A hit
+skips import-independent work (applying the database, LLVM codegen, linking).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import tvm
+from tvm import relax
+from tvm.s_tir import meta_schedule as ms
+
+from compile.database import TuningDatabase
+from compile.tuning import prepare
+
+CACHE_DIR = Path(os.environ.get("LWGAN_CACHE", Path(__file__).resolve().parent.parent / "build" / "cache"))
+PIPELINE_VERSION = "1"  # bump when this module changes what it emits
+
+
+@dataclass(frozen=True)
+class CompiledModel:
+    library: Path  # shared library for relax.VirtualMachine
+    tuned_tasks: int  # tasks that found a record in the database
+    total_tasks: int
+    db_records: int  # tuning records in the applied database (0 = untuned)
+    db_hash: str | None
+    cache_hit: bool
+
+    def load(self, device: tvm.runtime.Device | None = None) -> relax.VirtualMachine:
+        return relax.VirtualMachine(tvm.runtime.load_module(str(self.library)), device or tvm.cpu())
+
+
+def cache_key(source_digest: str, input_shape: tuple[int, ...], target: tvm.target.Target, db_hash: str | None) -> str:
+    parts = {
+        "source": source_digest,
+        "shape": list(input_shape),
+        "target": str(target),
+        "database": db_hash,
+        "tvm": tvm.__version__,
+        "pipeline": PIPELINE_VERSION,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def apply_database(mod: tvm.IRModule, target: tvm.target.Target, database: TuningDatabase) -> tuple[tvm.IRModule, int, int]:
+    """Replace each tunable PrimFunc by its best tuned schedule; returns (module, tuned, total)."""
+    prepared = prepare(mod, target)
+    tasks = ms.relax_integration.extract_tasks(prepared, target)
+    if not database.exists():
+        return prepared, 0, len(tasks)
+    db = database.open()
+    tuned = sum(1 for task in tasks if db.query_tuning_record(task.dispatched[0], target, task.task_name) is not None)
+    with target, db:
+        applied = relax.transform.MetaScheduleApplyDatabase()(prepared)
+    return applied, tuned, len(tasks)
+
+
+def compile_model(
+    mod: tvm.IRModule,
+    target: tvm.target.Target,
+    database: TuningDatabase,
+    source_digest: str,
+    input_shape: tuple[int, ...],
+    cache_dir: Path = CACHE_DIR,
+) -> CompiledModel:
+    db_hash = database.digest()
+    key = cache_key(source_digest, input_shape, target, db_hash)
+    library = cache_dir / f"{key}.so"
+    meta_path = cache_dir / f"{key}.json"
+    if library.exists() and meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        return CompiledModel(library, meta["tuned_tasks"], meta["total_tasks"], meta["db_records"], db_hash, True)
+    applied, tuned, total = apply_database(mod, target, database)
+    executable = tvm.compile(applied, target)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # Write to a temporary name first so an interrupted build never leaves a truncated library.
+    with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".so", delete=False) as tmp:
+        partial = Path(tmp.name)
+    executable.export_library(str(partial))
+    partial.replace(library)
+    meta = {"tuned_tasks": tuned, "total_tasks": total, "db_records": database.record_count()}
+    meta_path.write_text(json.dumps(meta))
+    return CompiledModel(library, tuned, total, meta["db_records"], db_hash, False)

@@ -1,0 +1,80 @@
+"""Tuning databases: MetaSchedule JSON databases committed under autotune_logs/<target-level>/<model>/.
+
+Records are append-only: tuning adds lines, nothing here rewrites or deletes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tvm.s_tir import meta_schedule as ms
+
+from errors import UserError
+
+AUTOTUNE_DIR = Path(__file__).resolve().parent.parent / "autotune_logs"
+WORKLOAD_FILE = "database_workload.json"
+RECORD_FILE = "database_tuning_record.json"
+
+
+@dataclass(frozen=True)
+class TuningDatabase:
+    path: Path
+
+    @property
+    def workload_file(self) -> Path:
+        return self.path / WORKLOAD_FILE
+
+    @property
+    def record_file(self) -> Path:
+        return self.path / RECORD_FILE
+
+    def exists(self) -> bool:
+        return self.workload_file.exists() and self.record_file.exists()
+
+    def record_count(self) -> int:
+        if not self.exists():
+            return 0
+        with open(self.record_file, encoding="utf-8") as f:
+            return sum(1 for line in f if line.strip())
+
+    def digest(self) -> str | None:
+        """Content hash of both files: part of the compiled-artifact cache key and of every record."""
+        if not self.exists():
+            return None
+        h = hashlib.sha256()
+        for file in (self.workload_file, self.record_file):
+            h.update(file.read_bytes())
+        return h.hexdigest()[:16]
+
+    def validate(self) -> None:
+        """Fail with the offending file and line before MetaSchedule meets a corrupt file."""
+        for file in (self.workload_file, self.record_file):
+            if not file.exists():
+                continue
+            with open(file, encoding="utf-8", errors="replace") as f:
+                for number, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise UserError(f"{file}:{number}: corrupt tuning database line ({exc.msg})") from exc
+                    if not isinstance(row, list) or len(row) < 2:
+                        raise UserError(f"{file}:{number}: not a MetaSchedule database row (expected a JSON list)")
+
+    def open(self) -> ms.database.JSONDatabase:
+        self.validate()
+        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            return ms.database.JSONDatabase(
+                path_workload=str(self.workload_file), path_tuning_record=str(self.record_file)
+            )
+        except Exception as exc:  # the C++ parser's message is long; the file is what the user needs
+            raise UserError(f"{self.path}: tuning database could not be loaded ({type(exc).__name__})") from exc
+
+
+def database_for(db_key: str, model: str) -> TuningDatabase:
+    return TuningDatabase(AUTOTUNE_DIR / db_key / model)

@@ -1,0 +1,160 @@
+"""MetaSchedule tuning of a Relax module into a committed JSON database.
+
+The XGBoost cost model and evolutionary search are MetaSchedule's; this module adds what a user of a
+benchmarking suite needs around them: progress, a resumable database in a path that says what it
+holds, and the tuning curve (estimated model latency against trials) kept next to the database.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import tvm
+from tvm import relax
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
+
+from compile.database import TuningDatabase
+from compile.intrinsics import register_cpu_tensor_intrinsics
+from errors import UserError
+
+CURVE_FILE = "tuning_curve.jsonl"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUILD_TIMEOUT_S = 120.0
+
+
+def build_candidate(mod: tvm.IRModule, target: tvm.target.Target, params) -> tvm.runtime.Module:
+    """MetaSchedule's default build, minus its 65 s import of GPU intrinsics in every worker pool."""
+    register_cpu_tensor_intrinsics()
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_build
+
+    return default_build(mod, target, params)
+
+
+def local_builder() -> ms.builder.LocalBuilder:
+    """Builder workers are fresh processes: they find this package through PYTHONPATH."""
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if str(REPO_ROOT) not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, paths)])
+    return ms.builder.LocalBuilder(f_build=build_candidate, timeout_sec=BUILD_TIMEOUT_S)
+
+
+def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """The passes before task extraction; the same ones must run before applying a database."""
+    with target:
+        return tvm.transform.Sequential(
+            [
+                relax.transform.DecomposeOpsForInference(),
+                relax.transform.CanonicalizeBindings(),
+                relax.get_pipeline("zero"),
+            ]
+        )(mod)
+
+
+@dataclass
+class TuningProgress:
+    """Best measured latency per task; the model estimate is their weighted sum."""
+
+    task_names: list[str]
+    task_weights: list[float]
+    curve_path: Path
+    report: Callable[[str], None]
+    trials_done: int = 0
+    started: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.best_s: list[float | None] = [None] * len(self.task_names)
+        self.started = time.time()
+
+    def estimated_latency_ms(self) -> float | None:
+        if any(b is None for b in self.best_s):
+            return None
+        return 1e3 * sum(w * b for w, b in zip(self.task_weights, self.best_s))
+
+    def update(self, task_id: int, run_secs: list[list[float]]) -> None:
+        self.trials_done += len(run_secs)
+        measured = [sum(s) / len(s) for s in run_secs if s]
+        if measured:
+            best = min(measured)
+            if self.best_s[task_id] is None or best < self.best_s[task_id]:
+                self.best_s[task_id] = best
+        estimate = self.estimated_latency_ms()
+        point = {
+            "trials": self.trials_done,
+            "elapsed_s": round(time.time() - self.started, 1),
+            "task": self.task_names[task_id],
+            "estimated_latency_ms": estimate,
+        }
+        with open(self.curve_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(point) + "\n")
+        shown = f"{estimate:.2f} ms" if estimate is not None else "pending (not every task measured yet)"
+        best = self.best_s[task_id]
+        self.report(
+            f"  trials {self.trials_done:5d}  {point['elapsed_s']:7.0f}s  "
+            f"task {task_id + 1}/{len(self.task_names)} {self.task_names[task_id][:40]:40s} "
+            f"best {1e3 * best if best else float('nan'):8.3f} ms   model est. {shown}"
+        )
+
+
+@derived_object
+class _ProgressCallback(ms.measure_callback.PyMeasureCallback):
+    def __init__(self, progress: TuningProgress) -> None:
+        self.progress = progress
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
+        secs = [[float(s) for s in r.run_secs] if r.error_msg is None and r.run_secs else [] for r in runner_results]
+        self.progress.update(task_id, secs)
+
+
+def tune(
+    mod: tvm.IRModule,
+    target: tvm.target.Target,
+    database: TuningDatabase,
+    trials: int,
+    trials_per_task: int,
+    report: Callable[[str], None] = print,
+    runner: ms.runner.Runner | str = "local",
+    seed: int | None = None,
+) -> int:
+    """Tune every task of `mod`, appending to `database`. Returns how many trials ran.
+
+    A rerun continues: the database's records seed the search and new records are appended.
+    """
+    if trials <= 0:
+        raise UserError(f"--trials must be positive, got {trials}")
+    register_cpu_tensor_intrinsics()
+    prepared = prepare(mod, target)
+    extracted = ms.relax_integration.extract_tasks(prepared, target)
+    if not extracted:
+        raise UserError("the model has no tunable operators")
+    db = database.open()
+    with tempfile.TemporaryDirectory(prefix="lwgan-tune-") as scratch:
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            extracted_tasks=extracted, work_dir=scratch, seed=seed
+        )
+        progress = TuningProgress(
+            task_names=[t.task_name for t in extracted],
+            task_weights=[float(w) for w in weights],
+            curve_path=database.path / CURVE_FILE,
+            report=report,
+        )
+        report(f"tuning {len(extracted)} tasks, {trials} trials (≤ {trials_per_task} per task) into {database.path}")
+        ms.tune_tasks(
+            tasks=contexts,
+            task_weights=weights,
+            work_dir=scratch,
+            max_trials_global=trials,
+            max_trials_per_task=trials_per_task,
+            database=db,
+            cost_model="xgb",
+            builder=local_builder(),
+            runner=runner,
+            measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), _ProgressCallback(progress)],
+        )
+    return progress.trials_done

@@ -1,0 +1,230 @@
+"""Render benchmark records as one self-contained HTML page.
+
+The report is a pure function of the records (bench/record.py): it measures nothing and embeds
+its plots, so it can be regenerated from `reports/results/` at any time and opened from disk
+with no network.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+from pathlib import Path
+
+import jinja2
+import pandas as pd
+from matplotlib.figure import Figure  # no pyplot: leaves the process-wide backend alone
+
+from errors import UserError
+
+TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
+NOISY_COV = 0.1  # coefficient of variation above which a timing is flagged as noisy
+LOG_SCALE_SPAN = 20  # a chart switches to a log axis when its p50s span more than this factor
+BASELINES = {"onnxruntime": "ORT", "torch": "torch"}  # runtimes TVM's speed-up is measured against
+
+
+def format_ms(value: float | None) -> str:
+    """Latency in ms: three decimals below 1 ms, two above, so sub-millisecond models stay readable."""
+    if _missing(value):
+        return "—"
+    return f"{value:.3f}" if abs(value) < 1 else f"{value:.2f}"
+
+
+def format_ratio(ratio: float) -> str:
+    """TVM p50 over a baseline's p50 (below 1× TVM is faster); a third decimal keeps big wins apart."""
+    return f"{ratio:.3f}×" if ratio < 0.1 else f"{ratio:.2f}×"
+
+
+def short_weights(weights: str) -> str:
+    """`<path>@sha256:<hex>` as `<file name>@sha256:<first 12 hex>`; enough to tell checkpoints apart."""
+    path, at, digest = weights.rpartition("@")
+    if not at:
+        return weights
+    algorithm, _, hexdigest = digest.partition(":")
+    return f"{Path(path).name}@{algorithm}:{hexdigest[:12]}"
+
+
+def render_report(records: pd.DataFrame, out_path: Path, source: str | Path = "reports/results") -> Path:
+    """Write the report for `records` to `out_path`; `source` names where they were loaded from."""
+    if records.empty:
+        raise UserError(f"no benchmark records in {source}; run `invoke bench` first")
+    records = records.sort_values(["timestamp", "model", "variant", "runtime"], kind="stable")
+    runtimes = sorted(records["runtime"].unique())  # fixes each runtime's colour across charts
+    template = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    ).get_template("report.html.j2")
+    page = template.render(
+        source=str(source),
+        record_count=len(records),
+        runs=_runs(records),
+        environments=_environments(records),
+        sections=_sections(records, runtimes),
+        warnings=[w for r in records.to_dict("records") for w in _warnings(r)],
+        noisy_cov=NOISY_COV,
+    )
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(page, encoding="utf-8")
+    return out_path
+
+
+def _missing(value) -> bool:
+    """pandas turns a missing optional number into NaN, a missing object into None."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _runs(records: pd.DataFrame) -> list[dict]:
+    return [
+        {
+            "run_id": run_id,
+            "first": group["timestamp"].min(),
+            "last": group["timestamp"].max(),
+            "records": len(group),
+            "devices": ", ".join(sorted(group["device"].unique())),
+        }
+        for run_id, group in records.groupby("run_id", sort=False)
+    ]
+
+
+def _environments(records: pd.DataFrame) -> list[dict]:
+    """One block per distinct fingerprint, so a run on a different machine or stack stands out."""
+    fingerprints = records["env"].map(lambda env: json.dumps(env, sort_keys=True))
+    return [
+        {"env": group["env"].iloc[0], "runs": sorted(group["run_id"].unique())}
+        for _, group in records.groupby(fingerprints, sort=False)
+    ]
+
+
+def _sections(records: pd.DataFrame, runtimes: list[str]) -> list[dict]:
+    """One table and chart per device and run: speed-ups only compare records measured together."""
+    sections = []
+    keys = ["device", "target", "isa_level", "run_id"]
+    for (device, target, isa_level, run_id), group in records.groupby(keys, sort=False):
+        rows = group.sort_values(["model", "variant", "runtime", "threads"], kind="stable").to_dict("records")
+        latest = {(r["model"], r["variant"], r["runtime"]): r for r in group.to_dict("records") if r["valid"]}
+        sections.append(
+            {
+                "device": device,
+                "target": target,
+                "isa_level": isa_level,
+                "run_id": run_id,
+                "rows": [_row(r, latest) for r in rows],
+                "chart": _latency_chart(latest, runtimes),
+            }
+        )
+    return sorted(sections, key=lambda s: (s["device"], s["target"], s["isa_level"]))
+
+
+def _row(record: dict, latest: dict) -> dict:
+    """One table row, every value already formatted; the template only lays them out."""
+    err, tol = record["max_abs_err"], record["tolerance"]
+    return {
+        "model": record["model"],
+        "variant": record["variant"],
+        "weights": short_weights(record["weights"]),
+        "weights_full": record["weights"],
+        "untrained": record["weights"] == "random",
+        "params": f"{record['params'] / 1e6:.2f} M",
+        "gmac": f"{record['macs'] / 1e9:.2f}",
+        "size_fp32": _megabytes(record["size_fp32_bytes"]),
+        "artifact": _megabytes(record["artifact_bytes"]),
+        "runtime": record["runtime"],
+        "threads": record["threads"],
+        "tuned": _tuned(record),
+        "p50": format_ms(record["latency_p50_ms"]),
+        "p90": format_ms(record["latency_p90_ms"]),
+        "p99": format_ms(record["latency_p99_ms"]),
+        "mean": format_ms(record["latency_mean_ms"]),
+        "cov": f"{record['latency_cov']:.3f}",
+        "noisy": record["latency_cov"] > NOISY_COV,
+        "err": "—" if _missing(err) else f"{err:.1e}",
+        "tol": "—" if _missing(tol) else f"{tol:.0e}",
+        "err_high": _over_tolerance(record),
+        "speedups": _speedups(record, latest),
+        "valid": record["valid"],
+        "reason": record["invalid_reason"],
+    }
+
+
+def _megabytes(size: int | None) -> str:
+    return "—" if _missing(size) else f"{size / 1e6:.2f}"
+
+
+def _tuned(record: dict) -> str:
+    """Tuning applies to TVM only; an empty database builds the same code as none."""
+    if record["runtime"] != "tvm":
+        return "—"
+    trials = record["tuned_trials"]
+    return "untuned" if _missing(trials) or trials == 0 else f"{int(trials)} trials"
+
+
+def _over_tolerance(record: dict) -> bool:
+    err, tol = record["max_abs_err"], record["tolerance"]
+    return not (_missing(err) or _missing(tol)) and err > tol
+
+
+def _speedups(record: dict, latest: dict) -> list[str]:
+    """A valid TVM row against the latest valid baseline of the same model and variant."""
+    if record["runtime"] != "tvm" or not record["valid"]:
+        return []
+    speedups = []
+    for runtime, label in BASELINES.items():
+        baseline = latest.get((record["model"], record["variant"], runtime))
+        if baseline is not None and baseline["latency_p50_ms"] > 0:
+            ratio = record["latency_p50_ms"] / baseline["latency_p50_ms"]
+            speedups.append(f"{format_ratio(ratio)} {label}")
+    return speedups
+
+
+def _warnings(record: dict) -> list[dict]:
+    where = f"{record['run_id']} · {record['device']} · {record['model']} {record['variant']} on {record['runtime']}"
+    warnings = []
+    if not record["valid"]:
+        warnings.append({"kind": "invalid", "where": where, "detail": record["invalid_reason"]})
+    if record["latency_cov"] > NOISY_COV:
+        warnings.append({"kind": "noisy", "where": where, "detail": f"CoV {record['latency_cov']:.3f} > {NOISY_COV}"})
+    if _over_tolerance(record):
+        detail = f"max abs error {record['max_abs_err']:.1e} > tolerance {record['tolerance']:.0e}"
+        warnings.append({"kind": "error above tolerance", "where": where, "detail": detail})
+    return warnings
+
+
+def _latency_chart(latest: dict, runtimes: list[str]) -> str | None:
+    """Grouped p50 bars per model and variant, one per runtime, error bars up to p90; base64 PNG."""
+    if not latest:
+        return None
+    groups = sorted({(model, variant) for model, variant, _ in latest})
+    present = [rt for rt in runtimes if any(key[2] == rt for key in latest)]
+    width = 0.8 / len(present)
+    fig = Figure(figsize=(max(5.0, 1.0 + 0.5 * len(groups) * len(present)), 3.4), dpi=100)
+    ax = fig.subplots()
+    for slot, runtime in enumerate(present):
+        offset = (slot - (len(present) - 1) / 2) * width
+        bars = [(x + offset, latest[(m, v, runtime)]) for x, (m, v) in enumerate(groups) if (m, v, runtime) in latest]
+        p50 = [r["latency_p50_ms"] for _, r in bars]
+        spread = [r["latency_p90_ms"] - r["latency_p50_ms"] for _, r in bars]
+        ax.bar(
+            [x for x, _ in bars],
+            p50,
+            width,
+            yerr=[[0] * len(bars), spread],
+            capsize=3,
+            label=runtime,
+            color=f"C{runtimes.index(runtime)}",
+        )
+    p50s = [r["latency_p50_ms"] for r in latest.values()]
+    if min(p50s) > 0 and max(p50s) > LOG_SCALE_SPAN * min(p50s):
+        ax.set_yscale("log")
+    ax.set_xticks(range(len(groups)), [f"{m}\n{v}" for m, v in groups])
+    ax.set_ylabel("latency p50 (ms), bar to p90")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1, 1))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")

@@ -1,0 +1,213 @@
+"""Device configs: one TOML file per device under targets/, validated on load.
+
+A config is data; everything device-specific (TVM target, ISA levels, tuning budget, benchmark
+rules, connection, power source) is read from it, so adding a device means adding a file.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tvm
+
+from errors import UserError
+
+TARGETS_DIR = Path(__file__).resolve().parent
+
+CONNECTIONS = ("local",)
+POWER_SOURCES = ("none",)
+TVM_KINDS = ("llvm", "c", "opencl")
+
+# Allowed keys per table: name -> (type, required). Unknown keys are errors, so typos surface.
+SCHEMA = {
+    "": {
+        "label": (str, True),
+        "connection": (str, True),
+        "tvm": (dict, True),
+        "isa_levels": (list, False),
+        "tuning": (dict, True),
+        "bench": (dict, True),
+        "power": (dict, True),
+    },
+    "tvm": {
+        "kind": (str, True),
+        "mtriple": (str, False),
+        "mcpu": (str, False),
+        "mattr": (list, False),
+        "num-cores": (int, True),
+    },
+    "isa_levels": {
+        "name": (str, True),
+        "mcpu": (str, True),
+        "mattr": (list, False),
+        "cpu_flags": (list, True),
+    },
+    "tuning": {"trials": (int, True), "trials_per_task": (int, True)},
+    "bench": {
+        "threads": (int, True),
+        "warmup": (int, True),
+        "samples": (int, True),
+        "min_duration_s": (float, True),
+    },
+    "power": {"source": (str, True)},
+}
+CHOICES = {
+    ("", "connection"): CONNECTIONS,
+    ("power", "source"): POWER_SOURCES,
+    ("tvm", "kind"): TVM_KINDS,
+}
+
+
+@dataclass(frozen=True)
+class IsaLevel:
+    name: str
+    mcpu: str
+    cpu_flags: tuple[str, ...]
+    mattr: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class BenchRules:
+    """Validity rules every runtime's timing loop follows (MLPerf-style: a run short of them is marked invalid)."""
+
+    threads: int
+    warmup: int
+    samples: int
+    min_duration_s: float
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    name: str
+    path: Path
+    label: str
+    connection: str
+    tvm: dict
+    tuning_trials: int
+    tuning_trials_per_task: int
+    bench: BenchRules
+    power_source: str
+    isa_levels: tuple[IsaLevel, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class ResolvedTarget:
+    """A config bound to the machine at hand: the chosen ISA level and the TVM Target object."""
+
+    config: TargetConfig
+    isa_level: str
+    tvm_target: tvm.target.Target
+
+    @property
+    def db_key(self) -> str:
+        """Folder name under autotune_logs/: databases are shared by every machine of one level."""
+        return f"{self.config.name}-{self.isa_level}" if self.isa_level else self.config.name
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in TARGETS_DIR.glob("*.toml"))
+
+
+def load_target(name_or_path: str | Path) -> TargetConfig:
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        path = TARGETS_DIR / f"{name_or_path}.toml"
+        if not path.exists():
+            raise UserError(f"unknown target {str(name_or_path)!r}; known targets: {', '.join(available())}")
+    if not path.exists():
+        raise UserError(f"{path}: target config not found")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: not valid TOML ({exc})") from exc
+    _check_table(path, "", data)
+    for table in ("tvm", "tuning", "bench", "power"):
+        _check_table(path, table, data[table])
+    for level in data.get("isa_levels", []):
+        _check_table(path, "isa_levels", level)
+    bench = data["bench"]
+    return TargetConfig(
+        name=path.stem,
+        path=path,
+        label=data["label"],
+        connection=data["connection"],
+        tvm=dict(data["tvm"]),
+        tuning_trials=data["tuning"]["trials"],
+        tuning_trials_per_task=data["tuning"]["trials_per_task"],
+        bench=BenchRules(
+            threads=bench["threads"],
+            warmup=bench["warmup"],
+            samples=bench["samples"],
+            min_duration_s=float(bench["min_duration_s"]),
+        ),
+        power_source=data["power"]["source"],
+        isa_levels=tuple(
+            IsaLevel(
+                name=lv["name"],
+                mcpu=lv["mcpu"],
+                cpu_flags=tuple(lv["cpu_flags"]),
+                mattr=tuple(lv.get("mattr", ())),
+            )
+            for lv in data.get("isa_levels", [])
+        ),
+    )
+
+
+def _check_table(path: Path, table: str, values: dict) -> None:
+    schema = SCHEMA[table]
+    where = f"[{table}]" if table else "top level"
+    for key in values:
+        if key not in schema:
+            raise UserError(f"{path}: unknown key {key!r} in {where}; allowed: {', '.join(schema)}")
+    for key, (kind, required) in schema.items():
+        if key not in values:
+            if required:
+                raise UserError(f"{path}: missing key {key!r} in {where}")
+            continue
+        value = values[key]
+        ok = isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
+        if not ok or (kind is int and isinstance(value, bool)):
+            raise UserError(f"{path}: key {key!r} in {where} must be {kind.__name__}, got {value!r}")
+        choices = CHOICES.get((table, key))
+        if choices and value not in choices:
+            raise UserError(f"{path}: key {key!r} in {where} is {value!r}; allowed: {', '.join(choices)}")
+
+
+def host_cpu_flags() -> set[str]:
+    """CPU feature flags the kernel exposes (what really runs, unlike LLVM's model of the cpu name)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def resolve(config: TargetConfig, isa_level: str | None = None, cpu_flags: set[str] | None = None) -> ResolvedTarget:
+    """Pick the ISA level (explicit, or the first the cpu supports) and build the TVM Target."""
+    attrs = dict(config.tvm)
+    chosen = ""
+    if config.isa_levels:
+        names = [lv.name for lv in config.isa_levels]
+        if isa_level is not None:
+            if isa_level not in names:
+                raise UserError(f"{config.path}: unknown isa level {isa_level!r}; allowed: {', '.join(names)}")
+            level = config.isa_levels[names.index(isa_level)]
+        else:
+            flags = host_cpu_flags() if cpu_flags is None else cpu_flags
+            supported = [lv for lv in config.isa_levels if set(lv.cpu_flags) <= flags]
+            if not supported:
+                raise UserError(
+                    f"{config.path}: this cpu has none of the isa levels {', '.join(names)} "
+                    "(add a level for it to the config)"
+                )
+            level = supported[0]
+        attrs["mcpu"] = level.mcpu
+        if level.mattr:
+            attrs["mattr"] = list(level.mattr)
+        chosen = level.name
+    return ResolvedTarget(config=config, isa_level=chosen, tvm_target=tvm.target.Target(attrs))
