@@ -2,7 +2,7 @@
 
 The cache key covers everything that changes the machine code: the model's weights and graph
 (`source_digest`), the input shape, the target, the database contents and the TVM version. A hit
-skips import-independent work (applying the database, LLVM codegen, linking).
+skips all of it: import, applying the database, LLVM codegen and linking.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import tvm
 from tvm import relax
@@ -64,7 +65,7 @@ def apply_database(mod: tvm.IRModule, target: tvm.target.Target, database: Tunin
 
 
 def compile_model(
-    mod: tvm.IRModule,
+    make_module: Callable[[], tvm.IRModule],
     target: tvm.target.Target,
     database: TuningDatabase,
     source_digest: str,
@@ -78,7 +79,7 @@ def compile_model(
     if library.exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text())
         return CompiledModel(library, meta["tuned_tasks"], meta["total_tasks"], meta["db_records"], db_hash, True)
-    applied, tuned, total = apply_database(mod, target, database)
+    applied, tuned, total = apply_database(make_module(), target, database)
     executable = tvm.compile(applied, target)
     cache_dir.mkdir(parents=True, exist_ok=True)
     # Write to a temporary name first so an interrupted build never leaves a truncated library.

@@ -1,0 +1,86 @@
+"""One timing loop for every runtime, with MLPerf-style validity rules.
+
+A runtime is an adapter with `run(x) -> np.ndarray` (for the correctness check) and
+`measure(n) -> list[float]` (n timed inferences, seconds each, on the input given to `prepare`).
+The harness owns warm-up, sample counts, minimum duration and statistics; a run that misses a rule
+is kept and marked invalid, never silently averaged in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from targets import BenchRules
+
+
+class Runtime(Protocol):
+    name: str
+    threads: int
+
+    def prepare(self, x: np.ndarray) -> None: ...
+
+    def run(self, x: np.ndarray) -> np.ndarray: ...
+
+    def measure(self, n: int) -> list[float]: ...
+
+
+@dataclass(frozen=True)
+class Timing:
+    samples_s: tuple[float, ...]
+    warmup: int
+    valid: bool
+    invalid_reason: str
+
+    @property
+    def duration_s(self) -> float:
+        return float(sum(self.samples_s))
+
+    def stats_ms(self) -> dict[str, float]:
+        ms = np.asarray(self.samples_s) * 1e3
+        mean = float(ms.mean())
+        std = float(ms.std(ddof=1)) if len(ms) > 1 else 0.0
+        return {
+            "latency_mean_ms": mean,
+            "latency_std_ms": std,
+            "latency_cov": std / mean if mean else 0.0,
+            "latency_min_ms": float(ms.min()),
+            "latency_p50_ms": float(np.percentile(ms, 50)),
+            "latency_p90_ms": float(np.percentile(ms, 90)),
+            "latency_p99_ms": float(np.percentile(ms, 99)),
+            "latency_max_ms": float(ms.max()),
+        }
+
+
+def time_runtimes(runtimes: list[Runtime], rules: BenchRules, rounds: int = 3, max_samples: int = 10_000) -> list[Timing]:
+    """Warm every runtime up, then time them in interleaved rounds (A B C A B C ...).
+
+    Interleaving spreads the drift of a shared, noisy machine over all runtimes, so their
+    ratios stay meaningful. Rounds repeat until each runtime has both the minimum sample count and
+    the minimum total duration, or `max_samples`.
+    """
+    for runtime in runtimes:
+        runtime.measure(rules.warmup)
+    per_round = max(1, -(-rules.samples // rounds))
+    samples: list[list[float]] = [[] for _ in runtimes]
+    while True:
+        for collected, runtime in zip(samples, runtimes):
+            if not _enough(collected, rules) and len(collected) < max_samples:
+                collected.extend(runtime.measure(per_round))
+        if all(_enough(c, rules) or len(c) >= max_samples for c in samples):
+            break
+    timings = []
+    for collected in samples:
+        reasons = []
+        if len(collected) < rules.samples:
+            reasons.append(f"{len(collected)} samples < {rules.samples}")
+        if sum(collected) < rules.min_duration_s:
+            reasons.append(f"{sum(collected):.2f} s timed < {rules.min_duration_s} s")
+        timings.append(Timing(tuple(collected), rules.warmup, not reasons, "; ".join(reasons)))
+    return timings
+
+
+def _enough(collected: list[float], rules: BenchRules) -> bool:
+    return len(collected) >= rules.samples and sum(collected) >= rules.min_duration_s

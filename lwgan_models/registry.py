@@ -1,0 +1,220 @@
+"""The benchmarked models by name, and loading them with their weights' provenance and cost.
+
+Every stage resolves a model through `load`, so a record's `weights`, `params`, `macs` and
+`size_fp32_bytes` mean the same thing everywhere. Without a checkpoint the weights are drawn
+from a fixed seed: two runs of the same model then compile and compare the same network.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from errors import UserError
+from lwgan_models.cyclegan import define_G
+from lwgan_models.style_transfer import StyleTransferNet
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RANDOM_WEIGHTS_SEED = 0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str  # e.g. "cyclegan-resnet6-ngf16"
+    family: str  # "cyclegan" | "nst"
+    builder: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]  # NCHW default benchmark shape
+    checkpoint: str | None  # path relative to repo root, None = no shipped checkpoint yet
+    description: str
+    demo: bool  # part of the default `invoke demo` set (light-weight, fast)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    spec: ModelSpec
+    module: nn.Module  # eval mode, CPU, fp32
+    weights: str  # "random" or "<path>@sha256:<hex>"
+    params: int
+    macs: int  # multiply-accumulates of one forward at spec.input_shape
+    size_fp32_bytes: int  # the fp32 state_dict as torch.save writes it
+
+
+_SPECS = (
+    ModelSpec(
+        name="cyclegan-resnet9-ngf64",
+        family="cyclegan",
+        builder=functools.partial(define_G, 3, 3, 64, "resnet_9blocks"),
+        input_shape=(1, 3, 256, 256),
+        checkpoint=None,
+        description="Official full-size CycleGAN generator (ResNet, 9 blocks, ngf=64); loads upstream checkpoints",
+        demo=False,
+    ),
+    ModelSpec(
+        name="cyclegan-resnet6-ngf16",
+        family="cyclegan",
+        builder=functools.partial(define_G, 3, 3, 16, "resnet_6blocks"),
+        input_shape=(1, 3, 128, 128),
+        checkpoint=None,
+        description="Slim CycleGAN ResNet generator (6 blocks, ngf=16)",
+        demo=True,
+    ),
+    ModelSpec(
+        name="cyclegan-unet128-ngf16",
+        family="cyclegan",
+        builder=functools.partial(define_G, 3, 3, 16, "unet_128"),
+        input_shape=(1, 3, 128, 128),
+        checkpoint=None,
+        description="Slim U-Net generator (7 downsamplings, ngf=16)",
+        demo=True,
+    ),
+    ModelSpec(
+        name="nst-cin4-w16",
+        family="nst",
+        builder=functools.partial(StyleTransferNet, n_styles=4, width=16),
+        input_shape=(1, 3, 128, 128),
+        checkpoint=None,
+        description="Half-width Johnson style-transfer net, 4 conditional-instance-norm styles",
+        demo=True,
+    ),
+    ModelSpec(
+        name="nst-cin4-w32",
+        family="nst",
+        builder=functools.partial(StyleTransferNet, n_styles=4, width=32),
+        input_shape=(1, 3, 256, 256),
+        checkpoint=None,
+        description="Johnson style-transfer net at the original widths, 4 conditional-instance-norm styles",
+        demo=False,
+    ),
+)
+_REGISTRY = {spec.name: spec for spec in _SPECS}
+
+
+def names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def get(name: str) -> ModelSpec:
+    if name not in _REGISTRY:
+        raise UserError(f"model {name!r} is unknown; expected one of {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def load(name_or_spec: str | ModelSpec, checkpoint: str | Path | None = None) -> LoadedModel:
+    """Build the model, load its weights, and measure it.
+
+    `checkpoint` overrides the spec's (which is relative to the repo root); a relative explicit
+    path is taken from the current directory.
+    """
+    spec = name_or_spec if isinstance(name_or_spec, ModelSpec) else get(name_or_spec)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)
+        module = spec.builder()
+    if checkpoint is not None:
+        path = Path(checkpoint)
+    elif spec.checkpoint is not None:
+        path = REPO_ROOT / spec.checkpoint
+    else:
+        path = None
+    weights = "random" if path is None else _load_checkpoint(module, path, spec.name)
+    module.eval()
+    return LoadedModel(
+        spec=spec,
+        module=module,
+        weights=weights,
+        params=sum(p.numel() for p in module.parameters()),
+        macs=_count_macs(spec),
+        size_fp32_bytes=_serialized_size(module),
+    )
+
+
+def _load_checkpoint(module: nn.Module, path: Path, model_name: str) -> str:
+    """Load `path` into `module` strictly; returns the provenance string for the record."""
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist or is not a file; expected a torch state_dict (.pth)")
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged file fails anywhere in unpickling, with many exception types
+        reason = (str(exc).splitlines() or [""])[0][:120]
+        raise UserError(f"checkpoint {path} is not a readable torch file ({type(exc).__name__}: {reason})") from exc
+    state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(
+            f"checkpoint {path} holds a {type(loaded).__name__}; expected a state_dict of tensors "
+            "or a dict with a 'state_dict' key"
+        )
+    _drop_stale_instance_norm_stats(module, state)
+    mismatch = _state_dict_mismatch(module.state_dict(), state)
+    if mismatch:
+        raise UserError(f"checkpoint {path} does not fit model {model_name}: {mismatch}")
+    module.load_state_dict(state, strict=True)
+    return f"{_display_path(path)}@sha256:{digest}"
+
+
+def _drop_stale_instance_norm_stats(module: nn.Module, state: dict) -> None:
+    """Remove InstanceNorm running statistics that the network does not keep.
+
+    PyTorch < 0.4 saved them for every InstanceNorm, so the published pretrained CycleGAN
+    generators carry them; the official loader drops them the same way.
+    """
+    for prefix, submodule in module.named_modules():
+        if isinstance(submodule, nn.InstanceNorm2d) and not submodule.track_running_stats:
+            for buffer in ("running_mean", "running_var", "num_batches_tracked"):
+                state.pop(f"{prefix}.{buffer}" if prefix else buffer, None)
+
+
+def _state_dict_mismatch(expected: dict, found: dict) -> str:
+    """'' when keys and shapes agree, else the first few offending keys of each kind."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    wrong_shape = [
+        f"{k} {tuple(found[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in found and found[k].shape != v.shape
+    ]
+    parts = [
+        f"{label} {_first_few(keys)}"
+        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong_shape))
+        if keys
+    ]
+    return "; ".join(parts)
+
+
+def _first_few(items: list[str], limit: int = 3) -> str:
+    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+    return "[" + ", ".join(items[:limit]) + "]" + more
+
+
+def _display_path(path: Path) -> str:
+    """Repo-relative when inside the repo, so records do not depend on the checkout location."""
+    resolved = path.resolve()
+    try:
+        return resolved.relative_to(REPO_ROOT).as_posix()
+    except ValueError:
+        return str(resolved)
+
+
+def _count_macs(spec: ModelSpec) -> int:
+    """MACs of one forward at `spec.input_shape`, traced on the meta device (shapes only, no math)."""
+    with torch.device("meta"):
+        module = spec.builder().eval()
+        image = torch.empty(spec.input_shape)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        module(image)
+    return counter.get_total_flops() // 2
+
+
+def _serialized_size(module: nn.Module) -> int:
+    """Bytes torch.save writes for the state_dict; the module is fp32, so this is the fp32 size."""
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    return buffer.getbuffer().nbytes

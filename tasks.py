@@ -1,0 +1,154 @@
+"""The command line: `invoke --list` shows every task, `invoke --help TASK` its flags.
+
+Tasks are thin: the work lives in the stage packages (lwgan_models, compile, targets, bench,
+reports), so everything here is also callable from Python and tested there.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from invoke import Collection, Exit, task
+
+from errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parent
+DEFAULT_REPORT = REPO_ROOT / "reports" / "index.html"
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def cli(func):
+    """Bad input ends the command with one line on stderr (exit 1); `--debug` shows the traceback."""
+
+    @functools.wraps(func)
+    def wrapper(c, *args, **kwargs):
+        try:
+            return func(c, *args, **kwargs)
+        except UserError as exc:
+            if kwargs.get("debug"):
+                traceback.print_exc()
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            raise Exit(code=1) from None
+
+    return wrapper
+
+
+def _models(model: str | None, demo_only: bool) -> list[str]:
+    import lwgan_models
+
+    if model:
+        names = [m.strip() for m in model.split(",") if m.strip()]
+        for name in names:
+            lwgan_models.get(name)  # unknown names fail here, before any work
+        return names
+    return [n for n in lwgan_models.names() if lwgan_models.get(n).demo or not demo_only]
+
+
+def _target(target: str, isa: str | None):
+    import targets
+
+    return targets.resolve(targets.load_target(target), isa)
+
+
+@task(
+    help={
+        "target": "device config name under targets/ (e.g. host)",
+        "model": "registry model name, or several separated by commas",
+        "trials": "total MetaSchedule trials (default: the target's tuning budget)",
+        "trials_per_task": "trials per tuning task (default: the target's)",
+        "isa": "ISA level of the target to tune for (default: detected)",
+        "debug": "show tracebacks",
+    }
+)
+@cli
+def tune(c, model, target="host", trials=None, trials_per_task=None, isa=None, debug=False):
+    """Tune models with MetaSchedule (XGBoost cost model); appends to autotune_logs/<target-level>/<model>/."""
+    import lwgan_models
+    from compile.pipeline import database_of, tune_for_target
+
+    resolved = _target(target, isa)
+    budget = int(trials or resolved.config.tuning_trials)
+    per_task = int(trials_per_task or resolved.config.tuning_trials_per_task)
+    for name in _models(model, demo_only=False):
+        loaded = lwgan_models.load(name)
+        database = database_of(loaded, resolved)
+        say(f"{name}: {database.record_count()} records so far in {database.path}")
+        started = time.time()
+        ran = tune_for_target(loaded, resolved, budget, per_task, report=say)
+        say(f"{name}: {ran} trials in {time.time() - started:.0f} s; database now has {database.record_count()} records")
+
+
+@task(
+    help={
+        "target": "device config name under targets/ (e.g. host)",
+        "model": "registry model name(s), comma separated (default: the demo set)",
+        "runtimes": "comma-separated runtimes: tvm,torch,onnxruntime",
+        "samples": "timed samples per runtime (default: the target's rule)",
+        "threads": "threads for every runtime (default: the target's)",
+        "isa": "ISA level (default: detected)",
+        "all_models": "every registered model, not just the demo set",
+        "debug": "show tracebacks",
+    }
+)
+@cli
+def bench(c, target="host", model=None, runtimes="tvm,torch,onnxruntime", samples=None, threads=None, isa=None,
+          all_models=False, debug=False):
+    """Benchmark models side by side; appends records to reports/results/<run-id>.jsonl."""
+    import dataclasses
+
+    from bench.record import RESULTS_DIR, append_records
+    from bench.run import bench_model, new_run_id
+
+    resolved = _target(target, isa)
+    rules = resolved.config.bench
+    if samples or threads:
+        rules = dataclasses.replace(rules, samples=int(samples or rules.samples), threads=int(threads or rules.threads))
+    names = _models(model, demo_only=not all_models)
+    run_id = new_run_id()
+    out = RESULTS_DIR / f"{run_id}.jsonl"
+    say(f"run {run_id}: {len(names)} model(s) on {resolved.config.label} [{resolved.db_key}], {rules.threads} threads")
+    failed = []
+    for index, name in enumerate(names, 1):
+        say(f"[{index}/{len(names)}] {name}")
+        records = bench_model(name, resolved, run_id, tuple(r.strip() for r in runtimes.split(",")), rules, report=say)
+        append_records(records, out)  # per model, so an interruption keeps what was measured
+        failed += [r for r in records if not r.valid]
+    say(f"records: {out}")
+    if any(r.max_abs_err is not None and r.max_abs_err > r.tolerance for r in failed):
+        raise Exit("error: some outputs differ from torch beyond tolerance (records kept, marked invalid)", code=2)
+
+
+@task(
+    help={
+        "results": "folder of JSON-lines records (default: reports/results)",
+        "out": "HTML file to write (default: reports/index.html)",
+        "debug": "show tracebacks",
+    }
+)
+@cli
+def report(c, results=None, out=None, debug=False):
+    """Render the self-contained HTML report from the records."""
+    from bench.record import RESULTS_DIR, load_records
+    from reports import render_report
+
+    source = Path(results) if results else RESULTS_DIR
+    path = render_report(load_records(source), Path(out) if out else DEFAULT_REPORT, source=str(source))
+    say(f"report: {path}")
+
+
+@task(help={"target": "device config name (default: host)", "debug": "show tracebacks"})
+@cli
+def demo(c, target="host", debug=False):
+    """The main job: build the demo generators from the committed databases, benchmark, write the report."""
+    bench(c, target=target, debug=debug)
+    report(c, debug=debug)
+
+
+namespace = Collection(tune, bench, report, demo)
