@@ -51,6 +51,13 @@ def _models(model: str | None, demo_only: bool) -> list[str]:
     return [n for n in lwgan_models.names() if lwgan_models.get(n).demo or not demo_only]
 
 
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(d) for d in text.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--shape {text!r}: expected NxCxHxW, e.g. 1x3x256x256") from None
+
+
 def _target(target: str, isa: str | None):
     import targets
 
@@ -94,12 +101,14 @@ def tune(c, model, target="host", trials=None, trials_per_task=None, isa=None, d
         "threads": "threads for every runtime (default: the target's)",
         "isa": "ISA level (default: detected)",
         "all_models": "every registered model, not just the demo set",
+        "shape": "input shape NxCxHxW instead of each model's default, e.g. 1x3x256x256",
+        "results": "folder for the records (default: reports/results)",
         "debug": "show tracebacks",
     }
 )
 @cli
 def bench(c, target="host", model=None, runtimes="tvm,torch,onnxruntime", samples=None, threads=None, isa=None,
-          all_models=False, debug=False):
+          all_models=False, shape=None, results=None, debug=False):
     """Benchmark models side by side; appends records to reports/results/<run-id>.jsonl."""
     import dataclasses
 
@@ -111,13 +120,16 @@ def bench(c, target="host", model=None, runtimes="tvm,torch,onnxruntime", sample
     if samples or threads:
         rules = dataclasses.replace(rules, samples=int(samples or rules.samples), threads=int(threads or rules.threads))
     names = _models(model, demo_only=not all_models)
+    input_shape = _shape(shape) if shape else None
     run_id = new_run_id()
-    out = RESULTS_DIR / f"{run_id}.jsonl"
+    out = (Path(results) if results else RESULTS_DIR) / f"{run_id}.jsonl"
     say(f"run {run_id}: {len(names)} model(s) on {resolved.config.label} [{resolved.db_key}], {rules.threads} threads")
     failed = []
     for index, name in enumerate(names, 1):
         say(f"[{index}/{len(names)}] {name}")
-        records = bench_model(name, resolved, run_id, tuple(r.strip() for r in runtimes.split(",")), rules, report=say)
+        records = bench_model(
+            name, resolved, run_id, tuple(r.strip() for r in runtimes.split(",")), rules, report=say, input_shape=input_shape
+        )
         append_records(records, out)  # per model, so an interruption keeps what was measured
         failed += [r for r in records if not r.valid]
     say(f"records: {out}")

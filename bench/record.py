@@ -40,6 +40,8 @@ class Record:
     artifact_bytes: int | None = None  # compiled library / ONNX file size
     tuned_trials: int | None = None  # tuning records in the applied database; None = untuned
     db_hash: str | None = None
+    tuning_db: str | None = None  # autotune_logs/<target-level>/<model>, relative to the repo
+    tuned_tasks: str | None = None  # "tuned/total" tasks that found a database record
     # Timing (milliseconds over the timed samples, after warm-up).
     warmup: int = 0
     samples: int = 0

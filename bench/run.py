@@ -16,7 +16,7 @@ import tvm
 from skimage import data as skimage_data
 
 import lwgan_models
-from bench.fingerprint import host_fingerprint
+from bench.fingerprint import REPO_ROOT, host_fingerprint
 from bench.harness import Runtime, time_runtimes
 from bench.record import Record
 from bench.runtimes import OnnxRuntime, TorchRuntime, TvmRuntime
@@ -48,16 +48,22 @@ def bench_model(
     runtimes: tuple[str, ...] = RUNTIMES,
     rules: BenchRules | None = None,
     report: Callable[[str], None] = print,
+    input_shape: tuple[int, ...] | None = None,
 ) -> list[Record]:
     unknown = set(runtimes) - set(RUNTIMES)
     if unknown:
         raise UserError(f"unknown runtime(s) {sorted(unknown)}; allowed: {', '.join(RUNTIMES)}")
     rules = rules or target.config.bench
     loaded = lwgan_models.load(name)
-    shape = tuple(loaded.spec.input_shape)
+    shape = tuple(input_shape or loaded.spec.input_shape)
+    if len(shape) != 4 or shape[1] != loaded.spec.input_shape[1]:
+        raise UserError(f"{name}: input shape {shape} is not N×{loaded.spec.input_shape[1]}×H×W (NCHW)")
     x = test_image(shape)
-    with torch.inference_mode():
-        reference = loaded.module(torch.from_numpy(x)).numpy()
+    try:
+        with torch.inference_mode():
+            reference = loaded.module(torch.from_numpy(x)).numpy()
+    except RuntimeError as exc:
+        raise UserError(f"{name}: input shape {shape} does not fit the model ({str(exc).splitlines()[0]})") from exc
 
     adapters: list[Runtime] = []
     artifact_bytes: dict[str, int | None] = {}
@@ -65,16 +71,19 @@ def bench_model(
     for runtime in runtimes:
         if runtime == "tvm":
             report(f"  {name}: building for {target.config.name} ({target.isa_level or 'no isa level'})")
-            compiled = compile_for_target(loaded, target)
+            compiled = compile_for_target(loaded, target, shape)
             if compiled.db_records == 0:
-                report(f"  {name}: no tuning database for {target.db_key}; TVM runs untuned (run `invoke tune`)")
+                report(f"  {name}: no tuning database in autotune_logs/{{{','.join(target.db_keys)}}}/{name}; "
+                       "TVM runs untuned (run `invoke tune`)")
+            else:
+                report(f"  {name}: applied {compiled.database} ({compiled.tuned_tasks}/{compiled.total_tasks} tasks tuned)")
             adapters.append(TvmRuntime(compiled.load(), tvm.cpu(), rules.threads))
             artifact_bytes["tvm"] = compiled.library.stat().st_size
         elif runtime == "torch":
             adapters.append(TorchRuntime(loaded.module, rules.threads))
             artifact_bytes["torch"] = None
         else:
-            onnx_path = export_onnx(loaded)
+            onnx_path = export_onnx(loaded, shape)
             adapters.append(OnnxRuntime(onnx_path, rules.threads))
             artifact_bytes["onnxruntime"] = onnx_path.stat().st_size
 
@@ -115,6 +124,8 @@ def bench_model(
                 artifact_bytes=artifact_bytes[adapter.name],
                 tuned_trials=compiled.db_records if is_tvm and compiled.db_records else None,
                 db_hash=compiled.db_hash if is_tvm else None,
+                tuning_db=str(compiled.database.relative_to(REPO_ROOT)) if is_tvm and compiled.db_records else None,
+                tuned_tasks=f"{compiled.tuned_tasks}/{compiled.total_tasks}" if is_tvm else None,
                 warmup=timing.warmup,
                 samples=len(timing.samples_s),
                 duration_s=timing.duration_s,

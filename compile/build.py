@@ -33,6 +33,7 @@ class CompiledModel:
     total_tasks: int
     db_records: int  # tuning records in the applied database (0 = untuned)
     db_hash: str | None
+    database: Path  # the database applied (or looked for, when db_records == 0)
     cache_hit: bool
 
     def load(self, device: tvm.runtime.Device | None = None) -> relax.VirtualMachine:
@@ -78,7 +79,9 @@ def compile_model(
     meta_path = cache_dir / f"{key}.json"
     if library.exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text())
-        return CompiledModel(library, meta["tuned_tasks"], meta["total_tasks"], meta["db_records"], db_hash, True)
+        return CompiledModel(
+            library, meta["tuned_tasks"], meta["total_tasks"], meta["db_records"], db_hash, database.path, True
+        )
     applied, tuned, total = apply_database(make_module(), target, database)
     executable = tvm.compile(applied, target)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -89,4 +92,4 @@ def compile_model(
     partial.replace(library)
     meta = {"tuned_tasks": tuned, "total_tasks": total, "db_records": database.record_count()}
     meta_path.write_text(json.dumps(meta))
-    return CompiledModel(library, tuned, total, meta["db_records"], db_hash, False)
+    return CompiledModel(library, tuned, total, meta["db_records"], db_hash, database.path, False)

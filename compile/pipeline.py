@@ -23,23 +23,33 @@ from lwgan_models import LoadedModel
 from targets import ResolvedTarget
 
 
-def source_digest(loaded: LoadedModel, input_shape: tuple[int, ...]) -> str:
-    h = hashlib.sha256(f"{loaded.spec.name}|{tuple(input_shape)}".encode())
-    for key, tensor in loaded.module.state_dict().items():
+def source_digest(name: str, module: torch.nn.Module, input_shape: tuple[int, ...]) -> str:
+    h = hashlib.sha256(f"{name}|{tuple(input_shape)}".encode())
+    for key, tensor in module.state_dict().items():
         h.update(key.encode())
         h.update(tensor.detach().contiguous().numpy().tobytes())
     return h.hexdigest()[:24]
 
 
 def database_of(loaded: LoadedModel, target: ResolvedTarget) -> TuningDatabase:
+    """The database tuning appends to: always the machine's own ISA level."""
     return database_for(target.db_key, loaded.spec.name)
+
+
+def database_to_apply(loaded: LoadedModel, target: ResolvedTarget) -> TuningDatabase:
+    """The best existing database for this machine: its own level's, else a lower level's."""
+    for key in target.db_keys:
+        database = database_for(key, loaded.spec.name)
+        if database.exists():
+            return database
+    return database_of(loaded, target)
 
 
 def compile_for_target(loaded: LoadedModel, target: ResolvedTarget, input_shape: tuple[int, ...] | None = None) -> CompiledModel:
     """Build from the committed database (no tuning); a cache hit skips import and codegen."""
     shape = tuple(input_shape or loaded.spec.input_shape)
-    digest = source_digest(loaded, shape)
-    database = database_of(loaded, target)
+    digest = source_digest(loaded.spec.name, loaded.module, shape)
+    database = database_to_apply(loaded, target)
     database.validate()
     return compile_model(
         lambda: torch_to_relax(loaded.module, shape, loaded.spec.name),
@@ -64,7 +74,7 @@ def tune_for_target(
 def export_onnx(loaded: LoadedModel, input_shape: tuple[int, ...] | None = None, cache_dir: Path = CACHE_DIR) -> Path:
     """The ONNX file ONNX Runtime runs as a baseline (cached: the dynamo exporter takes seconds)."""
     shape = tuple(input_shape or loaded.spec.input_shape)
-    path = cache_dir / f"{source_digest(loaded, shape)}.onnx"
+    path = cache_dir / f"{source_digest(loaded.spec.name, loaded.module, shape)}.onnx"
     if path.exists():
         return path
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -8,8 +8,8 @@ holds, and the tuning curve (estimated model latency against trials) kept next t
 from __future__ import annotations
 
 import json
+import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +26,7 @@ from errors import UserError
 
 CURVE_FILE = "tuning_curve.jsonl"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+LOG_DIR = REPO_ROOT / "build" / "tune-logs"
 BUILD_TIMEOUT_S = 120.0
 
 
@@ -134,27 +135,33 @@ def tune(
     if not extracted:
         raise UserError("the model has no tunable operators")
     db = database.open()
-    with tempfile.TemporaryDirectory(prefix="lwgan-tune-") as scratch:
-        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            extracted_tasks=extracted, work_dir=scratch, seed=seed
-        )
-        progress = TuningProgress(
-            task_names=[t.task_name for t in extracted],
-            task_weights=[float(w) for w in weights],
-            curve_path=database.path / CURVE_FILE,
-            report=report,
-        )
-        report(f"tuning {len(extracted)} tasks, {trials} trials (≤ {trials_per_task} per task) into {database.path}")
-        ms.tune_tasks(
-            tasks=contexts,
-            task_weights=weights,
-            work_dir=scratch,
-            max_trials_global=trials,
-            max_trials_per_task=trials_per_task,
-            database=db,
-            cost_model="xgb",
-            builder=local_builder(),
-            runner=runner,
-            measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), _ProgressCallback(progress)],
-        )
+    # MetaSchedule's per-task logs go to files; the console gets our one-line progress instead.
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    work_dir = LOG_DIR / database.path.parent.name / database.path.name
+    work_dir.mkdir(parents=True, exist_ok=True)
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+        extracted_tasks=extracted, work_dir=str(work_dir), seed=seed
+    )
+    progress = TuningProgress(
+        task_names=[t.task_name for t in extracted],
+        task_weights=[float(w) for w in weights],
+        curve_path=database.path / CURVE_FILE,
+        report=report,
+    )
+    report(
+        f"tuning {len(extracted)} tasks, {trials} trials (≤ {trials_per_task} per task) into {database.path}; "
+        f"MetaSchedule logs in {work_dir}"
+    )
+    ms.tune_tasks(
+        tasks=contexts,
+        task_weights=weights,
+        work_dir=str(work_dir),
+        max_trials_global=trials,
+        max_trials_per_task=trials_per_task,
+        database=db,
+        cost_model="xgb",
+        builder=local_builder(),
+        runner=runner,
+        measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), _ProgressCallback(progress)],
+    )
     return progress.trials_done

@@ -3,7 +3,8 @@
 The `nn.Sequential` indices and module names are what the official checkpoints are keyed by
 (`model.10.conv_block.1.weight`, ...), so every layer, including parameter-free pads and
 activations, sits at the same position as upstream. Published `latest_net_G_A.pth` files then
-load with `load_state_dict(strict=True)`.
+load with `load_state_dict(strict=True)` (files from PyTorch < 0.4 also carry InstanceNorm running
+stats; `registry.load` drops those as the official loader does).
 
 Differences from upstream that do not touch the state_dict: no GPU / DataParallel handling, no
 `opt` namespace, bad names raise `UserError`, and the classes default to instance norm (the
@@ -63,7 +64,12 @@ class ResnetBlock(nn.Module):
     def __init__(self, dim: int, padding_type: str, norm_layer: NormLayer, use_dropout: bool, use_bias: bool):
         super().__init__()
         pad, conv_padding = _padding(padding_type)
-        layers = [*pad, nn.Conv2d(dim, dim, 3, padding=conv_padding, bias=use_bias), norm_layer(dim), nn.ReLU(True)]
+        layers = [
+            *pad,
+            nn.Conv2d(dim, dim, 3, padding=conv_padding, bias=use_bias),
+            norm_layer(dim),
+            nn.ReLU(True),
+        ]
         if use_dropout:
             layers.append(nn.Dropout(0.5))
         pad, conv_padding = _padding(padding_type)
@@ -109,11 +115,15 @@ class ResnetGenerator(nn.Module):
                 nn.ReLU(True),
             ]
         bottleneck = ngf * 2**n_downsampling
-        layers += [ResnetBlock(bottleneck, padding_type, norm_layer, use_dropout, use_bias) for _ in range(n_blocks)]
+        layers += [
+            ResnetBlock(bottleneck, padding_type, norm_layer, use_dropout, use_bias) for _ in range(n_blocks)
+        ]
         for i in range(n_downsampling):
             channels = ngf * 2 ** (n_downsampling - i)
             layers += [
-                nn.ConvTranspose2d(channels, channels // 2, 3, stride=2, padding=1, output_padding=1, bias=use_bias),
+                nn.ConvTranspose2d(
+                    channels, channels // 2, 3, stride=2, padding=1, output_padding=1, bias=use_bias
+                ),
                 norm_layer(channels // 2),
                 nn.ReLU(True),
             ]
@@ -144,7 +154,8 @@ class UnetSkipConnectionBlock(nn.Module):
         super().__init__()
         self.outermost = outermost
         use_bias = _convs_use_bias(norm_layer)
-        down_conv = nn.Conv2d(outer_nc if input_nc is None else input_nc, inner_nc, 4, stride=2, padding=1, bias=use_bias)
+        in_channels = outer_nc if input_nc is None else input_nc
+        down_conv = nn.Conv2d(in_channels, inner_nc, 4, stride=2, padding=1, bias=use_bias)
         if outermost:
             up_conv = nn.ConvTranspose2d(inner_nc * 2, outer_nc, 4, stride=2, padding=1)
             layers = [down_conv, submodule, nn.ReLU(True), up_conv, nn.Tanh()]
@@ -209,7 +220,9 @@ class UnetGenerator(nn.Module):
 class NLayerDiscriminator(nn.Module):
     """PatchGAN discriminator: one logit per overlapping 70x70 patch (for n_layers=3)."""
 
-    def __init__(self, input_nc: int, ndf: int = 64, n_layers: int = 3, norm_layer: NormLayer = INSTANCE_NORM):
+    def __init__(
+        self, input_nc: int, ndf: int = 64, n_layers: int = 3, norm_layer: NormLayer = INSTANCE_NORM
+    ):
         super().__init__()
         use_bias = _convs_use_bias(norm_layer)
 

@@ -54,7 +54,7 @@ _SPECS = (
         builder=functools.partial(define_G, 3, 3, 64, "resnet_9blocks"),
         input_shape=(1, 3, 256, 256),
         checkpoint=None,
-        description="Official full-size CycleGAN generator (ResNet, 9 blocks, ngf=64); loads upstream checkpoints",
+        description="Official full-size CycleGAN generator (ResNet, 9 blocks, ngf=64)",
         demo=False,
     ),
     ModelSpec(
@@ -138,14 +138,16 @@ def load(name_or_spec: str | ModelSpec, checkpoint: str | Path | None = None) ->
 def _load_checkpoint(module: nn.Module, path: Path, model_name: str) -> str:
     """Load `path` into `module` strictly; returns the provenance string for the record."""
     if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist or is not a file; expected a torch state_dict (.pth)")
+        raise UserError(f"checkpoint {path} does not exist or is not a file; expected a torch state_dict")
     with open(path, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a damaged file fails anywhere in unpickling, with many exception types
         reason = (str(exc).splitlines() or [""])[0][:120]
-        raise UserError(f"checkpoint {path} is not a readable torch file ({type(exc).__name__}: {reason})") from exc
+        raise UserError(
+            f"checkpoint {path} is not a readable torch file ({type(exc).__name__}: {reason})"
+        ) from exc
     state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(
@@ -181,11 +183,8 @@ def _state_dict_mismatch(expected: dict, found: dict) -> str:
         for k, v in expected.items()
         if k in found and found[k].shape != v.shape
     ]
-    parts = [
-        f"{label} {_first_few(keys)}"
-        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong_shape))
-        if keys
-    ]
+    labelled = (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong_shape))
+    parts = [f"{label} {_first_few(keys)}" for label, keys in labelled if keys]
     return "; ".join(parts)
 
 

@@ -45,7 +45,9 @@ class ConditionalInstanceNorm2d(nn.Module):
         elif isinstance(style, int) and 0 <= style < self.n_styles:
             gamma, beta = self.gamma[style], self.beta[style]  # (C,)
         else:
-            raise UserError(f"style {style!r} is invalid; expected an int in 0..{self.n_styles - 1} or a weight tensor")
+            raise UserError(
+                f"style {style!r} is invalid; expected an int in 0..{self.n_styles - 1} or a weight tensor"
+            )
         return self.norm(x) * gamma[..., None, None] + beta[..., None, None]
 
 

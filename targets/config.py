@@ -99,11 +99,24 @@ class ResolvedTarget:
     config: TargetConfig
     isa_level: str
     tvm_target: tvm.target.Target
+    lower_levels: tuple[str, ...] = ()  # levels this machine can also run, best first
 
     @property
     def db_key(self) -> str:
         """Folder name under autotune_logs/: databases are shared by every machine of one level."""
-        return f"{self.config.name}-{self.isa_level}" if self.isa_level else self.config.name
+        return self._key(self.isa_level)
+
+    @property
+    def db_keys(self) -> tuple[str, ...]:
+        """Where to look for a database: this level's, then those tuned for lower levels.
+
+        A schedule tuned at a lower level is valid (if not ideal) code at a higher one, which beats
+        running untuned on a machine nobody has tuned for yet.
+        """
+        return (self.db_key, *(self._key(level) for level in self.lower_levels))
+
+    def _key(self, level: str) -> str:
+        return f"{self.config.name}-{level}" if level else self.config.name
 
 
 def available() -> list[str]:
@@ -188,9 +201,13 @@ def host_cpu_flags() -> set[str]:
 
 
 def resolve(config: TargetConfig, isa_level: str | None = None, cpu_flags: set[str] | None = None) -> ResolvedTarget:
-    """Pick the ISA level (explicit, or the first the cpu supports) and build the TVM Target."""
+    """Pick the ISA level (explicit, or the first the cpu supports) and build the TVM Target.
+
+    Levels are listed best first, each a superset of the ones after it.
+    """
     attrs = dict(config.tvm)
     chosen = ""
+    lower: tuple[str, ...] = ()
     if config.isa_levels:
         names = [lv.name for lv in config.isa_levels]
         if isa_level is not None:
@@ -210,4 +227,5 @@ def resolve(config: TargetConfig, isa_level: str | None = None, cpu_flags: set[s
         if level.mattr:
             attrs["mattr"] = list(level.mattr)
         chosen = level.name
-    return ResolvedTarget(config=config, isa_level=chosen, tvm_target=tvm.target.Target(attrs))
+        lower = tuple(names[names.index(chosen) + 1 :])
+    return ResolvedTarget(config=config, isa_level=chosen, tvm_target=tvm.target.Target(attrs), lower_levels=lower)

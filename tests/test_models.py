@@ -21,6 +21,7 @@ from lwgan_models import (
     define_D,
     define_G,
     get,
+    get_norm_layer,
     load,
     names,
 )
@@ -67,6 +68,20 @@ def test_state_dict_keys_and_shapes_match_official(official_name, build):
     with torch.device("meta"):
         ours = [[key, list(value.shape)] for key, value in build().state_dict().items()]
     assert ours == OFFICIAL_KEYS[official_name]
+
+
+@pytest.mark.parametrize(
+    "build, bad_value",
+    [
+        (lambda: get_norm_layer("group"), "group"),
+        (lambda: define_G(3, 3, 16, "resnet_7blocks"), "resnet_7blocks"),
+        (lambda: define_D(3, 16, "pixel"), "pixel"),
+        (lambda: define_G(3, 3, 16, "unet_128", init_type="uniform"), "uniform"),
+    ],
+)
+def test_unknown_builder_options_raise_user_error(build, bad_value):
+    with pytest.raises(UserError, match=bad_value):
+        build()
 
 
 def test_official_format_checkpoint_loads_strictly_and_reproduces_outputs(tmp_path):

@@ -1,0 +1,129 @@
+"""compile/: torch -> Relax -> built library agrees with torch; databases are tuned, reused and validated."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import tvm
+
+import lwgan_models
+import targets
+from compile.build import compile_model
+from compile.database import TuningDatabase
+from compile.pipeline import source_digest
+from compile.torch_import import torch_to_relax
+from compile.tuning import CURVE_FILE, tune
+from errors import UserError
+
+# Small spatial sizes keep untuned builds quick; every generator is fully convolutional, except
+# the 7-level U-Net, which needs 128 pixels to reach its 1x1 bottleneck.
+TEST_SIZE = {"cyclegan-unet128-ngf16": 128}
+FP32_TOLERANCE = 2e-3
+
+
+@pytest.fixture(scope="module")
+def host():
+    return targets.resolve(targets.load_target("host"))
+
+
+def _build(module, shape, target, database, cache_dir, name="tiny"):
+    digest = source_digest(name, module, shape)
+    return compile_model(lambda: torch_to_relax(module, shape, name), target.tvm_target, database, digest, shape, cache_dir)
+
+
+def _run(compiled, x: np.ndarray) -> np.ndarray:
+    return compiled.load()["main"](tvm.runtime.tensor(x)).numpy()
+
+
+@pytest.mark.parametrize("name", lwgan_models.names())
+def test_every_registered_generator_matches_torch(name, host, tmp_path):
+    loaded = lwgan_models.load(name)
+    size = TEST_SIZE.get(name, 32)
+    shape = (1, 3, size, size)
+    x = np.random.default_rng(0).uniform(-1, 1, shape).astype("float32")
+    compiled = _build(loaded.module, shape, host, TuningDatabase(tmp_path / "no-database"), tmp_path / "cache", name)
+    assert compiled.db_records == 0 and compiled.tuned_tasks == 0
+    with torch.inference_mode():
+        expected = loaded.module(torch.from_numpy(x)).numpy()
+    got = _run(compiled, x)
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() < FP32_TOLERANCE
+
+
+def _tiny_generator() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.ReflectionPad2d(1), torch.nn.Conv2d(3, 8, 3), torch.nn.InstanceNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 3, 1), torch.nn.Tanh(),
+    ).eval()
+
+
+def test_tune_then_compile_from_database_without_tuning(host, tmp_path, monkeypatch):
+    module, shape = _tiny_generator(), (1, 3, 16, 16)
+    database = TuningDatabase(tmp_path / "db")
+    ran = tune(torch_to_relax(module, shape), host.tvm_target, database, trials=6, trials_per_task=3, report=lambda _: None)
+    assert ran > 0 and database.record_count() > 0
+    curve = (database.path / CURVE_FILE).read_text().splitlines()
+    assert len(curve) >= 1 and '"trials"' in curve[0]
+    before = (database.workload_file.read_bytes(), database.record_file.read_bytes())
+
+    # Compiling must only read the database: no tuning entry point may run.
+    def no_tuning(*args, **kwargs):
+        raise AssertionError("compile tuned again")
+
+    monkeypatch.setattr("compile.tuning.tune", no_tuning)
+    monkeypatch.setattr("tvm.s_tir.meta_schedule.tune_tasks", no_tuning)
+    first = _build(module, shape, host, database, tmp_path / "cache")
+    assert first.tuned_tasks > 0 and first.db_records == database.record_count() and not first.cache_hit
+    second = _build(module, shape, host, database, tmp_path / "cache")
+    assert second.cache_hit and second.library == first.library
+    assert (database.workload_file.read_bytes(), database.record_file.read_bytes()) == before
+
+    x = np.random.default_rng(1).uniform(-1, 1, shape).astype("float32")
+    with torch.inference_mode():
+        expected = module(torch.from_numpy(x)).numpy()
+    assert np.abs(_run(second, x) - expected).max() < FP32_TOLERANCE
+
+
+def test_tuning_appends_and_changed_database_misses_cache(host, tmp_path):
+    module, shape = _tiny_generator(), (1, 3, 16, 16)
+    database = TuningDatabase(tmp_path / "db")
+    tune(torch_to_relax(module, shape), host.tvm_target, database, trials=2, trials_per_task=2, report=lambda _: None)
+    earlier = database.record_file.read_bytes()
+    first = _build(module, shape, host, database, tmp_path / "cache")
+    tune(torch_to_relax(module, shape), host.tvm_target, database, trials=2, trials_per_task=2, report=lambda _: None)
+    assert database.record_file.read_bytes().startswith(earlier)  # append-only
+    assert database.record_count() > earlier.count(b"\n") - 1
+    rebuilt = _build(module, shape, host, database, tmp_path / "cache")
+    assert not rebuilt.cache_hit and rebuilt.db_hash != first.db_hash
+
+
+def test_changed_weights_miss_the_cache(host, tmp_path):
+    module, shape = _tiny_generator(), (1, 3, 16, 16)
+    database = TuningDatabase(tmp_path / "none")
+    first = _build(module, shape, host, database, tmp_path / "cache")
+    with torch.no_grad():
+        module[1].weight.add_(0.5)
+    second = _build(module, shape, host, database, tmp_path / "cache")
+    assert not second.cache_hit and second.library != first.library
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [("{not json\n", "corrupt tuning database line"), ('{"a": 1}\n', "not a MetaSchedule database row")],
+)
+def test_corrupt_database_is_a_one_line_error(tmp_path, content, expected):
+    database = TuningDatabase(tmp_path / "db")
+    database.path.mkdir()
+    database.workload_file.write_text(content)
+    database.record_file.write_text("")
+    with pytest.raises(UserError) as info:
+        database.open()
+    message = str(info.value)
+    assert expected in message and str(database.workload_file) + ":1" in message and "\n" not in message
+
+
+def test_wrong_input_shape_names_the_model(tmp_path):
+    with pytest.raises(UserError, match=r"tiny: input shape \(1, 4, 16, 16\) does not fit"):
+        torch_to_relax(_tiny_generator(), (1, 4, 16, 16), "tiny")
