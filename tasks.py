@@ -103,12 +103,13 @@ def tune(c, model, target="host", trials=None, trials_per_task=None, isa=None, d
         "all_models": "every registered model, not just the demo set",
         "shape": "input shape NxCxHxW instead of each model's default, e.g. 1x3x256x256",
         "results": "folder for the records (default: reports/results)",
+        "checkpoint": "weights to load instead of the registry's (one model only), e.g. an official latest_net_G_A.pth",
         "debug": "show tracebacks",
     }
 )
 @cli
 def bench(c, target="host", model=None, runtimes="tvm,torch,onnxruntime", samples=None, threads=None, isa=None,
-          all_models=False, shape=None, results=None, debug=False):
+          all_models=False, shape=None, results=None, checkpoint=None, debug=False):
     """Benchmark models side by side; appends records to reports/results/<run-id>.jsonl."""
     import dataclasses
 
@@ -121,6 +122,8 @@ def bench(c, target="host", model=None, runtimes="tvm,torch,onnxruntime", sample
         rules = dataclasses.replace(rules, samples=int(samples or rules.samples), threads=int(threads or rules.threads))
     names = _models(model, demo_only=not all_models)
     input_shape = _shape(shape) if shape else None
+    if checkpoint and len(names) != 1:
+        raise UserError(f"--checkpoint {checkpoint} needs exactly one --model, got {len(names)}")
     run_id = new_run_id()
     out = (Path(results) if results else RESULTS_DIR) / f"{run_id}.jsonl"
     say(f"run {run_id}: {len(names)} model(s) on {resolved.config.label} [{resolved.db_key}], {rules.threads} threads")
@@ -128,7 +131,14 @@ def bench(c, target="host", model=None, runtimes="tvm,torch,onnxruntime", sample
     for index, name in enumerate(names, 1):
         say(f"[{index}/{len(names)}] {name}")
         records = bench_model(
-            name, resolved, run_id, tuple(r.strip() for r in runtimes.split(",")), rules, report=say, input_shape=input_shape
+            name,
+            resolved,
+            run_id,
+            tuple(r.strip() for r in runtimes.split(",")),
+            rules,
+            report=say,
+            input_shape=input_shape,
+            checkpoint=checkpoint,
         )
         append_records(records, out)  # per model, so an interruption keeps what was measured
         failed += [r for r in records if not r.valid]

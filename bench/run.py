@@ -49,12 +49,13 @@ def bench_model(
     rules: BenchRules | None = None,
     report: Callable[[str], None] = print,
     input_shape: tuple[int, ...] | None = None,
+    checkpoint: str | None = None,
 ) -> list[Record]:
     unknown = set(runtimes) - set(RUNTIMES)
     if unknown:
         raise UserError(f"unknown runtime(s) {sorted(unknown)}; allowed: {', '.join(RUNTIMES)}")
     rules = rules or target.config.bench
-    loaded = lwgan_models.load(name)
+    loaded = lwgan_models.load(name, checkpoint)
     shape = tuple(input_shape or loaded.spec.input_shape)
     if len(shape) != 4 or shape[1] != loaded.spec.input_shape[1]:
         raise UserError(f"{name}: input shape {shape} is not N×{loaded.spec.input_shape[1]}×H×W (NCHW)")
@@ -62,7 +63,7 @@ def bench_model(
     try:
         with torch.inference_mode():
             reference = loaded.module(torch.from_numpy(x)).numpy()
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:
         raise UserError(f"{name}: input shape {shape} does not fit the model ({str(exc).splitlines()[0]})") from exc
 
     adapters: list[Runtime] = []

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from errors import UserError
 
-AUTOTUNE_DIR = Path(__file__).resolve().parent.parent / "autotune_logs"
+AUTOTUNE_DIR = Path(os.environ.get("LWGAN_AUTOTUNE_DIR", Path(__file__).resolve().parent.parent / "autotune_logs"))
 WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
 

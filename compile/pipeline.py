@@ -68,7 +68,10 @@ def tune_for_target(
     report: Callable[[str], None] = print,
 ) -> int:
     mod = torch_to_relax(loaded.module, loaded.spec.input_shape, loaded.spec.name)
-    return tune(mod, target.tvm_target, database_of(loaded, target), trials, trials_per_task, report)
+    return tune(
+        mod, target.tvm_target, database_of(loaded, target), trials, trials_per_task, report,
+        population=target.config.tuning_population,
+    )
 
 
 def export_onnx(loaded: LoadedModel, input_shape: tuple[int, ...] | None = None, cache_dir: Path = CACHE_DIR) -> Path:

@@ -19,7 +19,7 @@ def torch_to_relax(module: torch.nn.Module, input_shape: tuple[int, ...], name: 
     try:
         with torch.no_grad():
             module(example)
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0]
         raise UserError(f"{name}: input shape {tuple(input_shape)} does not fit the model ({first_line})") from exc
     exported = torch.export.export(module, (example,))

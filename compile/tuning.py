@@ -122,10 +122,13 @@ def tune(
     report: Callable[[str], None] = print,
     runner: ms.runner.Runner | str = "local",
     seed: int | None = None,
+    population: int = 512,
 ) -> int:
     """Tune every task of `mod`, appending to `database`. Returns how many trials ran.
 
     A rerun continues: the database's records seed the search and new records are appended.
+    `population` is the evolutionary search's population; MetaSchedule's 512 spends minutes per
+    batch on cost-model search on a 2-core machine, so small machines use less.
     """
     if trials <= 0:
         raise UserError(f"--trials must be positive, got {trials}")
@@ -140,7 +143,12 @@ def tune(
     work_dir = LOG_DIR / database.path.parent.name / database.path.name
     work_dir.mkdir(parents=True, exist_ok=True)
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        extracted_tasks=extracted, work_dir=str(work_dir), seed=seed
+        extracted_tasks=extracted,
+        work_dir=str(work_dir),
+        seed=seed,
+        strategy=ms.search_strategy.EvolutionarySearch(
+            population_size=population, init_min_unmeasured=min(50, population // 4)
+        ),
     )
     progress = TuningProgress(
         task_names=[t.task_name for t in extracted],

@@ -44,7 +44,7 @@ SCHEMA = {
         "mattr": (list, False),
         "cpu_flags": (list, True),
     },
-    "tuning": {"trials": (int, True), "trials_per_task": (int, True)},
+    "tuning": {"trials": (int, True), "trials_per_task": (int, True), "population": (int, True)},
     "bench": {
         "threads": (int, True),
         "warmup": (int, True),
@@ -87,6 +87,7 @@ class TargetConfig:
     tvm: dict
     tuning_trials: int
     tuning_trials_per_task: int
+    tuning_population: int
     bench: BenchRules
     power_source: str
     isa_levels: tuple[IsaLevel, ...] = field(default=())
@@ -149,6 +150,7 @@ def load_target(name_or_path: str | Path) -> TargetConfig:
         tvm=dict(data["tvm"]),
         tuning_trials=data["tuning"]["trials"],
         tuning_trials_per_task=data["tuning"]["trials_per_task"],
+        tuning_population=data["tuning"]["population"],
         bench=BenchRules(
             threads=bench["threads"],
             warmup=bench["warmup"],

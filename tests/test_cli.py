@@ -1,0 +1,120 @@
+"""The invoke CLI end to end: bad input gives one line and exit 1; bench -> records -> report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.record import load_records
+
+REPO = Path(__file__).resolve().parent.parent
+SMALLEST_DEMO_MODEL = "cyclegan-unet128-ngf16"
+
+
+def invoke(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "invoke", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_unknown_model():
+    assert_one_line_error(invoke("bench", "--model", "no-such-gan"), "is unknown", "no-such-gan", "cyclegan-resnet6-ngf16")
+
+
+def test_unknown_target():
+    assert_one_line_error(invoke("bench", "--target", "toaster"), "unknown target", "toaster", "host")
+
+
+def test_missing_checkpoint(tmp_path):
+    missing = tmp_path / "latest_net_G_A.pth"
+    assert_one_line_error(
+        invoke("bench", "--model", SMALLEST_DEMO_MODEL, "--checkpoint", str(missing), "--results", str(tmp_path)),
+        str(missing),
+    )
+
+
+def test_corrupt_checkpoint(tmp_path):
+    corrupt = tmp_path / "latest_net_G_A.pth"
+    corrupt.write_bytes(os.urandom(256))
+    assert_one_line_error(
+        invoke("bench", "--model", SMALLEST_DEMO_MODEL, "--checkpoint", str(corrupt), "--results", str(tmp_path)),
+        str(corrupt),
+    )
+
+
+def test_wrong_input_shape(tmp_path):
+    assert_one_line_error(
+        invoke("bench", "--model", SMALLEST_DEMO_MODEL, "--shape", "1x3x100x100", "--results", str(tmp_path)),
+        SMALLEST_DEMO_MODEL,
+        "(1, 3, 100, 100)",
+    )
+
+
+def test_corrupt_database_names_the_file(tmp_path):
+    level_dirs = [tmp_path / key / SMALLEST_DEMO_MODEL for key in ("host-avx512vnni", "host-avx2")]
+    for path in level_dirs:
+        path.mkdir(parents=True)
+        (path / "database_workload.json").write_text('["ok", 1]\n{broken\n')
+        (path / "database_tuning_record.json").write_text("")
+    result = invoke(
+        "bench", "--model", SMALLEST_DEMO_MODEL, "--results", str(tmp_path / "results"),
+        env={"LWGAN_AUTOTUNE_DIR": str(tmp_path)},
+    )
+    assert_one_line_error(result, "database_workload.json:2", "corrupt tuning database line")
+
+
+def test_debug_shows_the_traceback():
+    result = invoke("bench", "--model", "no-such-gan", "--debug")
+    assert result.returncode == 1 and "Traceback" in result.stderr
+
+
+def test_report_without_records(tmp_path):
+    assert_one_line_error(invoke("report", "--results", str(tmp_path), "--out", str(tmp_path / "r.html")), str(tmp_path))
+
+
+def test_bench_then_report(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    earlier = results / "earlier-run.jsonl"
+    earlier_text = (REPO / "tests" / "data" / "earlier_record.jsonl").read_text()
+    earlier.write_text(earlier_text)
+
+    bench = invoke("bench", "--model", SMALLEST_DEMO_MODEL, "--samples", "5", "--results", str(results))
+    assert bench.returncode == 0, bench.stdout + bench.stderr
+    assert earlier.read_text() == earlier_text  # earlier results are never touched
+
+    frame = load_records(results)
+    run = frame[frame.run_id != "earlier"]
+    assert set(run.runtime) == {"tvm", "torch", "onnxruntime"}
+    assert (run.samples >= 5).all() and (run.threads == 2).all()
+    assert (run.max_abs_err < run.tolerance).all()
+    assert set(run.weights) == {"random"}
+
+    out = tmp_path / "index.html"
+    report = invoke("report", "--results", str(results), "--out", str(out))
+    assert report.returncode == 0, report.stderr
+    html = out.read_text()
+    from reports.html import format_ms
+
+    for value in run.latency_p50_ms:
+        assert format_ms(value) in html
+    assert "earlier" in html
