@@ -40,15 +40,26 @@ def cli(func):
     return wrapper
 
 
-def _models(model: str | None, demo_only: bool) -> list[str]:
+def _models_under_test(model: str | None, onnx: str | None, shape: str | None, checkpoint: str | None,
+                       demo_only: bool):
+    """Registry models by name (default: the demo set) or one ONNX file, all checked before any work."""
     import lwgan_models
+    from compile.pipeline import from_onnx_file, from_registry
 
+    input_shape = _shape(shape) if shape else None
+    if onnx:
+        if model or checkpoint:
+            raise UserError("--onnx benchmarks one file; it takes no --model or --checkpoint")
+        return [from_onnx_file(onnx, input_shape)]
     if model:
         names = [m.strip() for m in model.split(",") if m.strip()]
-        for name in names:
-            lwgan_models.get(name)  # unknown names fail here, before any work
-        return names
-    return [n for n in lwgan_models.names() if lwgan_models.get(n).demo or not demo_only]
+    else:
+        names = [n for n in lwgan_models.names() if lwgan_models.get(n).demo or not demo_only]
+    for name in names:
+        lwgan_models.get(name)  # unknown names fail here, before any work
+    if checkpoint and len(names) != 1:
+        raise UserError(f"--checkpoint {checkpoint} needs exactly one --model, got {len(names)}")
+    return [from_registry(lwgan_models.load(name, checkpoint), input_shape) for name in names]
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -68,6 +79,8 @@ def _target(target: str, isa: str | None):
     help={
         "target": "device config name under targets/ (e.g. host)",
         "model": "registry model name, or several separated by commas",
+        "onnx": "an ONNX generator file to tune instead of a registry model",
+        "shape": "input shape NxCxHxW (default: the model's)",
         "trials": "total MetaSchedule trials (default: the target's tuning budget)",
         "trials_per_task": "trials per tuning task (default: the target's)",
         "isa": "ISA level of the target to tune for (default: detected)",
@@ -75,27 +88,29 @@ def _target(target: str, isa: str | None):
     }
 )
 @cli
-def tune(c, model, target="host", trials=None, trials_per_task=None, isa=None, debug=False):
-    """Tune models with MetaSchedule (XGBoost cost model); appends to autotune_logs/<target-level>/<model>/."""
-    import lwgan_models
+def tune(c, model=None, onnx=None, target="host", shape=None, trials=None, trials_per_task=None, isa=None, debug=False):
+    """Tune with MetaSchedule (XGBoost cost model); appends to autotune_logs/<target-level>/<model>/."""
     from compile.pipeline import database_of, tune_for_target
 
     resolved = _target(target, isa)
     budget = int(trials or resolved.config.tuning_trials)
     per_task = int(trials_per_task or resolved.config.tuning_trials_per_task)
-    for name in _models(model, demo_only=False):
-        loaded = lwgan_models.load(name)
-        database = database_of(loaded, resolved)
-        say(f"{name}: {database.record_count()} records so far in {database.path}")
+    if not (model or onnx):
+        raise UserError("say what to tune: --model NAME or --onnx FILE")
+    for subject in _models_under_test(model, onnx, shape, checkpoint=None, demo_only=False):
+        database = database_of(subject, resolved)
+        say(f"{subject.name}: {database.record_count()} records so far in {database.path}")
         started = time.time()
-        ran = tune_for_target(loaded, resolved, budget, per_task, report=say)
-        say(f"{name}: {ran} trials in {time.time() - started:.0f} s; database now has {database.record_count()} records")
+        ran = tune_for_target(subject, resolved, budget, per_task, report=say)
+        say(f"{subject.name}: {ran} trials in {time.time() - started:.0f} s; "
+            f"database now has {database.record_count()} records")
 
 
 @task(
     help={
         "target": "device config name under targets/ (e.g. host)",
         "model": "registry model name(s), comma separated (default: the demo set)",
+        "onnx": "an ONNX generator file (one image input) to benchmark instead (TVM vs ONNX Runtime)",
         "runtimes": "comma-separated runtimes: tvm,torch,onnxruntime",
         "samples": "timed samples per runtime (default: the target's rule)",
         "threads": "threads for every runtime (default: the target's)",
@@ -108,7 +123,7 @@ def tune(c, model, target="host", trials=None, trials_per_task=None, isa=None, d
     }
 )
 @cli
-def bench(c, target="host", model=None, runtimes="tvm,torch,onnxruntime", samples=None, threads=None, isa=None,
+def bench(c, target="host", model=None, onnx=None, runtimes="tvm,torch,onnxruntime", samples=None, threads=None, isa=None,
           all_models=False, shape=None, results=None, checkpoint=None, debug=False):
     """Benchmark models side by side; appends records to reports/results/<run-id>.jsonl."""
     import dataclasses
@@ -120,26 +135,14 @@ def bench(c, target="host", model=None, runtimes="tvm,torch,onnxruntime", sample
     rules = resolved.config.bench
     if samples or threads:
         rules = dataclasses.replace(rules, samples=int(samples or rules.samples), threads=int(threads or rules.threads))
-    names = _models(model, demo_only=not all_models)
-    input_shape = _shape(shape) if shape else None
-    if checkpoint and len(names) != 1:
-        raise UserError(f"--checkpoint {checkpoint} needs exactly one --model, got {len(names)}")
+    subjects = _models_under_test(model, onnx, shape, checkpoint, demo_only=not all_models)
     run_id = new_run_id()
     out = (Path(results) if results else RESULTS_DIR) / f"{run_id}.jsonl"
-    say(f"run {run_id}: {len(names)} model(s) on {resolved.config.label} [{resolved.db_key}], {rules.threads} threads")
+    say(f"run {run_id}: {len(subjects)} model(s) on {resolved.config.label} [{resolved.db_key}], {rules.threads} threads")
     failed = []
-    for index, name in enumerate(names, 1):
-        say(f"[{index}/{len(names)}] {name}")
-        records = bench_model(
-            name,
-            resolved,
-            run_id,
-            tuple(r.strip() for r in runtimes.split(",")),
-            rules,
-            report=say,
-            input_shape=input_shape,
-            checkpoint=checkpoint,
-        )
+    for index, subject in enumerate(subjects, 1):
+        say(f"[{index}/{len(subjects)}] {subject.name}")
+        records = bench_model(subject, resolved, run_id, tuple(r.strip() for r in runtimes.split(",")), rules, say)
         append_records(records, out)  # per model, so an interruption keeps what was measured
         failed += [r for r in records if not r.valid]
     say(f"records: {out}")

@@ -1,32 +1,37 @@
-"""Benchmark registry models on a target: TVM beside torch eager and ONNX Runtime, in one run.
+"""Benchmark a model under test on a target: TVM beside torch eager and ONNX Runtime, in one run.
 
 Every runtime gets the same input (a real photo that ships with scikit-image), the same thread
-count and the same timing rules; every result, valid or not, becomes a `Record`.
+count and the same timing rules; every result, valid or not, becomes a `Record`. Outputs are
+checked against the reference: torch for registry generators, ONNX Runtime with graph
+optimisations off (the ONNX semantics, no fused kernels) for a user's ONNX file.
 """
 
 from __future__ import annotations
 
 import datetime
+import os
 import uuid
 from typing import Callable
 
 import numpy as np
+import onnxruntime as ort
 import torch
 import tvm
 from skimage import data as skimage_data
 
-import lwgan_models
 from bench.fingerprint import REPO_ROOT, host_fingerprint
 from bench.harness import Runtime, time_runtimes
 from bench.record import Record
 from bench.runtimes import OnnxRuntime, TorchRuntime, TvmRuntime
-from compile.pipeline import compile_for_target, export_onnx
+from compile.pipeline import ModelUnderTest, compile_for_target
 from errors import UserError
 from targets import BenchRules, ResolvedTarget
 
 RUNTIMES = ("tvm", "torch", "onnxruntime")
-# Generators end in tanh, so outputs lie in [-1, 1]; fp32 reorderings stay far below this.
-FP32_TOLERANCE = 2e-3
+# Generators end in tanh, so outputs lie in [-1, 1]; fp32 reorderings stay far below 2e-3. An int8
+# model may flip a value across a rounding boundary (one step of 2/255 ~ 0.008 at the output scale),
+# which instance norm amplifies, so QDQ models get a looser bound.
+TOLERANCE = {"fp32": 2e-3, "int8-qdq": 5e-2}
 
 
 def new_run_id() -> str:
@@ -34,57 +39,67 @@ def new_run_id() -> str:
 
 
 def test_image(shape: tuple[int, ...]) -> np.ndarray:
-    """scikit-image's astronaut photo, resized to NCHW `shape` and scaled to [-1, 1]."""
-    batch, channels, height, width = shape
+    """scikit-image's astronaut photo at `shape` (NCHW, or NHWC when the last dim is the channel), in [-1, 1]."""
+    nhwc = shape[1] not in (1, 3) and shape[-1] in (1, 3)
+    batch, channels, height, width = (shape[0], shape[3], shape[1], shape[2]) if nhwc else shape
     image = torch.from_numpy(skimage_data.astronaut()).permute(2, 0, 1).float().unsqueeze(0) / 127.5 - 1.0
     image = torch.nn.functional.interpolate(image, size=(height, width), mode="bilinear", antialias=True)
-    return image[:, :channels].expand(batch, channels, height, width).contiguous().numpy()
+    image = image[:, :channels].expand(batch, channels, height, width)
+    return (image.permute(0, 2, 3, 1) if nhwc else image).contiguous().numpy()
+
+
+def reference_output(model: ModelUnderTest, x: np.ndarray) -> np.ndarray:
+    if model.torch_module is not None:
+        try:
+            with torch.inference_mode():
+                return model.torch_module(torch.from_numpy(x)).numpy()
+        except (RuntimeError, ValueError) as exc:
+            raise UserError(f"{model.name}: input shape {model.input_shape} does not fit the model "
+                            f"({str(exc).splitlines()[0]})") from exc
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(model.onnx_file()), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
 def bench_model(
-    name: str,
+    model: ModelUnderTest,
     target: ResolvedTarget,
     run_id: str,
     runtimes: tuple[str, ...] = RUNTIMES,
     rules: BenchRules | None = None,
     report: Callable[[str], None] = print,
-    input_shape: tuple[int, ...] | None = None,
-    checkpoint: str | None = None,
 ) -> list[Record]:
     unknown = set(runtimes) - set(RUNTIMES)
     if unknown:
         raise UserError(f"unknown runtime(s) {sorted(unknown)}; allowed: {', '.join(RUNTIMES)}")
+    if model.torch_module is None and "torch" in runtimes:
+        report(f"  {model.name}: an ONNX file has no torch baseline; timing {', '.join(r for r in runtimes if r != 'torch')}")
+        runtimes = tuple(r for r in runtimes if r != "torch")
     rules = rules or target.config.bench
-    loaded = lwgan_models.load(name, checkpoint)
-    shape = tuple(input_shape or loaded.spec.input_shape)
-    if len(shape) != 4 or shape[1] != loaded.spec.input_shape[1]:
-        raise UserError(f"{name}: input shape {shape} is not N×{loaded.spec.input_shape[1]}×H×W (NCHW)")
-    x = test_image(shape)
-    try:
-        with torch.inference_mode():
-            reference = loaded.module(torch.from_numpy(x)).numpy()
-    except (RuntimeError, ValueError) as exc:
-        raise UserError(f"{name}: input shape {shape} does not fit the model ({str(exc).splitlines()[0]})") from exc
+    x = test_image(model.input_shape)
+    reference = reference_output(model, x)
 
     adapters: list[Runtime] = []
     artifact_bytes: dict[str, int | None] = {}
     compiled = None
     for runtime in runtimes:
         if runtime == "tvm":
-            report(f"  {name}: building for {target.config.name} ({target.isa_level or 'no isa level'})")
-            compiled = compile_for_target(loaded, target, shape)
+            report(f"  {model.name}: building for {target.config.name} ({target.isa_level or 'no isa level'})")
+            compiled = compile_for_target(model, target)
             if compiled.db_records == 0:
-                report(f"  {name}: no tuning database in autotune_logs/{{{','.join(target.db_keys)}}}/{name}; "
-                       "TVM runs untuned (run `invoke tune`)")
+                report(f"  {model.name}: no tuning database in autotune_logs/{{{','.join(target.db_keys)}}}/"
+                       f"{model.name}; TVM runs untuned (run `invoke tune`)")
             else:
-                report(f"  {name}: applied {compiled.database} ({compiled.tuned_tasks}/{compiled.total_tasks} tasks tuned)")
+                report(f"  {model.name}: applied {compiled.database} "
+                       f"({compiled.tuned_tasks}/{compiled.total_tasks} tasks tuned)")
             adapters.append(TvmRuntime(compiled.load(), tvm.cpu(), rules.threads))
             artifact_bytes["tvm"] = compiled.library.stat().st_size
         elif runtime == "torch":
-            adapters.append(TorchRuntime(loaded.module, rules.threads))
+            adapters.append(TorchRuntime(model.torch_module, rules.threads))
             artifact_bytes["torch"] = None
         else:
-            onnx_path = export_onnx(loaded, shape)
+            onnx_path = model.onnx_file()
             adapters.append(OnnxRuntime(onnx_path, rules.threads))
             artifact_bytes["onnxruntime"] = onnx_path.stat().st_size
 
@@ -92,55 +107,65 @@ def bench_model(
     for adapter in adapters:
         output = adapter.run(x)
         if output.shape != reference.shape:
-            raise UserError(f"{name}: {adapter.name} output shape {output.shape} != torch {reference.shape}")
+            raise UserError(f"{model.name}: {adapter.name} output shape {output.shape} != reference {reference.shape}")
         errors[adapter.name] = float(np.abs(output - reference).max())
         adapter.prepare(x)
-    report(f"  {name}: timing {', '.join(a.name for a in adapters)} ({rules.samples}+ samples each, interleaved)")
+    report(f"  {model.name}: timing {', '.join(a.name for a in adapters)} ({rules.samples}+ samples each, interleaved)")
+    env = {**host_fingerprint(), "load_1m_at_start": round(os.getloadavg()[0], 2)}
     timings = time_runtimes(adapters, rules)
 
+    tolerance = TOLERANCE[model.variant]
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     records = []
     for adapter, timing in zip(adapters, timings):
         err = errors[adapter.name]
         reasons = [timing.invalid_reason] if timing.invalid_reason else []
-        if err > FP32_TOLERANCE:
-            reasons.append(f"max abs error {err:.2e} > tolerance {FP32_TOLERANCE:.0e}")
-        is_tvm = adapter.name == "tvm"
+        if err > tolerance:
+            reasons.append(f"max abs error {err:.2e} > tolerance {tolerance:.0e}")
+        tvm_build = compiled if adapter.name == "tvm" else None
         records.append(
             Record(
                 run_id=run_id,
-                model=name,
-                family=loaded.spec.family,
-                variant="fp32",
-                weights=loaded.weights,
-                input_shape=list(shape),
-                params=loaded.params,
-                macs=loaded.macs,
-                size_fp32_bytes=loaded.size_fp32_bytes,
+                model=model.name,
+                family=model.family,
+                variant=model.variant,
+                weights=model.weights,
+                input_shape=list(model.input_shape),
+                params=model.params,
+                macs=model.macs,
+                size_fp32_bytes=model.size_fp32_bytes,
                 target=target.config.name,
                 device=target.config.label,
                 isa_level=target.isa_level,
                 runtime=adapter.name,
                 threads=adapter.threads,
                 artifact_bytes=artifact_bytes[adapter.name],
-                tuned_trials=compiled.db_records if is_tvm and compiled.db_records else None,
-                db_hash=compiled.db_hash if is_tvm else None,
-                tuning_db=str(compiled.database.relative_to(REPO_ROOT)) if is_tvm and compiled.db_records else None,
-                tuned_tasks=f"{compiled.tuned_tasks}/{compiled.total_tasks}" if is_tvm else None,
+                tuned_trials=tvm_build.db_records or None if tvm_build else None,
+                db_hash=tvm_build.db_hash if tvm_build else None,
+                tuning_db=_repo_relative(tvm_build.database) if tvm_build and tvm_build.db_records else None,
+                tuned_tasks=f"{tvm_build.tuned_tasks}/{tvm_build.total_tasks}" if tvm_build else None,
                 warmup=timing.warmup,
                 samples=len(timing.samples_s),
                 duration_s=timing.duration_s,
                 valid=not reasons,
                 invalid_reason="; ".join(reasons),
                 max_abs_err=err,
-                tolerance=FP32_TOLERANCE,
-                env=host_fingerprint(),
+                tolerance=tolerance,
+                env=env,
                 timestamp=stamp,
                 **timing.stats_ms(),
             )
         )
         report(
-            f"  {name:28s} {adapter.name:12s} p50 {records[-1].latency_p50_ms:9.3f} ms  "
-            f"cov {records[-1].latency_cov:5.3f}  err {err:.1e}{'' if not reasons else '  INVALID: ' + records[-1].invalid_reason}"
+            f"  {model.name:28s} {adapter.name:12s} p50 {records[-1].latency_p50_ms:9.3f} ms  "
+            f"cov {records[-1].latency_cov:5.3f}  err {err:.1e}"
+            + ("" if not reasons else "  INVALID: " + records[-1].invalid_reason)
         )
     return records
+
+
+def _repo_relative(path) -> str:
+    try:
+        return str(path.relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)

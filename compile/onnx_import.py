@@ -273,3 +273,29 @@ def onnx_to_relax(
         where = f" at {node.op_type} node {node.name!r}" if node is not None else ""
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"{label}: TVM's ONNX frontend failed{where}: {reason}") from exc
+
+
+def onnx_macs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> int:
+    """Multiply-accumulates of Conv, ConvTranspose, MatMul and Gemm at the given input shapes.
+
+    Counted as the direct algorithm does them: a transposed conv costs C_in*C_out/groups*k^2 per
+    *input* pixel, not per output pixel.
+    """
+    folded = onnx.shape_inference.infer_shapes(fold_shapes(model, input_shapes))
+    shapes = _known_shapes(folded)
+    total = 0
+    for node in folded.graph.node:
+        if node.op_type not in ("Conv", "ConvTranspose", "MatMul", "Gemm"):
+            continue
+        operands = [shapes.get(name) for name in node.input[:2]]
+        out = shapes.get(node.output[0])
+        if any(s is None for s in operands) or out is None:
+            continue
+        x, w = operands
+        if node.op_type == "Conv":  # w: (C_out, C_in/groups, k...) ; out: (N, C_out, ...)
+            total += int(np.prod(out)) * int(np.prod(w[1:]))
+        elif node.op_type == "ConvTranspose":  # w: (C_in, C_out/groups, k...) ; x: (N, C_in, ...)
+            total += int(np.prod(x)) * int(np.prod(w[1:]))
+        else:  # (..., M, K) x (K, N): one MAC per output element and K
+            total += int(np.prod(out)) * int(x[-1])
+    return total

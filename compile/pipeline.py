@@ -1,7 +1,9 @@
-"""The compile stage's public interface: registry model -> tuned, built artifact for a target.
+"""The compile stage's public interface: a model under test -> tuned, built artifact for a target.
 
-Everything is keyed by a digest of the model's name and weights, so changed weights never reuse a
-stale build or ONNX export.
+A model under test is either a registry generator (torch, imported through torch.export) or a
+user's ONNX file (imported through the ONNX frontend after shape folding). Everything downstream
+(tuning, building, benchmarking) sees only `ModelUnderTest`. Artifacts are keyed by a digest of the
+name, weights and input shape, so changed weights never reuse a stale build or export.
 """
 
 from __future__ import annotations
@@ -10,17 +12,90 @@ import contextlib
 import hashlib
 import io
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+import onnx
 import torch
+import tvm
 
 from compile.build import CACHE_DIR, CompiledModel, compile_model
 from compile.database import TuningDatabase, database_for
+from compile.onnx_import import graph_inputs, load_onnx, onnx_macs, onnx_to_relax
 from compile.torch_import import torch_to_relax
 from compile.tuning import tune
+from errors import UserError
 from lwgan_models import LoadedModel
 from targets import ResolvedTarget
+
+
+@dataclass(frozen=True)
+class ModelUnderTest:
+    name: str
+    family: str
+    variant: str  # "fp32", or "int8-qdq" for an ONNX file with QuantizeLinear/DequantizeLinear
+    weights: str  # "random" or "<path>@sha256:<hex>"
+    params: int
+    macs: int
+    size_fp32_bytes: int
+    input_shape: tuple[int, ...]
+    digest: str
+    make_relax: Callable[[], tvm.IRModule]
+    onnx_file: Callable[[], Path]
+    torch_module: torch.nn.Module | None = None  # None for ONNX files: no torch baseline
+
+
+def from_registry(loaded: LoadedModel, input_shape: tuple[int, ...] | None = None) -> ModelUnderTest:
+    shape = tuple(input_shape or loaded.spec.input_shape)
+    channels = loaded.spec.input_shape[1]
+    if len(shape) != 4 or shape[1] != channels:
+        raise UserError(f"{loaded.spec.name}: input shape {shape} is not N×{channels}×H×W (NCHW)")
+    digest = source_digest(loaded.spec.name, loaded.module, shape)
+    return ModelUnderTest(
+        name=loaded.spec.name,
+        family=loaded.spec.family,
+        variant="fp32",
+        weights=loaded.weights,
+        params=loaded.params,
+        macs=loaded.macs,
+        size_fp32_bytes=loaded.size_fp32_bytes,
+        input_shape=shape,
+        digest=digest,
+        make_relax=lambda: torch_to_relax(loaded.module, shape, loaded.spec.name),
+        onnx_file=lambda: export_onnx(loaded.module, shape, digest),
+        torch_module=loaded.module,
+    )
+
+
+def from_onnx_file(path: str | Path, input_shape: tuple[int, ...] | None = None) -> ModelUnderTest:
+    """A user's ONNX generator with one image input, at its declared or the given static shape."""
+    path = Path(path)
+    model = load_onnx(path)
+    inputs = graph_inputs(model)
+    if len(inputs) != 1:
+        raise UserError(f"{path}: expected one image input, found {len(inputs)} ({', '.join(v.name for v in inputs)})")
+    shapes = {inputs[0].name: tuple(input_shape)} if input_shape else None
+    mod = onnx_to_relax(model, shapes)  # fails early, with the operator named, if it cannot be imported
+    shape = tuple(int(d) for d in mod["main"].params[0].ty.shape)
+    raw = path.read_bytes()
+    sha = hashlib.sha256(raw).hexdigest()
+    weights = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+    quantized = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+    return ModelUnderTest(
+        name=path.stem,
+        family="onnx",
+        variant="int8-qdq" if quantized else "fp32",
+        weights=f"{path}@sha256:{sha}",
+        params=weights,
+        macs=onnx_macs(model, {inputs[0].name: shape}),
+        size_fp32_bytes=4 * weights,
+        input_shape=shape,
+        digest=hashlib.sha256(f"{sha}|{shape}".encode()).hexdigest()[:24],
+        make_relax=lambda: mod,
+        onnx_file=lambda: path,
+    )
 
 
 def source_digest(name: str, module: torch.nn.Module, input_shape: tuple[int, ...]) -> str:
@@ -31,59 +106,55 @@ def source_digest(name: str, module: torch.nn.Module, input_shape: tuple[int, ..
     return h.hexdigest()[:24]
 
 
-def database_of(loaded: LoadedModel, target: ResolvedTarget) -> TuningDatabase:
+def database_of(model: ModelUnderTest, target: ResolvedTarget) -> TuningDatabase:
     """The database tuning appends to: always the machine's own ISA level."""
-    return database_for(target.db_key, loaded.spec.name)
+    return database_for(target.db_key, model.name)
 
 
-def database_to_apply(loaded: LoadedModel, target: ResolvedTarget) -> TuningDatabase:
+def database_to_apply(model: ModelUnderTest, target: ResolvedTarget) -> TuningDatabase:
     """The best existing database for this machine: its own level's, else a lower level's."""
     for key in target.db_keys:
-        database = database_for(key, loaded.spec.name)
+        database = database_for(key, model.name)
         if database.exists():
             return database
-    return database_of(loaded, target)
+    return database_of(model, target)
 
 
-def compile_for_target(loaded: LoadedModel, target: ResolvedTarget, input_shape: tuple[int, ...] | None = None) -> CompiledModel:
+def compile_for_target(model: ModelUnderTest, target: ResolvedTarget) -> CompiledModel:
     """Build from the committed database (no tuning); a cache hit skips import and codegen."""
-    shape = tuple(input_shape or loaded.spec.input_shape)
-    digest = source_digest(loaded.spec.name, loaded.module, shape)
-    database = database_to_apply(loaded, target)
+    database = database_to_apply(model, target)
     database.validate()
-    return compile_model(
-        lambda: torch_to_relax(loaded.module, shape, loaded.spec.name),
-        target.tvm_target,
-        database,
-        digest,
-        shape,
-    )
+    return compile_model(model.make_relax, target.tvm_target, database, model.digest, model.input_shape)
 
 
 def tune_for_target(
-    loaded: LoadedModel,
+    model: ModelUnderTest,
     target: ResolvedTarget,
     trials: int,
     trials_per_task: int,
     report: Callable[[str], None] = print,
 ) -> int:
-    mod = torch_to_relax(loaded.module, loaded.spec.input_shape, loaded.spec.name)
     return tune(
-        mod, target.tvm_target, database_of(loaded, target), trials, trials_per_task, report,
+        model.make_relax(),
+        target.tvm_target,
+        database_of(model, target),
+        trials,
+        trials_per_task,
+        report,
         population=target.config.tuning_population,
     )
 
 
-def export_onnx(loaded: LoadedModel, input_shape: tuple[int, ...] | None = None, cache_dir: Path = CACHE_DIR) -> Path:
+def export_onnx(module: torch.nn.Module, input_shape: tuple[int, ...], digest: str, cache_dir: Path = CACHE_DIR) -> Path:
     """The ONNX file ONNX Runtime runs as a baseline (cached: the dynamo exporter takes seconds)."""
-    shape = tuple(input_shape or loaded.spec.input_shape)
-    path = cache_dir / f"{source_digest(loaded.spec.name, loaded.module, shape)}.onnx"
+    path = cache_dir / f"{digest}.onnx"
     if path.exists():
         return path
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir) as scratch:
         partial = Path(scratch) / "model.onnx"
         with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates every step
-            torch.onnx.export(loaded.module, (torch.zeros(*shape),), str(partial), dynamo=True, external_data=False)
+            torch.onnx.export(module, (torch.zeros(*input_shape),), str(partial), dynamo=True, external_data=False)
+        onnx.checker.check_model(str(partial))
         partial.replace(path)
     return path

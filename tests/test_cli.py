@@ -118,3 +118,43 @@ def test_bench_then_report(tmp_path):
     for value in run.latency_p50_ms:
         assert format_ms(value) in html
     assert "earlier" in html
+
+
+def _nhwc_onnx_generator(path: Path) -> Path:
+    """A tiny third-party-style generator: NHWC input with a symbolic batch, conv, tanh."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).normal(0, 0.3, (3, 3, 3, 3)).astype("float32"), "w")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Transpose", ["image"], ["nchw"], perm=[0, 3, 1, 2]),
+            helper.make_node("Conv", ["nchw", "w"], ["conv"], pads=[1, 1, 1, 1]),
+            helper.make_node("Tanh", ["conv"], ["styled"]),
+        ],
+        "third_party_generator",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 32, 32, 3])],
+        [helper.make_tensor_value_info("styled", TensorProto.FLOAT, None)],
+        [weight],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_bench_onnx_file(tmp_path):
+    model = _nhwc_onnx_generator(tmp_path / "third_party.onnx")
+    result = invoke("bench", "--onnx", str(model), "--shape", "1x32x32x3", "--samples", "3", "--results", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    frame = load_records(tmp_path)
+    assert set(frame.runtime) == {"tvm", "onnxruntime"}
+    assert (frame.family == "onnx").all() and (frame.model == "third_party").all()
+    assert (frame.macs == 32 * 32 * 3 * 27).all()
+    assert (frame.max_abs_err < frame.tolerance).all()
+    assert frame.weights.iloc[0].startswith(f"{model}@sha256:")
+
+
+def test_onnx_file_that_is_not_a_model(tmp_path):
+    bogus = tmp_path / "generator.onnx"
+    bogus.write_bytes(os.urandom(300))
+    assert_one_line_error(invoke("bench", "--onnx", str(bogus), "--results", str(tmp_path)), str(bogus), "not an ONNX model")
