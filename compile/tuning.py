@@ -74,9 +74,9 @@ class TuningProgress:
         self.started = time.time()
 
     def estimated_latency_ms(self) -> float | None:
-        if any(b is None for b in self.best_s):
-            return None
-        return 1e3 * sum(w * b for w, b in zip(self.task_weights, self.best_s))
+        """Weighted sum over the tasks measured so far (a lower bound until every task has a result)."""
+        measured = [(w, b) for w, b in zip(self.task_weights, self.best_s) if b is not None]
+        return 1e3 * sum(w * b for w, b in measured) if measured else None
 
     def update(self, task_id: int, run_secs: list[list[float]]) -> None:
         self.trials_done += len(run_secs)
@@ -94,13 +94,21 @@ class TuningProgress:
         }
         with open(self.curve_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(point) + "\n")
-        shown = f"{estimate:.2f} ms" if estimate is not None else "pending (not every task measured yet)"
+        covered = sum(b is not None for b in self.best_s)
+        shown = f"{estimate:.2f} ms over {covered}/{len(self.best_s)} tasks" if estimate is not None else "pending"
         best = self.best_s[task_id]
         self.report(
             f"  trials {self.trials_done:5d}  {point['elapsed_s']:7.0f}s  "
             f"task {task_id + 1}/{len(self.task_names)} {self.task_names[task_id][:40]:40s} "
             f"best {1e3 * best if best else float('nan'):8.3f} ms   model est. {shown}"
         )
+
+
+def _takes_indices(task) -> bool:
+    """Gathers (reflection padding becomes `take`) read integer index tensors, which the runner
+    fills with random values: measuring them crashes or times garbage, so they keep TVM's default."""
+    args = ms.arg_info.ArgInfo.from_prim_func(task.dispatched[0]["main"])
+    return any("int" in str(arg.dtype) for arg in args)
 
 
 @derived_object
@@ -113,6 +121,30 @@ class _ProgressCallback(ms.measure_callback.PyMeasureCallback):
         self.progress.update(task_id, secs)
 
 
+@derived_object
+class _ReportingRunner(ms.runner.PyRunner):
+    """Says when each batch goes out to be measured.
+
+    MetaSchedule joins a batch's results (and so runs the measure callbacks) only when it returns to
+    that task, so without this the first round over all tasks would pass in silence.
+    """
+
+    def __init__(self, inner: ms.runner.Runner, budget: int, report: Callable[[str], None]) -> None:
+        self.inner = inner
+        self.budget = budget
+        self.report = report
+        self.sent = 0
+        self.started = time.time()
+
+    def run(self, runner_inputs):
+        self.sent += len(runner_inputs)
+        self.report(
+            f"  measuring {len(runner_inputs):3d} candidates   ({self.sent}/{self.budget} trials sent, "
+            f"{time.time() - self.started:.0f} s)"
+        )
+        return self.inner.run(runner_inputs)
+
+
 def tune(
     mod: tvm.IRModule,
     target: tvm.target.Target,
@@ -120,7 +152,7 @@ def tune(
     trials: int,
     trials_per_task: int,
     report: Callable[[str], None] = print,
-    runner: ms.runner.Runner | str = "local",
+    runner: ms.runner.Runner | None = None,
     seed: int | None = None,
     population: int = 512,
 ) -> int:
@@ -134,7 +166,7 @@ def tune(
         raise UserError(f"--trials must be positive, got {trials}")
     register_cpu_tensor_intrinsics()
     prepared = prepare(mod, target)
-    extracted = ms.relax_integration.extract_tasks(prepared, target)
+    extracted = [t for t in ms.relax_integration.extract_tasks(prepared, target) if not _takes_indices(t)]
     if not extracted:
         raise UserError("the model has no tunable operators")
     db = database.open()
@@ -169,7 +201,7 @@ def tune(
         database=db,
         cost_model="xgb",
         builder=local_builder(),
-        runner=runner,
+        runner=_ReportingRunner(runner or ms.runner.LocalRunner(), trials, report),
         measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), _ProgressCallback(progress)],
     )
     return progress.trials_done
