@@ -188,6 +188,9 @@ def tune(
         curve_path=database.path / CURVE_FILE,
         report=report,
     )
+    # MetaSchedule's first round gives every task one batch; keep it within half the budget so
+    # every task gets measured and the rest goes where the gradient scheduler sees gains.
+    per_iter = max(8, min(64, trials // (2 * len(extracted))))
     report(
         f"tuning {len(extracted)} tasks, {trials} trials (≤ {trials_per_task} per task) into {database.path}; "
         f"MetaSchedule logs in {work_dir}"
@@ -198,6 +201,7 @@ def tune(
         work_dir=str(work_dir),
         max_trials_global=trials,
         max_trials_per_task=trials_per_task,
+        num_trials_per_iter=per_iter,
         database=db,
         cost_model="xgb",
         builder=local_builder(),

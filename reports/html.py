@@ -161,7 +161,10 @@ def _tuned(record: dict) -> str:
     if record["runtime"] != "tvm":
         return "—"
     trials = record["tuned_trials"]
-    return "untuned" if _missing(trials) or trials == 0 else f"{int(trials)} trials"
+    if _missing(trials) or trials == 0:
+        return "untuned"
+    tasks = record.get("tuned_tasks")
+    return f"{int(trials)} trials" + ("" if _missing(tasks) else f", {tasks} tasks")
 
 
 def _over_tolerance(record: dict) -> bool:
