@@ -62,6 +62,19 @@ def _models_under_test(model: str | None, onnx: str | None, shape: str | None, c
     return [from_registry(lwgan_models.load(name, checkpoint), input_shape) for name in names]
 
 
+def _count(value, flag: str, default: int) -> int:
+    """A positive whole number from a flag (invoke passes untyped flags as strings)."""
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number <= 0:
+        raise UserError(f"--{flag} {value!r}: expected a positive whole number")
+    return number
+
+
 def _shape(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(d) for d in text.lower().split("x"))
@@ -93,8 +106,8 @@ def tune(c, model=None, onnx=None, target="host", shape=None, trials=None, trial
     from compile.pipeline import database_of, tune_for_target
 
     resolved = _target(target, isa)
-    budget = int(trials or resolved.config.tuning_trials)
-    per_task = int(trials_per_task or resolved.config.tuning_trials_per_task)
+    budget = _count(trials, "trials", resolved.config.tuning_trials)
+    per_task = _count(trials_per_task, "trials-per-task", resolved.config.tuning_trials_per_task)
     if not (model or onnx):
         raise UserError("say what to tune: --model NAME or --onnx FILE")
     for subject in _models_under_test(model, onnx, shape, checkpoint=None, demo_only=False):
@@ -133,8 +146,9 @@ def bench(c, target="host", model=None, onnx=None, runtimes="tvm,torch,onnxrunti
 
     resolved = _target(target, isa)
     rules = resolved.config.bench
-    if samples or threads:
-        rules = dataclasses.replace(rules, samples=int(samples or rules.samples), threads=int(threads or rules.threads))
+    rules = dataclasses.replace(
+        rules, samples=_count(samples, "samples", rules.samples), threads=_count(threads, "threads", rules.threads)
+    )
     subjects = _models_under_test(model, onnx, shape, checkpoint, demo_only=not all_models)
     run_id = new_run_id()
     out = (Path(results) if results else RESULTS_DIR) / f"{run_id}.jsonl"

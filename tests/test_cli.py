@@ -158,3 +158,8 @@ def test_onnx_file_that_is_not_a_model(tmp_path):
     bogus = tmp_path / "generator.onnx"
     bogus.write_bytes(os.urandom(300))
     assert_one_line_error(invoke("bench", "--onnx", str(bogus), "--results", str(tmp_path)), str(bogus), "not an ONNX model")
+
+
+def test_counts_must_be_positive_numbers():
+    assert_one_line_error(invoke("bench", "--samples", "abc"), "--samples 'abc'", "positive whole number")
+    assert_one_line_error(invoke("tune", "--model", SMALLEST_DEMO_MODEL, "--trials", "0"), "--trials '0'")
