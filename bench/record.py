@@ -95,6 +95,8 @@ def read_records(path: Path) -> list[Record]:
                 records.append(Record.from_dict(json.loads(line)))
             except (json.JSONDecodeError, TypeError) as exc:
                 raise UserError(f"{path}:{number}: not a benchmark record ({exc})") from exc
+            except UserError as exc:
+                raise UserError(f"{path}:{number}: {exc}") from exc
     return records
 
 
