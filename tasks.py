@@ -161,7 +161,7 @@ def bench(c, target="host", model=None, onnx=None, runtimes="tvm,torch,onnxrunti
         failed += [r for r in records if not r.valid]
     say(f"records: {out}")
     if any(r.max_abs_err is not None and r.max_abs_err > r.tolerance for r in failed):
-        raise Exit("error: some outputs differ from torch beyond tolerance (records kept, marked invalid)", code=2)
+        raise Exit("error: some outputs differ from the reference beyond tolerance (records kept, marked invalid)", code=2)
 
 
 @task(

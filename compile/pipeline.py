@@ -27,7 +27,7 @@ from compile.onnx_import import graph_inputs, load_onnx, onnx_macs, onnx_to_rela
 from compile.torch_import import torch_to_relax
 from compile.tuning import tune
 from errors import UserError
-from lwgan_models import LoadedModel
+from lwgan_models import LoadedModel, count_macs
 from targets import ResolvedTarget
 
 
@@ -59,7 +59,7 @@ def from_registry(loaded: LoadedModel, input_shape: tuple[int, ...] | None = Non
         variant="fp32",
         weights=loaded.weights,
         params=loaded.params,
-        macs=loaded.macs,
+        macs=loaded.macs if shape == tuple(loaded.spec.input_shape) else count_macs(loaded.spec, shape),
         size_fp32_bytes=loaded.size_fp32_bytes,
         input_shape=shape,
         digest=digest,

@@ -11,7 +11,7 @@ from lwgan_models.cyclegan import (
     get_norm_layer,
     init_weights,
 )
-from lwgan_models.registry import LoadedModel, ModelSpec, get, load, names
+from lwgan_models.registry import LoadedModel, ModelSpec, count_macs, get, load, names
 from lwgan_models.style_transfer import ConditionalInstanceNorm2d, StyleTransferNet
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "StyleTransferNet",
     "UnetGenerator",
     "UnetSkipConnectionBlock",
+    "count_macs",
     "define_D",
     "define_G",
     "get",

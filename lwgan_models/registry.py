@@ -130,7 +130,7 @@ def load(name_or_spec: str | ModelSpec, checkpoint: str | Path | None = None) ->
         module=module,
         weights=weights,
         params=sum(p.numel() for p in module.parameters()),
-        macs=_count_macs(spec),
+        macs=count_macs(spec),
         size_fp32_bytes=_serialized_size(module),
     )
 
@@ -202,11 +202,11 @@ def _display_path(path: Path) -> str:
         return str(resolved)
 
 
-def _count_macs(spec: ModelSpec) -> int:
-    """MACs of one forward at `spec.input_shape`, traced on the meta device (shapes only, no math)."""
+def count_macs(spec: ModelSpec, input_shape: tuple[int, ...] | None = None) -> int:
+    """MACs of one forward at `input_shape` (default: the spec's), traced on the meta device (shapes only, no math)."""
     with torch.device("meta"):
         module = spec.builder().eval()
-        image = torch.empty(spec.input_shape)
+        image = torch.empty(input_shape or spec.input_shape)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         module(image)
     return counter.get_total_flops() // 2
