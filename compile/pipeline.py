@@ -52,6 +52,11 @@ def from_registry(loaded: LoadedModel, input_shape: tuple[int, ...] | None = Non
     channels = loaded.spec.input_shape[1]
     if len(shape) != 4 or shape[1] != channels:
         raise UserError(f"{loaded.spec.name}: input shape {shape} is not N×{channels}×H×W (NCHW)")
+    try:  # a shape-only forward on the meta device: cheap, and it proves the shape fits
+        macs = count_macs(loaded.spec, shape)
+    except (RuntimeError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise UserError(f"{loaded.spec.name}: input shape {shape} does not fit the model ({reason})") from exc
     digest = source_digest(loaded.spec.name, loaded.module, shape)
     return ModelUnderTest(
         name=loaded.spec.name,
@@ -59,7 +64,7 @@ def from_registry(loaded: LoadedModel, input_shape: tuple[int, ...] | None = Non
         variant="fp32",
         weights=loaded.weights,
         params=loaded.params,
-        macs=loaded.macs if shape == tuple(loaded.spec.input_shape) else count_macs(loaded.spec, shape),
+        macs=macs,
         size_fp32_bytes=loaded.size_fp32_bytes,
         input_shape=shape,
         digest=digest,
