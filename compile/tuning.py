@@ -90,15 +90,17 @@ class TuningProgress:
             if self.best_s[task_id] is None or best < self.best_s[task_id]:
                 self.best_s[task_id] = best
         estimate = self.estimated_latency_ms()
+        covered = sum(b is not None for b in self.best_s)
         point = {
+            "session": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self.started)),  # a resumed tune counts anew
             "trials": self.trials_done,
             "elapsed_s": round(time.time() - self.started, 1),
             "task": self.task_names[task_id],
             "estimated_latency_ms": estimate,
+            "tasks_measured": f"{covered}/{len(self.best_s)}",
         }
         with open(self.curve_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(point) + "\n")
-        covered = sum(b is not None for b in self.best_s)
         shown = f"{estimate:.2f} ms over {covered}/{len(self.best_s)} tasks" if estimate is not None else "pending"
         best = self.best_s[task_id]
         self.report(
