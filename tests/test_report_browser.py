@@ -1,0 +1,48 @@
+"""The report as a person sees it: headless Chromium opens it from disk with no network.
+
+Checks that the page loads without console messages (it has no scripts, so any is an error), that the rendered table (the DOM after
+Chromium parsed it) shows every record's p50 as the report formats it, and saves a screenshot.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from bench.record import append_records, load_records
+from reports import render_report
+from reports.html import format_ms
+from tests.test_report import RECORDS
+
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+def chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert binary, "chromium is not installed; install.sh installs Debian's chromium"
+    return subprocess.run(
+        [binary, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *args],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_report_in_headless_chromium(tmp_path):
+    append_records(RECORDS, tmp_path / "results" / "run.jsonl")
+    records = load_records(tmp_path / "results")
+    page = render_report(records, tmp_path / "index.html")
+
+    dom = chromium(tmp_path, "--enable-logging=stderr", "--v=0", "--dump-dom", page.as_uri())
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    console = [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]  # the page has no scripts
+    assert not console, console
+    for value in records.latency_p50_ms:
+        assert f">{format_ms(value)}<" in dom.stdout.replace(" ", "")
+
+    screenshot = tmp_path / "report.png"
+    shot = chromium(tmp_path, "--window-size=1400,1600", f"--screenshot={screenshot}", page.as_uri())
+    assert shot.returncode == 0, shot.stderr[-2000:]
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 10_000
