@@ -1,0 +1,104 @@
+"""Rewrite strided ConvTranspose2d as s*s small convolutions and a pixel shuffle (exact).
+
+TVM legalises a stride-s transposed convolution as a convolution over the input dilated with
+zeros, so s*s - 1 of every s*s multiply-adds hit a zero, and MetaSchedule cannot tune the zeros
+away: on this machine the U-Net generator's decoder took 4x ONNX Runtime's time. Output pixel
+(s*m + r) of a transposed convolution only meets kernel taps k = s*j + c with c = (r + p) mod s, so
+each output phase r is an ordinary convolution of the input with that phase's sub-kernel (flipped).
+The phases interleave back with `pixel_shuffle`. Weights are shared with the original module, so a
+checkpoint's numbers are used unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _phase(kernel: int, stride: int, padding: int, phase: int, in_size: int, out_size: int):
+    """Taps, their order, and the (left, right) padding that give output phase `phase` as a plain conv."""
+    offset = (phase + padding) % stride
+    shift = (phase + padding) // stride
+    taps = list(range(offset, kernel, stride))
+    count = len(taps)
+    outputs = out_size // stride
+    left = count - 1 - shift
+    right = outputs - in_size - left + count - 1
+    return taps[::-1], left, right
+
+
+class SubPixelConvTranspose2d(nn.Module):
+    """Computes `convt(x)` exactly, as stride² convolutions whose outputs are interleaved."""
+
+    def __init__(self, convt: nn.ConvTranspose2d, in_size: tuple[int, int]) -> None:
+        super().__init__()
+        self.convt = convt  # keeps weight/bias (and the state_dict layout) where the original had them
+        self.stride = convt.stride[0]
+        out_size = [
+            (n - 1) * s - 2 * p + k + op
+            for n, s, p, k, op in zip(in_size, convt.stride, convt.padding, convt.kernel_size, convt.output_padding)
+        ]
+        self.phases = [
+            (
+                _phase(convt.kernel_size[0], self.stride, convt.padding[0], ry, in_size[0], out_size[0]),
+                _phase(convt.kernel_size[1], self.stride, convt.padding[1], rx, in_size[1], out_size[1]),
+            )
+            for ry in range(self.stride)
+            for rx in range(self.stride)
+        ]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.convt.weight.transpose(0, 1)  # (C_in, C_out, kh, kw) -> (C_out, C_in, kh, kw)
+        outputs = []
+        for (rows, top, bottom), (cols, left, right) in self.phases:
+            kernel = weight[:, :, rows][:, :, :, cols]
+            padded = _pad_or_crop(x, left, right, top, bottom)
+            outputs.append(F.conv2d(padded, kernel, self.convt.bias))
+        # (N, s*s*C, H, W) with phase-major channels -> channel-major for pixel_shuffle
+        n, c, h, w = outputs[0].shape
+        stacked = torch.stack(outputs, dim=2).reshape(n, c * self.stride * self.stride, h, w)
+        return F.pixel_shuffle(stacked, self.stride)
+
+
+def _pad_or_crop(x: torch.Tensor, left: int, right: int, top: int, bottom: int) -> torch.Tensor:
+    x = F.pad(x, (max(left, 0), max(right, 0), max(top, 0), max(bottom, 0)))
+    h, w = x.shape[-2:]
+    return x[..., max(-top, 0) : h - max(-bottom, 0), max(-left, 0) : w - max(-right, 0)]
+
+
+def decomposable(convt: nn.ConvTranspose2d, out_size: tuple[int, int]) -> bool:
+    s = convt.stride
+    return (
+        s[0] == s[1] > 1
+        and convt.groups == 1
+        and convt.dilation == (1, 1)
+        and convt.padding_mode == "zeros"
+        and all(size % s[0] == 0 for size in out_size)
+    )
+
+
+def decompose_transposed_convs(module: nn.Module, example: torch.Tensor) -> nn.Module:
+    """A copy of `module` whose strided transposed convs run as sub-pixel convolutions."""
+    shapes: dict[nn.Module, tuple[tuple[int, int], tuple[int, int]]] = {}
+
+    def record(layer, inputs, output):
+        shapes[layer] = (tuple(inputs[0].shape[-2:]), tuple(output.shape[-2:]))
+
+    hooks = [m.register_forward_hook(record) for m in module.modules() if isinstance(m, nn.ConvTranspose2d)]
+    try:
+        with torch.no_grad():
+            module(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    rewritten = copy.deepcopy(module)
+    originals = dict(module.named_modules())
+    for name, layer in list(rewritten.named_modules()):
+        if isinstance(layer, nn.ConvTranspose2d) and decomposable(layer, shapes[originals[name]][1]):
+            parent_name, _, child = name.rpartition(".")
+            parent = rewritten.get_submodule(parent_name) if parent_name else rewritten
+            setattr(parent, child, SubPixelConvTranspose2d(layer, shapes[originals[name]][0]))
+    return rewritten
