@@ -37,11 +37,12 @@ Stand-in for the CycleGAN apple2orange dataset
 This folder is NOT apple2orange. It is a tiny unpaired dataset generated offline so that
 training and benchmarking code can run without downloading anything.
 
-- trainA ({train} images), testA ({test}): random square crops of scikit-image sample photos
-  ({sources_a}), resized to {size}x{size}.
-- trainB ({train} images), testB ({test}): random crops of DIFFERENT scikit-image photos
-  ({sources_b}) with a warm "orange" grade: per-channel tone curves that lift red and
-  suppress blue, then a saturation boost in HSV.
+- trainA ({train} images), testA ({test}): random square crops of scikit-image sample photos,
+  resized to {size}x{size} JPEG. Photos: {sources_a}.
+- trainB ({train} images), testB ({test}): random crops of DIFFERENT scikit-image photos with a
+  warm "orange" grade (per-channel tone curves that lift red and pull blue down, then a
+  saturation boost in HSV). Photos: {sources_b}.
+- Train and test crops come from the same photos; the split only separates the crops.
 
 Generated with: python -m lwgan_models.standin_data OUT_DIR --seed {seed}
 
