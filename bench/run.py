@@ -89,6 +89,9 @@ def bench_model(
             else:
                 report(f"  {model.name}: applied {compiled.database} "
                        f"({compiled.tuned_tasks}/{compiled.total_tasks} tasks tuned)")
+                if compiled.db_skipped:
+                    report(f"  {model.name}: warning: {compiled.db_skipped} database records no longer replay "
+                           "in this TVM and were left out")
             adapters.append(TvmRuntime(compiled.load(), tvm.cpu(), rules.threads))
             artifact_bytes["tvm"] = compiled.library.stat().st_size
         elif runtime == "torch":

@@ -23,7 +23,7 @@ from compile.database import TuningDatabase
 from compile.tuning import prepare
 
 CACHE_DIR = Path(os.environ.get("LWGAN_CACHE", Path(__file__).resolve().parent.parent / "build" / "cache"))
-PIPELINE_VERSION = "2"  # bump when the import or build changes the code emitted
+PIPELINE_VERSION = "3"  # bump when the import or build changes the code emitted
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class CompiledModel:
     db_records: int  # tuning records in the applied database (0 = untuned)
     db_hash: str | None
     database: Path  # the database applied (or looked for, when db_records == 0)
+    db_skipped: int  # records that no longer replay and were left out (see TuningDatabase.open_for_reading)
     cache_hit: bool
 
     def load(self, device: tvm.runtime.Device | None = None) -> relax.VirtualMachine:
@@ -52,17 +53,19 @@ def cache_key(source_digest: str, input_shape: tuple[int, ...], target: tvm.targ
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def apply_database(mod: tvm.IRModule, target: tvm.target.Target, database: TuningDatabase) -> tuple[tvm.IRModule, int, int]:
-    """Replace each tunable PrimFunc by its best tuned schedule; returns (module, tuned, total)."""
+def apply_database(
+    mod: tvm.IRModule, target: tvm.target.Target, database: TuningDatabase
+) -> tuple[tvm.IRModule, int, int, int]:
+    """Replace each tunable PrimFunc by its best tuned schedule; returns (module, tuned, total, skipped records)."""
     prepared = prepare(mod, target)
     tasks = ms.relax_integration.extract_tasks(prepared, target)
     if not database.exists():
-        return prepared, 0, len(tasks)
-    db = database.open()
+        return prepared, 0, len(tasks), 0
+    db, skipped = database.open_for_reading()
     tuned = sum(1 for task in tasks if db.query_tuning_record(task.dispatched[0], target, task.task_name) is not None)
     with target, db:
         applied = relax.transform.MetaScheduleApplyDatabase()(prepared)
-    return applied, tuned, len(tasks)
+    return applied, tuned, len(tasks), skipped
 
 
 def compile_model(
@@ -80,9 +83,10 @@ def compile_model(
     if library.exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text())
         return CompiledModel(
-            library, meta["tuned_tasks"], meta["total_tasks"], meta["db_records"], db_hash, database.path, True
+            library, meta["tuned_tasks"], meta["total_tasks"], meta["db_records"], db_hash, database.path,
+            meta["db_skipped"], True,
         )
-    applied, tuned, total = apply_database(make_module(), target, database)
+    applied, tuned, total, skipped = apply_database(make_module(), target, database)
     executable = tvm.compile(applied, target)
     cache_dir.mkdir(parents=True, exist_ok=True)
     # Write to a temporary name first so an interrupted build never leaves a truncated library.
@@ -90,6 +94,6 @@ def compile_model(
         partial = Path(tmp.name)
     executable.export_library(str(partial))
     partial.replace(library)
-    meta = {"tuned_tasks": tuned, "total_tasks": total, "db_records": database.record_count()}
+    meta = {"tuned_tasks": tuned, "total_tasks": total, "db_records": database.record_count(), "db_skipped": skipped}
     meta_path.write_text(json.dumps(meta))
-    return CompiledModel(library, tuned, total, meta["db_records"], db_hash, database.path, False)
+    return CompiledModel(library, tuned, total, meta["db_records"], db_hash, database.path, skipped, False)

@@ -67,6 +67,7 @@ class TuningDatabase:
                         raise UserError(f"{file}:{number}: not a MetaSchedule database row (expected a JSON list)")
 
     def open(self) -> ms.database.JSONDatabase:
+        """The database for tuning: new records are appended to its files."""
         self.validate()
         self.path.mkdir(parents=True, exist_ok=True)
         try:
@@ -74,7 +75,60 @@ class TuningDatabase:
                 path_workload=str(self.workload_file), path_tuning_record=str(self.record_file)
             )
         except Exception as exc:  # the C++ parser's message is long; the file is what the user needs
-            raise UserError(f"{self.path}: tuning database could not be loaded ({type(exc).__name__})") from exc
+            skipped = len(self.unreplayable_records())
+            reason = f"{skipped} records no longer replay" if skipped else type(exc).__name__
+            raise UserError(f"{self.path}: tuning database could not be opened for tuning ({reason})") from exc
+
+    def open_for_reading(self) -> tuple[ms.database.Database, int]:
+        """The database for applying, and how many records it had to skip.
+
+        MetaSchedule occasionally commits a record whose trace does not replay when the file is
+        loaded again (seen here: RFactor traces on reductions); its JSON loader then refuses the
+        whole file. Reading record by record keeps every schedule that does replay; the files stay
+        untouched.
+        """
+        try:
+            return self.open(), 0
+        except UserError:
+            pass
+        memory = ms.database.MemoryDatabase()
+        workloads = self._workloads()
+        skipped = 0
+        for workload_index, trace in self._record_rows():
+            try:
+                record = ms.database.TuningRecord.from_json(trace, workloads[workload_index])
+            except Exception:  # noqa: BLE001  (a trace that fails to replay, whatever the error)
+                skipped += 1
+                continue
+            workload = memory.commit_workload(workloads[workload_index].mod)
+            memory.commit_tuning_record(
+                ms.database.TuningRecord(
+                    record.trace, workload, record.run_secs, target=record.target, args_info=record.args_info
+                )
+            )
+        return memory, skipped
+
+    def unreplayable_records(self) -> list[int]:
+        """Line numbers (1-based) of records whose trace no longer replays on its workload."""
+        workloads = self._workloads()
+        bad = []
+        for number, (workload_index, trace) in enumerate(self._record_rows(), 1):
+            try:
+                ms.database.TuningRecord.from_json(trace, workloads[workload_index])
+            except Exception:  # noqa: BLE001
+                bad.append(number)
+        return bad
+
+    def _workloads(self) -> list:
+        with open(self.workload_file, encoding="utf-8") as f:
+            return [ms.database.Workload.from_json(json.loads(line)) for line in f if line.strip()]
+
+    def _record_rows(self):
+        with open(self.record_file, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    workload_index, trace = json.loads(line)[:2]
+                    yield workload_index, trace
 
 
 def database_for(db_key: str, model: str) -> TuningDatabase:

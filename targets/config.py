@@ -13,11 +13,11 @@ from pathlib import Path
 import tvm
 
 from errors import UserError
+from targets.power import POWER_SOURCES
 
 TARGETS_DIR = Path(__file__).resolve().parent
 
 CONNECTIONS = ("local",)
-POWER_SOURCES = ("none",)
 TVM_KINDS = ("llvm", "c", "opencl")
 
 # Allowed keys per table: name -> (type, required). Unknown keys are errors, so typos surface.

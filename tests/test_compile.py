@@ -127,3 +127,20 @@ def test_corrupt_database_is_a_one_line_error(tmp_path, content, expected):
 def test_wrong_input_shape_names_the_model(tmp_path):
     with pytest.raises(UserError, match=r"tiny: input shape \(1, 4, 16, 16\) does not fit"):
         torch_to_relax(_tiny_generator(), (1, 4, 16, 16), "tiny")
+
+
+def test_records_that_no_longer_replay_are_skipped_when_applying(tmp_path):
+    """Real MetaSchedule output: 2 good records and 8 RFactor traces that fail to replay on reload."""
+    import shutil
+    from pathlib import Path
+
+    source = Path(__file__).parent / "data" / "unreplayable_db"
+    database = TuningDatabase(tmp_path / "db")
+    shutil.copytree(source, database.path)
+    before = database.record_file.read_bytes()
+    assert database.unreplayable_records() == list(range(3, 11))
+    with pytest.raises(UserError, match="8 records no longer replay"):
+        database.open()
+    reader, skipped = database.open_for_reading()
+    assert skipped == 8 and len(reader.get_all_tuning_records()) == 2
+    assert database.record_file.read_bytes() == before  # the files are never rewritten
