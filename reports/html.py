@@ -92,13 +92,21 @@ def _runs(records: pd.DataFrame) -> list[dict]:
     ]
 
 
+VOLATILE_ENV = "load_1m_at_start"  # measured per model: shown as a range, not part of the fingerprint
+
+
 def _environments(records: pd.DataFrame) -> list[dict]:
     """One block per distinct fingerprint, so a run on a different machine or stack stands out."""
-    fingerprints = records["env"].map(lambda env: json.dumps(env, sort_keys=True))
-    return [
-        {"env": group["env"].iloc[0], "runs": sorted(group["run_id"].unique())}
-        for _, group in records.groupby(fingerprints, sort=False)
-    ]
+    stable = records["env"].map(lambda env: {k: v for k, v in env.items() if k != VOLATILE_ENV})
+    fingerprints = stable.map(lambda env: json.dumps(env, sort_keys=True))
+    blocks = []
+    for _, group in records.groupby(fingerprints, sort=False):
+        env = dict(stable[group.index[0]])
+        loads = [e[VOLATILE_ENV] for e in group["env"] if VOLATILE_ENV in e]
+        if loads:
+            env["load average at start"] = f"{min(loads):.2f}–{max(loads):.2f}"
+        blocks.append({"env": env, "runs": sorted(group["run_id"].unique())})
+    return blocks
 
 
 def _sections(records: pd.DataFrame, runtimes: list[str]) -> list[dict]:
