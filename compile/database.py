@@ -71,9 +71,7 @@ class TuningDatabase:
         self.validate()
         self.path.mkdir(parents=True, exist_ok=True)
         try:
-            return ms.database.JSONDatabase(
-                path_workload=str(self.workload_file), path_tuning_record=str(self.record_file)
-            )
+            return self._json_database()
         except Exception as exc:  # the C++ parser's message is long; the file is what the user needs
             skipped = len(self.unreplayable_records())
             reason = f"{skipped} records no longer replay" if skipped else type(exc).__name__
@@ -87,41 +85,43 @@ class TuningDatabase:
         whole file. Reading record by record keeps every schedule that does replay; the files stay
         untouched.
         """
+        self.validate()
         try:
-            return self.open(), 0
-        except UserError:
+            return self._json_database(), 0
+        except Exception:  # noqa: BLE001  (the loader's error names no record; replay them one by one)
             pass
         memory = ms.database.MemoryDatabase()
-        workloads = self._workloads()
         skipped = 0
-        for workload_index, trace in self._record_rows():
-            try:
-                record = ms.database.TuningRecord.from_json(trace, workloads[workload_index])
-            except Exception:  # noqa: BLE001  (a trace that fails to replay, whatever the error)
+        for _, workload, record in self._replayed_records():
+            if record is None:
                 skipped += 1
                 continue
-            workload = memory.commit_workload(workloads[workload_index].mod)
+            committed = memory.commit_workload(workload.mod)
             memory.commit_tuning_record(
                 ms.database.TuningRecord(
-                    record.trace, workload, record.run_secs, target=record.target, args_info=record.args_info
+                    record.trace, committed, record.run_secs, target=record.target, args_info=record.args_info
                 )
             )
         return memory, skipped
 
     def unreplayable_records(self) -> list[int]:
         """Line numbers (1-based) of records whose trace no longer replays on its workload."""
-        workloads = self._workloads()
-        bad = []
-        for number, (workload_index, trace) in enumerate(self._record_rows(), 1):
-            try:
-                ms.database.TuningRecord.from_json(trace, workloads[workload_index])
-            except Exception:  # noqa: BLE001
-                bad.append(number)
-        return bad
+        return [number for number, _, record in self._replayed_records() if record is None]
 
-    def _workloads(self) -> list:
+    def _replayed_records(self):
+        """(line number, workload, record or None where the trace fails to replay) for every record."""
         with open(self.workload_file, encoding="utf-8") as f:
-            return [ms.database.Workload.from_json(json.loads(line)) for line in f if line.strip()]
+            workloads = [ms.database.Workload.from_json(json.loads(line)) for line in f if line.strip()]
+        for number, (workload_index, trace) in enumerate(self._record_rows(), 1):
+            workload = workloads[workload_index]
+            try:
+                record = ms.database.TuningRecord.from_json(trace, workload)
+            except Exception:  # noqa: BLE001  (a trace that fails to replay, whatever the error)
+                record = None
+            yield number, workload, record
+
+    def _json_database(self) -> ms.database.JSONDatabase:
+        return ms.database.JSONDatabase(path_workload=str(self.workload_file), path_tuning_record=str(self.record_file))
 
     def _record_rows(self):
         with open(self.record_file, encoding="utf-8") as f:
