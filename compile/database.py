@@ -6,8 +6,12 @@ Records are append-only: tuning adds lines, nothing here rewrites or deletes the
 from __future__ import annotations
 
 import hashlib
+import contextlib
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,16 +70,36 @@ class TuningDatabase:
                     if not isinstance(row, list) or len(row) < 2:
                         raise UserError(f"{file}:{number}: not a MetaSchedule database row (expected a JSON list)")
 
-    def open(self) -> ms.database.JSONDatabase:
-        """The database for tuning: new records are appended to its files."""
+    @contextlib.contextmanager
+    def open_for_tuning(self) -> Iterator[tuple[ms.database.JSONDatabase, int]]:
+        """The database to tune into, and how many records it left out; new records land in our files.
+
+        When some records no longer replay (see `open_for_reading`), MetaSchedule's loader refuses
+        the files, so tuning runs on a copy without those records and what it adds is appended to
+        the real files afterwards, even if tuning is interrupted. Nothing is ever removed.
+        """
         self.validate()
         self.path.mkdir(parents=True, exist_ok=True)
         try:
-            return self._json_database()
-        except Exception as exc:  # the C++ parser's message is long; the file is what the user needs
-            skipped = len(self.unreplayable_records())
-            reason = f"{skipped} records no longer replay" if skipped else type(exc).__name__
-            raise UserError(f"{self.path}: tuning database could not be opened for tuning ({reason})") from exc
+            database = self._json_database()
+        except Exception:  # noqa: BLE001  (the loader's error names no record)
+            database = None
+        if database is not None:
+            yield database, 0
+            return
+        bad = set(self.unreplayable_records())
+        with tempfile.TemporaryDirectory(prefix="lwgan-db-") as scratch:
+            copy = TuningDatabase(Path(scratch))
+            shutil.copyfile(self.workload_file, copy.workload_file)
+            with open(self.record_file, encoding="utf-8") as f:
+                kept = [line for number, line in enumerate((l for l in f if l.strip()), 1) if number not in bad]
+            copy.record_file.write_text("".join(kept), encoding="utf-8")
+            workloads_before = _line_count(copy.workload_file)
+            try:
+                yield copy._json_database(), len(bad)
+            finally:
+                _append_lines_after(copy.workload_file, workloads_before, self.workload_file)
+                _append_lines_after(copy.record_file, len(kept), self.record_file)
 
     def open_for_reading(self) -> tuple[ms.database.Database, int]:
         """The database for applying, and how many records it had to skip.
@@ -129,6 +153,19 @@ class TuningDatabase:
                 if line.strip():
                     workload_index, trace = json.loads(line)[:2]
                     yield workload_index, trace
+
+
+def _line_count(path: Path) -> int:
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def _append_lines_after(source: Path, skip: int, destination: Path) -> None:
+    """Append the non-blank lines of `source` past its first `skip` to `destination`."""
+    with open(source, encoding="utf-8") as f:
+        new = [line for line in f if line.strip()][skip:]
+    with open(destination, "a", encoding="utf-8") as f:
+        f.writelines(line if line.endswith("\n") else line + "\n" for line in new)
 
 
 def database_for(db_key: str, model: str) -> TuningDatabase:

@@ -175,43 +175,46 @@ def tune(
     extracted = [t for t in ms.relax_integration.extract_tasks(prepared, target) if not _takes_indices(t)]
     if not extracted:
         raise UserError("the model has no tunable operators")
-    db = database.open()
-    # MetaSchedule's per-task logs go to files; the console gets our one-line progress instead.
-    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
-    work_dir = LOG_DIR / database.path.parent.name / database.path.name
-    work_dir.mkdir(parents=True, exist_ok=True)
-    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        extracted_tasks=extracted,
-        work_dir=str(work_dir),
-        seed=seed,
-        strategy=ms.search_strategy.EvolutionarySearch(
-            population_size=population, init_min_unmeasured=min(50, population // 4)
-        ),
-    )
-    progress = TuningProgress(
-        task_names=[t.task_name for t in extracted],
-        task_weights=[float(w) for w in weights],
-        curve_path=database.path / CURVE_FILE,
-        report=report,
-    )
-    # MetaSchedule's first round gives every task one batch; keep it within half the budget so
-    # every task gets measured and the rest goes where the gradient scheduler sees gains.
-    per_iter = max(8, min(64, trials // (2 * len(extracted))))
-    report(
-        f"tuning {len(extracted)} tasks, {trials} trials (≤ {trials_per_task} per task) into {database.path}; "
-        f"MetaSchedule logs in {work_dir}"
-    )
-    ms.tune_tasks(
-        tasks=contexts,
-        task_weights=weights,
-        work_dir=str(work_dir),
-        max_trials_global=trials,
-        max_trials_per_task=trials_per_task,
-        num_trials_per_iter=per_iter,
-        database=db,
-        cost_model="xgb",
-        builder=local_builder(),
-        runner=_ReportingRunner(runner or ms.runner.LocalRunner(), trials, report),
-        measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), _ProgressCallback(progress)],
-    )
+    with database.open_for_tuning() as (db, left_out):
+        if left_out:
+            report(f"{database.path}: {left_out} records no longer replay; tuning continues without them "
+                   "(the files keep them)")
+        # MetaSchedule's per-task logs go to files; the console gets our one-line progress instead.
+        logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+        work_dir = LOG_DIR / database.path.parent.name / database.path.name
+        work_dir.mkdir(parents=True, exist_ok=True)
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            extracted_tasks=extracted,
+            work_dir=str(work_dir),
+            seed=seed,
+            strategy=ms.search_strategy.EvolutionarySearch(
+                population_size=population, init_min_unmeasured=min(50, population // 4)
+            ),
+        )
+        progress = TuningProgress(
+            task_names=[t.task_name for t in extracted],
+            task_weights=[float(w) for w in weights],
+            curve_path=database.path / CURVE_FILE,
+            report=report,
+        )
+        # MetaSchedule's first round gives every task one batch; keep it within half the budget so
+        # every task gets measured and the rest goes where the gradient scheduler sees gains.
+        per_iter = max(8, min(64, trials // (2 * len(extracted))))
+        report(
+            f"tuning {len(extracted)} tasks, {trials} trials (≤ {trials_per_task} per task) into {database.path}; "
+            f"MetaSchedule logs in {work_dir}"
+        )
+        ms.tune_tasks(
+            tasks=contexts,
+            task_weights=weights,
+            work_dir=str(work_dir),
+            max_trials_global=trials,
+            max_trials_per_task=trials_per_task,
+            num_trials_per_iter=per_iter,
+            database=db,
+            cost_model="xgb",
+            builder=local_builder(),
+            runner=_ReportingRunner(runner or ms.runner.LocalRunner(), trials, report),
+            measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), _ProgressCallback(progress)],
+        )
     return progress.trials_done

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -119,7 +122,7 @@ def test_corrupt_database_is_a_one_line_error(tmp_path, content, expected):
     database.workload_file.write_text(content)
     database.record_file.write_text("")
     with pytest.raises(UserError) as info:
-        database.open()
+        database.open_for_reading()
     message = str(info.value)
     assert expected in message and str(database.workload_file) + ":1" in message and "\n" not in message
 
@@ -129,18 +132,30 @@ def test_wrong_input_shape_names_the_model(tmp_path):
         torch_to_relax(_tiny_generator(), (1, 4, 16, 16), "tiny")
 
 
-def test_records_that_no_longer_replay_are_skipped_when_applying(tmp_path):
+def _unreplayable_database(tmp_path) -> TuningDatabase:
     """Real MetaSchedule output: 2 good records and 8 RFactor traces that fail to replay on reload."""
-    import shutil
-    from pathlib import Path
-
-    source = Path(__file__).parent / "data" / "unreplayable_db"
     database = TuningDatabase(tmp_path / "db")
-    shutil.copytree(source, database.path)
+    shutil.copytree(Path(__file__).parent / "data" / "unreplayable_db", database.path)
+    return database
+
+
+def test_records_that_no_longer_replay_are_skipped_when_applying(tmp_path):
+    database = _unreplayable_database(tmp_path)
     before = database.record_file.read_bytes()
     assert database.unreplayable_records() == list(range(3, 11))
-    with pytest.raises(UserError, match="8 records no longer replay"):
-        database.open()
     reader, skipped = database.open_for_reading()
     assert skipped == 8 and len(reader.get_all_tuning_records()) == 2
     assert database.record_file.read_bytes() == before  # the files are never rewritten
+
+
+def test_tuning_into_a_database_with_unreplayable_records_appends(host, tmp_path):
+    database = _unreplayable_database(tmp_path)
+    workloads, records = database.workload_file.read_bytes(), database.record_file.read_bytes()
+    module, shape = _tiny_generator(), (1, 3, 16, 16)
+    ran = tune(torch_to_relax(module, shape), host.tvm_target, database, trials=4, trials_per_task=2, report=lambda _: None)
+    assert ran > 0
+    assert database.workload_file.read_bytes().startswith(workloads)
+    assert database.record_file.read_bytes().startswith(records)
+    assert database.record_count() > 10 and database.unreplayable_records() == list(range(3, 11))
+    compiled = _build(module, shape, host, database, tmp_path / "cache")
+    assert compiled.tuned_tasks > 0 and compiled.db_skipped == 8
