@@ -68,7 +68,7 @@ def time_runtimes(runtimes: list[Runtime], rules: BenchRules, rounds: int = 3, m
     while True:
         for collected, runtime in zip(samples, runtimes):
             if not _enough(collected, rules) and len(collected) < max_samples:
-                collected.extend(runtime.measure(per_round))
+                collected.extend(runtime.measure(min(per_round, max_samples - len(collected))))
         if all(_enough(c, rules) or len(c) >= max_samples for c in samples):
             break
     timings = []

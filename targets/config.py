@@ -173,6 +173,8 @@ def load_target(name_or_path: str | Path) -> TargetConfig:
 def _check_table(path: Path, table: str, values: dict) -> None:
     schema = SCHEMA[table]
     where = f"[{table}]" if table else "top level"
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: each entry of {where} must be a table, got {values!r}")
     for key in values:
         if key not in schema:
             raise UserError(f"{path}: unknown key {key!r} in {where}; allowed: {', '.join(schema)}")
@@ -183,7 +185,7 @@ def _check_table(path: Path, table: str, values: dict) -> None:
             continue
         value = values[key]
         ok = isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
-        if not ok or (kind is int and isinstance(value, bool)):
+        if not ok or (kind in (int, float) and isinstance(value, bool)):
             raise UserError(f"{path}: key {key!r} in {where} must be {kind.__name__}, got {value!r}")
         choices = CHOICES.get((table, key))
         if choices and value not in choices:

@@ -2,60 +2,141 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import numpy as np
+import pytest
 
 from bench.harness import Timing, time_runtimes
 from targets import BenchRules
 
+WARMUP_S = 7.0  # warm-up samples are this long, so any that leak into the timed samples stand out
+
 
 class ScriptedRuntime:
-    """Returns a fixed duration per inference and logs every measure() call."""
+    """Returns scripted per-sample durations and logs every measure() call in a shared log."""
 
     threads = 1
 
-    def __init__(self, name: str, seconds: float, log: list) -> None:
-        self.name, self.seconds, self.log = name, seconds, log
+    def __init__(self, name: str, timed_s: list[float], log: list, warmup: int) -> None:
+        self.name, self.log = name, log
+        self._durations = itertools.chain([WARMUP_S] * warmup, itertools.cycle(timed_s))
+        self.returned: list[list[float]] = []
 
     def prepare(self, x):
-        pass
+        self.prepared = x
 
     def run(self, x):
         return x
 
     def measure(self, n: int) -> list[float]:
+        out = [next(self._durations) for _ in range(n)]
         self.log.append((self.name, n))
-        return [self.seconds] * n
+        self.returned.append(out)
+        return out
 
 
-def test_warmup_then_interleaved_until_rules_are_met():
+def _enough(samples, rules: BenchRules) -> bool:
+    return len(samples) >= rules.samples and sum(samples) >= rules.min_duration_s
+
+
+def test_warmup_first_then_strictly_interleaved():
     log: list = []
     rules = BenchRules(threads=1, warmup=4, samples=9, min_duration_s=0.5)
-    fast, slow = ScriptedRuntime("fast", 0.01, log), ScriptedRuntime("slow", 0.2, log)
-    timings = time_runtimes([fast, slow], rules, rounds=3)
-    assert log[:2] == [("fast", 4), ("slow", 4)]
+    a = ScriptedRuntime("A", [0.01, 0.03], log, rules.warmup)
+    b = ScriptedRuntime("B", [0.02], log, rules.warmup)  # same mean: both need the same number of rounds
+    timings = time_runtimes([a, b], rules, rounds=3)
+
+    assert log[:2] == [("A", rules.warmup), ("B", rules.warmup)]
     timed = log[2:]
-    assert [name for name, _ in timed[:4]] == ["fast", "slow", "fast", "slow"]
-    for timing in timings:
+    assert len(timed) >= 2 and len(timed) % 2 == 0
+    assert [name for name, _ in timed] == ["A", "B"] * (len(timed) // 2)
+    per_round = math.ceil(rules.samples / 3)
+    assert all(n == per_round for _, n in timed)
+
+    for runtime, timing in zip([a, b], timings):
+        # The timed samples are exactly what the timed calls returned: no warm-up sample leaks in.
+        assert timing.samples_s == tuple(itertools.chain.from_iterable(runtime.returned[1:]))
+        assert WARMUP_S not in timing.samples_s
+        assert timing.warmup == rules.warmup
+        assert len(timing.samples_s) >= rules.samples
+        assert timing.duration_s == pytest.approx(sum(timing.samples_s))
+        assert timing.duration_s >= rules.min_duration_s
         assert timing.valid and timing.invalid_reason == ""
-        assert len(timing.samples_s) >= rules.samples and timing.duration_s >= rules.min_duration_s
-    # The fast runtime needs more rounds to reach the minimum duration; the slow one stops early.
-    assert len(timings[0].samples_s) >= 50 and len(timings[1].samples_s) == 9
+        # It stops as soon as the rules are met: one round fewer would not have been enough.
+        assert not _enough(timing.samples_s[:-per_round], rules)
 
 
-def test_too_short_to_reach_min_duration_is_invalid():
-    rules = BenchRules(threads=1, warmup=0, samples=3, min_duration_s=10.0)
-    (timing,) = time_runtimes([ScriptedRuntime("tiny", 0.001, [])], rules, max_samples=30)
-    assert not timing.valid and "s timed < 10.0 s" in timing.invalid_reason
-    assert len(timing.samples_s) == 30
+def test_faster_runtime_keeps_going_alone_after_the_slow_one_is_done():
+    log: list = []
+    rules = BenchRules(threads=1, warmup=2, samples=6, min_duration_s=0.6)
+    fast = ScriptedRuntime("fast", [0.01], log, rules.warmup)
+    slow = ScriptedRuntime("slow", [0.2], log, rules.warmup)
+    fast_t, slow_t = time_runtimes([fast, slow], rules, rounds=3)
+
+    assert log[:2] == [("fast", 2), ("slow", 2)]
+    names = [name for name, _ in log[2:]]
+    # slow reaches 6 samples (1.2 s) in three rounds; fast needs 60 samples (0.6 s) in rounds of 2.
+    assert names[:6] == ["fast", "slow"] * 3
+    assert set(names[6:]) == {"fast"}
+    assert len(slow_t.samples_s) == 6 and slow_t.valid and slow_t.invalid_reason == ""
+    assert len(fast_t.samples_s) == 60 and fast_t.valid and fast_t.invalid_reason == ""
+    assert fast_t.duration_s >= rules.min_duration_s and slow_t.duration_s >= rules.min_duration_s
 
 
-def test_statistics_match_numpy():
-    samples = np.random.default_rng(0).uniform(0.01, 0.02, 101)
+@pytest.mark.parametrize("max_samples", [30, 31])
+def test_too_short_to_reach_min_duration_is_invalid(max_samples):
+    log: list = []
+    rules = BenchRules(threads=1, warmup=1, samples=9, min_duration_s=10.0)
+    tiny = ScriptedRuntime("tiny", [0.001], log, rules.warmup)
+    normal = ScriptedRuntime("normal", [1.0], log, rules.warmup)
+    tiny_t, normal_t = time_runtimes([tiny, normal], rules, rounds=3, max_samples=max_samples)
+
+    # max_samples is a cap, even when it is not a multiple of the round size.
+    assert len(tiny_t.samples_s) == max_samples
+    assert not tiny_t.valid
+    reason = tiny_t.invalid_reason
+    assert f"{sum(tiny_t.samples_s):.2f} s timed < 10.0 s" in reason
+    assert "samples <" not in reason  # it had enough samples; only the duration is short
+
+    assert normal_t.valid and normal_t.invalid_reason == ""
+    assert len(normal_t.samples_s) == 12 and normal_t.duration_s == pytest.approx(12.0)
+
+
+def test_too_few_samples_is_invalid_and_says_so():
+    rules = BenchRules(threads=1, warmup=0, samples=20, min_duration_s=0.0)
+    (timing,) = time_runtimes([ScriptedRuntime("capped", [0.5], [], 0)], rules, max_samples=5)
+    assert len(timing.samples_s) == 5 and not timing.valid
+    assert "5 samples < 20" in timing.invalid_reason
+
+
+@pytest.mark.parametrize("size", [2, 7, 101])
+def test_statistics_match_numpy(size):
+    samples = np.random.default_rng(size).uniform(0.01, 0.02, size)
     stats = Timing(tuple(samples), warmup=1, valid=True, invalid_reason="").stats_ms()
     ms = samples * 1e3
-    assert np.isclose(stats["latency_p50_ms"], np.percentile(ms, 50))
-    assert np.isclose(stats["latency_p99_ms"], np.percentile(ms, 99))
-    assert np.isclose(stats["latency_mean_ms"], ms.mean())
-    assert np.isclose(stats["latency_std_ms"], ms.std(ddof=1))
-    assert np.isclose(stats["latency_cov"], ms.std(ddof=1) / ms.mean())
-    assert stats["latency_min_ms"] == ms.min() and stats["latency_max_ms"] == ms.max()
+    expected = {
+        "latency_mean_ms": ms.mean(),
+        "latency_std_ms": ms.std(ddof=1),
+        "latency_cov": ms.std(ddof=1) / ms.mean(),
+        "latency_min_ms": ms.min(),
+        "latency_p50_ms": np.percentile(ms, 50),
+        "latency_p90_ms": np.percentile(ms, 90),
+        "latency_p99_ms": np.percentile(ms, 99),
+        "latency_max_ms": ms.max(),
+    }
+    assert stats.keys() == expected.keys()
+    for key, value in expected.items():
+        assert stats[key] == pytest.approx(value, rel=1e-12), key
+        assert isinstance(stats[key], float)
+
+
+def test_statistics_on_known_values():
+    stats = Timing((0.001, 0.002, 0.003, 0.004), warmup=0, valid=True, invalid_reason="").stats_ms()
+    std = np.std([1.0, 2.0, 3.0, 4.0], ddof=1)
+    assert stats["latency_mean_ms"] == pytest.approx(2.5)
+    assert stats["latency_std_ms"] == pytest.approx(std)
+    assert stats["latency_cov"] == pytest.approx(std / 2.5)
+    assert stats["latency_p50_ms"] == pytest.approx(2.5)
+    assert stats["latency_min_ms"] == pytest.approx(1.0) and stats["latency_max_ms"] == pytest.approx(4.0)

@@ -3,58 +3,124 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import types
+import typing
 
+import pandas as pd
 import pytest
 
 from bench.record import Record, append_records, load_records, read_records
 from errors import UserError
 
+FIELDS = [f.name for f in dataclasses.fields(Record)]
 
-def make_record(runtime: str, p50: float, run_id: str = "run-1") -> Record:
+
+def _numeric_fields() -> list[str]:
+    """Fields typed int/float (or optional int/float), bools excluded."""
+    numeric = []
+    for name, hint in typing.get_type_hints(Record).items():
+        is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        kinds = set(typing.get_args(hint) if is_union else (hint,)) - {type(None)}
+        if kinds and kinds <= {int, float}:
+            numeric.append(name)
+    return numeric
+
+
+NUMERIC = _numeric_fields()
+
+
+def make_record(runtime: str, p50: float, run_id: str = "run-1", tuned: bool = True) -> Record:
     return Record(
         run_id=run_id, model="cyclegan-resnet6-ngf16", family="cyclegan", variant="fp32", weights="random",
         input_shape=[1, 3, 128, 128], params=489_000, macs=610_000_000, size_fp32_bytes=1_990_000, target="host",
         device="x86-64 host", isa_level="avx2", runtime=runtime, threads=2, artifact_bytes=2_000_000,
-        tuned_trials=362 if runtime == "tvm" else None, samples=30, warmup=5, duration_s=1.5,
+        tuned_trials=362 if tuned else None, db_hash="abc123", tuning_db="autotune_logs/host-avx2/cyclegan",
+        tuned_tasks="12/14", samples=30, warmup=5, duration_s=1.5,
         latency_mean_ms=p50 * 1.01, latency_std_ms=0.5, latency_cov=0.5 / p50, latency_min_ms=p50 * 0.9,
         latency_p50_ms=p50, latency_p90_ms=p50 * 1.1, latency_p99_ms=p50 * 1.2, latency_max_ms=p50 * 1.3,
-        max_abs_err=1e-6, tolerance=2e-3, env={"cpu": "test cpu", "cores": 2}, timestamp="2026-11-25T07:00:00+00:00",
+        valid=runtime != "torch", invalid_reason="" if runtime != "torch" else "0.50 s timed < 1.0 s",
+        max_abs_err=1e-6, tolerance=2e-3, env={"cpu": "test cpu", "cores": 2, "flags": ["avx2"]},
+        timestamp="2026-11-25T07:00:00+00:00",
     )
 
 
+def test_numeric_field_list_is_what_the_schema_says():
+    # Guards _numeric_fields: if it found nothing, the dtype test below would pass vacuously.
+    assert {"params", "macs", "threads", "samples", "latency_p50_ms", "tuned_trials", "max_abs_err"} <= set(NUMERIC)
+    assert not {"valid", "run_id", "input_shape", "env"} & set(NUMERIC)
+
+
 def test_round_trip_and_append_only(tmp_path):
-    path = tmp_path / "results" / "run-1.jsonl"
-    first = [make_record("tvm", 50.0), make_record("torch", 40.0)]
-    append_records(first, path)
+    path = tmp_path / "results" / "run-1.jsonl"  # parent does not exist yet
+    first = [make_record("tvm", 50.0), make_record("torch", 40.0, tuned=False)]
+    assert append_records(first, path) == path
     written = path.read_bytes()
+    assert written.count(b"\n") == 2
     second = [make_record("onnxruntime", 45.0, run_id="run-2")]
     append_records(second, path)
-    assert path.read_bytes().startswith(written)
-    assert read_records(path) == first + second
+    after = path.read_bytes()
+    assert after.startswith(written) and len(after) > len(written)
+    lines = after.decode("utf-8").splitlines()
+    assert len(lines) == 3
+    assert [json.loads(line)["runtime"] for line in lines] == ["tvm", "torch", "onnxruntime"]
+
+    back = read_records(path)
+    assert back == first + second
+    assert isinstance(back[0].input_shape, list) and back[0].env == {"cpu": "test cpu", "cores": 2, "flags": ["avx2"]}
+    assert back[1].tuned_trials is None and back[1].valid is False
 
 
 def test_pandas_reads_every_record_as_one_flat_table(tmp_path):
-    append_records([make_record("tvm", 50.0), make_record("torch", 40.0)], tmp_path / "a.jsonl")
+    append_records([make_record("tvm", 50.0), make_record("torch", 40.0, tuned=False)], tmp_path / "a.jsonl")
     append_records([make_record("onnxruntime", 45.0, run_id="run-2")], tmp_path / "b.jsonl")
     frame = load_records(tmp_path)
-    assert list(frame.columns) == [f.name for f in dataclasses.fields(Record)]
+    assert isinstance(frame, pd.DataFrame)
+    assert list(frame.columns) == FIELDS
     assert len(frame) == 3
     assert sorted(frame.runtime) == ["onnxruntime", "torch", "tvm"]
-    assert frame.latency_p50_ms.dtype.kind == "f" and frame.macs.dtype.kind == "i"
-    assert frame.loc[frame.runtime == "tvm", "latency_p50_ms"].item() == 50.0
+    for column in NUMERIC:
+        dtype = frame[column].dtype
+        assert pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype), (column, dtype)
+    assert frame.macs.dtype.kind == "i" and frame.latency_p50_ms.dtype.kind == "f"
+    assert frame.valid.dtype.kind == "b"
+    by_runtime = frame.set_index("runtime")
+    assert by_runtime.loc["tvm", "latency_p50_ms"] == 50.0
+    assert by_runtime.loc["onnxruntime", "run_id"] == "run-2"
+    assert pd.isna(by_runtime.loc["torch", "tuned_trials"]) and by_runtime.loc["tvm", "tuned_trials"] == 362
+    assert by_runtime.loc["tvm", "input_shape"] == [1, 3, 128, 128]
 
 
 def test_empty_folder_gives_empty_table_with_the_schema(tmp_path):
     frame = load_records(tmp_path)
-    assert frame.empty and list(frame.columns) == [f.name for f in dataclasses.fields(Record)]
+    assert isinstance(frame, pd.DataFrame)
+    assert len(frame) == 0 and list(frame.columns) == FIELDS
 
 
-@pytest.mark.parametrize("bad_line, expected", [("{oops\n", "not a benchmark record"), ('{"bogus": 1}\n', "unknown fields")])
+def _valid_dict() -> dict:
+    return dataclasses.asdict(make_record("tvm", 50.0))
+
+
+@pytest.mark.parametrize(
+    "bad_line, expected",
+    [
+        ("{oops\n", "not a benchmark record"),
+        ("not json at all\n", "not a benchmark record"),
+        (json.dumps({**_valid_dict(), "bogus": 1}) + "\n", "unknown fields ['bogus']"),
+    ],
+    ids=["broken-json", "plain-text", "unknown-field"],
+)
 def test_bad_lines_name_file_and_line(tmp_path, bad_line, expected):
     path = tmp_path / "r.jsonl"
     append_records([make_record("tvm", 50.0)], path)
-    with open(path, "a") as f:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("\n")  # blank lines are skipped but still counted
         f.write(bad_line)
-    with pytest.raises(UserError, match=expected) as info:
+    with pytest.raises(UserError) as info:
         read_records(path)
-    assert f"{path}:2" in str(info.value)
+    message = str(info.value)
+    assert message.startswith(f"{path}:3: ")
+    assert expected in message
+    # The same error reaches whoever loads the folder.
+    with pytest.raises(UserError, match=f"{path}:3: "):
+        load_records(tmp_path)

@@ -2,68 +2,225 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 
 import pytest
 
 import targets
 from errors import UserError
-from targets.config import TARGETS_DIR
+from targets import config as config_module
+from targets.config import SCHEMA, TARGETS_DIR
+from targets.power import POWER_SOURCES
 
-AVX2 = {"avx2", "fma", "bmi2", "movbe", "f16c", "sse4_2"}
-AVX512_VNNI = AVX2 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_vnni"}
+HOST_TOML = TARGETS_DIR / "host.toml"
+GOOD = HOST_TOML.read_text(encoding="utf-8")
+
+AVX2 = {"sse2", "sse4_2", "avx", "avx2", "fma", "bmi2", "movbe", "f16c"}
+AVX512_NO_VNNI = AVX2 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+AVX512_VNNI = AVX512_NO_VNNI | {"avx512_vnni"}
 
 
 def test_host_config_matches_its_file():
     config = targets.load_target("host")
-    data = tomllib.loads((TARGETS_DIR / "host.toml").read_text())
-    assert config.label == data["label"] and config.connection == "local"
-    assert config.bench.samples == data["bench"]["samples"] and config.bench.threads == data["bench"]["threads"]
-    assert [lv.name for lv in config.isa_levels] == [lv["name"] for lv in data["isa_levels"]]
+    data = tomllib.loads(GOOD)
+    assert config.name == "host"
+    assert config.path == HOST_TOML
+    assert config.label == data["label"]
+    assert config.connection == data["connection"]
+    assert config.tvm == data["tvm"]
+    assert config.tuning_trials == data["tuning"]["trials"]
+    assert config.tuning_trials_per_task == data["tuning"]["trials_per_task"]
+    assert config.tuning_population == data["tuning"]["population"]
+    assert config.bench == targets.BenchRules(
+        threads=data["bench"]["threads"],
+        warmup=data["bench"]["warmup"],
+        samples=data["bench"]["samples"],
+        min_duration_s=float(data["bench"]["min_duration_s"]),
+    )
+    assert config.power_source == data["power"]["source"]
+    assert len(config.isa_levels) == len(data["isa_levels"])
+    for level, raw in zip(config.isa_levels, data["isa_levels"]):
+        assert level.name == raw["name"]
+        assert level.mcpu == raw["mcpu"]
+        assert level.cpu_flags == tuple(raw["cpu_flags"])
+        assert level.mattr == tuple(raw.get("mattr", ()))
+
+
+def test_loading_by_path_equals_loading_by_name():
+    assert targets.load_target(HOST_TOML) == targets.load_target("host")
+    assert targets.load_target(str(HOST_TOML)) == targets.load_target("host")
 
 
 def test_unknown_target_lists_known_ones():
-    with pytest.raises(UserError, match="unknown target 'toaster'; known targets: .*host"):
+    known = targets.available()
+    assert "host" in known
+    with pytest.raises(UserError) as info:
         targets.load_target("toaster")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "'toaster'" in message
+    assert message.endswith("known targets: " + ", ".join(known))
 
 
-GOOD = (TARGETS_DIR / "host.toml").read_text()
+def test_missing_config_file_is_a_user_error(tmp_path):
+    path = tmp_path / "nowhere.toml"
+    with pytest.raises(UserError, match=re.escape(str(path))):
+        targets.load_target(path)
 
 
-@pytest.mark.parametrize(
-    "edit, fragments",
-    [
-        (lambda t: t + "\n[[[broken\n", ["not valid TOML"]),
-        (lambda t: t.replace('connection = "local"', 'connection = "local"\ncolour = "blue"'), ["'colour'", "allowed: label"]),
-        (lambda t: t.replace('label = "x86-64 host (this machine)"\n', ""), ["missing key 'label'"]),
-        (lambda t: t.replace("samples = 30", 'samples = "thirty"'), ["'samples'", "must be int"]),
-        (lambda t: t.replace('connection = "local"', 'connection = "carrier-pigeon"'), ["'connection'", "allowed: local"]),
-    ],
+def _replace(old: str, new: str):
+    def edit(text: str) -> str:
+        assert old in text, f"host.toml no longer contains {old!r}; update the test"
+        return text.replace(old, new, 1)
+
+    return edit
+
+
+BAD_CONFIGS = {
+    # name: (edit of host.toml, fragments the message must contain besides the path)
+    "invalid-toml": (_replace("samples = 30", "samples = "), ["not valid TOML"]),
+    "unknown-top-level-key": (
+        _replace('connection = "local"', 'connection = "local"\ncolour = "blue"'),
+        ["unknown key 'colour'", "top level", "allowed: " + ", ".join(SCHEMA[""])],
+    ),
+    "unknown-key-in-table": (
+        _replace("samples = 30", "samples = 30\nsampels = 31"),
+        ["unknown key 'sampels'", "[bench]", "allowed: " + ", ".join(SCHEMA["bench"])],
+    ),
+    "unknown-key-in-isa-level": (
+        _replace('name = "avx2"', 'name = "avx2"\nflags = ["avx2"]'),
+        ["unknown key 'flags'", "[isa_levels]", "allowed: " + ", ".join(SCHEMA["isa_levels"])],
+    ),
+    "missing-top-level-key": (_replace('label = "x86-64 host (this machine)"\n', ""), ["missing key 'label'"]),
+    "missing-table": (_replace("[power]\nsource = \"none\"", ""), ["missing key 'power'"]),
+    "missing-key-in-table": (_replace("samples = 30\n", ""), ["missing key 'samples'", "[bench]"]),
+    "string-for-int": (_replace("samples = 30", 'samples = "thirty"'), ["'samples'", "must be int", "'thirty'"]),
+    "float-for-int": (_replace("num-cores = 2", "num-cores = 2.0"), ["'num-cores'", "[tvm]", "must be int"]),
+    "bool-for-int": (_replace("warmup = 5", "warmup = true"), ["'warmup'", "must be int"]),
+    "bool-for-float": (_replace("min_duration_s = 1.0", "min_duration_s = true"), ["'min_duration_s'", "must be float"]),
+    "string-for-list": (_replace('cpu_flags = ["avx2"', 'cpu_flags = "avx2" #'), ["'cpu_flags'", "must be list"]),
+    "connection-choice": (
+        _replace('connection = "local"', 'connection = "carrier-pigeon"'),
+        ["'connection'", "'carrier-pigeon'", "allowed: local"],
+    ),
+    "power-source-choice": (
+        _replace('source = "none"', 'source = "hamster-wheel"'),
+        ["'source'", "[power]", "allowed: " + ", ".join(POWER_SOURCES)],
+    ),
+    "tvm-kind-choice": (_replace('kind = "llvm"', 'kind = "verilog"'), ["'kind'", "allowed: llvm, c, opencl"]),
+}
+# A table given as a scalar: append it at top level (before any table header).
+BAD_CONFIGS["scalar-for-table"] = (
+    lambda t: 'power = "none"\n' + _replace('[power]\nsource = "none"', "")(t),
+    ["'power'", "must be dict"],
 )
-def test_bad_config_names_file_and_key(tmp_path, edit, fragments):
+# isa_levels entries that are not tables must be rejected like any other wrong type.
+BAD_CONFIGS["isa-level-not-a-table"] = (
+    lambda t: "isa_levels = [1, 2]\n" + re.sub(r"\[\[isa_levels\]\].*?(?=\[tuning\])", "", t, flags=re.S),
+    ["isa_levels", "must be a table", "got 1"],
+)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_bad_config_is_a_one_line_error_naming_file_and_key(tmp_path, case):
+    edit, fragments = BAD_CONFIGS[case]
     path = tmp_path / "board.toml"
-    path.write_text(edit(GOOD))
+    path.write_text(edit(GOOD), encoding="utf-8")
     with pytest.raises(UserError) as info:
         targets.load_target(path)
     message = str(info.value)
-    assert str(path) in message and "\n" not in message
+    assert "\n" not in message
+    assert message.startswith(f"{path}: ")
     for fragment in fragments:
         assert fragment in message
 
 
-def test_isa_level_follows_the_cpu():
-    config = targets.load_target("host")
-    wide = targets.resolve(config, cpu_flags=AVX512_VNNI)
-    assert wide.isa_level == "avx512vnni" and wide.db_keys == ("host-avx512vnni", "host-avx2")
-    assert wide.tvm_target.attrs["mcpu"] == "x86-64-v4" and int(wide.tvm_target.attrs["num-cores"]) == 2
-    narrow = targets.resolve(config, cpu_flags=AVX2)
-    assert narrow.isa_level == "avx2" and narrow.db_keys == ("host-avx2",)
-    assert narrow.tvm_target.attrs["mcpu"] == "x86-64-v3"
+def test_good_copy_in_tmp_path_loads(tmp_path):
+    """Guards the edits above: the unedited file loads from any path, named after its stem."""
+    path = tmp_path / "board.toml"
+    path.write_text(GOOD, encoding="utf-8")
+    config = targets.load_target(path)
+    assert config.name == "board" and config.path == path
+    assert config.bench == targets.load_target("host").bench
 
 
-def test_no_supported_or_unknown_level_is_an_error():
-    config = targets.load_target("host")
-    with pytest.raises(UserError, match="none of the isa levels"):
-        targets.resolve(config, cpu_flags={"sse2"})
-    with pytest.raises(UserError, match="unknown isa level 'avx9'; allowed: avx512vnni, avx2"):
-        targets.resolve(config, isa_level="avx9")
+@pytest.fixture
+def host():
+    return targets.load_target("host")
+
+
+def test_avx512_vnni_cpu_chooses_the_top_level(host, monkeypatch):
+    monkeypatch.setattr(config_module, "host_cpu_flags", lambda: pytest.fail("must not read /proc/cpuinfo"))
+    tvm_before = dict(host.tvm)
+    resolved = targets.resolve(host, cpu_flags=AVX512_VNNI)
+    assert resolved.isa_level == "avx512vnni"
+    assert resolved.lower_levels == ("avx2",)
+    assert resolved.db_key == "host-avx512vnni"
+    assert resolved.db_keys == ("host-avx512vnni", "host-avx2")
+    attrs = resolved.tvm_target.attrs
+    assert resolved.tvm_target.kind.name == "llvm"
+    assert str(attrs["mcpu"]) == "x86-64-v4"
+    assert int(attrs["num-cores"]) == host.tvm["num-cores"] == 2
+    assert [str(a) for a in attrs["mattr"]] == ["+avx512vnni"]
+    assert '"mcpu":"x86-64-v4"' in str(resolved.tvm_target).replace(" ", "")
+    assert host.tvm == tvm_before  # resolving never edits the config
+
+
+def test_avx2_only_cpu_chooses_avx2(host):
+    resolved = targets.resolve(host, cpu_flags=AVX2)
+    assert resolved.isa_level == "avx2"
+    assert resolved.lower_levels == ()
+    assert resolved.db_keys == ("host-avx2",)
+    attrs = resolved.tvm_target.attrs
+    assert str(attrs["mcpu"]) == "x86-64-v3"
+    assert int(attrs["num-cores"]) == 2
+    assert "+avx512vnni" not in [str(a) for a in attrs.get("mattr", [])]
+
+
+def test_a_level_needs_all_its_flags(host):
+    """AVX-512 without VNNI is not the avx512vnni level."""
+    assert targets.resolve(host, cpu_flags=AVX512_NO_VNNI).isa_level == "avx2"
+
+
+def test_without_injected_flags_the_kernel_flags_are_used(host, monkeypatch):
+    monkeypatch.setattr(config_module, "host_cpu_flags", lambda: set(AVX2))
+    assert targets.resolve(host).isa_level == "avx2"
+    monkeypatch.setattr(config_module, "host_cpu_flags", lambda: set(AVX512_VNNI))
+    assert targets.resolve(host).isa_level == "avx512vnni"
+
+
+def test_cpu_with_no_supported_level_is_an_error(host):
+    with pytest.raises(UserError) as info:
+        targets.resolve(host, cpu_flags={"sse2", "avx"})
+    message = str(info.value)
+    assert str(host.path) in message and "\n" not in message
+    assert "none of the isa levels avx512vnni, avx2" in message
+
+
+def test_explicit_level_overrides_the_cpu(host):
+    resolved = targets.resolve(host, isa_level="avx2", cpu_flags=AVX512_VNNI)
+    assert resolved.isa_level == "avx2" and resolved.db_keys == ("host-avx2",)
+    assert str(resolved.tvm_target.attrs["mcpu"]) == "x86-64-v3"
+
+
+def test_explicit_unknown_level_lists_allowed_ones(host):
+    with pytest.raises(UserError) as info:
+        targets.resolve(host, isa_level="avx9", cpu_flags=AVX512_VNNI)
+    message = str(info.value)
+    assert str(host.path) in message and "\n" not in message
+    assert "unknown isa level 'avx9'; allowed: avx512vnni, avx2" in message
+
+
+def test_config_without_levels_uses_its_tvm_table(tmp_path):
+    text = re.sub(r"\[\[isa_levels\]\].*?(?=\[tuning\])", "", GOOD, flags=re.S)
+    text = text.replace("num-cores = 2", 'num-cores = 4\nmcpu = "cortex-a72"\nmtriple = "aarch64-linux-gnu"')
+    path = tmp_path / "board.toml"
+    path.write_text(text, encoding="utf-8")
+    config = targets.load_target(path)
+    assert config.isa_levels == ()
+    resolved = targets.resolve(config, cpu_flags=set())
+    assert resolved.isa_level == "" and resolved.db_keys == ("board",)
+    attrs = resolved.tvm_target.attrs
+    assert str(attrs["mcpu"]) == "cortex-a72" and int(attrs["num-cores"]) == 4
+    assert str(attrs["mtriple"]) == "aarch64-linux-gnu"
