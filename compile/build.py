@@ -60,6 +60,7 @@ def apply_database(
     prepared = prepare(mod, target)
     tasks = ms.relax_integration.extract_tasks(prepared, target)
     if not database.exists():
+        database.validate()  # a lone file may still be corrupt: say so rather than run untuned
         return prepared, 0, len(tasks), 0
     db, skipped = database.open_for_reading()
     tuned = sum(1 for task in tasks if db.query_tuning_record(task.dispatched[0], target, task.task_name) is not None)

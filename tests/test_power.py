@@ -14,9 +14,7 @@ import pytest
 from errors import UserError
 from targets.power import (
     POWER_SOURCES,
-    EstimateProbe,
     HwmonProbe,
-    NoProbe,
     PowerSampler,
     ProbeError,
     RaplProbe,
