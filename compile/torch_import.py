@@ -6,7 +6,7 @@ import torch
 import tvm
 from tvm.relax.frontend.torch import from_exported_program
 
-from compile.subpixel import decompose_transposed_convs
+from lwgan_models.subpixel import decompose_transposed_convs
 from errors import UserError
 
 
@@ -14,7 +14,7 @@ def torch_to_relax(module: torch.nn.Module, input_shape: tuple[int, ...], name: 
     """Export `module` at `input_shape` and import it with weights as constants.
 
     Strided transposed convolutions are first rewritten as exact sub-pixel convolutions (see
-    compile/subpixel.py). `unwrap_unit_return_tuple` makes `main` return a tensor rather than a
+    lwgan_models/subpixel.py). `unwrap_unit_return_tuple` makes `main` return a tensor rather than a
     1-tuple, which a remote VM could not index.
     """
     example = torch.zeros(*input_shape)

@@ -7,7 +7,6 @@ from a fixed seed: two runs of the same model then compile and compare the same 
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 from dataclasses import dataclass
@@ -25,16 +24,36 @@ from lwgan_models.style_transfer import StyleTransferNet
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RANDOM_WEIGHTS_SEED = 0
 
+# An architecture as data ({"family": ..., plus that family's size knobs}): checkpoint cards store it,
+# so a distilled or pruned generator rebuilds as the official class at its smaller size.
+ARCH_BUILDERS: dict[str, Callable[[dict], nn.Module]] = {
+    "cyclegan": lambda arch: define_G(3, 3, arch["ngf"], arch["netG"]),
+    "nst": lambda arch: StyleTransferNet(n_styles=arch["n_styles"], width=arch["width"]),
+}
+
+
+def build_generator(arch: dict) -> nn.Module:
+    family = arch.get("family")
+    if family not in ARCH_BUILDERS:
+        raise UserError(f"architecture family {family!r} is unknown; expected one of {', '.join(ARCH_BUILDERS)}")
+    try:
+        return ARCH_BUILDERS[family](arch)
+    except KeyError as exc:
+        raise UserError(f"architecture {arch} lacks {exc.args[0]!r}") from None
+
 
 @dataclass(frozen=True)
 class ModelSpec:
     name: str  # e.g. "cyclegan-resnet6-ngf16"
     family: str  # "cyclegan" | "nst"
-    builder: Callable[[], nn.Module]
+    arch: dict  # see ARCH_BUILDERS
     input_shape: tuple[int, ...]  # NCHW default benchmark shape
     checkpoint: str | None  # path relative to repo root, None = no shipped checkpoint yet
     description: str
     demo: bool  # part of the default `invoke demo` set (light-weight, fast)
+
+    def builder(self) -> nn.Module:
+        return build_generator(self.arch)
 
 
 @dataclass(frozen=True)
@@ -51,7 +70,7 @@ _SPECS = (
     ModelSpec(
         name="cyclegan-resnet9-ngf64",
         family="cyclegan",
-        builder=functools.partial(define_G, 3, 3, 64, "resnet_9blocks"),
+        arch={"family": "cyclegan", "netG": "resnet_9blocks", "ngf": 64},
         input_shape=(1, 3, 256, 256),
         checkpoint=None,
         description="Official full-size CycleGAN generator (ResNet, 9 blocks, ngf=64)",
@@ -60,7 +79,7 @@ _SPECS = (
     ModelSpec(
         name="cyclegan-resnet6-ngf16",
         family="cyclegan",
-        builder=functools.partial(define_G, 3, 3, 16, "resnet_6blocks"),
+        arch={"family": "cyclegan", "netG": "resnet_6blocks", "ngf": 16},
         input_shape=(1, 3, 128, 128),
         checkpoint=None,
         description="Slim CycleGAN ResNet generator (6 blocks, ngf=16)",
@@ -69,7 +88,7 @@ _SPECS = (
     ModelSpec(
         name="cyclegan-unet128-ngf16",
         family="cyclegan",
-        builder=functools.partial(define_G, 3, 3, 16, "unet_128"),
+        arch={"family": "cyclegan", "netG": "unet_128", "ngf": 16},
         input_shape=(1, 3, 128, 128),
         checkpoint=None,
         description="Slim U-Net generator (7 downsamplings, ngf=16)",
@@ -78,7 +97,7 @@ _SPECS = (
     ModelSpec(
         name="nst-cin4-w16",
         family="nst",
-        builder=functools.partial(StyleTransferNet, n_styles=4, width=16),
+        arch={"family": "nst", "n_styles": 4, "width": 16},
         input_shape=(1, 3, 128, 128),
         checkpoint=None,
         description="Half-width Johnson style-transfer net, 4 conditional-instance-norm styles",
@@ -87,7 +106,7 @@ _SPECS = (
     ModelSpec(
         name="nst-cin4-w32",
         family="nst",
-        builder=functools.partial(StyleTransferNet, n_styles=4, width=32),
+        arch={"family": "nst", "n_styles": 4, "width": 32},
         input_shape=(1, 3, 256, 256),
         checkpoint=None,
         description="Johnson style-transfer net at the original widths, 4 conditional-instance-norm styles",

@@ -1,4 +1,4 @@
-"""compile/subpixel.py: the sub-pixel rewrite of transposed convolutions is exact."""
+"""lwgan_models/subpixel.py: the sub-pixel rewrite of transposed convolutions is exact."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import lwgan_models
-from compile.subpixel import SubPixelConvTranspose2d, decompose_transposed_convs
+from lwgan_models.subpixel import SubPixelConvTranspose2d, decompose_transposed_convs
 
 
 @pytest.mark.parametrize(
