@@ -42,9 +42,11 @@ def cli(func):
 
 def _models_under_test(model: str | None, onnx: str | None, shape: str | None, checkpoint: str | None,
                        demo_only: bool):
-    """Registry models by name (default: the demo set) or one ONNX file, all checked before any work."""
+    """Registry models and variants by name (default: the demo set and its compressed variants) or one
+    ONNX file, all checked before any work."""
     import lwgan_models
-    from compile.pipeline import from_onnx_file, from_registry
+    from compile.pipeline import from_onnx_file, from_registry, from_variant
+    from lwgan_models.registry import VARIANT_SEPARATOR, find_variant, variants
 
     input_shape = _shape(shape) if shape else None
     if onnx:
@@ -54,12 +56,16 @@ def _models_under_test(model: str | None, onnx: str | None, shape: str | None, c
     if model:
         names = [m.strip() for m in model.split(",") if m.strip()]
     else:
-        names = [n for n in lwgan_models.names() if lwgan_models.get(n).demo or not demo_only]
-    for name in names:
-        lwgan_models.get(name)  # unknown names fail here, before any work
-    if checkpoint and len(names) != 1:
-        raise UserError(f"--checkpoint {checkpoint} needs exactly one --model, got {len(names)}")
-    return [from_registry(lwgan_models.load(name, checkpoint), input_shape) for name in names]
+        bases = [n for n in lwgan_models.names() if lwgan_models.get(n).demo or not demo_only]
+        names = [name for base in bases for name in (base, *variants(base))]
+    chosen = {name: find_variant(name) if VARIANT_SEPARATOR in name else lwgan_models.get(name) for name in names}
+    if checkpoint and (len(names) != 1 or VARIANT_SEPARATOR in names[0]):
+        raise UserError(f"--checkpoint {checkpoint} needs exactly one base --model, got {', '.join(names)}")
+    return [
+        from_variant(found, input_shape) if VARIANT_SEPARATOR in name
+        else from_registry(lwgan_models.load(name, checkpoint), input_shape)
+        for name, found in chosen.items()
+    ]
 
 
 def _count(value, flag: str, default: int) -> int:
@@ -166,6 +172,81 @@ def bench(c, target="host", model=None, onnx=None, runtimes="tvm,torch,onnxrunti
 
 @task(
     help={
+        "model": "registry model to train (its architecture; e.g. cyclegan-resnet6-ngf16, nst-cin4-w16)",
+        "epochs": "CycleGAN: epochs at the full learning rate, then as many decaying to 0 (default 100 + 100)",
+        "steps": "style transfer: training steps (default 4000)",
+        "crop": "training crop size in pixels (default: the recipe's, 128)",
+        "dataroot": "CycleGAN: folder with trainA/trainB/testA/testB (default: the shipped stand-in dataset)",
+        "out": "checkpoint to write (default lwgan_models/checkpoints/<model>.pt; never overwritten)",
+        "debug": "show tracebacks",
+    }
+)
+@cli
+def train(c, model, epochs=None, steps=None, crop=None, dataroot=None, out=None, debug=False):
+    """Train a generator with its recipe (CycleGAN or fast style transfer); resumes an interrupted run."""
+    import lwgan_models
+    from lwgan_models.compression.compress import evaluate_base
+    from lwgan_models.training import CHECKPOINT_DIR, RUNS_DIR
+
+    spec = lwgan_models.get(model)
+    checkpoint = Path(out) if out else CHECKPOINT_DIR / f"{spec.name}.pt"
+    work_dir = RUNS_DIR / checkpoint.stem
+    crop_size = {"crop_size": _count(crop, "crop", 0)} if crop else {}
+    if spec.arch["family"] == "cyclegan":
+        from lwgan_models.cyclegan_recipe import CycleGANConfig, train_cyclegan
+
+        half = _count(epochs, "epochs", 100)
+        config = CycleGANConfig(netG=spec.arch["netG"], ngf=spec.arch["ngf"], n_epochs=half, n_epochs_decay=half,
+                                **({"dataroot": Path(dataroot)} if dataroot else {}), **crop_size)
+        train_cyclegan(config, checkpoint, work_dir)
+    else:
+        from lwgan_models.nst_recipes import NSTConfig, train_fast_nst
+
+        if dataroot:
+            raise UserError("--dataroot is for CycleGAN; style transfer trains on the stand-in photos")
+        config = NSTConfig(width=spec.arch["width"], n_styles=spec.arch["n_styles"],
+                           **({"steps": _count(steps, "steps", 0)} if steps else {}), **crop_size)
+        train_fast_nst(config, checkpoint, work_dir)
+    metric = evaluate_base(lwgan_models.load(spec, checkpoint))
+    say(f"{spec.name}: {metric['name']} {metric['value']:.4f} on the held-out images; card {checkpoint.with_suffix('.json')}")
+
+
+@task(
+    help={
+        "model": "trained registry model to compress",
+        "method": "ptq | qat | kd | prune | prune+kd+ptq",
+        "steps": "fine-tuning / distillation steps (default 1500)",
+        "keep": "prune: fraction of channels kept (default 0.375)",
+        "checkpoint": "trained weights to start from (default: the registry's)",
+        "out": "folder for the variant and its card (default lwgan_models/checkpoints)",
+        "debug": "show tracebacks",
+    }
+)
+@cli
+def compress(c, model, method, steps=None, keep=None, checkpoint=None, out=None, debug=False):
+    """Make a compressed variant and measure its size, MACs and quality against the fp32 teacher."""
+    import dataclasses
+
+    import lwgan_models
+    from lwgan_models.compression import CompressConfig
+    from lwgan_models.compression import compress as make_variant
+    from lwgan_models.training import CHECKPOINT_DIR
+
+    config = CompressConfig()
+    if steps:
+        config = dataclasses.replace(config, steps=_count(steps, "steps", 0))
+    if keep:
+        try:
+            config = dataclasses.replace(config, keep=float(keep))
+        except ValueError:
+            raise UserError(f"--keep {keep!r}: expected a fraction in (0, 1]") from None
+    base = lwgan_models.load(model, checkpoint)
+    card = make_variant(base, method, config, Path(out) if out else CHECKPOINT_DIR)
+    say(f"card: {card}")
+
+
+@task(
+    help={
         "results": "folder of JSON-lines records (default: reports/results)",
         "out": "HTML file to write (default: reports/index.html)",
         "debug": "show tracebacks",
@@ -190,4 +271,4 @@ def demo(c, target="host", debug=False):
     report(c, debug=debug)
 
 
-namespace = Collection(tune, bench, report, demo)
+namespace = Collection(train, compress, tune, bench, report, demo)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,7 @@ class Record:
     run_id: str
     model: str
     family: str  # "cyclegan" | "nst"
-    variant: str  # "fp32", "int8-ptq", ...
+    variant: str  # "fp32" for a base model, else its compression method: "ptq", "qat", "kd", "prune", ...
     weights: str  # "random" or "<path>@sha256:<hex>"
     input_shape: list[int]
     params: int
@@ -38,6 +39,15 @@ class Record:
     runtime: str  # "tvm" | "torch" | "onnxruntime"
     threads: int
     artifact_bytes: int | None = None  # compiled library / ONNX file size
+    base_model: str | None = None  # the registry model a compressed variant was made from
+    precision: str = "fp32"  # "fp32" | "int8"
+    onnx_bytes: int | None = None  # the model as an ONNX file (int8 weights for int8): its size on disk
+    # Quality, from the checkpoint card: fidelity to the fp32 teacher on held-out images, and the
+    # seed report's metric (CycleGAN generator loss, style-transfer TV loss) under one protocol.
+    psnr_db: float | None = None
+    ssim: float | None = None
+    seed_metric_name: str | None = None
+    seed_metric: float | None = None
     tuned_trials: int | None = None  # tuning records in the applied database; None = untuned
     db_hash: str | None = None
     tuning_db: str | None = None  # autotune_logs/<target-level>/<model>, relative to the repo
@@ -105,4 +115,17 @@ def load_records(results_dir: Path = RESULTS_DIR) -> pd.DataFrame:
     paths = sorted(Path(results_dir).glob("*.jsonl"))
     rows = [dataclasses.asdict(r) for p in paths for r in read_records(p)]
     columns = [f.name for f in dataclasses.fields(Record)]
-    return pd.DataFrame(rows, columns=columns)
+    frame = pd.DataFrame(rows, columns=columns)
+    for name in _OPTIONAL_NUMBERS:  # all-None columns would otherwise be object dtype
+        frame[name] = pd.to_numeric(frame[name]).astype("Int64" if _OPTIONAL_NUMBERS[name] is int else "float64")
+    return frame
+
+
+def _optional_numbers() -> dict[str, type]:
+    hints = typing.get_type_hints(Record)
+    return {name: kinds[0] for name, hint in hints.items()
+            if len(kinds := [k for k in typing.get_args(hint) if k is not type(None)]) == 1
+            and type(None) in typing.get_args(hint) and kinds[0] in (int, float)}
+
+
+_OPTIONAL_NUMBERS = _optional_numbers()

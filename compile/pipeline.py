@@ -8,16 +8,13 @@ name, weights and input shape, so changed weights never reuse a stale build or e
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import onnx
 import torch
 import tvm
 
@@ -28,6 +25,9 @@ from compile.torch_import import torch_to_relax
 from compile.tuning import tune
 from errors import UserError
 from lwgan_models import LoadedModel, count_macs
+from lwgan_models.onnx_export import export_onnx as lwgan_export_onnx
+from lwgan_models.registry import Variant
+from lwgan_models.registry import load as registry_load
 from targets import ResolvedTarget
 
 
@@ -35,7 +35,8 @@ from targets import ResolvedTarget
 class ModelUnderTest:
     name: str
     family: str
-    variant: str  # "fp32", or "int8-qdq" for an ONNX file with QuantizeLinear/DequantizeLinear
+    variant: str  # "fp32" for a base model, else the compression method ("ptq", "kd", ...)
+    precision: str  # "fp32" | "int8" (an ONNX file with QuantizeLinear/DequantizeLinear)
     weights: str  # "random" or "<path>@sha256:<hex>"
     params: int
     macs: int
@@ -45,6 +46,8 @@ class ModelUnderTest:
     make_relax: Callable[[], tvm.IRModule]
     onnx_file: Callable[[], Path]
     torch_module: torch.nn.Module | None = None  # None for ONNX files: no torch baseline
+    base_model: str = ""  # the registry model a variant was made from ("" for a user's ONNX file)
+    quality: dict = field(default_factory=dict)  # from the checkpoint card: psnr_db, ssim, seed_metric(_name)
 
 
 def from_registry(loaded: LoadedModel, input_shape: tuple[int, ...] | None = None) -> ModelUnderTest:
@@ -61,7 +64,10 @@ def from_registry(loaded: LoadedModel, input_shape: tuple[int, ...] | None = Non
     return ModelUnderTest(
         name=loaded.spec.name,
         family=loaded.spec.family,
-        variant="fp32",
+        variant=loaded.card.get("method", "fp32"),
+        precision="fp32",
+        base_model=loaded.card.get("base", loaded.spec.name),
+        quality=quality_of(loaded.card),
         weights=loaded.weights,
         params=loaded.params,
         macs=macs,
@@ -92,6 +98,7 @@ def from_onnx_file(path: str | Path, input_shape: tuple[int, ...] | None = None)
         name=path.stem,
         family="onnx",
         variant="int8-qdq" if quantized else "fp32",
+        precision="int8" if quantized else "fp32",
         weights=f"{path}@sha256:{sha}",
         params=weights,
         macs=onnx_macs(model, {inputs[0].name: shape}),
@@ -101,6 +108,32 @@ def from_onnx_file(path: str | Path, input_shape: tuple[int, ...] | None = None)
         make_relax=lambda: mod,
         onnx_file=lambda: path,
     )
+
+
+def from_variant(variant: Variant, input_shape: tuple[int, ...] | None = None) -> ModelUnderTest:
+    """A compressed variant: torch variants load through the registry, int8 ones as their ONNX QDQ file."""
+    if variant.format == "torch":
+        return from_registry(registry_load(variant.name), input_shape)
+    model = from_onnx_file(variant.path, input_shape)
+    return replace(
+        model,
+        name=variant.name,
+        family=variant.base.family,
+        variant=variant.method,
+        base_model=variant.base.name,
+        weights=model.weights.replace(str(variant.path), variant.spec().checkpoint),
+        params=variant.card["params"],
+        macs=variant.card["macs"],
+        quality=quality_of(variant.card),
+    )
+
+
+def quality_of(card: dict) -> dict:
+    """The quality figures a checkpoint card holds, flattened for records (absent ones are left out)."""
+    quality = {key: card["quality"][key] for key in ("psnr_db", "ssim") if key in card.get("quality", {})}
+    if "seed_metric" in card:
+        quality.update(seed_metric_name=card["seed_metric"]["name"], seed_metric=card["seed_metric"]["value"])
+    return quality
 
 
 def source_digest(name: str, module: torch.nn.Module, input_shape: tuple[int, ...]) -> str:
@@ -150,15 +183,13 @@ def tune_for_target(
 
 
 def export_onnx(module: torch.nn.Module, input_shape: tuple[int, ...], digest: str, cache_dir: Path = CACHE_DIR) -> Path:
-    """The ONNX file ONNX Runtime runs as a baseline (cached: the dynamo exporter takes seconds)."""
-    path = cache_dir / f"{digest}.onnx"
+    """The ONNX file ONNX Runtime runs as a baseline and whose size records report (cached: export takes seconds)."""
+    path = cache_dir / f"{digest}.stripped.onnx"  # exported without debug metadata
     if path.exists():
         return path
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir) as scratch:
         partial = Path(scratch) / "model.onnx"
-        with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates every step
-            torch.onnx.export(module, (torch.zeros(*input_shape),), str(partial), dynamo=True, external_data=False)
-        onnx.checker.check_model(str(partial))
+        lwgan_export_onnx(module, input_shape, partial)
         partial.replace(path)
     return path

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,7 +23,9 @@ from lwgan_models.cyclegan import define_G
 from lwgan_models.style_transfer import StyleTransferNet
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+CHECKPOINT_DIR = REPO_ROOT / "lwgan_models" / "checkpoints"
 RANDOM_WEIGHTS_SEED = 0
+VARIANT_SEPARATOR = "+"  # "<base model>+<compression method>", e.g. cyclegan-resnet6-ngf16+kd
 
 # An architecture as data ({"family": ..., plus that family's size knobs}): checkpoint cards store it,
 # so a distilled or pruned generator rebuilds as the official class at its smaller size.
@@ -64,6 +67,34 @@ class LoadedModel:
     params: int
     macs: int  # multiply-accumulates of one forward at spec.input_shape
     size_fp32_bytes: int  # the fp32 state_dict as torch.save writes it
+    card: dict  # the checkpoint's card (how it was made, what it measured); {} for random weights
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A compressed variant made by `invoke compress`: a torch checkpoint or an int8 ONNX file, with its card."""
+
+    name: str
+    base: ModelSpec
+    method: str
+    path: Path  # <name>.pt (format "torch") or <name>.onnx (format "onnx-qdq")
+    card: dict
+
+    @property
+    def format(self) -> str:
+        return self.card["format"]
+
+    def spec(self) -> ModelSpec:
+        """The torch variant as a model spec (its own, smaller architecture)."""
+        return ModelSpec(
+            name=self.name,
+            family=self.base.family,
+            arch=self.card["arch"],
+            input_shape=self.base.input_shape,
+            checkpoint=_display_path(self.path),
+            description=f"{self.base.name} compressed by {self.method}",
+            demo=False,
+        )
 
 
 _SPECS = (
@@ -126,13 +157,47 @@ def get(name: str) -> ModelSpec:
     return _REGISTRY[name]
 
 
+def variants(base: str, checkpoint_dir: Path | None = None) -> list[str]:
+    """Names of the compressed variants of `base` that exist (have a card) in the checkpoint folder."""
+    folder = checkpoint_dir or CHECKPOINT_DIR
+    return sorted(p.stem for p in folder.glob(f"{base}{VARIANT_SEPARATOR}*.json"))
+
+
+def find_variant(name: str, checkpoint_dir: Path | None = None) -> Variant:
+    """The variant `<base>+<method>`; its artifact and card must exist."""
+    base_name, _, method = name.partition(VARIANT_SEPARATOR)
+    base = get(base_name)
+    folder = checkpoint_dir or CHECKPOINT_DIR
+    card_file = folder / f"{name}.json"
+    if not card_file.is_file():
+        raise UserError(f"variant {name!r} has not been made (no {_display_path(card_file)}); "
+                        f"run `invoke compress --model {base_name} --method {method}`")
+    try:
+        card = json.loads(card_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"variant card {card_file} is not valid JSON ({exc})") from exc
+    path = folder / f"{name}{'.onnx' if card.get('format') == 'onnx-qdq' else '.pt'}"
+    if not path.is_file():
+        raise UserError(f"variant {name!r}: {_display_path(path)} is missing beside its card")
+    return Variant(name=name, base=base, method=method, path=path, card=card)
+
+
 def load(name_or_spec: str | ModelSpec, checkpoint: str | Path | None = None) -> LoadedModel:
     """Build the model, load its weights, and measure it.
 
     `checkpoint` overrides the spec's (which is relative to the repo root); a relative explicit
     path is taken from the current directory.
     """
-    spec = name_or_spec if isinstance(name_or_spec, ModelSpec) else get(name_or_spec)
+    if isinstance(name_or_spec, ModelSpec):
+        spec = name_or_spec
+    elif VARIANT_SEPARATOR in name_or_spec:
+        variant = find_variant(name_or_spec)
+        if variant.format != "torch":
+            raise UserError(f"variant {variant.name!r} is an int8 ONNX file, not a torch model; "
+                            "benchmark it with `invoke bench --model` (TVM and ONNX Runtime)")
+        spec = variant.spec()
+    else:
+        spec = get(name_or_spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_WEIGHTS_SEED)
         module = spec.builder()
@@ -143,6 +208,8 @@ def load(name_or_spec: str | ModelSpec, checkpoint: str | Path | None = None) ->
     else:
         path = None
     weights = "random" if path is None else _load_checkpoint(module, path, spec.name)
+    card_file = path.with_suffix(".json") if path is not None else None
+    card = json.loads(card_file.read_text(encoding="utf-8")) if card_file and card_file.is_file() else {}
     module.eval()
     return LoadedModel(
         spec=spec,
@@ -151,6 +218,7 @@ def load(name_or_spec: str | ModelSpec, checkpoint: str | Path | None = None) ->
         params=sum(p.numel() for p in module.parameters()),
         macs=count_macs(spec),
         size_fp32_bytes=_serialized_size(module),
+        card=card,
     )
 
 

@@ -50,17 +50,52 @@ class SubPixelConvTranspose2d(nn.Module):
             for rx in range(self.stride)
         ]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def phase_kernels(self) -> list[torch.Tensor]:
         weight = self.convt.weight.transpose(0, 1)  # (C_in, C_out, kh, kw) -> (C_out, C_in, kh, kw)
-        outputs = []
-        for (rows, top, bottom), (cols, left, right) in self.phases:
-            kernel = weight[:, :, rows][:, :, :, cols]
-            padded = _pad_or_crop(x, left, right, top, bottom)
-            outputs.append(F.conv2d(padded, kernel, self.convt.bias))
-        # (N, s*s*C, H, W) with phase-major channels -> channel-major for pixel_shuffle
-        n, c, h, w = outputs[0].shape
-        stacked = torch.stack(outputs, dim=2).reshape(n, c * self.stride * self.stride, h, w)
-        return F.pixel_shuffle(stacked, self.stride)
+        return [weight[:, :, rows][:, :, :, cols] for (rows, _, _), (cols, _, _) in self.phases]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outputs = [
+            F.conv2d(_pad_or_crop(x, left, right, top, bottom), kernel, self.convt.bias)
+            for ((_, top, bottom), (_, left, right)), kernel in zip(self.phases, self.phase_kernels())
+        ]
+        return _interleave(outputs, self.stride)
+
+    def materialize(self) -> "SubPixelConvs":
+        """The same computation with each phase as its own nn.Conv2d (copied weights).
+
+        Quantization needs this: every phase kernel becomes a parameter of its own, so it gets
+        per-channel scales and appears in an exported graph as one Conv with a constant weight.
+        """
+        return SubPixelConvs(self)
+
+
+class SubPixelConvs(nn.Module):
+    """A materialized `SubPixelConvTranspose2d`: stride² independent convs, then a pixel shuffle."""
+
+    def __init__(self, source: SubPixelConvTranspose2d) -> None:
+        super().__init__()
+        self.stride = source.stride
+        self.paddings = [(left, right, top, bottom) for (_, top, bottom), (_, left, right) in source.phases]
+        self.convs = nn.ModuleList()
+        for kernel in source.phase_kernels():
+            conv = nn.Conv2d(kernel.shape[1], kernel.shape[0], tuple(kernel.shape[2:]), bias=source.convt.bias is not None)
+            with torch.no_grad():
+                conv.weight.copy_(kernel)
+                if conv.bias is not None:
+                    conv.bias.copy_(source.convt.bias)
+            self.convs.append(conv)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outputs = [conv(_pad_or_crop(x, *padding)) for conv, padding in zip(self.convs, self.paddings)]
+        return _interleave(outputs, self.stride)
+
+
+def _interleave(outputs: list[torch.Tensor], stride: int) -> torch.Tensor:
+    """(N, C, H, W) per phase, phase-major -> (N, C, s*H, s*W) via pixel_shuffle's channel-major order."""
+    n, c, h, w = outputs[0].shape
+    stacked = torch.stack(outputs, dim=2).reshape(n, c * stride * stride, h, w)
+    return F.pixel_shuffle(stacked, stride)
 
 
 def _pad_or_crop(x: torch.Tensor, left: int, right: int, top: int, bottom: int) -> torch.Tensor:

@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 
 from errors import UserError
+from lwgan_models.registry import CHECKPOINT_DIR, REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CHECKPOINT_DIR = REPO_ROOT / "lwgan_models" / "checkpoints"
 RUNS_DIR = REPO_ROOT / "build" / "runs"
 
 

@@ -1,0 +1,237 @@
+"""int8 quantization of generators: calibration (PTQ), fake-quant training (QAT), and ONNX QDQ export.
+
+Scheme, chosen for the kernels that run it (x86 VNNI and ONNX Runtime's QLinearConv take u8 x s8):
+every convolution gets uint8 per-tensor affine activations on its input and output, int8
+symmetric per-output-channel weights, and an int32 bias on the grid input_scale * weight_scale.
+Everything between convolutions (instance norm, ReLU, tanh, padding, upsampling) stays float.
+The torch fake-quant model and the exported QDQ graph compute the same numbers: torch is the
+reference a compiled int8 build is checked against.
+
+Strided transposed convolutions are first rewritten as sub-pixel convolutions (exact), so every
+quantized op is an ordinary Conv with a constant weight.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import helper, numpy_helper
+from torch import nn
+
+from errors import UserError
+from lwgan_models.onnx_export import export_onnx
+from lwgan_models.subpixel import SubPixelConvTranspose2d, decompose_transposed_convs
+
+ACTIVATION_RANGE = (0, 255)  # uint8
+WEIGHT_LIMIT = 127  # int8 symmetric: [-127, 127], zero point 0
+BIAS_RANGE = (-(2**31), 2**31 - 1)
+QAT_MOMENTUM = 0.01  # EMA of activation ranges while training
+
+
+class RangeObserver(nn.Module):
+    """Tracks a tensor's range: running min/max (calibration) or their moving average (QAT)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("low", torch.tensor(float("inf")))
+        self.register_buffer("high", torch.tensor(float("-inf")))
+
+    @property
+    def observed(self) -> bool:
+        return bool(torch.isfinite(self.low))
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor, momentum: float | None) -> None:
+        low, high = x.min(), x.max()
+        if momentum is None or not self.observed:
+            self.low.copy_(torch.minimum(self.low, low))
+            self.high.copy_(torch.maximum(self.high, high))
+        else:
+            self.low.lerp_(low, momentum)
+            self.high.lerp_(high, momentum)
+
+    def qparams(self) -> tuple[float, int]:
+        """uint8 scale and zero point; the range always holds 0 so zero padding stays exact."""
+        if not self.observed:
+            raise UserError("a quantized convolution saw no calibration data; calibrate before quantizing")
+        low, high = min(float(self.low), 0.0), max(float(self.high), 0.0)
+        qmin, qmax = ACTIVATION_RANGE
+        scale = float(np.float32(max(high - low, 1e-8) / (qmax - qmin)))  # what an ONNX graph stores
+        zero_point = int(np.clip(round(qmin - low / scale), qmin, qmax))
+        return scale, zero_point
+
+
+def weight_scales(weight: torch.Tensor) -> torch.Tensor:
+    """Per-output-channel symmetric scales (max |w| maps to 127)."""
+    return weight.detach().abs().amax(dim=(1, 2, 3)).clamp(min=1e-12) / WEIGHT_LIMIT
+
+
+class QuantConv2d(nn.Module):
+    """A Conv2d with quantized input, weight, bias and output.
+
+    Modes: "observe" runs float and records activation ranges (calibration); "quantize" runs
+    the int8 arithmetic as fake-quant; "train" does both with moving-average ranges (QAT; the
+    rounding passes gradients straight through).
+    """
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.conv = conv
+        self.input_range = RangeObserver()
+        self.output_range = RangeObserver()
+        self.mode = "observe"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "observe":
+            self.input_range.observe(x, None)
+            y = self.conv(x)
+            self.output_range.observe(y, None)
+            return y
+        if self.mode == "train":
+            self.input_range.observe(x, QAT_MOMENTUM)
+        in_scale, in_zero = self.input_range.qparams()
+        x = torch.fake_quantize_per_tensor_affine(x, in_scale, in_zero, *ACTIVATION_RANGE)
+        w_scales = weight_scales(self.conv.weight)
+        weight = torch.fake_quantize_per_channel_affine(
+            self.conv.weight, w_scales, torch.zeros_like(w_scales, dtype=torch.int32), 0, -WEIGHT_LIMIT, WEIGHT_LIMIT
+        )
+        bias = self.conv.bias
+        if bias is not None:
+            step = in_scale * w_scales
+            bias = bias + ((bias / step).round().clamp(*BIAS_RANGE) * step - bias).detach()
+        y = F.conv2d(x, weight, bias, self.conv.stride, self.conv.padding, self.conv.dilation, self.conv.groups)
+        if self.mode == "train":
+            self.output_range.observe(y, QAT_MOMENTUM)
+        out_scale, out_zero = self.output_range.qparams()
+        return torch.fake_quantize_per_tensor_affine(y, out_scale, out_zero, *ACTIVATION_RANGE)
+
+
+def prepare(module: nn.Module, example: torch.Tensor) -> nn.Module:
+    """A copy of `module` with every convolution quantizable (in "observe" mode)."""
+    prepared = decompose_transposed_convs(module, example)
+    _replace(prepared, SubPixelConvTranspose2d, lambda layer: layer.materialize())
+    if any(isinstance(m, nn.ConvTranspose2d) for m in prepared.modules()):
+        raise UserError("the model has a transposed convolution that cannot be rewritten as sub-pixel convolutions "
+                        "(non-square stride or output size not a multiple of it); it cannot be quantized")
+    _replace(prepared, nn.Conv2d, QuantConv2d)
+    return prepared
+
+
+def _replace(module: nn.Module, kind: type, make) -> None:
+    for name, layer in list(module.named_modules()):
+        if isinstance(layer, kind) and name:
+            parent_name, _, child = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            setattr(parent, child, make(layer))
+
+
+def quant_convs(module: nn.Module) -> dict[str, QuantConv2d]:
+    return {name: m for name, m in module.named_modules() if isinstance(m, QuantConv2d)}
+
+
+def set_mode(module: nn.Module, mode: str) -> nn.Module:
+    for conv in quant_convs(module).values():
+        conv.mode = mode
+    return module
+
+
+@torch.no_grad()
+def calibrate(prepared: nn.Module, batches: Iterable[torch.Tensor], call=None) -> nn.Module:
+    """Record activation ranges over `batches`, then switch to quantized arithmetic.
+
+    `call(model, batch)` runs one batch (default `model(batch)`); a multi-style network passes
+    one that visits each style, so every style's ranges are seen.
+    """
+    set_mode(prepared, "observe").eval()
+    seen = 0
+    for batch in batches:
+        (call or (lambda model, x: model(x)))(prepared, batch)
+        seen += 1
+    if not seen:
+        raise UserError("calibration got no images; expected at least one batch of held-out images")
+    return set_mode(prepared, "quantize")
+
+
+def export_qdq(prepared: nn.Module, input_shape: tuple[int, ...], path: Path) -> Path:
+    """Write the quantized model as an ONNX QDQ graph with int8 weights and int32 biases.
+
+    The float graph is exported first (conv weights keep their parameter names), then each Conv
+    gets QuantizeLinear/DequantizeLinear on its input and output and dequantized constant
+    weights and bias, using the scales the torch model computes with.
+    """
+    convs = quant_convs(prepared)
+    float_model = copy.deepcopy(prepared).eval()
+    _replace(float_model, QuantConv2d, lambda q: q.conv)
+    with tempfile.TemporaryDirectory() as scratch:
+        model = export_onnx(float_model, input_shape, Path(scratch) / "float.onnx")
+    _insert_qdq(model, {f"{name}.weight": conv for name, conv in convs.items()})
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def _insert_qdq(model: onnx.ModelProto, convs_by_weight: dict[str, QuantConv2d]) -> None:
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    new_nodes, new_inits = [], []
+
+    def const(name: str, array: np.ndarray) -> str:
+        new_inits.append(numpy_helper.from_array(array, name))
+        return name
+
+    def qdq(tensor: str, scale: float, zero: int, tag: str, output: str | None = None) -> str:
+        """tensor -> QuantizeLinear -> DequantizeLinear; returns the dequantized name."""
+        s = const(f"{tag}s", np.array(scale, np.float32))
+        z = const(f"{tag}z", np.array(zero, np.uint8))
+        output = output or f"{tag}d"
+        new_nodes.append(helper.make_node("QuantizeLinear", [tensor, s, z], [f"{tag}q"]))
+        new_nodes.append(helper.make_node("DequantizeLinear", [f"{tag}q", s, z], [output]))
+        return output
+
+    matched = set()
+    for node in list(graph.node):
+        if node.op_type != "Conv":
+            new_nodes.append(node)
+            continue
+        weight_name = node.input[1]
+        conv = convs_by_weight.get(weight_name)
+        if conv is None or weight_name not in initializers:
+            raise UserError(f"ONNX Conv {node.name} has weight {weight_name!r} that matches no quantized convolution")
+        matched.add(weight_name)
+        tag = f"c{len(matched)}"  # short names: on a small generator long ones cost several % of the file
+        in_scale, in_zero = conv.input_range.qparams()
+        out_scale, out_zero = conv.output_range.qparams()
+        weight = numpy_helper.to_array(initializers[weight_name])
+        w_scales = weight_scales(torch.from_numpy(weight.copy())).numpy().astype(np.float32)
+        q_weight = np.clip(np.round(weight / w_scales[:, None, None, None]), -WEIGHT_LIMIT, WEIGHT_LIMIT)
+        inputs = [qdq(node.input[0], in_scale, in_zero, f"{tag}i"), f"{tag}w"]
+        # Weight and bias zero points are 0, the default when the input is omitted.
+        new_nodes.append(helper.make_node("DequantizeLinear", [const(f"{tag}wq", q_weight.astype(np.int8)),
+                                                               const(f"{tag}ws", w_scales)], [f"{tag}w"], axis=0))
+        if len(node.input) > 2 and node.input[2]:
+            bias = numpy_helper.to_array(initializers[node.input[2]])
+            b_scales = (np.float32(in_scale) * w_scales).astype(np.float32)
+            q_bias = np.clip(np.round(bias / b_scales), *BIAS_RANGE).astype(np.int32)
+            new_nodes.append(helper.make_node("DequantizeLinear", [const(f"{tag}bq", q_bias),
+                                                                   const(f"{tag}bs", b_scales)], [f"{tag}b"], axis=0))
+            inputs.append(f"{tag}b")
+        new_nodes.append(helper.make_node("Conv", inputs, [f"{tag}y"], name=node.name, **{
+            a.name: helper.get_attribute_value(a) for a in node.attribute}))
+        qdq(f"{tag}y", out_scale, out_zero, f"{tag}o", output=node.output[0])
+    unmatched = set(convs_by_weight) - matched
+    if unmatched:
+        raise UserError(f"quantized convolutions {sorted(unmatched)[:3]} were not found in the exported graph")
+    consumed = {name for node in new_nodes for name in node.input}
+    kept = [init for init in graph.initializer if init.name in consumed]
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(kept + new_inits)
