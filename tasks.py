@@ -178,12 +178,15 @@ def bench(c, target="host", model=None, onnx=None, runtimes="tvm,torch,onnxrunti
         "crop": "training crop size in pixels (default: the recipe's, 128)",
         "dataroot": "CycleGAN: folder with trainA/trainB/testA/testB (default: the shipped stand-in dataset)",
         "out": "checkpoint to write (default lwgan_models/checkpoints/<model>.pt; never overwritten)",
+        "threads": "torch threads (default: torch's choice; 1 is fastest on a busy 2-core machine)",
         "debug": "show tracebacks",
     }
 )
 @cli
-def train(c, model, epochs=None, steps=None, crop=None, dataroot=None, out=None, debug=False):
+def train(c, model, epochs=None, steps=None, crop=None, dataroot=None, out=None, threads=None, debug=False):
     """Train a generator with its recipe (CycleGAN or fast style transfer); resumes an interrupted run."""
+    import torch
+
     import lwgan_models
     from lwgan_models.compression.compress import evaluate_base
     from lwgan_models.training import CHECKPOINT_DIR, RUNS_DIR
@@ -191,13 +194,17 @@ def train(c, model, epochs=None, steps=None, crop=None, dataroot=None, out=None,
     spec = lwgan_models.get(model)
     checkpoint = Path(out) if out else CHECKPOINT_DIR / f"{spec.name}.pt"
     work_dir = RUNS_DIR / checkpoint.stem
+    if threads:
+        torch.set_num_threads(_count(threads, "threads", 0))
     crop_size = {"crop_size": _count(crop, "crop", 0)} if crop else {}
     if spec.arch["family"] == "cyclegan":
         from lwgan_models.cyclegan_recipe import CycleGANConfig, train_cyclegan
 
         half = _count(epochs, "epochs", 100)
+        # upstream loads 286 px and crops 256; keep that ratio at other crop sizes
+        load_size = {"load_size": round(crop_size["crop_size"] * 286 / 256)} if crop_size else {}
         config = CycleGANConfig(netG=spec.arch["netG"], ngf=spec.arch["ngf"], n_epochs=half, n_epochs_decay=half,
-                                **({"dataroot": Path(dataroot)} if dataroot else {}), **crop_size)
+                                **({"dataroot": Path(dataroot)} if dataroot else {}), **crop_size, **load_size)
         train_cyclegan(config, checkpoint, work_dir)
     else:
         from lwgan_models.nst_recipes import NSTConfig, train_fast_nst

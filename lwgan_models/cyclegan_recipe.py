@@ -47,7 +47,7 @@ from lwgan_models.training import (
 STANDIN_DATASET = Path(__file__).resolve().parent / "data" / "standin_apple2orange"
 COMPANIONS = ("G_B", "D_A", "D_B")  # saved beside the G_A checkpoint
 LOSS_NAMES = ("D_A", "G_A", "cycle_A", "idt_A", "D_B", "G_B", "cycle_B", "idt_B")  # upstream's order
-# The smallest crop the 3-layer PatchGAN still maps to a patch grid, and the size factor each
+# A crop floor that leaves the 3-layer PatchGAN a 2x2 patch grid, and the size factor each
 # generator needs so that its output matches its input.
 MIN_CROP_SIZE = 32
 GENERATOR_SIZE_MULTIPLE = {"resnet_6blocks": 4, "resnet_9blocks": 4, "unet_128": 128, "unet_256": 256}

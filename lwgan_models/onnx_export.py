@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 from pathlib import Path
 
 import onnx
 import torch
 from torch import nn
+
+
+# The exporter warns on every call that torchvision (which no generator uses) is not installed.
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 
 def export_onnx(module: nn.Module, input_shape: tuple[int, ...], path: Path) -> onnx.ModelProto:

@@ -11,11 +11,13 @@ import base64
 import io
 import json
 import math
+import re
 from pathlib import Path
 
 import jinja2
 import pandas as pd
 from matplotlib.figure import Figure  # no pyplot: leaves the process-wide backend alone
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from errors import UserError
 
@@ -23,6 +25,15 @@ TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 NOISY_COV = 0.1  # coefficient of variation above which a timing is flagged as noisy
 LOG_SCALE_SPAN = 20  # a chart switches to a log axis when its p50s span more than this factor
 BASELINES = {"onnxruntime": "ORT", "torch": "torch"}  # runtimes TVM's speed-up is measured against
+# Row order of a compression table: the base, then lwgan_models.compression.METHODS (not imported: it pulls in torch).
+VARIANT_ORDER = ("fp32", "ptq", "qat", "kd", "prune", "prune+kd+ptq")
+SEED_METRIC_LABELS = {"generator_loss": "generator loss", "tv_loss": "TV loss"}  # as the seed report names them
+SEED_REPORT_SOURCE = "the seed report, lwgan-report.txt results table"
+# (family, seed metric) -> (variant, ONNX MB, metric value) rows, the base first: the numbers to beat.
+SEED_REPORT_RESULTS = {
+    ("CycleGAN", "generator loss"): (("base", 64, 3.572), ("int8", 19, 4.754), ("KD", 45, 4.542), ("QAT", 51, 6.52)),
+    ("NST", "TV loss"): (("base", 61, 6.6684), ("int8", 15, 12.1024), ("KD", 25, 29.0122)),
+}
 
 
 def format_ms(value: float | None) -> str:
@@ -35,6 +46,21 @@ def format_ms(value: float | None) -> str:
 def format_ratio(ratio: float) -> str:
     """TVM p50 over a baseline's p50 (below 1× TVM is faster); a third decimal keeps big wins apart."""
     return f"{ratio:.3f}×" if ratio < 0.1 else f"{ratio:.2f}×"
+
+
+def format_gmac(macs: int | None) -> str:
+    """Billions of MACs: three significant digits below 1, so distilled and pruned students stay readable."""
+    if _missing(macs):
+        return "—"
+    gmac = macs / 1e9
+    return f"{gmac:.3g}" if gmac < 1 else f"{gmac:.2f}"
+
+
+def format_times(base_value: float | None, value: float | None) -> str:
+    """How many times the base's value is the variant's ("× smaller"); "—" unless both are known."""
+    if _missing(base_value) or _missing(value) or value <= 0:
+        return "—"
+    return f"{base_value / value:.2f}×"
 
 
 def short_weights(weights: str) -> str:
@@ -67,6 +93,9 @@ def render_report(records: pd.DataFrame, out_path: Path, source: str | Path = "r
         sections=_sections(records, runtimes),
         warnings=[w for r in records.to_dict("records") for w in _warnings(r)],
         noisy_cov=NOISY_COV,
+        compression=_compression(records),
+        seed_rows=_seed_rows(),
+        seed_source=SEED_REPORT_SOURCE,
     )
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -206,6 +235,112 @@ def _warnings(record: dict) -> list[dict]:
     return warnings
 
 
+def _compression(records: pd.DataFrame) -> list[dict]:
+    """One table and size-vs-PSNR chart per base model: what each compression method saves and what it costs.
+
+    Size and quality belong to the model, not to the runtime that timed it, so each model contributes
+    its most recent record; records without a base model (old records, a user's ONNX file) are left out.
+    """
+    latest = {}
+    for record in records.to_dict("records"):  # in time order: a later record replaces an earlier one
+        if not _missing(record["base_model"]):
+            latest[record["model"]] = record
+    by_base: dict[str, list[dict]] = {}
+    for record in latest.values():
+        by_base.setdefault(record["base_model"], []).append(record)
+    tables = []
+    for base_model, models in sorted(by_base.items()):
+        base = next((m for m in models if m["model"] == base_model), None)
+        models = sorted(models, key=lambda m: _variant_rank(m, base_model))
+        names = sorted({m["seed_metric_name"] for m in models if not _missing(m["seed_metric_name"])})
+        tables.append(
+            {
+                "base_model": base_model,
+                "anchor": re.sub(r"[^A-Za-z0-9_.+-]", "-", base_model),
+                "has_base": base is not None,
+                "seed_metric": " / ".join(SEED_METRIC_LABELS.get(name, name) for name in names) or "seed metric",
+                "rows": [_compression_row(m, base) for m in models],
+                "chart": _size_quality_chart(base_model, models, base),
+            }
+        )
+    return tables
+
+
+def _variant_rank(record: dict, base_model: str) -> tuple:
+    """The base first, then the methods in VARIANT_ORDER, then unknown methods by name."""
+    variant = record["variant"]
+    order = VARIANT_ORDER.index(variant) if variant in VARIANT_ORDER else len(VARIANT_ORDER)
+    return record["model"] != base_model, order, variant, record["model"]
+
+
+def _compression_row(record: dict, base: dict | None) -> dict:
+    """Ratios are against the base model's record; without one they are "—"."""
+    base = base or {}
+    psnr, ssim, metric = record["psnr_db"], record["ssim"], record["seed_metric"]
+    return {
+        "model": record["model"],
+        "variant": record["variant"],
+        "precision": record["precision"],
+        "params": f"{record['params']:,}",
+        "gmac": format_gmac(record["macs"]),
+        "onnx_mb": _megabytes(record["onnx_bytes"]),
+        "smaller": format_times(base.get("onnx_bytes"), record["onnx_bytes"]),
+        "fewer_macs": format_times(base.get("macs"), record["macs"]),
+        "psnr": "—" if _missing(psnr) else f"{psnr:.2f}",
+        "ssim": "—" if _missing(ssim) else f"{ssim:.3f}",
+        "seed_metric": "—" if _missing(metric) else f"{metric:.4g}",
+    }
+
+
+def _seed_rows() -> list[dict]:
+    """The seed report's table with its own "× smaller", so its trade-offs read like ours."""
+    rows = []
+    for (family, metric), variants in SEED_REPORT_RESULTS.items():
+        base_mb = variants[0][1]
+        for variant, onnx_mb, value in variants:
+            rows.append(
+                {
+                    "family": family,
+                    "variant": variant,
+                    "onnx_mb": f"{onnx_mb}",
+                    "smaller": format_times(base_mb, onnx_mb),
+                    "metric": metric,
+                    "value": f"{value:g}",
+                }
+            )
+    return rows
+
+
+def _size_quality_chart(base_model: str, models: list[dict], base: dict | None) -> str | None:
+    """ONNX size (log x) against PSNR to the fp32 teacher, one labelled point per variant; base64 PNG."""
+    points = [
+        (m["onnx_bytes"] / 1e6, m["psnr_db"], m["variant"])
+        for m in models
+        if not (_missing(m["onnx_bytes"]) or _missing(m["psnr_db"]))
+    ]
+    if not points:
+        return None
+    fig = Figure(figsize=(5.0, 3.4), dpi=100)
+    ax = fig.subplots()
+    ax.scatter([size for size, _, _ in points], [psnr for _, psnr, _ in points], color="C0", zorder=3)
+    for size, psnr, variant in points:
+        ax.annotate(variant, (size, psnr), textcoords="offset points", xytext=(5, 4), fontsize=9)
+    if base is not None and not _missing(base["onnx_bytes"]):
+        base_mb = base["onnx_bytes"] / 1e6
+        ax.axvline(base_mb, color="0.5", linestyle="--", linewidth=1, label=f"fp32 base, {base_mb:.2f} MB")
+        ax.legend(frameon=False, loc="lower right", fontsize=9)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # sizes rarely span many decades
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda megabytes, _: f"{megabytes:g}"))  # "0.5", not "5×10⁻¹"
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.margins(x=0.25, y=0.2)
+    ax.set_title(base_model, fontsize=10)
+    ax.set_xlabel("ONNX size (MB, log scale)")
+    ax.set_ylabel("PSNR to fp32 teacher (dB)")
+    ax.grid(alpha=0.3)
+    return _png_base64(fig)
+
+
 def _latency_chart(latest: dict, runtimes: list[str]) -> str | None:
     """Grouped p50 bars per model and variant, one per runtime, error bars up to p90; base64 PNG."""
     if not latest:
@@ -236,6 +371,11 @@ def _latency_chart(latest: dict, runtimes: list[str]) -> str | None:
     ax.set_ylabel("latency p50 (ms), bar to p90")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1, 1))
+    return _png_base64(fig)
+
+
+def _png_base64(fig: Figure) -> str:
+    """Charts are embedded in the page, so it opens from disk with no other files."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", bbox_inches="tight")
     return base64.b64encode(buffer.getvalue()).decode("ascii")

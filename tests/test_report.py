@@ -12,7 +12,7 @@ import pytest
 from bench.record import Record, append_records, load_records
 from errors import UserError
 from reports import render_report
-from reports.html import format_ms, format_ratio
+from reports.html import VARIANT_ORDER, format_ms, format_ratio
 
 DEVICE = "x86-64 host (this machine)"
 ENV = {"cpu": "Test CPU", "cores": 2, "python": "3.11.7", "torch": "2.13.0", "tvm": "0.27.0", "git": "abc1234"}
@@ -61,8 +61,49 @@ RECORDS = [
 ]
 
 
+BASE = "cyclegan-resnet6-ngf16"
+BASE_ONNX_BYTES = 2_400_000
+BASE_MACS = 3_210_000_000
+NST_BASE = "nst-cin4-w16"  # only a variant of it was benchmarked: its table has no base row
+SUPERSEDED = "2025-11-24T06:00:00+00:00"  # an earlier record of a model, replaced by a later one
+
+
+def variant_record(method: str, runtime: str = "onnxruntime", base: str = BASE, **overrides) -> Record:
+    """A benchmarked model with compression fields; quality defaults to an int8 variant of BASE."""
+    fields = dict(
+        base_model=base,
+        variant=method,
+        precision="int8",
+        onnx_bytes=600_000,
+        psnr_db=31.5,
+        ssim=0.9345,
+        seed_metric_name="generator_loss",
+        seed_metric=3.9,
+    )
+    return record(base if method == "fp32" else f"{base}+{method}", runtime, 5.0, **(fields | overrides))
+
+
+COMPRESSION_RECORDS = [  # deliberately not in table order
+    variant_record("kd", precision="fp32", params=120_000, macs=300_000_000, onnx_bytes=1_200_000,
+                   psnr_db=27.3456, ssim=0.8123, seed_metric=4.2),
+    variant_record("ptq", "tvm"),
+    variant_record("ptq", "onnxruntime"),
+    variant_record("ptq", onnx_bytes=900_000, psnr_db=20.0, timestamp=SUPERSEDED),
+    variant_record("sparsify", precision="fp32", onnx_bytes=2_000_000, psnr_db=35.0),  # a method unknown to the report
+    variant_record("fp32", "tvm", precision="fp32", onnx_bytes=BASE_ONNX_BYTES, psnr_db=None, ssim=None,
+                   seed_metric=3.572),
+    variant_record("fp32", "torch", precision="fp32", onnx_bytes=BASE_ONNX_BYTES, psnr_db=None, ssim=None,
+                   seed_metric=3.572),
+    variant_record("prune", precision="fp32", macs=1_000_000_000, onnx_bytes=800_000, psnr_db=None, ssim=None,
+                   seed_metric=None),
+    variant_record("prune+kd+ptq", macs=250_000_000, onnx_bytes=None),
+    variant_record("ptq", base=NST_BASE, family="nst", seed_metric_name="tv_loss", seed_metric=12.1),
+    record("my-generator", "onnxruntime", 3.0, variant="int8-qdq", precision="int8", onnx_bytes=500_000),  # no base
+]
+
+
 class ReportParser(HTMLParser):
-    """Collects table rows (cell texts), list items and every src/href of the page."""
+    """Collects table rows (cell texts, keyed by table id, else class), list items and every src/href of the page."""
 
     def __init__(self):
         super().__init__()
@@ -76,7 +117,7 @@ class ReportParser(HTMLParser):
         attrs = dict(attrs)
         self.links += [attrs[name] for name in ("src", "href") if name in attrs]
         if tag == "table":
-            self._table = self.tables.setdefault(attrs.get("class", ""), [])
+            self._table = self.tables.setdefault(attrs.get("id") or attrs.get("class", ""), [])
         elif tag == "tr" and self._table is not None:
             self._table.append([])
         elif tag in ("td", "th", "li"):
@@ -106,6 +147,22 @@ def report(tmp_path_factory) -> tuple[Path, ReportParser]:
     parser = ReportParser()
     parser.feed(path.read_text(encoding="utf-8"))
     return path, parser
+
+
+@pytest.fixture(scope="module")
+def compression_report(tmp_path_factory) -> tuple[str, ReportParser]:
+    results = tmp_path_factory.mktemp("compression-results")
+    append_records(RECORDS + COMPRESSION_RECORDS, results / "run-1.jsonl")
+    path = render_report(load_records(results), results.parent / "compression-report.html", source=results)
+    page = path.read_text(encoding="utf-8")
+    parser = ReportParser()
+    parser.feed(page)
+    return page, parser
+
+
+def table_rows(parser: ReportParser, table_id: str) -> list[dict[str, str]]:
+    header, *rows = parser.tables[table_id]
+    return [dict(zip(header, row)) for row in rows]
 
 
 def record_rows(parser: ReportParser) -> dict[tuple[str, str], dict[str, str]]:
@@ -167,3 +224,101 @@ def test_empty_results_dir_names_it(tmp_path):
     empty.mkdir()
     with pytest.raises(UserError, match=re.escape(f"no benchmark records in {empty}")):
         render_report(load_records(empty), tmp_path / "report.html", source=empty)
+
+
+def number(cell: str) -> float:
+    return float(cell.rstrip("×").replace(",", ""))
+
+
+def test_compression_rows_base_first_then_method_order(compression_report):
+    rows = table_rows(compression_report[1], f"compression-{BASE}")
+    assert [row["variant"] for row in rows] == ["fp32", "ptq", "kd", "prune", "prune+kd+ptq", "sparsify"]
+    assert [row["precision"] for row in rows] == ["fp32", "int8", "fp32", "fp32", "int8", "fp32"]
+
+
+def test_compression_values_and_ratios_match_records(compression_report):
+    rows = {row["variant"]: row for row in table_rows(compression_report[1], f"compression-{BASE}")}
+    latest = {r.variant: r for r in COMPRESSION_RECORDS if r.base_model == BASE and r.timestamp != SUPERSEDED}
+    for variant, r in latest.items():
+        row = rows[variant]
+        assert number(row["params"]) == r.params
+        assert number(row["GMAC"]) == pytest.approx(r.macs / 1e9, rel=5e-3)
+        assert number(row["× fewer MACs"]) == pytest.approx(BASE_MACS / r.macs, abs=5e-3)
+        if r.onnx_bytes is not None:
+            assert number(row["ONNX MB"]) == pytest.approx(r.onnx_bytes / 1e6, abs=5e-3)
+            assert number(row["× smaller"]) == pytest.approx(BASE_ONNX_BYTES / r.onnx_bytes, abs=5e-3)
+        if r.psnr_db is not None:
+            assert number(row["PSNR dB"]) == pytest.approx(r.psnr_db, abs=5e-3)
+            assert number(row["SSIM"]) == pytest.approx(r.ssim, abs=5e-4)
+        if r.seed_metric is not None:
+            assert number(row["generator loss"]) == pytest.approx(r.seed_metric, rel=1e-3)
+    assert rows["fp32"]["× smaller"] == rows["fp32"]["× fewer MACs"] == "1.00×"
+    assert rows["ptq"]["× smaller"] == "4.00×" and rows["kd"]["× fewer MACs"] == "10.70×"
+
+
+def test_compression_uses_each_models_latest_record(compression_report):
+    ptq = table_rows(compression_report[1], f"compression-{BASE}")[1]
+    assert (ptq["ONNX MB"], ptq["PSNR dB"]) == ("0.60", "31.50")  # not the superseded 0.90 MB / 20.00 dB record
+
+
+def test_compression_missing_values_are_dashes(compression_report):
+    rows = {row["variant"]: row for row in table_rows(compression_report[1], f"compression-{BASE}")}
+    assert rows["fp32"]["PSNR dB"] == rows["fp32"]["SSIM"] == "—"  # the teacher is not compared with itself
+    assert rows["prune"]["PSNR dB"] == rows["prune"]["SSIM"] == rows["prune"]["generator loss"] == "—"
+    assert rows["prune+kd+ptq"]["ONNX MB"] == rows["prune+kd+ptq"]["× smaller"] == "—"
+    assert rows["prune+kd+ptq"]["× fewer MACs"] == f"{BASE_MACS / 250_000_000:.2f}×"
+
+
+def test_compression_without_base_row_has_no_ratios(compression_report):
+    page, parser = compression_report
+    [row] = table_rows(parser, f"compression-{NST_BASE}")
+    assert row["variant"] == "ptq" and row["TV loss"] == "12.1"
+    assert row["× smaller"] == row["× fewer MACs"] == "—"
+    assert f"no record of {NST_BASE} itself" in page
+
+
+def test_compression_tables_only_for_records_with_a_base(compression_report):
+    tables = [key for key in compression_report[1].tables if key.startswith("compression-")]
+    assert sorted(tables) == [f"compression-{BASE}", f"compression-{NST_BASE}"]
+    compressed = [row["variant"] for key in tables for row in table_rows(compression_report[1], key)]
+    assert "int8-qdq" not in compressed
+
+
+def test_seed_report_table_with_its_numbers(compression_report):
+    page, parser = compression_report
+    assert "the seed report, lwgan-report.txt results table" in page
+    rows = [(r["family"], r["variant"], r["ONNX MB"], r["× smaller"], r["metric"], r["value"])
+            for r in table_rows(parser, "seed-compression")]
+    assert rows == [
+        ("CycleGAN", "base", "64", "1.00×", "generator loss", "3.572"),
+        ("CycleGAN", "int8", "19", f"{64 / 19:.2f}×", "generator loss", "4.754"),
+        ("CycleGAN", "KD", "45", f"{64 / 45:.2f}×", "generator loss", "4.542"),
+        ("CycleGAN", "QAT", "51", f"{64 / 51:.2f}×", "generator loss", "6.52"),
+        ("NST", "base", "61", "1.00×", "TV loss", "6.6684"),
+        ("NST", "int8", "15", f"{61 / 15:.2f}×", "TV loss", "12.1024"),
+        ("NST", "KD", "25", f"{61 / 25:.2f}×", "TV loss", "29.0122"),
+    ]
+
+
+def test_compression_section_between_warnings_and_devices_with_charts(compression_report):
+    page = compression_report[0]
+    warnings, compression, device = (page.index(f">{title}</h2>") for title in (
+        "Warnings", "Compression: size and quality per variant", DEVICE))
+    assert warnings < compression < device
+    charts = re.findall(r'<img src="data:image/png;base64,([^"]+)" alt="ONNX size against PSNR', page)
+    assert len(charts) == 2  # one per base model
+    assert all(base64.b64decode(chart).startswith(b"\x89PNG\r\n\x1a\n") for chart in charts)
+
+
+def test_report_without_compression_data_has_no_compression_section(report):
+    path, parser = report
+    page = path.read_text(encoding="utf-8")
+    assert "Compression: size and quality" not in page and "seed-compression" not in page
+    assert not [key for key in parser.tables if key.startswith("compression")]
+    assert record_rows(parser)  # the latency tables are still there
+
+
+def test_variant_order_follows_compression_methods():
+    from lwgan_models.compression import METHODS  # imports torch, so only here
+
+    assert VARIANT_ORDER == ("fp32", *METHODS)

@@ -1,7 +1,8 @@
 """The report as a person sees it: headless Chromium opens it from disk with no network.
 
-Checks that the page loads without console messages (it has no scripts, so any is an error), that the rendered table (the DOM after
-Chromium parsed it) shows every record's p50 as the report formats it, and saves a screenshot.
+Checks that the page loads without console messages (it has no scripts, so any is an error), that the rendered tables
+(the DOM after Chromium parsed it) show every record's p50 as the report formats it and the compression table its
+ratios, and saves a screenshot.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from bench.record import append_records, load_records
 from reports import render_report
 from reports.html import format_ms
-from tests.test_report import RECORDS
+from tests.test_report import BASE_ONNX_BYTES, COMPRESSION_RECORDS, RECORDS
 
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -31,7 +32,7 @@ def chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_report_in_headless_chromium(tmp_path):
-    append_records(RECORDS, tmp_path / "results" / "run.jsonl")
+    append_records(RECORDS + COMPRESSION_RECORDS, tmp_path / "results" / "run.jsonl")
     records = load_records(tmp_path / "results")
     page = render_report(records, tmp_path / "index.html")
 
@@ -39,8 +40,11 @@ def test_report_in_headless_chromium(tmp_path):
     assert dom.returncode == 0, dom.stderr[-2000:]
     console = [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]  # the page has no scripts
     assert not console, console
+    cells = dom.stdout.replace(" ", "")
     for value in records.latency_p50_ms:
-        assert f">{format_ms(value)}<" in dom.stdout.replace(" ", "")
+        assert f">{format_ms(value)}<" in cells
+    assert "Compression:sizeandqualitypervariant" in cells
+    assert f">{BASE_ONNX_BYTES / 600_000:.2f}×<" in cells  # the int8 variant's "× smaller"
 
     screenshot = tmp_path / "report.png"
     shot = chromium(tmp_path, "--window-size=1400,1600", f"--screenshot={screenshot}", page.as_uri())
