@@ -224,13 +224,14 @@ def train(c, model, epochs=None, steps=None, crop=None, dataroot=None, out=None,
         "method": "ptq | qat | kd | prune | prune+kd+ptq",
         "steps": "fine-tuning / distillation steps (default 1500)",
         "keep": "prune: fraction of channels kept (default 0.375)",
+        "weight_bits": "int8 methods: weight bits, 7 (default; exact on x86 without VNNI) or 8",
         "checkpoint": "trained weights to start from (default: the registry's)",
         "out": "folder for the variant and its card (default lwgan_models/checkpoints)",
         "debug": "show tracebacks",
     }
 )
 @cli
-def compress(c, model, method, steps=None, keep=None, checkpoint=None, out=None, debug=False):
+def compress(c, model, method, steps=None, keep=None, weight_bits=None, checkpoint=None, out=None, debug=False):
     """Make a compressed variant and measure its size, MACs and quality against the fp32 teacher."""
     import dataclasses
 
@@ -242,6 +243,8 @@ def compress(c, model, method, steps=None, keep=None, checkpoint=None, out=None,
     config = CompressConfig()
     if steps:
         config = dataclasses.replace(config, steps=_count(steps, "steps", 0))
+    if weight_bits:
+        config = dataclasses.replace(config, weight_bits=_count(weight_bits, "weight-bits", 0))
     if keep:
         try:
             config = dataclasses.replace(config, keep=float(keep))

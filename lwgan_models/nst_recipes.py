@@ -280,9 +280,13 @@ def content_batch(paths: Sequence[Path], config: NSTConfig, step: int) -> tuple[
 
 def heldout_tv(net: StyleTransferNet, paths: Sequence[Path], crop_size: int) -> list[float]:
     """Mean TV of the network's outputs on centre crops of `paths`, one value per style."""
-    images = torch.stack([to_tensor(resize_and_crop(load_rgb(path), crop_size, None)) for path in paths])
+    sums = [0.0] * net.n_styles
     with torch.no_grad():
-        return [round(float(total_variation(net(images, style))), 6) for style in range(net.n_styles)]
+        for path in paths:  # one image at a time: a full test folder need not fit in memory
+            image = to_tensor(resize_and_crop(load_rgb(path), crop_size, None))[None]
+            for style in range(net.n_styles):
+                sums[style] += total_variation(net(image, style)).item()
+    return [round(total / len(paths), 6) for total in sums]
 
 
 def train_fast_nst(
@@ -299,7 +303,7 @@ def train_fast_nst(
     """
     content_paths = _images_in(config.content_dir, "content")
     eval_paths = _images_in([config.eval_dir], "held-out content")
-    run = TrainingRun("nst", config.to_dict(), final_checkpoint, work_dir)
+    run = TrainingRun(f"nst-cin{config.n_styles}-w{config.width}", config.to_dict(), final_checkpoint, work_dir)
     resume = run.start()
 
     with torch.random.fork_rng(devices=[]):
@@ -310,10 +314,9 @@ def train_fast_nst(
     step = 0
     if resume is not None:
         net.load_state_dict(resume["model"])
-        pass
+        optimizer.load_state_dict(resume["optimizer"])
         step = resume["step"]
 
-    net.train()
     while step < config.steps:
         step += 1
         content, style = content_batch(content_paths, config, step)
@@ -328,7 +331,6 @@ def train_fast_nst(
         if on_step is not None:
             on_step(step)
 
-    net.eval()
     tv_per_style = heldout_tv(net, eval_paths, config.crop_size)
     card = {
         "arch": {"family": "nst", "n_styles": config.n_styles, "width": config.width},

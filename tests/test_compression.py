@@ -56,12 +56,15 @@ def read_ort(path, x: np.ndarray, optimised: bool = False) -> np.ndarray:
 # --- int8 scheme and QDQ export ----------------------------------------------------------------
 
 
-def test_qdq_file_computes_what_the_fake_quant_model_computes(tmp_path):
+@pytest.mark.parametrize("bits", [7, 8])
+def test_qdq_file_computes_what_the_fake_quant_model_computes(bits, tmp_path):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, stride=2, padding=1))
     x = torch.rand(1, 3, 16, 16) * 2 - 1
-    prepared = quantize.calibrate(quantize.prepare(net, x), [x, -x])
+    prepared = quantize.calibrate(quantize.prepare(net, x, weight_bits=bits), [x, -x])
     path = quantize.export_qdq(prepared, (1, 3, 16, 16), tmp_path / "q.onnx")
+    int8_weights = [numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer if i.data_type == 3]
+    assert max(int(np.abs(w).max()) for w in int8_weights) == 2 ** (bits - 1) - 1
     with torch.no_grad():
         fake_quant = prepared(x).numpy()
         fp32 = net(x).numpy()

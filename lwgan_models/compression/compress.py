@@ -51,6 +51,7 @@ class CompressConfig:
     keep: float = 0.375  # prune: fraction of channels kept (16 -> 6 for ngf=16)
     perceptual_weight: float = 1.0
     calibration_batches: int = 16
+    weight_bits: int = quantize.DEFAULT_WEIGHT_BITS
     seed: int = 0
     log_every: int = 50
     checkpoint_every: int = 250
@@ -105,7 +106,7 @@ def compress(base: LoadedModel, method: str, config: CompressConfig = CompressCo
                        config.log_every, config.checkpoint_every, n_styles=arch.get("n_styles") if styles else None)
 
     def int8(model: torch.nn.Module, qat: bool) -> torch.nn.Module:
-        prepared = quantize.prepare(model, torch.zeros(shape))
+        prepared = quantize.prepare(model, torch.zeros(shape), config.weight_bits)
         calibration = iter(image_batches(config.train_dirs, config.crop_size, 1, config.seed + 1))
         quantize.calibrate(prepared, [next(calibration) for _ in range(config.calibration_batches)])
         if qat:  # single style: the int8 artifact is exported for the network's active style

@@ -30,7 +30,11 @@ from lwgan_models.onnx_export import export_onnx
 from lwgan_models.subpixel import SubPixelConvTranspose2d, decompose_transposed_convs
 
 ACTIVATION_RANGE = (0, 255)  # uint8
-WEIGHT_LIMIT = 127  # int8 symmetric: [-127, 127], zero point 0
+# Weights are int8 symmetric with zero point 0. With 7 bits ([-63, 63], ONNX Runtime's
+# "reduce_range") the u8 x s8 pair sums of x86 CPUs without VNNI (vpmaddubsw, int16) cannot
+# saturate: 2 * 255 * 127 overflows int16, and ORT's kernels then differ from the QDQ
+# semantics by up to 0.7 on a [-1, 1] output (measured here on AVX2). Full 8 bits suit VNNI/ARM.
+DEFAULT_WEIGHT_BITS = 7
 BIAS_RANGE = (-(2**31), 2**31 - 1)
 QAT_MOMENTUM = 0.01  # EMA of activation ranges while training
 
@@ -68,9 +72,15 @@ class RangeObserver(nn.Module):
         return scale, zero_point
 
 
-def weight_scales(weight: torch.Tensor) -> torch.Tensor:
-    """Per-output-channel symmetric scales (max |w| maps to 127)."""
-    return weight.detach().abs().amax(dim=(1, 2, 3)).clamp(min=1e-12) / WEIGHT_LIMIT
+def weight_limit(bits: int) -> int:
+    if not 2 <= bits <= 8:
+        raise UserError(f"weight bits {bits}; expected 2..8 (int8 storage)")
+    return 2 ** (bits - 1) - 1
+
+
+def weight_scales(weight: torch.Tensor, limit: int) -> torch.Tensor:
+    """Per-output-channel symmetric scales (max |w| maps to `limit`)."""
+    return weight.detach().abs().amax(dim=(1, 2, 3)).clamp(min=1e-12) / limit
 
 
 class QuantConv2d(nn.Module):
@@ -81,9 +91,10 @@ class QuantConv2d(nn.Module):
     rounding passes gradients straight through).
     """
 
-    def __init__(self, conv: nn.Conv2d):
+    def __init__(self, conv: nn.Conv2d, weight_bits: int = DEFAULT_WEIGHT_BITS):
         super().__init__()
         self.conv = conv
+        self.weight_limit = weight_limit(weight_bits)
         self.input_range = RangeObserver()
         self.output_range = RangeObserver()
         self.mode = "observe"
@@ -98,9 +109,10 @@ class QuantConv2d(nn.Module):
             self.input_range.observe(x, QAT_MOMENTUM)
         in_scale, in_zero = self.input_range.qparams()
         x = torch.fake_quantize_per_tensor_affine(x, in_scale, in_zero, *ACTIVATION_RANGE)
-        w_scales = weight_scales(self.conv.weight)
+        w_scales = weight_scales(self.conv.weight, self.weight_limit)
         weight = torch.fake_quantize_per_channel_affine(
-            self.conv.weight, w_scales, torch.zeros_like(w_scales, dtype=torch.int32), 0, -WEIGHT_LIMIT, WEIGHT_LIMIT
+            self.conv.weight, w_scales, torch.zeros_like(w_scales, dtype=torch.int32), 0,
+            -self.weight_limit, self.weight_limit,
         )
         bias = self.conv.bias
         if bias is not None:
@@ -113,14 +125,14 @@ class QuantConv2d(nn.Module):
         return torch.fake_quantize_per_tensor_affine(y, out_scale, out_zero, *ACTIVATION_RANGE)
 
 
-def prepare(module: nn.Module, example: torch.Tensor) -> nn.Module:
+def prepare(module: nn.Module, example: torch.Tensor, weight_bits: int = DEFAULT_WEIGHT_BITS) -> nn.Module:
     """A copy of `module` with every convolution quantizable (in "observe" mode)."""
     prepared = decompose_transposed_convs(module, example)
     _replace(prepared, SubPixelConvTranspose2d, lambda layer: layer.materialize())
     if any(isinstance(m, nn.ConvTranspose2d) for m in prepared.modules()):
         raise UserError("the model has a transposed convolution that cannot be rewritten as sub-pixel convolutions "
                         "(non-square stride or output size not a multiple of it); it cannot be quantized")
-    _replace(prepared, nn.Conv2d, QuantConv2d)
+    _replace(prepared, nn.Conv2d, lambda conv: QuantConv2d(conv, weight_bits))
     return prepared
 
 
@@ -210,8 +222,9 @@ def _insert_qdq(model: onnx.ModelProto, convs_by_weight: dict[str, QuantConv2d])
         in_scale, in_zero = conv.input_range.qparams()
         out_scale, out_zero = conv.output_range.qparams()
         weight = numpy_helper.to_array(initializers[weight_name])
-        w_scales = weight_scales(torch.from_numpy(weight.copy())).numpy().astype(np.float32)
-        q_weight = np.clip(np.round(weight / w_scales[:, None, None, None]), -WEIGHT_LIMIT, WEIGHT_LIMIT)
+        limit = conv.weight_limit
+        w_scales = weight_scales(torch.from_numpy(weight.copy()), limit).numpy().astype(np.float32)
+        q_weight = np.clip(np.round(weight / w_scales[:, None, None, None]), -limit, limit)
         inputs = [qdq(node.input[0], in_scale, in_zero, f"{tag}i"), f"{tag}w"]
         # Weight and bias zero points are 0, the default when the input is omitted.
         new_nodes.append(helper.make_node("DequantizeLinear", [const(f"{tag}wq", q_weight.astype(np.int8)),
