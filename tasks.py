@@ -222,24 +222,30 @@ def train(c, model, epochs=None, steps=None, crop=None, dataroot=None, out=None,
     help={
         "model": "trained registry model to compress",
         "method": "ptq | qat | kd | prune | prune+kd+ptq",
-        "steps": "fine-tuning / distillation steps (default 1500)",
+        "steps": "fine-tuning / distillation steps (default 600)",
         "keep": "prune: fraction of channels kept (default 0.375)",
         "weight_bits": "int8 methods: weight bits, 7 (default; exact on x86 without VNNI) or 8",
         "checkpoint": "trained weights to start from (default: the registry's)",
         "out": "folder for the variant and its card (default lwgan_models/checkpoints)",
+        "threads": "torch threads (default: torch's choice)",
         "debug": "show tracebacks",
     }
 )
 @cli
-def compress(c, model, method, steps=None, keep=None, weight_bits=None, checkpoint=None, out=None, debug=False):
+def compress(c, model, method, steps=None, keep=None, weight_bits=None, checkpoint=None, out=None, threads=None,
+             debug=False):
     """Make a compressed variant and measure its size, MACs and quality against the fp32 teacher."""
     import dataclasses
+
+    import torch
 
     import lwgan_models
     from lwgan_models.compression import CompressConfig
     from lwgan_models.compression import compress as make_variant
     from lwgan_models.training import CHECKPOINT_DIR
 
+    if threads:
+        torch.set_num_threads(_count(threads, "threads", 0))
     config = CompressConfig()
     if steps:
         config = dataclasses.replace(config, steps=_count(steps, "steps", 0))
