@@ -161,3 +161,19 @@ def test_onnx_file_that_is_not_a_model(tmp_path):
 def test_counts_must_be_positive_numbers():
     assert_one_line_error(invoke("bench", "--samples", "abc"), "--samples 'abc'", "positive whole number")
     assert_one_line_error(invoke("tune", "--model", SMALLEST_DEMO_MODEL, "--trials", "0"), "--trials '0'")
+
+
+def test_compress_rejects_an_unknown_method_and_untrained_weights(tmp_path):
+    assert_one_line_error(invoke("compress", "--model", "cyclegan-resnet9-ngf64", "--method", "int4", "--out",
+                                 str(tmp_path)), "int4", "ptq")
+    assert_one_line_error(invoke("compress", "--model", "cyclegan-resnet9-ngf64", "--method", "ptq", "--out",
+                                 str(tmp_path)), "random weights")
+    assert not list(tmp_path.iterdir())
+
+
+def test_train_and_bench_name_what_is_missing(tmp_path):
+    assert_one_line_error(invoke("train", "--model", "no-such-gan"), "no-such-gan")
+    assert_one_line_error(invoke("train", "--model", "cyclegan-resnet6-ngf16", "--dataroot", str(tmp_path / "none"),
+                                 "--out", str(tmp_path / "g.pt")), str(tmp_path / "none"))
+    assert_one_line_error(invoke("bench", "--model", "cyclegan-resnet6-ngf16+qat4", "--results", str(tmp_path)),
+                          "cyclegan-resnet6-ngf16+qat4", "invoke compress")
