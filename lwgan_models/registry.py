@@ -112,7 +112,7 @@ _SPECS = (
         family="cyclegan",
         arch={"family": "cyclegan", "netG": "resnet_6blocks", "ngf": 16},
         input_shape=(1, 3, 128, 128),
-        checkpoint=None,
+        checkpoint="lwgan_models/checkpoints/cyclegan-resnet6-ngf16.pt",
         description="Slim CycleGAN ResNet generator (6 blocks, ngf=16)",
         demo=True,
     ),
