@@ -25,21 +25,14 @@ QUICK = CompressConfig(steps=3, crop_size=32, batch_size=1, calibration_batches=
                        log_every=1, checkpoint_every=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny nets on a shared 2-core machine run far faster on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
+def tiny_base(tmp_path_factory, one_torch_thread):
     """A registry spec for a tiny CycleGAN and a checkpoint trained by the real recipe (one short epoch)."""
     root = tmp_path_factory.mktemp("tiny-cyclegan")
     config = CycleGANConfig(ngf=4, ndf=4, load_size=36, crop_size=32, n_epochs=1, n_epochs_decay=0, log_every=16)
-    torch.set_num_threads(1)
     checkpoint = train_cyclegan(config, root / "tiny-cyclegan.pt", root / "work")
     spec = ModelSpec("tiny-cyclegan", "cyclegan", TINY_ARCH, TINY_SHAPE, None, "test only", False)
     return spec, checkpoint

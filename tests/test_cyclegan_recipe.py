@@ -33,13 +33,7 @@ N_EPOCHS, N_EPOCHS_DECAY, IMAGES_PER_DOMAIN = 6, 4, 4
 TOTAL_STEPS = (N_EPOCHS + N_EPOCHS_DECAY) * IMAGES_PER_DOMAIN
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convs on shared cores run far faster on one thread than on two that contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _write_domain(folder: Path, count: int, tint: tuple[float, float, float], seed: int) -> None:

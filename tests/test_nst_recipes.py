@@ -41,6 +41,8 @@ from lwgan_models.registry import build_generator
 from lwgan_models.standin_data import REPO_DATASET
 from lwgan_models.style_transfer import StyleTransferNet
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SIZE = 32
 
 

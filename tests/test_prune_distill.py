@@ -23,13 +23,7 @@ RESNET9 = {"family": "cyclegan", "netG": "resnet_9blocks", "ngf": 4}
 NST = {"family": "nst", "n_styles": 3, "width": 8}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These nets are tiny: threads buy nothing, and on a busy shared CPU OpenMP spinning slows them ~10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def seeded_generator(arch: dict, seed: int = 0) -> torch.nn.Module:
