@@ -189,7 +189,8 @@ def train(c, model, epochs=None, steps=None, crop=None, dataroot=None, out=None,
 
     import lwgan_models
     from lwgan_models.compression.compress import evaluate_base
-    from lwgan_models.training import CHECKPOINT_DIR, RUNS_DIR
+    from lwgan_models.registry import CHECKPOINT_DIR
+    from lwgan_models.training import RUNS_DIR
 
     spec = lwgan_models.get(model)
     checkpoint = Path(out) if out else CHECKPOINT_DIR / f"{spec.name}.pt"
@@ -242,7 +243,7 @@ def compress(c, model, method, steps=None, keep=None, weight_bits=None, checkpoi
     import lwgan_models
     from lwgan_models.compression import CompressConfig
     from lwgan_models.compression import compress as make_variant
-    from lwgan_models.training import CHECKPOINT_DIR
+    from lwgan_models.registry import CHECKPOINT_DIR
 
     if threads:
         torch.set_num_threads(_count(threads, "threads", 0))

@@ -5,8 +5,8 @@ Records are append-only: tuning adds lines, nothing here rewrites or deletes the
 
 from __future__ import annotations
 
-import hashlib
 import contextlib
+import hashlib
 import json
 import os
 import shutil

@@ -6,8 +6,8 @@ import torch
 import tvm
 from tvm.relax.frontend.torch import from_exported_program
 
-from lwgan_models.subpixel import decompose_transposed_convs
 from errors import UserError
+from lwgan_models.subpixel import decompose_transposed_convs
 
 
 def torch_to_relax(module: torch.nn.Module, input_shape: tuple[int, ...], name: str = "model") -> tvm.IRModule:

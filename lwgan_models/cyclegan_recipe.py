@@ -35,16 +35,15 @@ from torch.optim.lr_scheduler import LambdaLR
 from errors import UserError
 from lwgan_models.cyclegan import GENERATORS, define_D, define_G
 from lwgan_models.data import UnpairedImageFolder, make_loader
-from lwgan_models.registry import build_generator
+from lwgan_models.registry import build_generator, repo_relative
+from lwgan_models.standin_data import REPO_DATASET
 from lwgan_models.training import (
-    REPO_ROOT,
     TrainingRun,
     atomic_write_bytes,
     final_losses,
     read_card,
 )
 
-STANDIN_DATASET = Path(__file__).resolve().parent / "data" / "standin_apple2orange"
 COMPANIONS = ("G_B", "D_A", "D_B")  # saved beside the G_A checkpoint
 LOSS_NAMES = ("D_A", "G_A", "cycle_A", "idt_A", "D_B", "G_B", "cycle_B", "idt_B")  # upstream's order
 # A crop floor that leaves the 3-layer PatchGAN a 2x2 patch grid, and the size factor each
@@ -59,7 +58,7 @@ ImageMap = Callable[[torch.Tensor], torch.Tensor]
 class CycleGANConfig:
     """Everything that shapes a trained CycleGAN; upstream defaults except the slim sizes."""
 
-    dataroot: Path = STANDIN_DATASET
+    dataroot: Path = REPO_DATASET
     netG: str = "resnet_6blocks"
     ngf: int = 16
     ndf: int = 16  # slim discriminators keep the committed companions small
@@ -116,15 +115,8 @@ class CycleGANConfig:
     def to_dict(self) -> dict:
         """JSON-ready; the dataroot is repo-relative when inside the repo, so cards do not name a checkout."""
         data = asdict(self)
-        data["dataroot"] = _display_path(self.dataroot)
+        data["dataroot"] = repo_relative(self.dataroot)
         return data
-
-
-def _display_path(path: Path) -> str:
-    try:
-        return path.resolve().relative_to(REPO_ROOT).as_posix()
-    except ValueError:
-        return str(path.resolve())
 
 
 class ImagePool:

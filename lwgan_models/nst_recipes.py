@@ -36,9 +36,10 @@ from lwgan_models.perceptual import (
     style_loss,
     total_variation,
 )
+from lwgan_models.registry import repo_relative
 from lwgan_models.standin_data import REPO_DATASET
 from lwgan_models.style_transfer import StyleTransferNet
-from lwgan_models.training import REPO_ROOT, TrainingRun, final_losses
+from lwgan_models.training import TrainingRun, final_losses
 
 # Colourful or strongly textured photos that ship inside the scikit-image wheel (others need pooch).
 STYLE_IMAGES = ("immunohistochemistry", "hubble_deep_field", "coffee", "brick", "gravel", "chelsea",
@@ -211,15 +212,9 @@ class NSTConfig:
         """JSON-ready (lists, repo-relative paths) so it compares equal to its saved copy on resume."""
         record = dataclasses.asdict(self)
         record["styles"] = list(self.styles)
-        record["content_dir"] = [_display_path(folder) for folder in self.content_dir]
-        record["eval_dir"] = _display_path(self.eval_dir)
+        record["content_dir"] = [repo_relative(folder) for folder in self.content_dir]
+        record["eval_dir"] = repo_relative(self.eval_dir)
         return record
-
-
-def _display_path(folder: str) -> str:
-    """Paths inside the repository are recorded relative to it, so cards do not depend on the machine."""
-    path = Path(folder).resolve()
-    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
 
 
 def _images_in(folders: Sequence[str], role: str) -> list[Path]:

@@ -15,7 +15,6 @@ import onnx
 import torch
 from torch import nn
 
-
 # The exporter warns on every call that torchvision (which no generator uses) is not installed.
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 

@@ -91,7 +91,7 @@ class Variant:
             family=self.base.family,
             arch=self.card["arch"],
             input_shape=self.base.input_shape,
-            checkpoint=_display_path(self.path),
+            checkpoint=repo_relative(self.path),
             description=f"{self.base.name} compressed by {self.method}",
             demo=False,
         )
@@ -170,7 +170,7 @@ def find_variant(name: str, checkpoint_dir: Path | None = None) -> Variant:
     folder = checkpoint_dir or CHECKPOINT_DIR
     card_file = folder / f"{name}.json"
     if not card_file.is_file():
-        raise UserError(f"variant {name!r} has not been made (no {_display_path(card_file)}); "
+        raise UserError(f"variant {name!r} has not been made (no {repo_relative(card_file)}); "
                         f"run `invoke compress --model {base_name} --method {method}`")
     try:
         card = json.loads(card_file.read_text(encoding="utf-8"))
@@ -178,7 +178,7 @@ def find_variant(name: str, checkpoint_dir: Path | None = None) -> Variant:
         raise UserError(f"variant card {card_file} is not valid JSON ({exc})") from exc
     path = folder / f"{name}{'.onnx' if card.get('format') == 'onnx-qdq' else '.pt'}"
     if not path.is_file():
-        raise UserError(f"variant {name!r}: {_display_path(path)} is missing beside its card")
+        raise UserError(f"variant {name!r}: {repo_relative(path)} is missing beside its card")
     return Variant(name=name, base=base, method=method, path=path, card=card)
 
 
@@ -246,7 +246,7 @@ def _load_checkpoint(module: nn.Module, path: Path, model_name: str) -> str:
     if mismatch:
         raise UserError(f"checkpoint {path} does not fit model {model_name}: {mismatch}")
     module.load_state_dict(state, strict=True)
-    return f"{_display_path(path)}@sha256:{digest}"
+    return f"{repo_relative(path)}@sha256:{digest}"
 
 
 def _drop_stale_instance_norm_stats(module: nn.Module, state: dict) -> None:
@@ -280,9 +280,9 @@ def _first_few(items: list[str], limit: int = 3) -> str:
     return "[" + ", ".join(items[:limit]) + "]" + more
 
 
-def _display_path(path: Path) -> str:
+def repo_relative(path: str | Path) -> str:
     """Repo-relative when inside the repo, so records do not depend on the checkout location."""
-    resolved = path.resolve()
+    resolved = Path(path).resolve()
     try:
         return resolved.relative_to(REPO_ROOT).as_posix()
     except ValueError:

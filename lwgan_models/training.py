@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from errors import UserError
-from lwgan_models.registry import CHECKPOINT_DIR, REPO_ROOT
+from lwgan_models.registry import REPO_ROOT
 
 RUNS_DIR = REPO_ROOT / "build" / "runs"
 

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from bench.record import load_records
 
 REPO = Path(__file__).resolve().parent.parent

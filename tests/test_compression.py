@@ -15,9 +15,16 @@ from torch import nn
 
 from errors import UserError
 from lwgan_models import registry
-from lwgan_models.compression import METHODS, CompressConfig, compress, evaluate, quantize
+from lwgan_models.compression import (
+    METHODS,
+    CompressConfig,
+    compress,
+    evaluate,
+    quantize,
+)
 from lwgan_models.cyclegan_recipe import CycleGANConfig, train_cyclegan
 from lwgan_models.registry import ModelSpec
+from lwgan_models.standin_data import REPO_DATASET
 
 TINY_ARCH = {"family": "cyclegan", "netG": "resnet_6blocks", "ngf": 4}
 TINY_SHAPE = (1, 3, 32, 32)
@@ -131,7 +138,7 @@ def test_qat_moves_ranges_and_trains_through_the_rounding():
 
 
 def test_psnr_and_ssim_are_perfect_for_identical_images_and_drop_with_noise():
-    images = evaluate.heldout_images(evaluate.STANDIN_DATASET / "testA", 32)
+    images = evaluate.heldout_images(REPO_DATASET / "testA", 32)
     assert images.shape == (8, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
     noisy = (images + 0.1 * torch.randn_like(images)).clamp(-1, 1)
     assert evaluate.psnr_db(images, images) == float("inf")
@@ -184,7 +191,7 @@ def test_ptq_quality_is_measured_on_the_exact_int8_file(tiny_base, tmp_path):
     spec, checkpoint = tiny_base
     base = registry.load(spec, checkpoint)
     card = json.loads(compress(base, "ptq", QUICK, out_dir=tmp_path, work_dir=tmp_path / "w").read_text())
-    images = evaluate.heldout_images(evaluate.STANDIN_DATASET / "testA", 32)
+    images = evaluate.heldout_images(REPO_DATASET / "testA", 32)
     outputs = torch.cat([torch.from_numpy(read_ort(tmp_path / "tiny-cyclegan+ptq.onnx", i[None].numpy()))
                          for i in images])
     with torch.no_grad():

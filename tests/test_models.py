@@ -24,11 +24,12 @@ from lwgan_models import (
     get_norm_layer,
     load,
     names,
+    registry,
 )
-from lwgan_models import registry
 
 OFFICIAL_KEYS = json.loads((Path(__file__).parent / "data" / "official_cyclegan_keys.json").read_text())
 SMALL_MODEL = "cyclegan-resnet6-ngf16"
+UNTRAINED_MODEL = "nst-cin4-w32"  # no shipped checkpoint: random weights from a fixed seed
 
 
 def spec_for(builder, input_shape, checkpoint=None) -> ModelSpec:
@@ -228,7 +229,7 @@ def test_random_loads_are_identical_and_leave_global_rng_alone():
     torch.manual_seed(123)
     expected_draw = torch.rand(4)
     torch.manual_seed(123)
-    first, second = load(SMALL_MODEL), load(SMALL_MODEL)
+    first, second = load(UNTRAINED_MODEL), load(UNTRAINED_MODEL)
     assert torch.equal(torch.rand(4), expected_draw)
 
     assert first.weights == second.weights == "random"
@@ -322,3 +323,15 @@ def test_params_and_fp32_size():
     expected_params = sum(p.numel() for p in define_G(3, 3, 16, "resnet_6blocks").parameters())
     assert loaded.params == expected_params
     assert 4 * expected_params <= loaded.size_fp32_bytes <= 4 * expected_params + 64 * 1024
+
+
+def test_shipped_checkpoints_load_with_their_cards():
+    """Every registry checkpoint is committed, matches its card's digest, and records its recipe."""
+    shipped = [get(name) for name in names() if get(name).checkpoint]
+    assert shipped, "no model ships a trained checkpoint"
+    for spec in shipped:
+        loaded = load(spec.name)
+        assert loaded.weights == f"{spec.checkpoint}@sha256:{loaded.card['sha256']}"
+        assert loaded.card["arch"] == spec.arch
+        assert loaded.card["steps"] > 0 and loaded.card["final_losses"]
+        assert loaded.card["seed_metric"]["name"] in ("generator_loss", "tv_loss")

@@ -189,7 +189,12 @@ def test_qdq_model_matches_ort(conv_net_onnx, tmp_path):
     ORT's fused QLinearConv saturates its int16 intermediate sums and drifts ~0.2 from its own
     unfused QDQ execution (and from TVM).
     """
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     class RandomImages(CalibrationDataReader):
         def __init__(self):

@@ -32,8 +32,16 @@ from lwgan_models.compression.prune import prune_generator
 from lwgan_models.cyclegan_recipe import generator_loss, load_companions
 from lwgan_models.onnx_export import export_onnx
 from lwgan_models.perceptual import total_variation
-from lwgan_models.registry import LoadedModel
-from lwgan_models.training import CHECKPOINT_DIR, RUNS_DIR, TrainingRun, card_path, file_sha256, read_card, write_json
+from lwgan_models.registry import CHECKPOINT_DIR, LoadedModel
+from lwgan_models.standin_data import REPO_DATASET as STANDIN_DATASET
+from lwgan_models.training import (
+    RUNS_DIR,
+    TrainingRun,
+    card_path,
+    file_sha256,
+    read_card,
+    write_json,
+)
 
 METHODS = ("ptq", "qat", "kd", "prune", "prune+kd+ptq")
 INT8_METHODS = ("ptq", "qat", "prune+kd+ptq")
@@ -55,24 +63,17 @@ class CompressConfig:
     seed: int = 0
     log_every: int = 50
     checkpoint_every: int = 250
-    train_dirs: tuple[str, ...] = (str(evaluate.STANDIN_DATASET / "trainA"),)
-    heldout_dir: str = str(evaluate.STANDIN_DATASET / "testA")
-    heldout_b_dir: str = str(evaluate.STANDIN_DATASET / "testB")  # CycleGAN's identity term needs domain B
+    train_dirs: tuple[str, ...] = (str(STANDIN_DATASET / "trainA"),)
+    heldout_dir: str = str(STANDIN_DATASET / "testA")
+    heldout_b_dir: str = str(STANDIN_DATASET / "testB")  # CycleGAN's identity term needs domain B
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         for key in ("train_dirs",):
-            data[key] = [_repo_relative(p) for p in data[key]]
+            data[key] = [registry.repo_relative(p) for p in data[key]]
         for key in ("heldout_dir", "heldout_b_dir"):
-            data[key] = _repo_relative(data[key])
+            data[key] = registry.repo_relative(data[key])
         return data
-
-
-def _repo_relative(path: str) -> str:
-    try:
-        return Path(path).resolve().relative_to(registry.REPO_ROOT).as_posix()
-    except ValueError:
-        return str(Path(path).resolve())
 
 
 def variant_name(base: str, method: str) -> str:

@@ -21,9 +21,6 @@ from skimage.metrics import structural_similarity
 from errors import UserError
 from lwgan_models.data import list_images, load_rgb, to_tensor
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-STANDIN_DATASET = REPO_ROOT / "lwgan_models" / "data" / "standin_apple2orange"
-
 Generator = Callable[[torch.Tensor], torch.Tensor]
 
 
