@@ -166,7 +166,7 @@ def bench(c, target="host", model=None, onnx=None, runtimes="tvm,torch,onnxrunti
         append_records(records, out)  # per model, so an interruption keeps what was measured
         failed += [r for r in records if not r.valid]
     say(f"records: {out}")
-    if any(r.max_abs_err is not None and r.max_abs_err > r.tolerance for r in failed):
+    if any(r.beyond_tolerance() for r in failed):
         raise Exit("error: some outputs differ from the reference beyond tolerance (records kept, marked invalid)", code=2)
 
 

@@ -68,11 +68,16 @@ class Record:
     invalid_reason: str = ""
     # Correctness against the torch fp32 reference on the same input.
     max_abs_err: float | None = None
-    tolerance: float | None = None
+    tolerance: float | None = None  # fp32 rule: max_abs_err <= tolerance
+    output_psnr_db: float | None = None  # output vs reference over the whole image
+    min_output_psnr_db: float | None = None  # int8 rule: a rounding step may flip anywhere, so judge the image
     # Environment fingerprint and provenance.
     env: dict = field(default_factory=dict)
     timestamp: str = ""
     schema: int = SCHEMA_VERSION
+
+    def beyond_tolerance(self) -> bool:
+        return outside_tolerance(dataclasses.asdict(self))
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -84,6 +89,16 @@ class Record:
         if unknown:
             raise UserError(f"record has unknown fields {sorted(unknown)}; expected schema {SCHEMA_VERSION}")
         return cls(**data)
+
+
+def outside_tolerance(record: dict) -> bool:
+    """Whether a record's output broke its correctness rule (a dict, so pandas rows work too)."""
+    def given(value) -> bool:
+        return value is not None and value == value  # NaN from pandas means absent
+
+    err, tol = record.get("max_abs_err"), record.get("tolerance")
+    psnr, floor = record.get("output_psnr_db"), record.get("min_output_psnr_db")
+    return (given(err) and given(tol) and err > tol) or (given(psnr) and given(floor) and psnr < floor)
 
 
 def append_records(records: list[Record], path: Path) -> Path:

@@ -31,7 +31,11 @@ RUNTIMES = ("tvm", "torch", "onnxruntime")
 # Generators end in tanh, so outputs lie in [-1, 1]; fp32 reorderings stay far below 2e-3. An int8
 # model may flip a value across a rounding boundary (one step of 2/255 ~ 0.008 at the output scale),
 # which instance norm amplifies, so QDQ models get a looser bound.
-TOLERANCE = {"fp32": 2e-3, "int8": 5e-2}
+TOLERANCE = {"fp32": 2e-3}
+# int8 kernels requantize in integer arithmetic, the QDQ reference in float: single rounding steps
+# differ and instance norm spreads them (ONNX Runtime's int8 vs its reference: 0.17 max, 38 dB PSNR).
+# Judge the whole image, at the issue's int8 quality bar; saturating kernels fall far below it.
+MIN_OUTPUT_PSNR_DB = {"int8": 30.0}
 
 
 def new_run_id() -> str:
@@ -102,26 +106,30 @@ def bench_model(
             adapters.append(OnnxRuntime(onnx_path, rules.threads))
             artifact_bytes["onnxruntime"] = onnx_path.stat().st_size
 
-    errors = {}
+    errors, psnrs = {}, {}
     for adapter in adapters:
         output = adapter.run(x)
         if output.shape != reference.shape:
             raise UserError(f"{model.name}: {adapter.name} output shape {output.shape} != reference {reference.shape}")
         errors[adapter.name] = float(np.abs(output - reference).max())
+        psnrs[adapter.name] = output_psnr_db(output, reference)
         adapter.prepare(x)
     report(f"  {model.name}: timing {', '.join(a.name for a in adapters)} ({rules.samples}+ samples each, interleaved)")
     env = {**host_fingerprint(), "load_1m_at_start": round(os.getloadavg()[0], 2)}
     timings = time_runtimes(adapters, rules)
 
-    tolerance = TOLERANCE[model.precision]
+    tolerance = TOLERANCE.get(model.precision)
+    min_psnr = MIN_OUTPUT_PSNR_DB.get(model.precision)
     onnx_bytes = model.onnx_file().stat().st_size
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     records = []
     for adapter, timing in zip(adapters, timings):
-        err = errors[adapter.name]
+        err, psnr = errors[adapter.name], psnrs[adapter.name]
         reasons = [timing.invalid_reason] if timing.invalid_reason else []
-        if err > tolerance:
+        if tolerance is not None and err > tolerance:
             reasons.append(f"max abs error {err:.2e} > tolerance {tolerance:.0e}")
+        if min_psnr is not None and psnr < min_psnr:
+            reasons.append(f"output PSNR {psnr:.1f} dB < {min_psnr:.0f} dB against the reference")
         tvm_build = compiled if adapter.name == "tvm" else None
         records.append(
             Record(
@@ -155,6 +163,8 @@ def bench_model(
                 invalid_reason="; ".join(reasons),
                 max_abs_err=err,
                 tolerance=tolerance,
+                output_psnr_db=round(psnr, 2) if np.isfinite(psnr) else None,
+                min_output_psnr_db=min_psnr,
                 env=env,
                 timestamp=stamp,
                 **timing.stats_ms(),
@@ -162,10 +172,16 @@ def bench_model(
         )
         report(
             f"  {model.name:28s} {adapter.name:12s} p50 {records[-1].latency_p50_ms:9.3f} ms  "
-            f"cov {records[-1].latency_cov:5.3f}  err {err:.1e}"
+            f"cov {records[-1].latency_cov:5.3f}  err {err:.1e}  {psnr:.1f} dB"
             + ("" if not reasons else "  INVALID: " + records[-1].invalid_reason)
         )
     return records
+
+
+def output_psnr_db(output: np.ndarray, reference: np.ndarray) -> float:
+    """PSNR of an output against the reference for [-1, 1] images (inf when identical)."""
+    mse = float(np.mean((output.astype(np.float64) - reference) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)
 
 
 def _repo_relative(path) -> str:

@@ -19,6 +19,7 @@ import pandas as pd
 from matplotlib.figure import Figure  # no pyplot: leaves the process-wide backend alone
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+from bench.record import outside_tolerance
 from errors import UserError
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
@@ -160,7 +161,7 @@ def _sections(records: pd.DataFrame, runtimes: list[str]) -> list[dict]:
 
 def _row(record: dict, latest: dict) -> dict:
     """One table row, every value already formatted; the template only lays them out."""
-    err, tol = record["max_abs_err"], record["tolerance"]
+    err = record["max_abs_err"]
     return {
         "model": record["model"],
         "variant": record["variant"],
@@ -180,8 +181,8 @@ def _row(record: dict, latest: dict) -> dict:
         "mean": format_ms(record["latency_mean_ms"]),
         "cov": f"{record['latency_cov']:.3f}",
         "noisy": record["latency_cov"] > NOISY_COV,
-        "err": "—" if _missing(err) else f"{err:.1e}",
-        "tol": "—" if _missing(tol) else f"{tol:.0e}",
+        "err": "—" if _missing(err) else f"{err:.1e}" + _psnr_suffix(record),
+        "tol": _tolerance(record),
         "err_high": _over_tolerance(record),
         "speedups": _speedups(record, latest),
         "valid": record["valid"],
@@ -204,9 +205,21 @@ def _tuned(record: dict) -> str:
     return f"{int(trials)} trials" + ("" if _missing(tasks) else f", {tasks} tasks")
 
 
+def _psnr_suffix(record: dict) -> str:
+    """int8 rows are judged by output PSNR against the reference; show it beside the max error."""
+    psnr = record.get("output_psnr_db")
+    return "" if _missing(record.get("min_output_psnr_db")) or _missing(psnr) else f" ({psnr:.1f} dB)"
+
+
+def _tolerance(record: dict) -> str:
+    if not _missing(record["tolerance"]):
+        return f"{record['tolerance']:.0e}"
+    floor = record.get("min_output_psnr_db")
+    return "—" if _missing(floor) else f"PSNR ≥ {floor:.0f} dB"
+
+
 def _over_tolerance(record: dict) -> bool:
-    err, tol = record["max_abs_err"], record["tolerance"]
-    return not (_missing(err) or _missing(tol)) and err > tol
+    return outside_tolerance(record)
 
 
 def _speedups(record: dict, latest: dict) -> list[str]:
@@ -230,7 +243,9 @@ def _warnings(record: dict) -> list[dict]:
     if record["latency_cov"] > NOISY_COV:
         warnings.append({"kind": "noisy", "where": where, "detail": f"CoV {record['latency_cov']:.3f} > {NOISY_COV}"})
     if _over_tolerance(record):
-        detail = f"max abs error {record['max_abs_err']:.1e} > tolerance {record['tolerance']:.0e}"
+        detail = (f"max abs error {record['max_abs_err']:.1e} > tolerance {record['tolerance']:.0e}"
+                  if not _missing(record["tolerance"]) else
+                  f"output PSNR {record['output_psnr_db']:.1f} dB < {record['min_output_psnr_db']:.0f} dB")
         warnings.append({"kind": "error above tolerance", "where": where, "detail": detail})
     return warnings
 

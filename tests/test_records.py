@@ -10,7 +10,13 @@ import typing
 import pandas as pd
 import pytest
 
-from bench.record import Record, append_records, load_records, read_records
+from bench.record import (
+    Record,
+    append_records,
+    load_records,
+    outside_tolerance,
+    read_records,
+)
 from errors import UserError
 
 FIELDS = [f.name for f in dataclasses.fields(Record)]
@@ -124,3 +130,16 @@ def test_bad_lines_name_file_and_line(tmp_path, bad_line, expected):
     # The same error reaches whoever loads the folder.
     with pytest.raises(UserError, match=f"{path}:3: "):
         load_records(tmp_path)
+
+
+def test_fp32_records_are_judged_by_max_error_and_int8_by_output_psnr(tmp_path):
+    fp32 = make_record("tvm", 50.0)
+    assert not fp32.beyond_tolerance()
+    assert dataclasses.replace(fp32, max_abs_err=3e-3).beyond_tolerance()
+    int8 = dataclasses.replace(fp32, precision="int8", variant="ptq", max_abs_err=0.17, tolerance=None,
+                               output_psnr_db=37.9, min_output_psnr_db=30.0)
+    assert not int8.beyond_tolerance()  # one flipped rounding step is not a failure
+    assert dataclasses.replace(int8, output_psnr_db=21.0).beyond_tolerance()  # saturating kernels are
+    append_records([int8, dataclasses.replace(int8, output_psnr_db=None)], tmp_path / "r.jsonl")
+    frame = load_records(tmp_path)
+    assert [outside_tolerance(row) for row in frame.to_dict("records")] == [False, False]
