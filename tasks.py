@@ -162,7 +162,8 @@ def bench(c, target="host", model=None, onnx=None, runtimes="tvm,torch,onnxrunti
     failed = []
     for index, subject in enumerate(subjects, 1):
         say(f"[{index}/{len(subjects)}] {subject.name}")
-        records = bench_model(subject, resolved, run_id, tuple(r.strip() for r in runtimes.split(",")), rules, say)
+        records = bench_model(subject, resolved, run_id, tuple(r.strip() for r in runtimes.split(",")), rules, say,
+                              samples_dir=out.parent / f"{run_id}.samples")
         append_records(records, out)  # per model, so an interruption keeps what was measured
         failed += [r for r in records if not r.valid]
     say(f"records: {out}")

@@ -48,6 +48,7 @@ class Record:
     ssim: float | None = None
     seed_metric_name: str | None = None
     seed_metric: float | None = None
+    sample_png: str | None = None  # the reference output on the test image, relative to the results folder
     tuned_trials: int | None = None  # tuning records in the applied database; None = untuned
     db_hash: str | None = None
     tuning_db: str | None = None  # autotune_logs/<target-level>/<model>, relative to the repo

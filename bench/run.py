@@ -11,12 +11,14 @@ from __future__ import annotations
 import datetime
 import os
 import uuid
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
 import torch
 import tvm
+from PIL import Image
 from skimage import data as skimage_data
 
 from bench.fingerprint import REPO_ROOT, host_fingerprint
@@ -69,7 +71,9 @@ def bench_model(
     runtimes: tuple[str, ...] = RUNTIMES,
     rules: BenchRules | None = None,
     report: Callable[[str], None] = print,
+    samples_dir: Path | None = None,
 ) -> list[Record]:
+    """Time `model` on every runtime; with `samples_dir`, also save its reference output there as a PNG."""
     unknown = set(runtimes) - set(RUNTIMES)
     if unknown:
         raise UserError(f"unknown runtime(s) {sorted(unknown)}; allowed: {', '.join(RUNTIMES)}")
@@ -79,6 +83,7 @@ def bench_model(
     rules = rules or target.config.bench
     x = test_image(model.input_shape)
     reference = reference_output(model, x)
+    sample = save_sample(reference, samples_dir / f"{model.name}.png") if samples_dir else None
 
     adapters: list[Runtime] = []
     artifact_bytes: dict[str, int | None] = {}
@@ -165,6 +170,7 @@ def bench_model(
                 tolerance=tolerance,
                 output_psnr_db=round(psnr, 2) if np.isfinite(psnr) else None,
                 min_output_psnr_db=min_psnr,
+                sample_png=sample and sample.relative_to(samples_dir.parent).as_posix(),
                 env=env,
                 timestamp=stamp,
                 **timing.stats_ms(),
@@ -176,6 +182,16 @@ def bench_model(
             + ("" if not reasons else "  INVALID: " + records[-1].invalid_reason)
         )
     return records
+
+
+def save_sample(output: np.ndarray, path: Path) -> Path | None:
+    """The first image of an NCHW RGB output in [-1, 1] as a PNG (None for other layouts)."""
+    if output.ndim != 4 or output.shape[1] != 3:
+        return None
+    pixels = ((output[0].transpose(1, 2, 0) + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
 
 
 def output_psnr_db(output: np.ndarray, reference: np.ndarray) -> float:

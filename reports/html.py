@@ -94,7 +94,7 @@ def render_report(records: pd.DataFrame, out_path: Path, source: str | Path = "r
         sections=_sections(records, runtimes),
         warnings=[w for r in records.to_dict("records") for w in _warnings(r)],
         noisy_cov=NOISY_COV,
-        compression=_compression(records),
+        compression=_compression(records, Path(source)),
         seed_rows=_seed_rows(),
         seed_source=SEED_REPORT_SOURCE,
     )
@@ -250,7 +250,7 @@ def _warnings(record: dict) -> list[dict]:
     return warnings
 
 
-def _compression(records: pd.DataFrame) -> list[dict]:
+def _compression(records: pd.DataFrame, results_dir: Path) -> list[dict]:
     """One table and size-vs-PSNR chart per base model: what each compression method saves and what it costs.
 
     Size and quality belong to the model, not to the runtime that timed it, so each model contributes
@@ -274,7 +274,7 @@ def _compression(records: pd.DataFrame) -> list[dict]:
                 "anchor": re.sub(r"[^A-Za-z0-9_.+-]", "-", base_model),
                 "has_base": base is not None,
                 "seed_metric": " / ".join(SEED_METRIC_LABELS.get(name, name) for name in names) or "seed metric",
-                "rows": [_compression_row(m, base) for m in models],
+                "rows": [_compression_row(m, base, results_dir) for m in models],
                 "chart": _size_quality_chart(base_model, models, base),
             }
         )
@@ -288,9 +288,11 @@ def _variant_rank(record: dict, base_model: str) -> tuple:
     return record["model"] != base_model, order, variant, record["model"]
 
 
-def _compression_row(record: dict, base: dict | None) -> dict:
+def _compression_row(record: dict, base: dict | None, results_dir: Path) -> dict:
     """Ratios are against the base model's record; without one they are "—"."""
     base = base or {}
+    sample = record.get("sample_png")
+    sample_path = None if _missing(sample) else results_dir / sample
     psnr, ssim, metric = record["psnr_db"], record["ssim"], record["seed_metric"]
     return {
         "model": record["model"],
@@ -304,6 +306,9 @@ def _compression_row(record: dict, base: dict | None) -> dict:
         "psnr": "—" if _missing(psnr) else f"{psnr:.2f}",
         "ssim": "—" if _missing(ssim) else f"{ssim:.3f}",
         "seed_metric": "—" if _missing(metric) else f"{metric:.4g}",
+        # the output on the shared test image, embedded so the page stays one file
+        "sample": base64.b64encode(sample_path.read_bytes()).decode("ascii")
+        if sample_path is not None and sample_path.is_file() else None,
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -105,6 +106,10 @@ def test_bench_then_report(tmp_path):
     assert (run.samples >= 5).all() and (run.threads == 2).all()
     assert (run.max_abs_err < run.tolerance).all()
     assert set(run.weights) == {"random"}
+    (sample,) = set(run.sample_png)
+    from PIL import Image
+
+    assert Image.open(results / sample).size == (128, 128)
 
     out = tmp_path / "index.html"
     report = invoke("report", "--results", str(results), "--out", str(out))
@@ -176,3 +181,18 @@ def test_train_and_bench_name_what_is_missing(tmp_path):
                                  "--out", str(tmp_path / "g.pt")), str(tmp_path / "none"))
     assert_one_line_error(invoke("bench", "--model", "cyclegan-resnet6-ngf16+qat4", "--results", str(tmp_path)),
                           "cyclegan-resnet6-ngf16+qat4", "invoke compress")
+
+
+def test_bench_a_shipped_int8_variant_carries_its_card(tmp_path):
+    """A compressed variant benchmarks by name; its record carries precision, base model and quality."""
+    variant = "cyclegan-resnet6-ngf16+ptq"
+    card = json.loads((REPO / "lwgan_models" / "checkpoints" / f"{variant}.json").read_text())
+    result = invoke("bench", "--model", variant, "--runtimes", "onnxruntime", "--samples", "3", "--results",
+                    str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    (row,) = load_records(tmp_path).to_dict("records")
+    assert (row["model"], row["base_model"], row["variant"], row["precision"]) == (
+        variant, "cyclegan-resnet6-ngf16", "ptq", "int8")
+    assert row["weights"] == f"lwgan_models/checkpoints/{variant}.onnx@sha256:{card['sha256']}"
+    assert row["psnr_db"] == card["quality"]["psnr_db"] and row["seed_metric"] == card["seed_metric"]["value"]
+    assert row["onnx_bytes"] == card["onnx_bytes"] and row["output_psnr_db"] >= row["min_output_psnr_db"]

@@ -322,3 +322,24 @@ def test_variant_order_follows_compression_methods():
     from lwgan_models.compression import METHODS  # imports torch, so only here
 
     assert VARIANT_ORDER == ("fp32", *METHODS)
+
+
+def test_compression_rows_embed_each_variants_sample_output(tmp_path):
+    """The sample PNG a bench run saved beside its records is embedded; a missing one shows a dash."""
+    from PIL import Image
+
+    results = tmp_path / "results"
+    (results / "run-1.samples").mkdir(parents=True)
+    Image.new("RGB", (8, 8), (200, 120, 40)).save(results / "run-1.samples" / f"{BASE}+ptq.png")
+    append_records([
+        variant_record("fp32", precision="fp32", onnx_bytes=BASE_ONNX_BYTES, psnr_db=None, ssim=None),
+        variant_record("ptq", sample_png=f"run-1.samples/{BASE}+ptq.png"),
+        variant_record("kd", precision="fp32", sample_png="run-1.samples/deleted.png"),
+    ], results / "run-1.jsonl")
+    page = render_report(load_records(results), tmp_path / "r.html", source=results).read_text(encoding="utf-8")
+    embedded = base64.b64encode((results / "run-1.samples" / f"{BASE}+ptq.png").read_bytes()).decode("ascii")
+    assert page.count('class="sample"') == 1 and embedded in page
+    parser = ReportParser()
+    parser.feed(page)
+    rows = {row["variant"]: row for row in table_rows(parser, f"compression-{BASE}")}
+    assert rows["kd"]["output on the test image"] == "—"
