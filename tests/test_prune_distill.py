@@ -190,7 +190,7 @@ def test_student_loss_decreases_with_pixel_and_perceptual_terms(tmp_path):
     crops = iter(image_batches(STANDIN / "trainA", crop_size=32, batch_size=1, seed=0))
     images = [next(crops), next(crops)]  # a re-iterable list: the loop cycles it
     run = make_run(tmp_path, "kd")
-    fit_to_teacher(student, teacher, images, steps=20, lr=5e-3, pixel_weight=1.0, perceptual_weight=1e-6,
+    fit_to_teacher(student, teacher, images, steps=20, lr=5e-3, pixel_weight=1.0, perceptual_weight=0.5,
                    run=run, log_every=1, checkpoint_every=10)
     history = run.history()
     assert [entry["step"] for entry in history] == list(range(1, 21))
