@@ -130,7 +130,7 @@ _SPECS = (
         family="nst",
         arch={"family": "nst", "n_styles": 4, "width": 16},
         input_shape=(1, 3, 128, 128),
-        checkpoint=None,
+        checkpoint="lwgan_models/checkpoints/nst-cin4-w16.pt",
         description="Half-width Johnson style-transfer net, 4 conditional-instance-norm styles",
         demo=True,
     ),
