@@ -266,6 +266,8 @@ def _compression(records: pd.DataFrame, results_dir: Path) -> list[dict]:
     tables = []
     for base_model, models in sorted(by_base.items()):
         base = next((m for m in models if m["model"] == base_model), None)
+        if models == [base]:  # a model without variants has nothing to compare
+            continue
         models = sorted(models, key=lambda m: _variant_rank(m, base_model))
         names = sorted({m["seed_metric_name"] for m in models if not _missing(m["seed_metric_name"])})
         tables.append(

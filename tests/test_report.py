@@ -343,3 +343,9 @@ def test_compression_rows_embed_each_variants_sample_output(tmp_path):
     parser.feed(page)
     rows = {row["variant"]: row for row in table_rows(parser, f"compression-{BASE}")}
     assert rows["kd"]["output on the test image"] == "—"
+
+
+def test_a_base_model_without_variants_gets_no_compression_table(tmp_path):
+    append_records([variant_record("fp32", precision="fp32", psnr_db=None, ssim=None)], tmp_path / "r.jsonl")
+    page = render_report(load_records(tmp_path), tmp_path / "r.html", source=tmp_path).read_text(encoding="utf-8")
+    assert "Compression: size and quality per variant" not in page
