@@ -213,3 +213,19 @@ def test_bad_requests_fail_before_any_work(tiny_base, tmp_path):
     with pytest.raises(UserError, match="unet_128"):
         compress(registry.load(unet, tmp_path / "unet.pt"), "prune", QUICK, out_dir=tmp_path)
     assert not list(tmp_path.glob("*+*"))
+
+
+def test_a_failure_while_measuring_leaves_nothing_that_blocks_a_rerun(tiny_base, tmp_path, monkeypatch):
+    spec, checkpoint = tiny_base
+    base = registry.load(spec, checkpoint)
+
+    def broken(*args):
+        raise UserError("held-out images vanished")
+
+    monkeypatch.setattr(evaluate, "fidelity", broken)
+    with pytest.raises(UserError, match="vanished"):
+        compress(base, "ptq", QUICK, out_dir=tmp_path, work_dir=tmp_path / "w")
+    assert not list(tmp_path.glob("tiny-cyclegan+ptq*"))
+    monkeypatch.undo()
+    card = compress(base, "ptq", QUICK, out_dir=tmp_path, work_dir=tmp_path / "w")
+    assert card.is_file() and (tmp_path / "tiny-cyclegan+ptq.onnx").is_file()

@@ -18,6 +18,7 @@ teacher on held-out images, and the seed report's metric.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,50 +117,55 @@ def compress(base: LoadedModel, method: str, config: CompressConfig = CompressCo
             quantize.set_mode(prepared, "quantize")
         return prepared
 
-    card: dict = {"method": method, "base": base.spec.name, "base_weights": base.weights, "config": config.to_dict()}
-    if method == "ptq":
-        model, student = int8(teacher, qat=False), None
-    elif method == "qat":
-        model, student = int8(teacher, qat=True), None
+    if method in ("ptq", "qat"):
+        variant_arch, student = arch, None
+        model = int8(teacher, qat=method == "qat")
     elif method == "kd":
-        student_spec = student_arch(arch)
+        variant_arch = student_arch(arch)
         torch.manual_seed(config.seed)
-        student = registry.build_generator(student_spec)
+        student = registry.build_generator(variant_arch)
         fit(student, "kd", config.perceptual_weight, config.lr, styles=multi_style)
-        model, card["arch"] = student, student_spec
+        model = student
     else:  # prune, prune+kd+ptq
-        student, card["arch"] = prune_generator(teacher, arch, config.keep)
+        student, variant_arch = prune_generator(teacher, arch, config.keep)
         kd = method == "prune+kd+ptq"
         fit(student, "prune+kd" if kd else "prune", config.perceptual_weight if kd else 0.0, config.lr,
             styles=multi_style)
         model = int8(student, qat=False) if kd else student
-    card["arch"] = card.get("arch", arch)
 
+    # The artifact is written aside and moved into place after its card, so a failure while
+    # measuring never leaves an artifact without a card (which would block a rerun).
     with tempfile.TemporaryDirectory() as scratch:
+        staged = Path(scratch) / artifact.name
         if method in INT8_METHODS:
-            quantize.export_qdq(model, shape, artifact)
-            onnx_path = artifact
-            variant = evaluate.onnx_generator(artifact)
+            quantize.export_qdq(model, shape, staged)
+            onnx_path = staged
+            variant = evaluate.onnx_generator(staged)
         else:
-            artifact.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(model.state_dict(), artifact)
+            torch.save(model.state_dict(), staged)
             onnx_path = Path(scratch) / "variant.onnx"
             export_onnx(model, shape, onnx_path)
             variant = evaluate.torch_generator(model)
         teacher_onnx = Path(scratch) / "teacher.onnx"
         export_onnx(teacher, shape, teacher_onnx)
-        card.update(
-            format="onnx-qdq" if method in INT8_METHODS else "torch",
-            input_shape=list(shape),
-            params=sum(p.numel() for p in (student or teacher).parameters()),
-            macs=registry.count_macs(dataclasses.replace(base.spec, arch=card["arch"])),
-            onnx_bytes=onnx_path.stat().st_size,
-            teacher_onnx_bytes=teacher_onnx.stat().st_size,
-            sha256=file_sha256(artifact),
-            quality=evaluate.fidelity(variant, evaluate.torch_generator(teacher), heldout),
-            seed_metric=seed_metric(base, variant, heldout, Path(config.heldout_b_dir)),
-        )
-    write_json(card_path(artifact), card)
+        card = {
+            "method": method,
+            "base": base.spec.name,
+            "base_weights": base.weights,
+            "config": config.to_dict(),
+            "format": "onnx-qdq" if method in INT8_METHODS else "torch",
+            "arch": variant_arch,
+            "input_shape": list(shape),
+            "params": sum(p.numel() for p in (student or teacher).parameters()),
+            "macs": registry.count_macs(dataclasses.replace(base.spec, arch=variant_arch)),
+            "onnx_bytes": onnx_path.stat().st_size,
+            "teacher_onnx_bytes": teacher_onnx.stat().st_size,
+            "sha256": file_sha256(staged),
+            "quality": evaluate.fidelity(variant, evaluate.torch_generator(teacher), heldout),
+            "seed_metric": seed_metric(base, variant, heldout, Path(config.heldout_b_dir)),
+        }
+        write_json(card_path(artifact), card)
+        shutil.move(staged, artifact)
     print(f"[{name}] wrote {artifact}: PSNR {card['quality']['psnr_db']:.2f} dB, SSIM {card['quality']['ssim']:.4f}, "
           f"ONNX {card['onnx_bytes'] / 1e6:.2f} MB ({card['teacher_onnx_bytes'] / card['onnx_bytes']:.2f}x smaller)")
     return card_path(artifact)
