@@ -202,6 +202,9 @@ def train(c, model, epochs=None, steps=None, crop=None, dataroot=None, out=None,
     if spec.arch["family"] == "cyclegan":
         from lwgan_models.cyclegan_recipe import CycleGANConfig, train_cyclegan
 
+        if steps:
+            raise UserError("--steps is for style transfer; CycleGAN trains for --epochs")
+
         half = _count(epochs, "epochs", 100)
         # upstream loads 286 px and crops 256; keep that ratio at other crop sizes
         load_size = {"load_size": round(crop_size["crop_size"] * 286 / 256)} if crop_size else {}
@@ -211,8 +214,9 @@ def train(c, model, epochs=None, steps=None, crop=None, dataroot=None, out=None,
     else:
         from lwgan_models.nst_recipes import NSTConfig, train_fast_nst
 
-        if dataroot:
-            raise UserError("--dataroot is for CycleGAN; style transfer trains on the stand-in photos")
+        if dataroot or epochs:
+            raise UserError("--dataroot and --epochs are for CycleGAN; style transfer trains for --steps "
+                            "on the stand-in photos")
         config = NSTConfig(width=spec.arch["width"], n_styles=spec.arch["n_styles"],
                            **({"steps": _count(steps, "steps", 0)} if steps else {}), **crop_size)
         train_fast_nst(config, checkpoint, work_dir)

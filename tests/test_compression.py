@@ -206,6 +206,10 @@ def test_bad_requests_fail_before_any_work(tiny_base, tmp_path):
         compress(registry.load(spec, checkpoint), "int4", QUICK, out_dir=tmp_path)
     with pytest.raises(UserError, match="random weights"):
         compress(registry.load(spec), "ptq", QUICK, out_dir=tmp_path)
+    with pytest.raises(UserError, match="weight bits 9"):
+        compress(registry.load(spec, checkpoint), "prune+kd+ptq", dataclasses.replace(QUICK, weight_bits=9),
+                 out_dir=tmp_path, work_dir=tmp_path / "never")
+    assert not (tmp_path / "never").exists()
     with pytest.raises(UserError, match="not been made"):
         registry.find_variant("cyclegan-resnet6-ngf16+qat", tmp_path)
     unet = dataclasses.replace(spec, arch={"family": "cyclegan", "netG": "unet_128", "ngf": 4}, input_shape=(1, 3, 128, 128))

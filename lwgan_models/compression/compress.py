@@ -89,6 +89,8 @@ def compress(base: LoadedModel, method: str, config: CompressConfig = CompressCo
     if base.weights == "random":
         raise UserError(f"{base.spec.name} has random weights; compress a trained checkpoint "
                         "(invoke train first, or pass --checkpoint)")
+    if method in INT8_METHODS:
+        quantize.weight_limit(config.weight_bits)  # a bad bit width fails now, not after fine-tuning
     name = variant_name(base.spec.name, method)
     artifact = Path(out_dir) / f"{name}{'.onnx' if method in INT8_METHODS else '.pt'}"
     if artifact.exists():
