@@ -27,6 +27,7 @@ from bench.record import Record
 from bench.runtimes import OnnxRuntime, TorchRuntime, TvmRuntime
 from compile.pipeline import ModelUnderTest, compile_for_target
 from errors import UserError
+from lwgan_models.compression.evaluate import psnr_db
 from targets import BenchRules, ResolvedTarget
 
 RUNTIMES = ("tvm", "torch", "onnxruntime")
@@ -117,7 +118,7 @@ def bench_model(
         if output.shape != reference.shape:
             raise UserError(f"{model.name}: {adapter.name} output shape {output.shape} != reference {reference.shape}")
         errors[adapter.name] = float(np.abs(output - reference).max())
-        psnrs[adapter.name] = output_psnr_db(output, reference)
+        psnrs[adapter.name] = psnr_db(torch.from_numpy(output), torch.from_numpy(reference))
         adapter.prepare(x)
     report(f"  {model.name}: timing {', '.join(a.name for a in adapters)} ({rules.samples}+ samples each, interleaved)")
     env = {**host_fingerprint(), "load_1m_at_start": round(os.getloadavg()[0], 2)}
@@ -192,12 +193,6 @@ def save_sample(output: np.ndarray, path: Path) -> Path | None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path)
     return path
-
-
-def output_psnr_db(output: np.ndarray, reference: np.ndarray) -> float:
-    """PSNR of an output against the reference for [-1, 1] images (inf when identical)."""
-    mse = float(np.mean((output.astype(np.float64) - reference) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)
 
 
 def _repo_relative(path) -> str:
