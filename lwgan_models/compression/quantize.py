@@ -4,8 +4,9 @@ Scheme, chosen for the kernels that run it (x86 VNNI and ONNX Runtime's QLinearC
 every convolution gets uint8 per-tensor affine activations on its input and output, int8
 symmetric per-output-channel weights, and an int32 bias on the grid input_scale * weight_scale.
 Everything between convolutions (instance norm, ReLU, tanh, padding, upsampling) stays float.
-The torch fake-quant model and the exported QDQ graph compute the same numbers: torch is the
-reference a compiled int8 build is checked against.
+The torch fake-quant model and the exported QDQ graph specify the same arithmetic (bit-identical
+through a conv stack, tested); through a deep generator, float reordering flips single rounding
+steps. The QDQ file run by ONNX Runtime's reference kernels is what int8 builds are checked against.
 
 Strided transposed convolutions are first rewritten as sub-pixel convolutions (exact), so every
 quantized op is an ordinary Conv with a constant weight.
