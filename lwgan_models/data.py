@@ -60,6 +60,22 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return pixels.permute(2, 0, 1).contiguous().float().div_(127.5).sub_(1.0)
 
 
+def resize_and_crop(image: Image.Image, size: int, rng: np.random.Generator | None) -> Image.Image:
+    """Shorter side to `size`, then a square crop: centred without `rng`, else random with a random flip."""
+    width, height = image.size
+    scale = size / min(width, height)
+    width, height = max(size, round(width * scale)), max(size, round(height * scale))
+    image = image.resize((width, height), Image.Resampling.BICUBIC)
+    if rng is None:
+        left, top = (width - size) // 2, (height - size) // 2
+    else:
+        left, top = int(rng.integers(width - size + 1)), int(rng.integers(height - size + 1))
+    image = image.crop((left, top, left + size, top + size))
+    if rng is not None and rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return image
+
+
 class UnpairedImageFolder(Dataset):
     """Two unpaired image domains `root/{phase}A` and `root/{phase}B` as `{"A", "B", "A_path", "B_path"}`."""
 

@@ -24,7 +24,13 @@ import torch
 from PIL import Image
 
 from errors import UserError
-from lwgan_models.data import IMAGE_EXTENSIONS, list_images, load_rgb, to_tensor
+from lwgan_models.data import (
+    IMAGE_EXTENSIONS,
+    list_images,
+    load_rgb,
+    resize_and_crop,
+    to_tensor,
+)
 from lwgan_models.perceptual import (
     GATYS_CONTENT_LAYERS,
     GATYS_STYLE_LAYERS,
@@ -62,22 +68,6 @@ def style_image(name: str, size: int) -> torch.Tensor:
         pixels = np.repeat(pixels[..., None], 3, axis=2)
     photo = Image.fromarray(np.ascontiguousarray(pixels[..., :3]))
     return to_tensor(resize_and_crop(photo, size, None))[None]
-
-
-def resize_and_crop(image: Image.Image, size: int, rng: np.random.Generator | None) -> Image.Image:
-    """Shorter side to `size`, then a square crop: centred without `rng`, else random with a random flip."""
-    width, height = image.size
-    scale = size / min(width, height)
-    width, height = max(size, round(width * scale)), max(size, round(height * scale))
-    image = image.resize((width, height), Image.Resampling.BICUBIC)
-    if rng is None:
-        left, top = (width - size) // 2, (height - size) // 2
-    else:
-        left, top = int(rng.integers(width - size + 1)), int(rng.integers(height - size + 1))
-    image = image.crop((left, top, left + size, top + size))
-    if rng is not None and rng.random() < 0.5:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return image
 
 
 def relative_layer_weights(target_grams: Mapping[str, torch.Tensor]) -> dict[str, float]:

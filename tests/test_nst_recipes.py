@@ -13,7 +13,7 @@ from PIL import Image
 
 from errors import UserError
 from lwgan_models import perceptual
-from lwgan_models.data import load_rgb, to_tensor
+from lwgan_models.data import load_rgb, resize_and_crop, to_tensor
 from lwgan_models.nst_recipes import (
     DEFAULT_STYLES,
     STYLE_IMAGES,
@@ -21,7 +21,6 @@ from lwgan_models.nst_recipes import (
     NSTConfig,
     content_batch,
     gatys_transfer,
-    resize_and_crop,
     style_image,
     train_fast_nst,
 )

@@ -15,11 +15,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from PIL import Image
 from skimage.metrics import structural_similarity
 
 from errors import UserError
-from lwgan_models.data import list_images, load_rgb, to_tensor
+from lwgan_models.data import list_images, load_rgb, resize_and_crop, to_tensor
 
 Generator = Callable[[torch.Tensor], torch.Tensor]
 
@@ -29,15 +28,7 @@ def heldout_images(folder: Path, size: int) -> torch.Tensor:
     paths = list_images(Path(folder)) if Path(folder).is_dir() else []
     if not paths:
         raise UserError(f"held-out image folder {folder} is missing or holds no images")
-    images = []
-    for path in paths:
-        image = load_rgb(path)
-        scale = size / min(image.size)
-        width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-        image = image.resize((width, height), Image.Resampling.BICUBIC)
-        left, top = (width - size) // 2, (height - size) // 2
-        images.append(to_tensor(image.crop((left, top, left + size, top + size))))
-    return torch.stack(images)
+    return torch.stack([to_tensor(resize_and_crop(load_rgb(path), size, None)) for path in paths])
 
 
 def onnx_generator(path: Path) -> Generator:
