@@ -72,6 +72,23 @@ class Record:
     tolerance: float | None = None  # fp32 rule: max_abs_err <= tolerance
     output_psnr_db: float | None = None  # output vs reference over the whole image
     min_output_psnr_db: float | None = None  # int8 rule: a rounding step may flip anywhere, so judge the image
+    # Memory: the runtime process's peak resident set while timing (host), or the firmware's static RAM.
+    peak_rss_bytes: int | None = None
+    # Power (targets/power.py): the probe named by the target; "none" means no sensor, nothing measured.
+    power_source: str | None = None
+    power_estimated: bool = False  # an estimate from stated constants, never mixed with measurements
+    idle_w: float | None = None
+    active_w: float | None = None
+    energy_mj: float | None = None  # per inference, (active - idle) power x time
+    energy_mj_std: float | None = None  # spread over sub-windows of the timed run
+    power_samples: int | None = None
+    # Microcontroller firmware (connection "qemu-system"): sizes from the linked ELF and the
+    # instructions qemu executed per inference (`-icount`: instructions, not cycles).
+    flash_bytes: int | None = None  # text + rodata
+    ram_bytes: int | None = None  # data + bss + stack
+    arena_bytes: int | None = None  # the planned activation arena inside ram_bytes
+    instructions: int | None = None
+    toolchain: str | None = None
     # Environment fingerprint and provenance.
     env: dict = field(default_factory=dict)
     timestamp: str = ""

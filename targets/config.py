@@ -17,19 +17,26 @@ from targets.power import POWER_SOURCES
 
 TARGETS_DIR = Path(__file__).resolve().parent
 
-CONNECTIONS = ("local",)
+# local: in this process; rpc: a board registered at a TVM RPC tracker; qemu-system: a microcontroller
+# firmware run under qemu-system-arm on this machine.
+CONNECTIONS = ("local", "rpc", "qemu-system")
 TVM_KINDS = ("llvm", "c", "opencl")
 
 # Allowed keys per table: name -> (type, required). Unknown keys are errors, so typos surface.
 SCHEMA = {
     "": {
         "label": (str, True),
+        "inherits": (str, False),  # another config's name: its tables, with this file's keys on top
         "connection": (str, True),
         "tvm": (dict, True),
         "isa_levels": (list, False),
         "tuning": (dict, True),
         "bench": (dict, True),
         "power": (dict, True),
+        "rpc": (dict, False),
+        "ssh": (dict, False),
+        "cross": (dict, False),
+        "mcu": (dict, False),
     },
     "tvm": {
         "kind": (str, True),
@@ -37,6 +44,25 @@ SCHEMA = {
         "mcpu": (str, False),
         "mattr": (list, False),
         "num-cores": (int, True),
+        "device": (str, False),  # opencl: e.g. "mali"
+        "host": (dict, False),  # opencl: the llvm target of the board's CPU, which runs the host code
+    },
+    # A board at the RPC tracker: where the tracker is and the key the board registers under.
+    "rpc": {"tracker_host": (str, True), "tracker_port": (int, True), "key": (str, True)},
+    # SSH bring-up and remote power sensors; host keys are checked against known_hosts.
+    "ssh": {"host": (str, False), "user": (str, False), "port": (int, False), "key_file": (str, False),
+            "known_hosts": (str, False), "python": (str, False)},
+    # Cross compiler for libraries exported to the board.
+    "cross": {"cc": (str, True), "options": (list, False)},
+    # Microcontroller part: compiler flags, qemu machine, and the real part's memory budgets.
+    "mcu": {
+        "cpu": (str, True),
+        "cflags": (list, True),
+        "qemu_machine": (str, True),
+        "flash_origin": (int, True),
+        "flash_bytes": (int, True),
+        "ram_origin": (int, True),
+        "ram_bytes": (int, True),
     },
     "isa_levels": {
         "name": (str, True),
@@ -51,7 +77,7 @@ SCHEMA = {
         "samples": (int, True),
         "min_duration_s": (float, True),
     },
-    "power": {"source": (str, True)},
+    "power": {"source": (str, True), "options": (dict, False)},  # options: keyword arguments of the probe
 }
 CHOICES = {
     ("", "connection"): CONNECTIONS,
@@ -91,6 +117,11 @@ class TargetConfig:
     bench: BenchRules
     power_source: str
     isa_levels: tuple[IsaLevel, ...] = field(default=())
+    power_options: dict = field(default_factory=dict)
+    rpc: dict = field(default_factory=dict)
+    ssh: dict = field(default_factory=dict)
+    cross: dict = field(default_factory=dict)
+    mcu: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -132,13 +163,11 @@ def load_target(name_or_path: str | Path) -> TargetConfig:
             raise UserError(f"unknown target {str(name_or_path)!r}; known targets: {', '.join(available())}")
     if not path.exists():
         raise UserError(f"{path}: target config not found")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{path}: not valid TOML ({exc})") from exc
+    data = _read_with_parents(path, seen=())
     _check_table(path, "", data)
-    for table in ("tvm", "tuning", "bench", "power"):
-        _check_table(path, table, data[table])
+    for table in ("tvm", "tuning", "bench", "power", "rpc", "ssh", "cross", "mcu"):
+        if table in data:
+            _check_table(path, table, data[table])
     for level in data.get("isa_levels", []):
         _check_table(path, "isa_levels", level)
     bench = data["bench"]
@@ -158,6 +187,11 @@ def load_target(name_or_path: str | Path) -> TargetConfig:
             min_duration_s=float(bench["min_duration_s"]),
         ),
         power_source=data["power"]["source"],
+        power_options=dict(data["power"].get("options", {})),
+        rpc=dict(data.get("rpc", {})),
+        ssh=dict(data.get("ssh", {})),
+        cross=dict(data.get("cross", {})),
+        mcu=dict(data.get("mcu", {})),
         isa_levels=tuple(
             IsaLevel(
                 name=lv["name"],
@@ -168,6 +202,31 @@ def load_target(name_or_path: str | Path) -> TargetConfig:
             for lv in data.get("isa_levels", [])
         ),
     )
+
+
+def _read_with_parents(path: Path, seen: tuple[Path, ...]) -> dict:
+    """The file's tables merged over those of the config it `inherits` (key by key, one level deep)."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: not valid TOML ({exc})") from exc
+    parent_name = data.pop("inherits", None)
+    if parent_name is None:
+        return data
+    if not isinstance(parent_name, str):
+        raise UserError(f"{path}: key 'inherits' must be a target name, got {parent_name!r}")
+    parent_path = path.parent / f"{parent_name}.toml"
+    if parent_path in seen or parent_path == path:
+        raise UserError(f"{path}: 'inherits' forms a cycle through {parent_name!r}")
+    if not parent_path.exists():
+        raise UserError(f"{path}: inherits unknown target {parent_name!r}")
+    merged = _read_with_parents(parent_path, (*seen, path))
+    for key, value in data.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
 
 
 def _check_table(path: Path, table: str, values: dict) -> None:
