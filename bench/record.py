@@ -82,6 +82,7 @@ class Record:
     energy_mj: float | None = None  # per inference, (active - idle) power x time
     energy_mj_std: float | None = None  # spread over sub-windows of the timed run
     power_samples: int | None = None
+    power_error: str | None = None  # the sensor failed mid-run: timing kept, energy left out
     # Microcontroller firmware (connection "qemu-system"): sizes from the linked ELF and the
     # instructions qemu executed per inference (`-icount`: instructions, not cycles).
     flash_bytes: int | None = None  # text + rodata

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +22,7 @@ import tvm
 from PIL import Image
 from skimage import data as skimage_data
 
+from bench.energy import measure_energy
 from bench.fingerprint import REPO_ROOT, host_fingerprint
 from bench.harness import Runtime, time_runtimes
 from bench.record import Record
@@ -29,6 +31,7 @@ from compile.pipeline import ModelUnderTest, compile_for_target
 from errors import UserError
 from lwgan_models.compression.evaluate import psnr_db
 from targets import BenchRules, ResolvedTarget
+from targets.power import open_probe
 
 RUNTIMES = ("tvm", "torch", "onnxruntime")
 # Generators end in tanh, so outputs lie in [-1, 1]; fp32 reorderings stay far below 2e-3. An int8
@@ -82,6 +85,7 @@ def bench_model(
         report(f"  {model.name}: an ONNX file has no torch baseline; timing {', '.join(r for r in runtimes if r != 'torch')}")
         runtimes = tuple(r for r in runtimes if r != "torch")
     rules = rules or target.config.bench
+    probe = open_probe(target.config.power_source, **target.config.power_options)
     x = test_image(model.input_shape)
     reference = reference_output(model, x)
     sample = save_sample(reference, samples_dir / f"{model.name}.png") if samples_dir else None
@@ -112,49 +116,29 @@ def bench_model(
             adapters.append(OnnxRuntime(onnx_path, rules.threads))
             artifact_bytes["onnxruntime"] = onnx_path.stat().st_size
 
-    errors, psnrs = {}, {}
+    checks = {}
     for adapter in adapters:
-        output = adapter.run(x)
-        if output.shape != reference.shape:
-            raise UserError(f"{model.name}: {adapter.name} output shape {output.shape} != reference {reference.shape}")
-        errors[adapter.name] = float(np.abs(output - reference).max())
-        psnrs[adapter.name] = psnr_db(torch.from_numpy(output), torch.from_numpy(reference))
+        checks[adapter.name] = check_output(model, adapter.name, adapter.run(x), reference)
         adapter.prepare(x)
     report(f"  {model.name}: timing {', '.join(a.name for a in adapters)} ({rules.samples}+ samples each, interleaved)")
     env = {**host_fingerprint(), "load_1m_at_start": round(os.getloadavg()[0], 2)}
     timings = time_runtimes(adapters, rules)
 
-    tolerance = TOLERANCE.get(model.precision)
-    min_psnr = MIN_OUTPUT_PSNR_DB.get(model.precision)
-    onnx_bytes = model.onnx_file().stat().st_size
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     records = []
     for adapter, timing in zip(adapters, timings):
-        err, psnr = errors[adapter.name], psnrs[adapter.name]
+        check = checks[adapter.name]
         reasons = [timing.invalid_reason] if timing.invalid_reason else []
-        if tolerance is not None and err > tolerance:
-            reasons.append(f"max abs error {err:.2e} > tolerance {tolerance:.0e}")
-        if min_psnr is not None and psnr < min_psnr:
-            reasons.append(f"output PSNR {psnr:.1f} dB < {min_psnr:.0f} dB against the reference")
+        reasons += check.violations
         tvm_build = compiled if adapter.name == "tvm" else None
+        power = measure_energy(adapter, probe, rules)
+        if power.get("power_error"):
+            report(f"  {model.name}: {adapter.name}: power not measured: {power['power_error']}")
         records.append(
             Record(
                 run_id=run_id,
-                model=model.name,
-                family=model.family,
-                variant=model.variant,
-                base_model=model.base_model or None,
-                precision=model.precision,
-                onnx_bytes=onnx_bytes,
-                **model.quality,
-                weights=model.weights,
-                input_shape=list(model.input_shape),
-                params=model.params,
-                macs=model.macs,
-                size_fp32_bytes=model.size_fp32_bytes,
-                target=target.config.name,
-                device=target.config.label,
-                isa_level=target.isa_level,
+                **model_fields(model),
+                **target_fields(target),
                 runtime=adapter.name,
                 threads=adapter.threads,
                 artifact_bytes=artifact_bytes[adapter.name],
@@ -167,22 +151,81 @@ def bench_model(
                 duration_s=timing.duration_s,
                 valid=not reasons,
                 invalid_reason="; ".join(reasons),
-                max_abs_err=err,
-                tolerance=tolerance,
-                output_psnr_db=round(psnr, 2) if np.isfinite(psnr) else None,
-                min_output_psnr_db=min_psnr,
+                **check.fields(),
                 sample_png=sample and sample.relative_to(samples_dir.parent).as_posix(),
                 env=env,
                 timestamp=stamp,
+                **power,
                 **timing.stats_ms(),
             )
         )
         report(
             f"  {model.name:28s} {adapter.name:12s} p50 {records[-1].latency_p50_ms:9.3f} ms  "
-            f"cov {records[-1].latency_cov:5.3f}  err {err:.1e}  {psnr:.1f} dB"
+            f"cov {records[-1].latency_cov:5.3f}  err {check.max_abs_err:.1e}  {check.psnr_db:.1f} dB"
             + ("" if not reasons else "  INVALID: " + records[-1].invalid_reason)
         )
     return records
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    """One runtime's output against the reference, judged by the rule of the model's precision."""
+
+    max_abs_err: float
+    psnr_db: float
+    tolerance: float | None
+    min_psnr_db: float | None
+
+    @property
+    def violations(self) -> list[str]:
+        reasons = []
+        if self.tolerance is not None and self.max_abs_err > self.tolerance:
+            reasons.append(f"max abs error {self.max_abs_err:.2e} > tolerance {self.tolerance:.0e}")
+        if self.min_psnr_db is not None and self.psnr_db < self.min_psnr_db:
+            reasons.append(f"output PSNR {self.psnr_db:.1f} dB < {self.min_psnr_db:.0f} dB against the reference")
+        return reasons
+
+    def fields(self) -> dict:
+        return {
+            "max_abs_err": self.max_abs_err,
+            "tolerance": self.tolerance,
+            "output_psnr_db": round(self.psnr_db, 2) if np.isfinite(self.psnr_db) else None,
+            "min_output_psnr_db": self.min_psnr_db,
+        }
+
+
+def check_output(model: ModelUnderTest, runtime: str, output: np.ndarray, reference: np.ndarray) -> OutputCheck:
+    if output.shape != reference.shape:
+        raise UserError(f"{model.name}: {runtime} output shape {output.shape} != reference {reference.shape}")
+    return OutputCheck(
+        max_abs_err=float(np.abs(output - reference).max()),
+        psnr_db=psnr_db(torch.from_numpy(output), torch.from_numpy(reference)),
+        tolerance=TOLERANCE.get(model.precision),
+        min_psnr_db=MIN_OUTPUT_PSNR_DB.get(model.precision),
+    )
+
+
+def model_fields(model: ModelUnderTest) -> dict:
+    """The Record fields that describe the model under test, the same on every target and runtime."""
+    return {
+        "model": model.name,
+        "family": model.family,
+        "variant": model.variant,
+        "base_model": model.base_model or None,
+        "precision": model.precision,
+        "onnx_bytes": model.onnx_file().stat().st_size,
+        **model.quality,
+        "weights": model.weights,
+        "input_shape": list(model.input_shape),
+        "params": model.params,
+        "macs": model.macs,
+        "size_fp32_bytes": model.size_fp32_bytes,
+    }
+
+
+def target_fields(target: ResolvedTarget) -> dict:
+    """The Record fields that name where a measurement ran."""
+    return {"target": target.config.name, "device": target.config.label, "isa_level": target.isa_level}
 
 
 def save_sample(output: np.ndarray, path: Path) -> Path | None:
