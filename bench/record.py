@@ -53,6 +53,8 @@ class Record:
     db_hash: str | None = None
     tuning_db: str | None = None  # autotune_logs/<target-level>/<model>, relative to the repo
     tuned_tasks: str | None = None  # "tuned/total" tasks that found a database record
+    tuning_curve: list | None = None  # [[trials, best estimated latency ms], ...] replayed from the database
+    trials_to_10pct: int | None = None  # trials until the curve came within 10% of its final latency
     # Timing (milliseconds over the timed samples, after warm-up).
     warmup: int = 0
     samples: int = 0

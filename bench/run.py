@@ -27,6 +27,7 @@ from bench.fingerprint import REPO_ROOT, host_fingerprint
 from bench.harness import Runtime, time_runtimes
 from bench.record import Record
 from bench.runtimes import OnnxRuntime, TorchRuntime, TvmRuntime
+from compile.database import TuningDatabase, trials_to_within
 from compile.pipeline import ModelUnderTest, compile_for_target
 from errors import UserError
 from lwgan_models.compression.evaluate import psnr_db
@@ -146,6 +147,7 @@ def bench_model(
                 db_hash=tvm_build.db_hash if tvm_build else None,
                 tuning_db=_repo_relative(tvm_build.database) if tvm_build and tvm_build.db_records else None,
                 tuned_tasks=f"{tvm_build.tuned_tasks}/{tvm_build.total_tasks}" if tvm_build else None,
+                **(tuning_cost(tvm_build.database) if tvm_build and tvm_build.db_records else {}),
                 warmup=timing.warmup,
                 samples=len(timing.samples_s),
                 duration_s=timing.duration_s,
@@ -226,6 +228,12 @@ def model_fields(model: ModelUnderTest) -> dict:
 def target_fields(target: ResolvedTarget) -> dict:
     """The Record fields that name where a measurement ran."""
     return {"target": target.config.name, "device": target.config.label, "isa_level": target.isa_level}
+
+
+def tuning_cost(database: Path) -> dict:
+    """The database's tuning curve and the trials it took to come within 10% of the end, for the record."""
+    curve = TuningDatabase(database).curve()
+    return {"tuning_curve": [list(point) for point in curve] or None, "trials_to_10pct": trials_to_within(curve, 0.1)}
 
 
 def save_sample(output: np.ndarray, path: Path) -> Path | None:

@@ -22,6 +22,10 @@ from errors import UserError
 AUTOTUNE_DIR = Path(os.environ.get("LWGAN_AUTOTUNE_DIR", Path(__file__).resolve().parent.parent / "autotune_logs"))
 WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
+CURVE_FILE = "tuning_curve.jsonl"  # the tuning log: one line per measured batch (compile.tuning.TuningProgress)
+FAILED_RUN_S = 1e9  # MetaSchedule stores a failed measurement as 1e10 s
+WEIGHTS_FILE = "task_weights.json"  # workload structural hash -> calls per inference, written by tuning
+CURVE_POINTS = 60  # a record keeps this many points of the curve, enough to plot it
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,41 @@ class TuningDatabase:
         for file in (self.workload_file, self.record_file):
             h.update(file.read_bytes())
         return h.hexdigest()[:16]
+
+    @property
+    def weights_file(self) -> Path:
+        return self.path / WEIGHTS_FILE
+
+    def write_task_weights(self, weights: dict[str, int]) -> None:
+        """Remember how often the model calls each tuned workload (by structural hash), for `curve`."""
+        known = json.loads(self.weights_file.read_text(encoding="utf-8")) if self.weights_file.exists() else {}
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.weights_file.write_text(json.dumps({**known, **weights}, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+    def curve(self) -> list[tuple[int, float]]:
+        """Best model latency estimate (ms) against trials, replayed from the records in the order tuning
+        appended them: each workload's best mean run time so far, weighted by its calls in the model.
+
+        Points start once every weighted workload has a measurement (before that the sum is only a lower
+        bound), and are thinned to about CURVE_POINTS. Empty without records or task weights.
+        """
+        if not (self.exists() and self.weights_file.exists()):
+            return []
+        weights = json.loads(self.weights_file.read_text(encoding="utf-8"))
+        hashes = [json.loads(line)[0] for line in self.workload_file.read_text(encoding="utf-8").splitlines()
+                  if line.strip()]
+        best: dict[str, float] = {}
+        curve = []
+        for trials, (workload, (_, run_secs, *_)) in enumerate(self._record_rows(), 1):
+            shash = hashes[workload] if workload < len(hashes) else None
+            if shash not in weights or not run_secs or max(run_secs) >= FAILED_RUN_S:
+                continue
+            best[shash] = min(best.get(shash, float("inf")), sum(run_secs) / len(run_secs))
+            if len(best) == len(weights):
+                curve.append((trials, 1e3 * sum(weights[h] * best[h] for h in weights)))
+        step = max(1, -(-len(curve) // CURVE_POINTS))
+        thinned = curve[::step]
+        return thinned + curve[-1:] if curve and thinned[-1] != curve[-1] else thinned
 
     def validate(self) -> None:
         """Fail with the offending file and line before MetaSchedule meets a corrupt file."""
@@ -153,6 +192,14 @@ class TuningDatabase:
                 if line.strip():
                     workload_index, trace = json.loads(line)[:2]
                     yield workload_index, trace
+
+
+def trials_to_within(curve: list[tuple[int, float]], fraction: float = 0.1) -> int | None:
+    """Trials until the curve first came within `fraction` of its final latency: what tuning really costs."""
+    if not curve:
+        return None
+    final = curve[-1][1]
+    return next(trials for trials, latency in curve if latency <= final * (1 + fraction))
 
 
 def _line_count(path: Path) -> int:

@@ -7,27 +7,33 @@ holds, and the tuning curve (estimated model latency against trials) kept next t
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import tvm
+import tvm_ffi
 from tvm import relax
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
-from compile.database import TuningDatabase
+from compile.database import CURVE_FILE, TuningDatabase
 from compile.intrinsics import register_cpu_tensor_intrinsics
 from errors import UserError
+from targets.config import TargetConfig
 
-CURVE_FILE = "tuning_curve.jsonl"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOG_DIR = REPO_ROOT / "build" / "tune-logs"
 BUILD_TIMEOUT_S = 120.0
+# One candidate on a board: session, upload, load, run. Generous: an emulated board runs under qemu.
+RPC_SESSION_TIMEOUT_S = 120.0
 
 
 def build_candidate(mod: tvm.IRModule, target: tvm.target.Target, _params) -> tvm.runtime.Module:
@@ -42,12 +48,47 @@ def build_candidate(mod: tvm.IRModule, target: tvm.target.Target, _params) -> tv
     return tvm.tirx.build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target, "default")
 
 
-def local_builder() -> ms.builder.LocalBuilder:
+def local_builder(f_export: Callable[[tvm.runtime.Module], str] | None = None) -> ms.builder.LocalBuilder:
     """Builder workers are fresh processes: they find this package through PYTHONPATH."""
     paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
     if str(REPO_ROOT) not in paths:
         os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, paths)])
-    return ms.builder.LocalBuilder(f_build=build_candidate, timeout_sec=BUILD_TIMEOUT_S)
+    return ms.builder.LocalBuilder(f_build=build_candidate, f_export=f_export, timeout_sec=BUILD_TIMEOUT_S)
+
+
+def cross_compiler(config: TargetConfig):
+    """The `fcompile` linking libraries for the board with the target's [cross] compiler."""
+    if not config.cross:
+        raise UserError(f"{config.path}: a board's libraries need a cross compiler: add a [cross] table (cc = ...)")
+    cc = config.cross["cc"]
+    if shutil.which(cc) is None:
+        raise UserError(f"{config.path}: cross compiler {cc!r} not found on PATH "
+                        "(Debian: apt-get install g++-aarch64-linux-gnu)")
+    return tvm.support.cc.cross_compiler(cc, options=config.cross.get("options"))
+
+
+def export_for_board(mod: tvm.runtime.Module, cc: str, options: list[str] | None) -> str:
+    """A candidate as a shared library for the board, in a folder of its own (MetaSchedule deletes it)."""
+    path = os.path.join(tempfile.mkdtemp(prefix="lwgan-candidate-"), "candidate.so")
+    mod.export_library(path, fcompile=tvm.support.cc.cross_compiler(cc, options=options))
+    return path
+
+
+def board_measurement(config: TargetConfig) -> tuple[ms.builder.Builder, ms.runner.Runner]:
+    """Candidates cross-compiled here, measured on the boards registered under the target's key."""
+    from targets import rpc
+
+    cross_compiler(config)  # fails now, naming the missing compiler, rather than in every builder worker
+    host, port, key = rpc.tracker_address(config)
+    boards = rpc.require_board(config)
+    builder = local_builder(functools.partial(export_for_board, cc=config.cross["cc"],
+                                              options=config.cross.get("options")))
+    runner = ms.runner.RPCRunner(
+        ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key,
+                            session_timeout_sec=RPC_SESSION_TIMEOUT_S),
+        max_workers=boards,
+    )
+    return builder, runner
 
 
 def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
@@ -110,6 +151,11 @@ class TuningProgress:
         )
 
 
+def task_weights(extracted) -> dict[str, int]:
+    """Calls per inference of each extracted task, keyed as the database keys workloads (structural hash)."""
+    return {str(tvm_ffi.structural_hash(task.dispatched[0])): int(task.weight) for task in extracted}
+
+
 def _takes_indices(task) -> bool:
     """Gathers (reflection padding becomes `take`) read integer index tensors, which the runner
     fills with random values: measuring them crashes or times garbage, so they keep TVM's default."""
@@ -161,20 +207,26 @@ def tune(
     runner: ms.runner.Runner | None = None,
     seed: int | None = None,
     population: int = 512,
+    board: TargetConfig | None = None,
 ) -> int:
     """Tune every task of `mod`, appending to `database`. Returns how many trials ran.
 
     A rerun continues: the database's records seed the search and new records are appended.
     `population` is the evolutionary search's population; MetaSchedule's 512 spends minutes per
-    batch on cost-model search on a 2-core machine, so small machines use less.
+    batch on cost-model search on a 2-core machine, so small machines use less. With `board` (an
+    RPC target's config), candidates are cross-compiled here and measured on that board.
     """
     if trials <= 0:
         raise UserError(f"--trials must be positive, got {trials}")
+    builder = local_builder()
+    if board is not None:
+        builder, runner = board_measurement(board)
     register_cpu_tensor_intrinsics()
     prepared = prepare(mod, target)
     extracted = [t for t in ms.relax_integration.extract_tasks(prepared, target) if not _takes_indices(t)]
     if not extracted:
         raise UserError("the model has no tunable operators")
+    database.write_task_weights(task_weights(extracted))
     with database.open_for_tuning() as (db, left_out):
         if left_out:
             report(f"{database.path}: {left_out} records no longer replay; tuning continues without them "
@@ -213,7 +265,7 @@ def tune(
             num_trials_per_iter=per_iter,
             database=db,
             cost_model="xgb",
-            builder=local_builder(),
+            builder=builder,
             runner=_ReportingRunner(runner or ms.runner.LocalRunner(), trials, report),
             measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), _ProgressCallback(progress)],
         )
