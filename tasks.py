@@ -293,4 +293,199 @@ def demo(c, target="host", debug=False):
     report(c, debug=debug)
 
 
-namespace = Collection(train, compress, tune, bench, report, demo)
+@task(
+    help={
+        "host": "address to listen on (default 127.0.0.1; any other exposes TVM RPC, which has no authentication)",
+        "port": "port (default 9190)",
+        "debug": "show tracebacks",
+    }
+)
+@cli
+def tracker_start(c, host="127.0.0.1", port=None, debug=False):
+    """Start the TVM RPC tracker in the background (state and log in build/rpc/)."""
+    from targets import rpc
+
+    rpc.start_tracker(host, _count(port, "port", rpc.DEFAULT_PORT), report=say)
+
+
+@task(help={"debug": "show tracebacks"})
+@cli
+def tracker_stop(c, debug=False):
+    """Stop the tracker started by tracker.start (its whole process group)."""
+    from targets import rpc
+
+    rpc.stop_tracker(report=say)
+
+
+@task(help={"host": "tracker address (default 127.0.0.1)", "port": "port (default 9190)", "debug": "show tracebacks"})
+@cli
+def tracker_status(c, host="127.0.0.1", port=None, debug=False):
+    """Boards registered at the tracker and free per key (like tvm.exec.query_rpc_tracker)."""
+    from targets import rpc
+
+    say(rpc.tracker_status(host, _count(port, "port", rpc.DEFAULT_PORT)))
+
+
+tracker = Collection("tracker")
+tracker.add_task(tracker_start, name="start")
+tracker.add_task(tracker_stop, name="stop")
+tracker.add_task(tracker_status, name="status")
+
+
+def _rpc_target(target: str):
+    import targets
+
+    config = targets.load_target(target)
+    if config.connection != "rpc":
+        raise UserError(f"target {target!r} is not an RPC board (connection {config.connection!r}); "
+                        "try --target aarch64-emu")
+    return config
+
+
+@task(
+    help={
+        "target": "RPC target whose key the emulated board registers under (default aarch64-emu)",
+        "rootfs": "folder of the board's Debian arm64 rootfs (default build/boards/aarch64-bookworm)",
+        "debug": "show tracebacks",
+    }
+)
+@cli
+def board_emulate(c, target="aarch64-emu", rootfs=None, debug=False):
+    """Start an emulated aarch64 board (TVM RPC server under qemu-user); builds its rootfs the first time."""
+    from targets import emulated, rpc
+
+    config = _rpc_target(target)
+    root = emulated.ensure_rootfs(Path(rootfs) if rootfs else emulated.ROOTFS_DIR, report=say)
+    host, port, _ = rpc.tracker_address(config)
+    if not rpc.tracker_reachable(host, port) and host in rpc.LOCAL_HOSTS:
+        rpc.start_tracker(host, port, report=say)
+    emulated.start_board(config, root, report=say)
+
+
+@task(help={"target": "RPC target of the emulated board (default aarch64-emu)", "debug": "show tracebacks"})
+@cli
+def board_emulate_stop(c, target="aarch64-emu", debug=False):
+    """Stop the emulated board started by board.emulate (its whole process group)."""
+    from targets import emulated
+
+    emulated.stop_board(_rpc_target(target), report=say)
+
+
+@task(help={"target": "RPC target of the emulated board (default aarch64-emu)", "debug": "show tracebacks"})
+@cli
+def board_emulate_status(c, target="aarch64-emu", debug=False):
+    """Whether the emulated board runs, is registered and free, and what it reported about itself."""
+    from targets import emulated
+
+    say(emulated.board_status(_rpc_target(target)).describe())
+
+
+board = Collection("board")
+board.add_task(board_emulate, name="emulate")
+board.add_task(board_emulate_stop, name="emulate-stop")
+board.add_task(board_emulate_status, name="emulate-status")
+
+
+@task(
+    name="up",
+    help={
+        "target": "board config name under targets/ (or a .toml path), with [rpc] and optionally [ssh] tables",
+        "ssh": "the board as user@host[:port] (default: the target's [ssh] table)",
+        "debug": "show tracebacks",
+    },
+)
+@cli
+def board_up(c, target, ssh=None, debug=False):
+    """Start TVM's RPC server on a board over SSH (installing the host's TVM there if needed); register it at the tracker.
+
+    With a tracker on this machine's loopback the board reaches it through a reverse SSH tunnel, so
+    this command stays in the foreground holding it: Ctrl-C stops the board's server.
+    """
+    import targets
+    from targets.board import bring_up
+
+    config = targets.load_target(target)
+    running = bring_up(config, ssh, report=say)
+    host, port = running.address
+    say(f"board {config.rpc['key']!r} registered at tracker {config.rpc['tracker_host']}:{config.rpc['tracker_port']}"
+        f" as {host}:{port} (server pid {running.pid} on the board, up in {running.seconds:.1f} s)")
+    try:
+        if running.tunnel is None:
+            say(f"the server keeps running after this command; stop it with `invoke board.down --target {target}`")
+            return
+        say("holding the SSH tunnel to the tracker: keep this running; Ctrl-C (or board.down) stops the board's server")
+        try:
+            running.hold()
+            say(f"board server (pid {running.pid}) was stopped or replaced; tunnel closed")
+        except KeyboardInterrupt:
+            state, pid = running.stop()
+            say(f"board server (pid {pid}) stopped" if state == "stopped" else "board server was already stopped")
+    finally:
+        running.close()
+
+
+@task(
+    name="down",
+    help={
+        "target": "board config name under targets/ (or a .toml path)",
+        "ssh": "the board as user@host[:port] (default: the target's [ssh] table)",
+        "debug": "show tracebacks",
+    },
+)
+@cli
+def board_down(c, target, ssh=None, debug=False):
+    """Stop the RPC server board.up started on the board (its process group, from the pid file there)."""
+    import targets
+    from targets.board import bring_down
+
+    state, pid = bring_down(targets.load_target(target), ssh)
+    if state == "stopped":
+        say(f"board server (pid {pid}) stopped")
+    elif state == "stale":
+        say(f"board server (pid {pid}) was no longer running; removed its pid file")
+    else:
+        say("no board server started by board.up is running there")
+
+
+board.add_task(board_up)
+board.add_task(board_down)
+
+@task(
+    help={
+        "model": "registry model or variant, e.g. cyclegan-resnet6-ngf16+kd or cyclegan-resnet6-ngf16+prune+kd+ptq",
+        "target": "microcontroller target under targets/ (default cortex-m4)",
+        "shape": "input shape NxCxHxW (default: the model's), e.g. 1x3x64x64",
+        "out": "folder for the C project (default build/firmware/<target>-<model>)",
+        "debug": "show tracebacks",
+    }
+)
+@cli
+def build(c, model, target="cortex-m4", shape=None, out=None, debug=False):
+    """Export a model as a standalone C project for a microcontroller (no TVM runtime) and build its firmware."""
+    import numpy as np
+
+    import lwgan_models
+    import targets
+    from bench.run import test_image
+    from compile.c_export import export_c, variant_at_shape
+    from compile.pipeline import from_registry
+    from lwgan_models.registry import VARIANT_SEPARATOR, find_variant
+    from targets.mcu import build_firmware, mcu_part
+
+    part = mcu_part(targets.load_target(target))
+    input_shape = _shape(shape) if shape else None
+    subject = (variant_at_shape(find_variant(model), input_shape) if VARIANT_SEPARATOR in model
+               else from_registry(lwgan_models.load(model), input_shape))
+    directory = Path(out) if out else REPO_ROOT / "build" / "firmware" / f"{part.target}-{subject.name}"
+    export = export_c(subject, directory, report=say)
+    firmware = build_firmware(export, part, report=say)
+    test_image(subject.input_shape).astype(np.dtype(export.input.dtype)).tofile(directory / "input.bin")
+    say(f"{directory}: model.h declares model_run(input, output); drop model.c, model.h, kernels.c, tvm_shim.c "
+        f"and include/ into a firmware. Weights {export.weights_bytes} B (flash), activation arena "
+        f"{export.arena_bytes} B; this build: flash {firmware.flash_bytes} B, RAM {firmware.ram_bytes} B. "
+        f"`make -C {directory} run` runs it under qemu on input.bin (the test image).")
+
+
+namespace = Collection(train, compress, tune, bench, report, demo, build)
+namespace.add_collection(tracker)
+namespace.add_collection(board)

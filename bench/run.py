@@ -32,7 +32,7 @@ from compile.pipeline import ModelUnderTest, compile_for_target
 from errors import UserError
 from lwgan_models.compression.evaluate import psnr_db
 from targets import BenchRules, ResolvedTarget
-from targets.power import open_probe
+from targets.power import PowerProbe, open_target_probe
 
 RUNTIMES = ("tvm", "torch", "onnxruntime")
 # Generators end in tanh, so outputs lie in [-1, 1]; fp32 reorderings stay far below 2e-3. An int8
@@ -85,8 +85,21 @@ def bench_model(
     if model.torch_module is None and "torch" in runtimes:
         report(f"  {model.name}: an ONNX file has no torch baseline; timing {', '.join(r for r in runtimes if r != 'torch')}")
         runtimes = tuple(r for r in runtimes if r != "torch")
-    rules = rules or target.config.bench
-    probe = open_probe(target.config.power_source, **target.config.power_options)
+    with open_target_probe(target.config) as probe:  # a board's probe holds an SSH connection
+        return _bench_with_probe(model, target, run_id, runtimes, rules or target.config.bench, report, samples_dir,
+                                 probe)
+
+
+def _bench_with_probe(
+    model: ModelUnderTest,
+    target: ResolvedTarget,
+    run_id: str,
+    runtimes: tuple[str, ...],
+    rules: BenchRules,
+    report: Callable[[str], None],
+    samples_dir: Path | None,
+    probe: PowerProbe,
+) -> list[Record]:
     x = test_image(model.input_shape)
     reference = reference_output(model, x)
     sample = save_sample(reference, samples_dir / f"{model.name}.png") if samples_dir else None

@@ -21,6 +21,8 @@ TARGETS_DIR = Path(__file__).resolve().parent
 # firmware run under qemu-system-arm on this machine.
 CONNECTIONS = ("local", "rpc", "qemu-system")
 TVM_KINDS = ("llvm", "c", "opencl")
+# [tvm] device of an opencl target: the GPUs this suite builds and checks kernels for (TVM takes any name).
+OPENCL_DEVICES = ("mali",)
 
 # Allowed keys per table: name -> (type, required). Unknown keys are errors, so typos surface.
 SCHEMA = {
@@ -51,7 +53,8 @@ SCHEMA = {
     "rpc": {"tracker_host": (str, True), "tracker_port": (int, True), "key": (str, True)},
     # SSH bring-up and remote power sensors; host keys are checked against known_hosts.
     "ssh": {"host": (str, False), "user": (str, False), "port": (int, False), "key_file": (str, False),
-            "known_hosts": (str, False), "python": (str, False)},
+            "known_hosts": (str, False), "python": (str, False),
+            "board_dir": (str, False)},  # board.up's folder on the board: TVM venv, server pid and log
     # Cross compiler for libraries exported to the board.
     "cross": {"cc": (str, True), "options": (list, False)},
     # Microcontroller part: compiler flags, qemu machine, and the real part's memory budgets.
@@ -83,6 +86,7 @@ CHOICES = {
     ("", "connection"): CONNECTIONS,
     ("power", "source"): POWER_SOURCES,
     ("tvm", "kind"): TVM_KINDS,
+    ("tvm", "device"): OPENCL_DEVICES,
 }
 
 
@@ -291,4 +295,26 @@ def resolve(config: TargetConfig, isa_level: str | None = None, cpu_flags: set[s
             attrs["mattr"] = list(level.mattr)
         chosen = level.name
         lower = tuple(names[names.index(chosen) + 1 :])
-    return ResolvedTarget(config=config, isa_level=chosen, tvm_target=tvm.target.Target(attrs), lower_levels=lower)
+    return ResolvedTarget(config=config, isa_level=chosen, tvm_target=_tvm_target(config, attrs), lower_levels=lower)
+
+
+def _tvm_target(config: TargetConfig, attrs: dict) -> tvm.target.Target:
+    """The TVM Target of [tvm]. An opencl target also compiles host code, for the board's CPU ([tvm] host).
+
+    `num-cores` counts that CPU's cores, so for opencl it goes to the host target (unless host sets it).
+    """
+    host = attrs.pop("host", None)
+    if attrs["kind"] == "opencl":
+        if host is None:
+            raise UserError(
+                f"{config.path}: [tvm] of kind 'opencl' needs a 'host' table "
+                "(the llvm target of the board's CPU, which launches the kernels)"
+            )
+        host = {"num-cores": attrs.pop("num-cores"), **host}
+    elif host is not None:
+        raise UserError(f"{config.path}: key 'host' in [tvm] is only for kind 'opencl', not {attrs['kind']!r}")
+    try:
+        return tvm.target.Target(attrs, host=tvm.target.Target(host)) if host else tvm.target.Target(attrs)
+    except ValueError as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise UserError(f"{config.path}: [tvm] is not a valid TVM target ({reason})") from exc

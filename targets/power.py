@@ -5,22 +5,33 @@ sampler can difference any two reads. Energy counters (RAPL) accumulate their de
 instantaneous power (hwmon, tegrastats, vcgencmd) integrate with the trapezoid rule between reads.
 An estimate is a separate probe marked `is_estimate`, and `none` refuses to read at all, so neither
 can pass for a measurement.
+
+A probe reads its files and runs its commands through a `SensorHost`: this machine, or a board
+over SSH (`BoardSensors`), so one probe class serves both and `open_target_probe` picks the host
+from the target's connection.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import inspect
+import json
+import os
 import re
+import shlex
 import subprocess
 import threading
 import time
-from pathlib import Path
-from typing import Callable
+from pathlib import PurePosixPath
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
 import numpy as np
 
 from errors import UserError
+
+if TYPE_CHECKING:
+    from targets.config import TargetConfig
+    from targets.ssh import SshSession
 
 Clock = Callable[[], float]
 
@@ -29,12 +40,188 @@ class ProbeError(UserError):
     """A power sensor could not be opened or read; the message names the file or command."""
 
 
+class Follower(Protocol):
+    """A long-running command's output, line by line (tegrastats)."""
+
+    def lines(self) -> Iterator[str]: ...
+
+    def poll(self) -> int | None: ...
+
+    def close(self) -> None: ...
+
+
+class SensorHost:
+    """Where a probe's sysfs files and commands are: this machine (`LOCAL`) or a board (`BoardSensors`).
+
+    Failures look like the local ones (OSError per file, FileNotFoundError for a missing command,
+    subprocess.TimeoutExpired), so probes handle both the same way.
+    """
+
+    where = ""  # prefix for file and command names in messages: "" here, "user@host:" on a board
+
+    def list_dir(self, folder: PurePosixPath) -> list[str]:
+        """Sorted entry names; [] when `folder` is not a readable folder."""
+        raise NotImplementedError
+
+    def read_files(self, paths: list[PurePosixPath]) -> list[str | OSError]:
+        """Each file's text, or the error reading it, read one after another as close in time as possible."""
+        raise NotImplementedError
+
+    def run(self, argv: list[str], timeout_s: float) -> tuple[int, str, str]:
+        """(exit status, stdout, stderr) of a short command."""
+        raise NotImplementedError
+
+    def follow(self, argv: list[str]) -> Follower:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the connection, if any."""
+
+
+class _LocalFollower:
+    def __init__(self, argv: list[str]):
+        self._proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    def lines(self) -> Iterator[str]:
+        return iter(self._proc.stdout)
+
+    def poll(self) -> int | None:
+        return self._proc.poll()
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            self._proc.wait()
+
+
+class LocalSensors(SensorHost):
+    """This machine's files and commands."""
+
+    def list_dir(self, folder: PurePosixPath) -> list[str]:
+        try:
+            return sorted(os.listdir(folder))
+        except OSError:
+            return []
+
+    def read_files(self, paths: list[PurePosixPath]) -> list[str | OSError]:
+        texts: list[str | OSError] = []
+        for path in paths:
+            try:
+                with open(path) as file:
+                    texts.append(file.read())
+            except OSError as exc:
+                texts.append(exc)
+        return texts
+
+    def run(self, argv: list[str], timeout_s: float) -> tuple[int, str, str]:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
+        return done.returncode, done.stdout, done.stderr
+
+    def follow(self, argv: list[str]) -> Follower:
+        return _LocalFollower(argv)
+
+
+LOCAL = LocalSensors()
+
+# Runs on the board (any python3, standard library only) and answers one JSON request per line:
+# each read is taken when the probe asks, one round trip over one SSH channel, so readings stay in
+# step with the benchmark window measured on this side.
+BOARD_READER = """
+import json, os, shutil, subprocess, sys
+def answer(op, arg):
+    if op == "list":
+        try:
+            return sorted(os.listdir(arg))
+        except OSError:
+            return []
+    if op == "read":
+        texts = []
+        for path in arg:
+            try:
+                with open(path) as f:
+                    texts.append([f.read(), 0, ""])
+            except OSError as e:
+                texts.append([None, e.errno or 0, e.strerror or str(e)])
+        return texts
+    if op == "which":
+        return shutil.which(arg) is not None
+    argv, timeout = arg
+    try:
+        done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=timeout)
+    except FileNotFoundError:
+        return "not found"
+    except subprocess.TimeoutExpired:
+        return "timeout"
+    return [done.returncode, done.stdout, done.stderr]
+for line in sys.stdin:
+    print(json.dumps(answer(*json.loads(line))), flush=True)
+"""
+READER_TIMEOUT_S = 10.0
+
+
+class BoardSensors(SensorHost):
+    """A board's files and commands, through `BOARD_READER` running there over SSH.
+
+    Owns the SSH session: closing the probe closes it. The reader uses the board's `[ssh] python`
+    (default python3); any Python 3 will do, TVM is not needed.
+    """
+
+    def __init__(self, session: SshSession, python: str | None = None):
+        self._session = session
+        self.where = f"{session.settings.user}@{session.settings.host}:"
+        self._python = python or session.settings.python or "python3"
+        self._reader = session.start(f"{shlex.quote(self._python)} -u -c {shlex.quote(BOARD_READER)}")
+        self._lock = threading.Lock()
+        self._ask("list", "/")  # fails here, not mid-benchmark, when the board has no such python
+
+    def _ask(self, op: str, arg, timeout_s: float = READER_TIMEOUT_S):
+        with self._lock:
+            try:
+                self._reader.write(json.dumps([op, arg]) + "\n")
+                line = self._reader.readline(timeout_s)
+            except (OSError, UserError) as exc:
+                raise ProbeError(f"{self.where} the sensor reader does not answer ({exc})") from None
+        if not line:
+            status = self._reader.poll()
+            raise ProbeError(
+                f"{self.where} the sensor reader `{self._python} -c ...` ended"
+                + (f" with status {status}" if status is not None else "")
+                + (" (is python3 installed on the board? set [ssh] python)" if status == 127 else "")
+            )
+        return json.loads(line)
+
+    def list_dir(self, folder: PurePosixPath) -> list[str]:
+        return self._ask("list", str(folder))
+
+    def read_files(self, paths: list[PurePosixPath]) -> list[str | OSError]:
+        answers = self._ask("read", [str(path) for path in paths])
+        return [text if text is not None else OSError(number, message) for text, number, message in answers]
+
+    def run(self, argv: list[str], timeout_s: float) -> tuple[int, str, str]:
+        answer = self._ask("run", [argv, timeout_s], timeout_s=timeout_s + READER_TIMEOUT_S)
+        if answer == "not found":
+            raise FileNotFoundError(argv[0])
+        if answer == "timeout":
+            raise subprocess.TimeoutExpired(argv, timeout_s)
+        return tuple(answer)
+
+    def follow(self, argv: list[str]) -> Follower:
+        if not self._ask("which", argv[0]):
+            raise FileNotFoundError(argv[0])
+        return self._session.start(shlex.join(argv), pty=True)  # closing it hangs the command up
+
+    def close(self) -> None:
+        self._reader.close()
+        self._session.close()
+
+
 class PowerProbe:
     """What every probe offers; subclasses set `source` and implement `read` and `describe`."""
 
     source: str = ""
     is_estimate: bool = False
     available: bool = True  # False only for `none`: nothing is measured
+    host: SensorHost = LOCAL
 
     def read(self) -> float:
         """Cumulative energy in joules since the probe was opened (monotonic)."""
@@ -45,7 +232,8 @@ class PowerProbe:
         raise NotImplementedError
 
     def close(self) -> None:
-        """Release what the probe holds (a child process); most hold nothing."""
+        """Release what the probe holds (a child process, the SSH connection to a board)."""
+        self.host.close()
 
     def __enter__(self) -> PowerProbe:
         return self
@@ -54,17 +242,18 @@ class PowerProbe:
         self.close()
 
 
-def _read_int(path: Path) -> int:
-    """One integer from a sysfs file; anything else is a ProbeError naming the file."""
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        hint = " (run as root or grant read access)" if isinstance(exc, PermissionError) else ""
-        raise ProbeError(f"{path}: cannot read ({exc.strerror or exc}){hint}") from exc
-    try:
-        return int(text.strip())
-    except ValueError:
-        raise ProbeError(f"{path}: expected an integer, got {text.strip()[:40]!r}") from None
+def _read_ints(host: SensorHost, paths: list[PurePosixPath]) -> list[int]:
+    """One integer per sysfs file; anything else is a ProbeError naming the file."""
+    values = []
+    for path, text in zip(paths, host.read_files(paths)):
+        if isinstance(text, OSError):
+            hint = " (run as root or grant read access)" if isinstance(text, PermissionError) else ""
+            raise ProbeError(f"{host.where}{path}: cannot read ({text.strerror or text}){hint}")
+        try:
+            values.append(int(text.strip()))
+        except ValueError:
+            raise ProbeError(f"{host.where}{path}: expected an integer, got {text.strip()[:40]!r}") from None
+    return values
 
 
 class _IntegratingProbe(PowerProbe):
@@ -100,30 +289,35 @@ class RaplProbe(PowerProbe):
     source = "rapl"
     _ZONE = re.compile(r"intel-rapl:(\d+)")
 
-    def __init__(self, root: Path = Path("/sys/class/powercap")):
-        root = Path(root)
-        zones = sorted(
-            (int(m.group(1)), path)
-            for path in (root.iterdir() if root.is_dir() else ())
-            if (m := self._ZONE.fullmatch(path.name)) and (path / "name").is_file()
-        )
-        names = [(path, (path / "name").read_text().strip()) for _, path in zones]
-        self._zones = [(path, name) for path, name in names if name.startswith("package")]
+    def __init__(self, root: str | PurePosixPath = "/sys/class/powercap", host: SensorHost = LOCAL):
+        self.host = host
+        root = PurePosixPath(root)
+        zones = sorted((int(m.group(1)), root / name) for name in host.list_dir(root) if (m := self._ZONE.fullmatch(name)))
+        names = host.read_files([path / "name" for _, path in zones])
+        self._zones = [
+            (path, name.strip())
+            for (_, path), name in zip(zones, names)
+            if isinstance(name, str) and name.strip().startswith("package")
+        ]
         if not self._zones:
-            raise ProbeError(f"{root}: no RAPL package zones (intel-rapl:N named package-*); is intel_rapl_msr loaded?")
-        self._ranges = [_read_int(path / "max_energy_range_uj") + 1 for path, _ in self._zones]
-        self._last = [_read_int(path / "energy_uj") for path, _ in self._zones]
+            raise ProbeError(
+                f"{host.where}{root}: no RAPL package zones (intel-rapl:N named package-*); is intel_rapl_msr loaded?"
+            )
+        self._counters = [path / "energy_uj" for path, _ in self._zones]
+        self._ranges = [top + 1 for top in _read_ints(host, [path / "max_energy_range_uj" for path, _ in self._zones])]
+        self._last = _read_ints(host, self._counters)
         self._total_uj = 0
 
     def read(self) -> float:
-        for i, (path, _) in enumerate(self._zones):
-            now = _read_int(path / "energy_uj")
+        for i, now in enumerate(_read_ints(self.host, self._counters)):
             self._total_uj += (now - self._last[i]) % self._ranges[i]  # the counter wraps at max_energy_range_uj
             self._last[i] = now
         return self._total_uj / 1e6
 
     def describe(self) -> str:
-        return "RAPL energy counters: " + ", ".join(f"{path / 'energy_uj'} ({name})" for path, name in self._zones)
+        return "RAPL energy counters: " + ", ".join(
+            f"{self.host.where}{counter} ({name})" for counter, (_, name) in zip(self._counters, self._zones)
+        )
 
 
 class HwmonProbe(_IntegratingProbe):
@@ -136,22 +330,27 @@ class HwmonProbe(_IntegratingProbe):
 
     source = "hwmon"
 
-    def __init__(self, root: Path = Path("/sys/class/hwmon"), name_filter: str | None = None, clock: Clock = time.monotonic):
-        root = Path(root)
-        self._power: list[Path] = []
-        self._pairs: list[tuple[Path, Path]] = []
+    def __init__(self, root: str | PurePosixPath = "/sys/class/hwmon", name_filter: str | None = None,
+                 clock: Clock = time.monotonic, host: SensorHost = LOCAL):
+        self.host = host
+        root = PurePosixPath(root)
+        self._power: list[PurePosixPath] = []
+        self._pairs: list[tuple[PurePosixPath, PurePosixPath]] = []
         self._chips: list[str] = []
+        chips = [root / name for name in fnmatch.filter(host.list_dir(root), "hwmon*")]
+        listings = [host.list_dir(chip) for chip in chips]
+        names = host.read_files([chip / "name" for chip in chips])
         seen = []
-        for chip in sorted(root.glob("hwmon*")):
-            name = (chip / "name").read_text().strip() if (chip / "name").is_file() else "?"
+        for chip, files, name in zip(chips, listings, names):
+            name = name.strip() if isinstance(name, str) else "?"
             seen.append(name)
             if name_filter and not fnmatch.fnmatch(name, name_filter):
                 continue
-            power = sorted(chip.glob("power*_input"))
+            power = [chip / f for f in fnmatch.filter(files, "power*_input")]
             pairs = [
-                (curr, chip / f"in{m.group(1)}_input")
-                for curr in sorted(chip.glob("curr*_input"))
-                if (m := re.fullmatch(r"curr(\d+)_input", curr.name)) and (chip / f"in{m.group(1)}_input").exists()
+                (chip / f, chip / f"in{m.group(1)}_input")
+                for f in files
+                if (m := re.fullmatch(r"curr(\d+)_input", f)) and f"in{m.group(1)}_input" in files
             ]
             if power:
                 self._power += power
@@ -163,18 +362,21 @@ class HwmonProbe(_IntegratingProbe):
         if not self._chips:
             wanted = f" named {name_filter!r}" if name_filter else ""
             raise ProbeError(
-                f"{root}: no hwmon chip{wanted} with power*_input or curr<n>_input/in<n>_input; "
+                f"{host.where}{root}: no hwmon chip{wanted} with power*_input or curr<n>_input/in<n>_input; "
                 f"chips seen: {', '.join(seen) or 'none'}"
             )
+        self._files = self._power + [f for pair in self._pairs for f in pair]  # read together, in one round trip
         super().__init__(clock)
 
     def power_w(self) -> float:
-        microwatts = sum(_read_int(path) for path in self._power)
-        paired_microwatts = sum(_read_int(curr) * _read_int(volt) for curr, volt in self._pairs)  # mA × mV = µW
+        values = _read_ints(self.host, self._files)
+        microwatts = sum(values[: len(self._power)])
+        paired = values[len(self._power) :]
+        paired_microwatts = sum(paired[i] * paired[i + 1] for i in range(0, len(paired), 2))  # mA × mV = µW
         return (microwatts + paired_microwatts) / 1e6
 
     def describe(self) -> str:
-        files = [str(p) for p in self._power] + [f"{c}×{v.name}" for c, v in self._pairs]
+        files = [f"{self.host.where}{p}" for p in self._power] + [f"{self.host.where}{c}×{v.name}" for c, v in self._pairs]
         return f"hwmon power of {', '.join(self._chips)}: " + ", ".join(files)
 
 
@@ -206,19 +408,24 @@ class TegrastatsProbe(_IntegratingProbe):
         interval_ms: int = 100,
         command: tuple[str, ...] = ("tegrastats",),
         clock: Clock = time.monotonic,
+        host: SensorHost = LOCAL,
     ):
+        self.host = host
         self._argv = [*command, "--interval", str(interval_ms)]
+        self._shown = f"{host.where}{' '.join(self._argv)}"
         try:
-            self._proc = subprocess.Popen(self._argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            self._proc = host.follow(self._argv)
         except FileNotFoundError:
-            raise ProbeError(f"{command[0]}: command not found (tegrastats ships with NVIDIA Jetson Linux)") from None
+            raise ProbeError(
+                f"{host.where}{command[0]}: command not found (tegrastats ships with NVIDIA Jetson Linux)"
+            ) from None
         self._latest: dict[str, float] = {}
         self._first = threading.Event()  # set by the first line with rails, or by tegrastats ending
         threading.Thread(target=self._follow, daemon=True, name="tegrastats").start()
         self._first.wait(interval_ms / 1e3 * 10 + 2)
         if not self._latest:
             self.close()
-            raise ProbeError(f"{' '.join(self._argv)}: printed no power rails")
+            raise ProbeError(f"{self._shown}: printed no power rails")
         if rails is None:
             rails = next(((r,) for r in TEGRA_TOTAL_RAILS if r in self._latest), None)
             if rails is None:
@@ -231,27 +438,26 @@ class TegrastatsProbe(_IntegratingProbe):
         super().__init__(clock)
 
     def _follow(self) -> None:
-        for line in self._proc.stdout:
+        for line in self._proc.lines():
             if rails := parse_tegrastats(line):
                 self._latest = rails
                 self._first.set()
         self._first.set()
 
     def power_w(self) -> float:
-        if self._proc.poll() is not None:
-            raise ProbeError(f"{' '.join(self._argv)}: exited with code {self._proc.returncode}")
+        if (status := self._proc.poll()) is not None:
+            raise ProbeError(f"{self._shown}: exited with code {status}")
         missing = [r for r in self.rails if r not in self._latest]
         if missing:
             raise ProbeError(f"tegrastats: no rail {', '.join(missing)}; rails: {', '.join(self._latest)}")
         return sum(self._latest[r] for r in self.rails)
 
     def describe(self) -> str:
-        return f"`{' '.join(self._argv)}` rails {' + '.join(self.rails)}"
+        return f"`{self._shown}` rails {' + '.join(self.rails)}"
 
     def close(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            self._proc.wait()
+        self._proc.close()
+        super().close()
 
 
 # `VDD_CORE_A current(7)=2.03000000A` / `VDD_CORE_V volt(15)=0.80000000V`
@@ -276,26 +482,29 @@ class VcgencmdProbe(_IntegratingProbe):
 
     source = "vcgencmd"
 
-    def __init__(self, command: tuple[str, ...] = ("vcgencmd", "pmic_read_adc"), clock: Clock = time.monotonic):
+    def __init__(self, command: tuple[str, ...] = ("vcgencmd", "pmic_read_adc"), clock: Clock = time.monotonic,
+                 host: SensorHost = LOCAL):
+        self.host = host
         self._argv = list(command)
+        self._shown = f"{host.where}{' '.join(self._argv)}"
         super().__init__(clock)
 
     def power_w(self) -> float:
         try:
-            done = subprocess.run(self._argv, capture_output=True, text=True, timeout=5)
+            status, stdout, stderr = self.host.run(self._argv, timeout_s=5)
         except FileNotFoundError:
-            raise ProbeError(f"{self._argv[0]}: command not found (Raspberry Pi firmware tools)") from None
+            raise ProbeError(f"{self.host.where}{self._argv[0]}: command not found (Raspberry Pi firmware tools)") from None
         except subprocess.TimeoutExpired:
-            raise ProbeError(f"{' '.join(self._argv)}: no answer within 5 s") from None
-        if done.returncode:
-            raise ProbeError(f"{' '.join(self._argv)}: exited with code {done.returncode}: {done.stderr.strip()}")
-        rails = parse_pmic_adc(done.stdout)
+            raise ProbeError(f"{self._shown}: no answer within 5 s") from None
+        if status:
+            raise ProbeError(f"{self._shown}: exited with code {status}: {stderr.strip()}")
+        rails = parse_pmic_adc(stdout)
         if not rails:
-            raise ProbeError(f"{' '.join(self._argv)}: no rail with both current and voltage in its output")
+            raise ProbeError(f"{self._shown}: no rail with both current and voltage in its output")
         return sum(rails.values())
 
     def describe(self) -> str:
-        return f"`{' '.join(self._argv)}`: sum of PMIC rails current × voltage (not the 5 V input)"
+        return f"`{self._shown}`: sum of PMIC rails current × voltage (not the 5 V input)"
 
 
 class NoProbe(PowerProbe):
@@ -337,16 +546,56 @@ POWER_SOURCES = tuple(_PROBES)
 
 
 def open_probe(source: str, **options) -> PowerProbe:
-    """The probe named by a target's `[power] source`, with its options checked before opening."""
+    """The probe named by a target's `[power] source`, reading this machine, with its options checked before opening."""
+    return _open_on(LOCAL, source, options)
+
+
+# Connections whose device is this machine (a qemu-system MCU runs here too); any other is a board.
+LOCAL_CONNECTIONS = ("local", "qemu-system")
+
+
+def open_target_probe(config: TargetConfig, ssh_destination: str | None = None) -> PowerProbe:
+    """The target's `[power]` probe, reading the sensor where the device is.
+
+    A local target's sensor is read here; a board's is read on the board over SSH (its `[ssh]`
+    table, or `ssh_destination` as user@host[:port]). The probe owns that connection: close it
+    (or use it in a `with` block) when the benchmark ends.
+    """
+    source, options = config.power_source, config.power_options
+    measured_here = config.connection in LOCAL_CONNECTIONS or source in (NoProbe.source, EstimateProbe.source)
+    if measured_here:
+        return _open_on(LOCAL, source, options)
+    if not (config.ssh or ssh_destination):
+        raise UserError(
+            f"{config.path}: power source {source!r} is on the board, read over SSH: add an [ssh] table "
+            "(host, user, key_file, known_hosts) or give the board's user@host"
+        )
+    from targets import ssh
+
+    session = ssh.connect(ssh.settings_for(config.ssh, ssh_destination, base_dir=config.path.parent))
+    host = None
+    try:
+        host = BoardSensors(session)
+        return _open_on(host, source, options)
+    except BaseException:
+        (host or session).close()
+        raise
+
+
+def _open_on(host: SensorHost, source: str, options: dict) -> PowerProbe:
     if source not in _PROBES:
         raise UserError(f"unknown power source {source!r}; allowed: {', '.join(POWER_SOURCES)}")
     probe = _PROBES[source]
+    parameters = inspect.signature(probe).parameters
+    allowed = ", ".join(name for name in parameters if name != "host") or "none"
+    if "host" in options:  # where the sensor is follows from the target's connection, never an option
+        raise UserError(f"power source {source!r}: 'host' is not an option; options: {allowed}")
+    arguments = {**options, "host": host} if "host" in parameters else options
     try:
-        inspect.signature(probe).bind(**options)
+        inspect.signature(probe).bind(**arguments)
     except TypeError as exc:
-        allowed = ", ".join(inspect.signature(probe).parameters) or "none"
         raise UserError(f"power source {source!r}: {exc}; options: {allowed}") from None
-    return probe(**options)
+    return probe(**arguments)
 
 
 class PowerSampler:

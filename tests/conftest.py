@@ -13,3 +13,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory):
+    """A real OpenSSH server on 127.0.0.1 with temporary keys (tests/sshd.py); the "board" is this machine."""
+    from sshd import SSHD, start_sshd
+
+    if not SSHD.exists():
+        pytest.skip(f"{SSHD} not installed (apt-get install openssh-server)")
+    server = start_sshd(tmp_path_factory.mktemp("sshd"))
+    yield server
+    server.stop()

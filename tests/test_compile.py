@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -13,10 +14,10 @@ import tvm
 import lwgan_models
 import targets
 from compile.build import compile_model
-from compile.database import TuningDatabase
+from compile.database import CURVE_FILE, TuningDatabase, trials_to_within
 from compile.pipeline import source_digest
 from compile.torch_import import torch_to_relax
-from compile.tuning import CURVE_FILE, tune
+from compile.tuning import tune
 from errors import UserError
 
 # Small spatial sizes keep untuned builds quick; every generator is fully convolutional, except
@@ -62,13 +63,32 @@ def _tiny_generator() -> torch.nn.Module:
     ).eval()
 
 
+def test_curve_replays_records_in_order_weighted_by_calls(tmp_path):
+    """Two workloads, the second called 3 times: points start once both are measured, failures are skipped."""
+    database = TuningDatabase(tmp_path / "db")
+    database.path.mkdir()
+    database.workload_file.write_text('["111", "mod-a"]\n["222", "mod-b"]\n')
+    runs = [(0, [0.004]), (0, [0.003]), (1, [1e10]), (1, [0.002, 0.002]), (0, [0.001]), (1, [0.0015])]
+    database.record_file.write_text("".join(json.dumps([w, [[], secs, {}, []]]) + "\n" for w, secs in runs))
+    assert database.curve() == []  # no task weights: no curve rather than a wrong one
+    database.write_task_weights({"111": 1, "222": 3})
+    trials, latency_ms = zip(*database.curve())
+    assert trials == (4, 5, 6)
+    assert latency_ms == pytest.approx((3 + 3 * 2, 1 + 3 * 2, 1 + 3 * 1.5))
+    assert trials_to_within(database.curve(), 0.1) == 6
+    assert trials_to_within(database.curve(), 0.6) == 5
+
+
 def test_tune_then_compile_from_database_without_tuning(host, tmp_path, monkeypatch):
     module, shape = _tiny_generator(), (1, 3, 16, 16)
     database = TuningDatabase(tmp_path / "db")
-    ran = tune(torch_to_relax(module, shape), host.tvm_target, database, trials=6, trials_per_task=3, report=lambda _: None)
+    ran = tune(torch_to_relax(module, shape), host.tvm_target, database, trials=12, trials_per_task=4, report=lambda _: None)
     assert ran > 0 and database.record_count() > 0
-    curve = (database.path / CURVE_FILE).read_text().splitlines()
-    assert len(curve) >= 1 and '"trials"' in curve[0]
+    log = (database.path / CURVE_FILE).read_text().splitlines()
+    assert len(log) >= 1 and '"trials"' in log[0]
+    curve = database.curve()  # the tasks' weights were written, so the records replay into a curve
+    assert curve and curve[-1][0] <= database.record_count()
+    assert all(later <= earlier for (_, earlier), (_, later) in zip(curve, curve[1:]))
     before = (database.workload_file.read_bytes(), database.record_file.read_bytes())
 
     # Compiling must only read the database: no tuning entry point may run.

@@ -290,3 +290,129 @@ def test_measure_idle_averages_a_real_probe(tmp_path):
     write(tmp_path / "hwmon0" / "name", "ina219")
     write(tmp_path / "hwmon0" / "power1_input", 1_500_000)
     assert measure_idle(HwmonProbe(tmp_path), seconds=0.1, interval_s=0.02) == pytest.approx(1.5, rel=0.02)
+
+
+# ---- sensors on a board, read over SSH (the sshd fixture's "board" is this machine) ----------------
+
+
+def board_target(tmp_path: Path, sshd, source: str, options: str = "", ssh: bool = True) -> Path:
+    """An RPC board's config whose power sensor is read on the board; `options` is an inline TOML table body."""
+    ssh_table = "".join(f'{k} = "{v}"\n' if isinstance(v, str) else f"{k} = {v}\n" for k, v in sshd.ssh_table().items())
+    path = tmp_path / "powerboard.toml"
+    path.write_text(
+        'label = "board with a sensor"\nconnection = "rpc"\n[tvm]\nkind = "llvm"\nnum-cores = 1\n'
+        "[tuning]\ntrials = 1\ntrials_per_task = 1\npopulation = 2\n"
+        "[bench]\nthreads = 1\nwarmup = 1\nsamples = 1\nmin_duration_s = 0.1\n"
+        f'[power]\nsource = "{source}"\noptions = {{ {options} }}\n'
+        '[rpc]\ntracker_host = "127.0.0.1"\ntracker_port = 9190\nkey = "powerboard"\n'
+        + (f"[ssh]\n{ssh_table}" if ssh else "")
+    )
+    return path
+
+
+def board_sensors(sshd):
+    from targets.power import BoardSensors
+    from targets.ssh import connect, settings_for
+
+    return BoardSensors(connect(settings_for(sshd.ssh_table())))
+
+
+def test_remote_rapl_reads_the_board_counters_and_survives_a_wrap(sshd, tmp_path):
+    from targets import load_target
+    from targets.power import open_target_probe
+
+    counter = rapl_zone(tmp_path / "sys", "intel-rapl:0", "package-0", 900_000, max_uj=999_999)
+    rapl_zone(tmp_path / "sys", "intel-rapl:0:0", "core", 0)
+    config = load_target(board_target(tmp_path, sshd, "rapl", f'root = "{tmp_path / "sys"}"'))
+    with open_target_probe(config) as probe:
+        assert probe.read() == 0.0
+        write(counter, 100_000)  # wrapped: 99_999 µJ to the top, one step to 0, then 100_000
+        assert probe.read() == pytest.approx(0.2)
+        write(counter, 400_000)
+        assert probe.read() == pytest.approx(0.5)
+        assert probe.describe() == f"RAPL energy counters: {sshd.user}@127.0.0.1:{counter} (package-0)"
+
+
+def test_remote_sensor_vanishing_mid_run_names_the_board_file(sshd, rapl):
+    root, (pkg0, _) = rapl
+    with pytest.raises(ProbeError, match=f"{sshd.user}@127.0.0.1:{pkg0}: cannot read \\(No such file.*samples kept"):
+        with PowerSampler(RaplProbe(root, host=board_sensors(sshd)), interval_s=0.005) as sampler:
+            _wait_for(lambda: len(sampler.samples) >= 3)
+            pkg0.unlink()
+            _wait_for(lambda: sampler.error is not None)
+    assert len(sampler.samples) >= 3
+    sampler.probe.close()
+
+
+def test_remote_sampler_stays_in_step_with_a_2_watt_counter(sshd, tmp_path):
+    """Each read is taken on the board when asked, so the window's average matches the true power."""
+    counter = rapl_zone(tmp_path, "intel-rapl:0", "package-0", 0)
+    stop = threading.Event()
+    start = time.monotonic()
+
+    def advance():
+        while not stop.wait(0.002):
+            write(counter, int(2e6 * (time.monotonic() - start)))
+
+    helper = threading.Thread(target=advance)
+    helper.start()
+    try:
+        with RaplProbe(tmp_path, host=board_sensors(sshd)) as probe, PowerSampler(probe, interval_s=0.02) as sampler:
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        helper.join()
+    assert sampler.average_w == pytest.approx(2.0, rel=0.1)
+    assert len(sampler.samples) > 5
+
+
+def test_remote_hwmon_integrates_board_readings(sshd, tmp_path):
+    clock = FakeClock()
+    chip = tmp_path / "hwmon2"
+    write(chip / "name", "ina3221")
+    for channel, (milliamps, millivolts) in enumerate([(100, 5000), (200, 12000)], start=1):
+        write(chip / f"curr{channel}_input", milliamps)
+        write(chip / f"in{channel}_input", millivolts)
+    with HwmonProbe(tmp_path, name_filter="ina*", clock=clock, host=board_sensors(sshd)) as probe:
+        clock.now += 1.0
+        assert probe.read() == pytest.approx(0.5 + 2.4)
+        write(chip / "curr1_input", 300)
+        clock.now += 1.0
+        assert probe.read() == pytest.approx(2.9 + (2.9 + 3.9) / 2)
+        assert f"{sshd.user}@127.0.0.1:{chip / 'curr1_input'}×in1_input" in probe.describe()
+
+
+def test_remote_commands_run_on_the_board(sshd, tmp_path):
+    clock = FakeClock()
+    with VcgencmdProbe(command=("python3", "-c", f"print({PMIC!r})"), clock=clock, host=board_sensors(sshd)) as probe:
+        clock.now += 1.0
+        assert probe.read() == pytest.approx(0.05 * 3.3 + 2.03 * 0.8)
+    with pytest.raises(ProbeError, match=f"{sshd.user}@127.0.0.1:no-such-vcgencmd: command not found"):
+        VcgencmdProbe(command=("no-such-vcgencmd",), host=board_sensors(sshd))
+    with pytest.raises(ProbeError, match=f"{sshd.user}@127.0.0.1:no-such-tegrastats: command not found"):
+        TegrastatsProbe(command=("no-such-tegrastats",), host=board_sensors(sshd))
+
+
+def test_remote_tegrastats_follows_the_board_command_and_hangs_it_up(sshd, tmp_path):
+    pid_file = tmp_path / "tegrastats.pid"
+    script = tmp_path / "tegrastats.py"
+    script.write_text(f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+                      f"while True:\n    print({ORIN!r}, flush=True)\n    time.sleep(0.02)\n")
+    clock = FakeClock()
+    with TegrastatsProbe(command=("python3", str(script)), clock=clock, host=board_sensors(sshd)) as probe:
+        clock.now += 0.5
+        assert probe.read() == pytest.approx(5.12 * 0.5)
+        pid = int(pid_file.read_text())
+        assert Path(f"/proc/{pid}").exists()
+    _wait_for(lambda: not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z")
+
+
+def test_target_probe_needs_ssh_for_a_board_sensor(sshd, tmp_path):
+    from targets import load_target
+    from targets.power import open_target_probe
+
+    with pytest.raises(UserError, match="power source 'hwmon' is on the board, read over SSH: add an \\[ssh\\] table"):
+        open_target_probe(load_target(board_target(tmp_path, sshd, "hwmon", ssh=False)))
+    with pytest.raises(UserError, match="'host' is not an option; options: root, name_filter, clock"):
+        open_target_probe(load_target(board_target(tmp_path, sshd, "hwmon", 'host = "pi"')))
+    assert not open_target_probe(load_target(board_target(tmp_path, sshd, "none", ssh=False))).available
