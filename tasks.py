@@ -268,21 +268,39 @@ def compress(c, model, method, steps=None, keep=None, weight_bits=None, checkpoi
 
 
 @task(
+    iterable=["compare"],
     help={
         "results": "folder of JSON-lines records (default: reports/results)",
-        "out": "HTML file to write (default: reports/index.html)",
+        "out": "HTML file to write (default: reports/index.html, device pages in reports/index-devices/)",
+        "compare": "two run ids, RUN_A,RUN_B (or the flag twice): a page of what changed from A to B",
         "debug": "show tracebacks",
     }
 )
 @cli
-def report(c, results=None, out=None, debug=False):
-    """Render the self-contained HTML report from the records."""
+def report(c, results=None, out=None, compare=None, debug=False):
+    """Render the self-contained HTML report (index + a page per device), or compare two runs."""
     from bench.record import RESULTS_DIR, load_records
-    from reports import render_report
+    from reports import render_comparison, render_report
 
     source = Path(results) if results else RESULTS_DIR
-    path = render_report(load_records(source), Path(out) if out else DEFAULT_REPORT, source=str(source))
-    say(f"report: {path}")
+    records = load_records(source)
+    if compare:
+        runs = [run.strip() for item in compare for run in item.split(",") if run.strip()]
+        if len(runs) != 2:
+            raise UserError(f"--compare takes two run ids (RUN_A,RUN_B), got {len(runs)}: {', '.join(runs)}")
+        path, changes = render_comparison(records, runs[0], runs[1],
+                                          Path(out) if out else DEFAULT_REPORT.with_name(f"compare-{runs[0]}-{runs[1]}.html"))
+        for change in changes:
+            if change.verdict in ("regression", "became invalid"):
+                key = change.key
+                say(f"{change.verdict}: {key['model']} on {key['runtime']} ({key['target']}): "
+                    f"p50 {change.p50_a:.3f} -> {change.p50_b:.3f} ms (noise ±{100 * change.threshold:.1f}%)")
+        counted = {v: sum(c.verdict == v for c in changes) for v in ("regression", "improvement", "same")}
+        say(f"{counted['regression']} regressions, {counted['improvement']} improvements, {counted['same']} unchanged "
+            f"beyond noise; comparison: {path}")
+        return
+    path = render_report(records, Path(out) if out else DEFAULT_REPORT, source=str(source))
+    say(f"report: {path} (device pages in {path.with_name(path.stem + '-devices')})")
 
 
 @task(help={"target": "device config name (default: host)", "debug": "show tracebacks"})

@@ -1,30 +1,34 @@
-"""Render benchmark records as one self-contained HTML page.
+"""Render benchmark records as a self-contained HTML report: an index comparing devices, a page per device.
 
 The report is a pure function of the records (bench/record.py): it measures nothing and embeds
 its plots, so it can be regenerated from `reports/results/` at any time and opened from disk
-with no network.
+with no network. Device pages live in a folder beside the index (`<index stem>-devices/`).
 """
 
 from __future__ import annotations
 
 import base64
-import io
 import json
 import math
 import re
+import statistics
 from pathlib import Path
 
 import jinja2
 import pandas as pd
-from matplotlib.figure import Figure  # no pyplot: leaves the process-wide backend alone
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from bench.record import outside_tolerance
 from errors import UserError
+from reports.charts import (
+    QualityPoint,
+    grouped_bars,
+    pareto_chart,
+    size_quality_chart,
+    tuning_curves_chart,
+)
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 NOISY_COV = 0.1  # coefficient of variation above which a timing is flagged as noisy
-LOG_SCALE_SPAN = 20  # a chart switches to a log axis when its p50s span more than this factor
 BASELINES = {"onnxruntime": "ORT", "torch": "torch"}  # runtimes TVM's speed-up is measured against
 # Row order of a compression table: the base, then lwgan_models.compression.METHODS (not imported: it pulls in torch).
 VARIANT_ORDER = ("fp32", "ptq", "qat", "kd", "prune", "prune+kd+ptq")
@@ -39,7 +43,7 @@ SEED_REPORT_RESULTS = {
 
 def format_ms(value: float | None) -> str:
     """Latency in ms: three decimals below 1 ms, two above, so sub-millisecond models stay readable."""
-    if _missing(value):
+    if is_missing(value):
         return "—"
     return f"{value:.3f}" if abs(value) < 1 else f"{value:.2f}"
 
@@ -51,7 +55,7 @@ def format_ratio(ratio: float) -> str:
 
 def format_gmac(macs: int | None) -> str:
     """Billions of MACs: three significant digits below 1, so distilled and pruned students stay readable."""
-    if _missing(macs):
+    if is_missing(macs):
         return "—"
     gmac = macs / 1e9
     return f"{gmac:.3g}" if gmac < 1 else f"{gmac:.2f}"
@@ -59,7 +63,7 @@ def format_gmac(macs: int | None) -> str:
 
 def format_times(base_value: float | None, value: float | None) -> str:
     """How many times the base's value is the variant's ("× smaller"); "—" unless both are known."""
-    if _missing(base_value) or _missing(value) or value <= 0:
+    if is_missing(base_value) or is_missing(value) or value <= 0:
         return "—"
     return f"{base_value / value:.2f}×"
 
@@ -74,37 +78,95 @@ def short_weights(weights: str) -> str:
 
 
 def render_report(records: pd.DataFrame, out_path: Path, source: str | Path = "reports/results") -> Path:
-    """Write the report for `records` to `out_path`; `source` names where they were loaded from."""
+    """Write the index to `out_path` and one page per device beside it; `source` names where records came from."""
     if records.empty:
         raise UserError(f"no benchmark records in {source}; run `invoke bench` first")
     records = records.sort_values(["timestamp", "model", "variant", "runtime"], kind="stable")
     runtimes = sorted(records["runtime"].unique())  # fixes each runtime's colour across charts
-    template = jinja2.Environment(
+    out_path = Path(out_path)
+    pages_dir = out_path.with_name(f"{out_path.stem}-devices")
+    compression = _compression(records, Path(source))
+    shared = {"source": str(source), "noisy_cov": NOISY_COV, "compression": compression,
+              "seed_rows": _seed_rows(), "seed_source": SEED_REPORT_SOURCE}
+    devices = []
+    for (target, isa_level), group in records.groupby(["target", "isa_level"], sort=True):
+        device = _device_summary(group, target, isa_level, f"{pages_dir.name}/{_slug(target, isa_level)}.html")
+        devices.append(device)
+        page = load_template("device.html.j2").render(
+            **shared,
+            index_href=f"../{out_path.name}",
+            device=device,
+            record_count=len(group),
+            runs=_runs(group),
+            environments=_environments(group),
+            sections=_sections(group, runtimes),
+            warnings=[w for r in group.to_dict("records") for w in _warnings(r)],
+            pareto=_pareto_charts(group),
+            tuning_chart=_tuning_chart(group, device["label"]),
+            firmware=bool(group["flash_bytes"].notna().any()),
+        )
+        write_page(pages_dir / f"{_slug(target, isa_level)}.html", page)
+    page = load_template("index.html.j2").render(
+        **shared,
+        record_count=len(records),
+        runs=_runs(records),
+        devices=devices,
+        device_chart=_device_chart(records),
+        environments=_environments(records),
+        warnings=[w for r in records.to_dict("records") for w in _warnings(r)],
+    )
+    return write_page(out_path, page)
+
+
+def load_template(name: str) -> jinja2.Template:
+    return jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
-    ).get_template("report.html.j2")
-    page = template.render(
-        source=str(source),
-        record_count=len(records),
-        runs=_runs(records),
-        environments=_environments(records),
-        sections=_sections(records, runtimes),
-        warnings=[w for r in records.to_dict("records") for w in _warnings(r)],
-        noisy_cov=NOISY_COV,
-        compression=_compression(records, Path(source)),
-        seed_rows=_seed_rows(),
-        seed_source=SEED_REPORT_SOURCE,
-    )
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(page, encoding="utf-8")
-    return out_path
+    ).get_template(name)
 
 
-def _missing(value) -> bool:
+def write_page(path: Path, page: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def _slug(target: str, isa_level: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", f"{target}-{isa_level}" if isa_level else target)
+
+
+def _device_summary(group: pd.DataFrame, target: str, isa_level: str, href: str) -> dict:
+    """One device's line in the index: what was measured there, its power source, TVM against ORT."""
+    latest_run = group[group["timestamp"] == group["timestamp"].max()]["run_id"].iloc[0]
+    latest = {(r["model"], r["variant"], r["runtime"]): r
+              for r in group[group["run_id"] == latest_run].to_dict("records") if r["valid"]}
+    ratios = [r["latency_p50_ms"] / ort["latency_p50_ms"] for (m, v, rt), r in latest.items()
+              if rt == "tvm" and (ort := latest.get((m, v, "onnxruntime"))) and ort["latency_p50_ms"] > 0]
+    return {
+        "label": group["device"].iloc[-1],
+        "target": target,
+        "isa_level": isa_level,
+        "href": href,
+        "runs": group["run_id"].nunique(),
+        "records": len(group),
+        "models": group["model"].nunique(),
+        "power": _power_summary(group),
+        "tvm_vs_ort": format_ratio(statistics.median(ratios)) if ratios else "—",
+        "latest_run": latest_run,
+    }
+
+
+def _power_summary(group: pd.DataFrame) -> str:
+    """The power sources a device's records name; older records without one say "not recorded"."""
+    sources = sorted({s for s in group["power_source"] if not is_missing(s)})
+    labels = {"none": "no sensor", "estimate": "estimate (stated constants, not measured)"}
+    return ", ".join(labels.get(s, s) for s in sources) or "not recorded"
+
+
+def is_missing(value) -> bool:
     """pandas turns a missing optional number into NaN, a missing object into None."""
     return value is None or (isinstance(value, float) and math.isnan(value))
 
@@ -140,23 +202,89 @@ def _environments(records: pd.DataFrame) -> list[dict]:
 
 
 def _sections(records: pd.DataFrame, runtimes: list[str]) -> list[dict]:
-    """One table and chart per device and run: speed-ups only compare records measured together."""
+    """One table and chart per run on a device: speed-ups only compare records measured together."""
     sections = []
-    keys = ["device", "target", "isa_level", "run_id"]
-    for (device, target, isa_level, run_id), group in records.groupby(keys, sort=False):
+    for run_id, group in records.groupby("run_id", sort=False):
         rows = group.sort_values(["model", "variant", "runtime", "threads"], kind="stable").to_dict("records")
         latest = {(r["model"], r["variant"], r["runtime"]): r for r in group.to_dict("records") if r["valid"]}
-        sections.append(
-            {
-                "device": device,
-                "target": target,
-                "isa_level": isa_level,
-                "run_id": run_id,
-                "rows": [_row(r, latest) for r in rows],
-                "chart": _latency_chart(latest, runtimes),
-            }
-        )
-    return sorted(sections, key=lambda s: (s["device"], s["target"], s["isa_level"]))
+        sections.append({"run_id": run_id, "rows": [_row(r, latest) for r in rows],
+                         "chart": _latency_chart(latest, runtimes)})
+    return sections
+
+
+def _latency_chart(latest: dict, runtimes: list[str]) -> str | None:
+    """Grouped p50 bars per model and variant, one per runtime (records with a latency only)."""
+    timed = {key: r for key, r in latest.items() if r["latency_p50_ms"] > 0}
+    groups = sorted({(model, variant) for model, variant, _ in timed})
+    series = {
+        runtime: {f"{m}\n{v}": (r["latency_p50_ms"], r["latency_p90_ms"])
+                  for (m, v, rt), r in timed.items() if rt == runtime}
+        for runtime in runtimes if any(key[2] == runtime for key in timed)
+    }
+    colours = {runtime: f"C{runtimes.index(runtime)}" for runtime in runtimes}
+    return grouped_bars([f"{m}\n{v}" for m, v in groups], series, colours, "latency p50 (ms), bar to p90")
+
+
+def _device_chart(records: pd.DataFrame) -> str | None:
+    """Per model, each device's fastest valid runtime in the latest run that timed it: where does it run best?"""
+    series: dict[str, dict[str, tuple[float, float]]] = {}
+    timed = records[records["valid"] & (records["latency_p50_ms"] > 0)]
+    for (_, _), group in timed.groupby(["target", "isa_level"], sort=True):
+        best = {}
+        for model, runs in group.groupby("model"):
+            latest = runs[runs["run_id"] == runs.loc[runs["timestamp"].idxmax(), "run_id"]]
+            fastest = latest.loc[latest["latency_p50_ms"].idxmin()]
+            best[model] = (fastest["latency_p50_ms"], fastest["latency_p90_ms"])
+        series[group["device"].iloc[-1]] = best
+    groups = sorted({model for values in series.values() for model in values})
+    colours = {device: f"C{slot}" for slot, device in enumerate(series)}
+    return grouped_bars(groups, series, colours, "fastest runtime p50 (ms), bar to p90")
+
+
+def _pareto_charts(records: pd.DataFrame) -> list[dict]:
+    """Per base model on one device: latency-PSNR and size-PSNR fronts over its variants.
+
+    Each variant is placed by its fastest valid runtime in its latest record; the fp32 base is the
+    quality reference (infinite PSNR to itself).
+    """
+    charts = []
+    latest: dict[str, dict] = {}
+    for r in records.to_dict("records"):
+        if r["valid"] and not is_missing(r["base_model"]) and r["latency_p50_ms"] > 0:
+            known = latest.get(r["model"])
+            if known is None or known["timestamp"] < r["timestamp"] or (
+                    known["timestamp"] == r["timestamp"] and r["latency_p50_ms"] < known["latency_p50_ms"]):
+                latest[r["model"]] = r
+    by_base: dict[str, list[dict]] = {}
+    for r in latest.values():
+        by_base.setdefault(r["base_model"], []).append(r)
+    for base_model, models in sorted(by_base.items()):
+        def psnr(r: dict) -> float | None:
+            return float("inf") if r["model"] == base_model else (None if is_missing(r["psnr_db"]) else r["psnr_db"])
+
+        rated = [r for r in models if psnr(r) is not None]
+        if len(rated) < 2:
+            continue
+        latency = [QualityPoint(f"{r['variant']} ({r['runtime']})", r["latency_p50_ms"], psnr(r)) for r in rated]
+        size = [QualityPoint(r["variant"], r["onnx_bytes"] / 1e6, psnr(r)) for r in rated
+                if not is_missing(r["onnx_bytes"])]
+        charts.append({
+            "base_model": base_model,
+            "latency": pareto_chart(latency, base_model, "latency p50 (ms, log scale)"),
+            "size": pareto_chart(size, base_model, "ONNX size (MB, log scale)") if len(size) >= 2 else None,
+        })
+    return charts
+
+
+def _tuning_chart(records: pd.DataFrame, device: str) -> str | None:
+    """The latest tuning curve of each model's applied database on this device."""
+    curves = {}
+    for r in records[records["runtime"] == "tvm"].to_dict("records"):
+        curve = r.get("tuning_curve")
+        if isinstance(curve, list) and curve:
+            within = r.get("trials_to_10pct")
+            curves[r["model"]] = (curve, None if is_missing(within) else int(within))
+    return tuning_curves_chart(curves, f"tuning curves on {device}")
 
 
 def _row(record: dict, latest: dict) -> dict:
@@ -181,17 +309,44 @@ def _row(record: dict, latest: dict) -> dict:
         "mean": format_ms(record["latency_mean_ms"]),
         "cov": f"{record['latency_cov']:.3f}",
         "noisy": record["latency_cov"] > NOISY_COV,
-        "err": "—" if _missing(err) else f"{err:.1e}" + _psnr_suffix(record),
+        "err": "—" if is_missing(err) else f"{err:.1e}" + _psnr_suffix(record),
         "tol": _tolerance(record),
         "err_high": _over_tolerance(record),
         "speedups": _speedups(record, latest),
+        "energy": _energy(record),
+        "estimated": bool(record.get("power_estimated")) and not is_missing(record.get("energy_mj")),
+        "active_w": "—" if is_missing(record.get("active_w")) else f"{record['active_w']:.2f}",
+        "rss": _megabytes(record.get("peak_rss_bytes")),
+        "psnr": "—" if is_missing(record.get("psnr_db")) else f"{record['psnr_db']:.2f}",
+        "ssim": "—" if is_missing(record.get("ssim")) else f"{record['ssim']:.3f}",
+        "flash_kb": _kilobytes(record.get("flash_bytes")),
+        "ram_kb": _kilobytes(record.get("ram_bytes")),
+        "arena_kb": _kilobytes(record.get("arena_bytes")),
+        "instructions": "—" if is_missing(record.get("instructions")) else f"{int(record['instructions']):,}",
         "valid": record["valid"],
         "reason": record["invalid_reason"],
     }
 
 
+def _energy(record: dict) -> str:
+    """mJ per inference ± spread; "no sensor" where the target has none, never a zero."""
+    source = record.get("power_source")
+    if is_missing(source):
+        return "—"
+    if source == "none":
+        return "no sensor"
+    if not is_missing(record.get("power_error")) or is_missing(record.get("energy_mj")):
+        return "sensor failed"
+    spread = record.get("energy_mj_std")
+    return f"{record['energy_mj']:.3g}" + ("" if is_missing(spread) else f" ± {spread:.2g}")
+
+
+def _kilobytes(size: int | None) -> str:
+    return "—" if is_missing(size) else f"{size / 1024:.1f}"
+
+
 def _megabytes(size: int | None) -> str:
-    return "—" if _missing(size) else f"{size / 1e6:.2f}"
+    return "—" if is_missing(size) else f"{size / 1e6:.2f}"
 
 
 def _tuned(record: dict) -> str:
@@ -199,23 +354,23 @@ def _tuned(record: dict) -> str:
     if record["runtime"] != "tvm":
         return "—"
     trials = record["tuned_trials"]
-    if _missing(trials) or trials == 0:
+    if is_missing(trials) or trials == 0:
         return "untuned"
     tasks = record.get("tuned_tasks")
-    return f"{int(trials)} trials" + ("" if _missing(tasks) else f", {tasks} tasks")
+    return f"{int(trials)} trials" + ("" if is_missing(tasks) else f", {tasks} tasks")
 
 
 def _psnr_suffix(record: dict) -> str:
     """int8 rows are judged by output PSNR against the reference; show it beside the max error."""
     psnr = record.get("output_psnr_db")
-    return "" if _missing(record.get("min_output_psnr_db")) or _missing(psnr) else f" ({psnr:.1f} dB)"
+    return "" if is_missing(record.get("min_output_psnr_db")) or is_missing(psnr) else f" ({psnr:.1f} dB)"
 
 
 def _tolerance(record: dict) -> str:
-    if not _missing(record["tolerance"]):
+    if not is_missing(record["tolerance"]):
         return f"{record['tolerance']:.0e}"
     floor = record.get("min_output_psnr_db")
-    return "—" if _missing(floor) else f"PSNR ≥ {floor:.0f} dB"
+    return "—" if is_missing(floor) else f"PSNR ≥ {floor:.0f} dB"
 
 
 def _over_tolerance(record: dict) -> bool:
@@ -244,9 +399,14 @@ def _warnings(record: dict) -> list[dict]:
         warnings.append({"kind": "noisy", "where": where, "detail": f"CoV {record['latency_cov']:.3f} > {NOISY_COV}"})
     if _over_tolerance(record):
         detail = (f"max abs error {record['max_abs_err']:.1e} > tolerance {record['tolerance']:.0e}"
-                  if not _missing(record["tolerance"]) else
+                  if not is_missing(record["tolerance"]) else
                   f"output PSNR {record['output_psnr_db']:.1f} dB < {record['min_output_psnr_db']:.0f} dB")
         warnings.append({"kind": "error above tolerance", "where": where, "detail": detail})
+    if not is_missing(record.get("power_error")):
+        warnings.append({"kind": "power sensor failed", "where": where, "detail": record["power_error"]})
+    if record.get("power_estimated") and not is_missing(record.get("energy_mj")):
+        warnings.append({"kind": "estimated power", "where": where,
+                         "detail": f"energy from stated constants ({record['power_source']}), not measured"})
     return warnings
 
 
@@ -258,7 +418,7 @@ def _compression(records: pd.DataFrame, results_dir: Path) -> list[dict]:
     """
     latest = {}
     for record in records.to_dict("records"):  # in time order: a later record replaces an earlier one
-        if not _missing(record["base_model"]):
+        if not is_missing(record["base_model"]):
             latest[record["model"]] = record
     by_base: dict[str, list[dict]] = {}
     for record in latest.values():
@@ -269,7 +429,7 @@ def _compression(records: pd.DataFrame, results_dir: Path) -> list[dict]:
         if models == [base]:  # a model without variants has nothing to compare
             continue
         models = sorted(models, key=lambda m: _variant_rank(m, base_model))
-        names = sorted({m["seed_metric_name"] for m in models if not _missing(m["seed_metric_name"])})
+        names = sorted({m["seed_metric_name"] for m in models if not is_missing(m["seed_metric_name"])})
         tables.append(
             {
                 "base_model": base_model,
@@ -277,7 +437,12 @@ def _compression(records: pd.DataFrame, results_dir: Path) -> list[dict]:
                 "has_base": base is not None,
                 "seed_metric": " / ".join(SEED_METRIC_LABELS.get(name, name) for name in names) or "seed metric",
                 "rows": [_compression_row(m, base, results_dir) for m in models],
-                "chart": _size_quality_chart(base_model, models, base),
+                "chart": size_quality_chart(
+                    base_model,
+                    [(m["onnx_bytes"] / 1e6, m["psnr_db"], m["variant"]) for m in models
+                     if not (is_missing(m["onnx_bytes"]) or is_missing(m["psnr_db"]))],
+                    None if base is None or is_missing(base["onnx_bytes"]) else base["onnx_bytes"] / 1e6,
+                ),
             }
         )
     return tables
@@ -294,7 +459,7 @@ def _compression_row(record: dict, base: dict | None, results_dir: Path) -> dict
     """Ratios are against the base model's record; without one they are "—"."""
     base = base or {}
     sample = record.get("sample_png")
-    sample_path = None if _missing(sample) else results_dir / sample
+    sample_path = None if is_missing(sample) else results_dir / sample
     psnr, ssim, metric = record["psnr_db"], record["ssim"], record["seed_metric"]
     return {
         "model": record["model"],
@@ -305,9 +470,9 @@ def _compression_row(record: dict, base: dict | None, results_dir: Path) -> dict
         "onnx_mb": _megabytes(record["onnx_bytes"]),
         "smaller": format_times(base.get("onnx_bytes"), record["onnx_bytes"]),
         "fewer_macs": format_times(base.get("macs"), record["macs"]),
-        "psnr": "—" if _missing(psnr) else f"{psnr:.2f}",
-        "ssim": "—" if _missing(ssim) else f"{ssim:.3f}",
-        "seed_metric": "—" if _missing(metric) else f"{metric:.4g}",
+        "psnr": "—" if is_missing(psnr) else f"{psnr:.2f}",
+        "ssim": "—" if is_missing(ssim) else f"{ssim:.3f}",
+        "seed_metric": "—" if is_missing(metric) else f"{metric:.4g}",
         # the output on the shared test image, embedded so the page stays one file
         "sample": base64.b64encode(sample_path.read_bytes()).decode("ascii")
         if sample_path is not None and sample_path.is_file() else None,
@@ -333,71 +498,3 @@ def _seed_rows() -> list[dict]:
     return rows
 
 
-def _size_quality_chart(base_model: str, models: list[dict], base: dict | None) -> str | None:
-    """ONNX size (log x) against PSNR to the fp32 teacher, one labelled point per variant; base64 PNG."""
-    points = [
-        (m["onnx_bytes"] / 1e6, m["psnr_db"], m["variant"])
-        for m in models
-        if not (_missing(m["onnx_bytes"]) or _missing(m["psnr_db"]))
-    ]
-    if not points:
-        return None
-    fig = Figure(figsize=(5.0, 3.4), dpi=100)
-    ax = fig.subplots()
-    ax.scatter([size for size, _, _ in points], [psnr for _, psnr, _ in points], color="C0", zorder=3)
-    for size, psnr, variant in points:
-        ax.annotate(variant, (size, psnr), textcoords="offset points", xytext=(5, 4), fontsize=9)
-    if base is not None and not _missing(base["onnx_bytes"]):
-        base_mb = base["onnx_bytes"] / 1e6
-        ax.axvline(base_mb, color="0.5", linestyle="--", linewidth=1, label=f"fp32 base, {base_mb:.2f} MB")
-        ax.legend(frameon=False, loc="lower right", fontsize=9)
-    ax.set_xscale("log")
-    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # sizes rarely span many decades
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda megabytes, _: f"{megabytes:g}"))  # "0.5", not "5×10⁻¹"
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.margins(x=0.25, y=0.2)
-    ax.set_title(base_model, fontsize=10)
-    ax.set_xlabel("ONNX size (MB, log scale)")
-    ax.set_ylabel("PSNR to fp32 teacher (dB)")
-    ax.grid(alpha=0.3)
-    return _png_base64(fig)
-
-
-def _latency_chart(latest: dict, runtimes: list[str]) -> str | None:
-    """Grouped p50 bars per model and variant, one per runtime, error bars up to p90; base64 PNG."""
-    if not latest:
-        return None
-    groups = sorted({(model, variant) for model, variant, _ in latest})
-    present = [rt for rt in runtimes if any(key[2] == rt for key in latest)]
-    width = 0.8 / len(present)
-    fig = Figure(figsize=(max(5.0, 1.0 + 0.5 * len(groups) * len(present)), 3.4), dpi=100)
-    ax = fig.subplots()
-    for slot, runtime in enumerate(present):
-        offset = (slot - (len(present) - 1) / 2) * width
-        bars = [(x + offset, latest[(m, v, runtime)]) for x, (m, v) in enumerate(groups) if (m, v, runtime) in latest]
-        p50 = [r["latency_p50_ms"] for _, r in bars]
-        spread = [r["latency_p90_ms"] - r["latency_p50_ms"] for _, r in bars]
-        ax.bar(
-            [x for x, _ in bars],
-            p50,
-            width,
-            yerr=[[0] * len(bars), spread],
-            capsize=3,
-            label=runtime,
-            color=f"C{runtimes.index(runtime)}",
-        )
-    p50s = [r["latency_p50_ms"] for r in latest.values()]
-    if min(p50s) > 0 and max(p50s) > LOG_SCALE_SPAN * min(p50s):
-        ax.set_yscale("log")
-    ax.set_xticks(range(len(groups)), [f"{m}\n{v}" for m, v in groups])
-    ax.set_ylabel("latency p50 (ms), bar to p90")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1, 1))
-    return _png_base64(fig)
-
-
-def _png_base64(fig: Figure) -> str:
-    """Charts are embedded in the page, so it opens from disk with no other files."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", bbox_inches="tight")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")

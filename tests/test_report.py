@@ -139,13 +139,19 @@ class ReportParser(HTMLParser):
             self._table = None
 
 
+def device_pages(index: Path) -> list[Path]:
+    return sorted(index.with_name(f"{index.stem}-devices").glob("*.html"))
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> tuple[Path, ReportParser]:
+    """The index and its device pages parsed together (one device here, so each table appears once)."""
     results = tmp_path_factory.mktemp("results")
     append_records(RECORDS, results / "run-1.jsonl")
     path = render_report(load_records(results), results.parent / "report.html", source=results)
     parser = ReportParser()
-    parser.feed(path.read_text(encoding="utf-8"))
+    for page in (path, *device_pages(path)):
+        parser.feed(page.read_text(encoding="utf-8"))
     return path, parser
 
 
@@ -179,6 +185,18 @@ def test_report_is_self_contained(report):
     images = [link for link in parser.links if link.startswith("data:image/png;base64,")]
     assert images
     assert base64.b64decode(images[0].split(",", 1)[1]).startswith(b"\x89PNG\r\n\x1a\n")
+    pages = [link for link in parser.links if link.endswith(".html")]
+    assert pages and all((path.parent / link).resolve().is_file() for link in pages if not link.startswith(".."))
+    assert all((device_pages(path)[0].parent / link).resolve() == path for link in pages if link.startswith(".."))
+
+
+def test_index_lists_each_device_with_its_page(report):
+    path, parser = report
+    [row] = table_rows(parser, "devices")
+    assert row["device"] == DEVICE and row["target"] == "host" and row["ISA level"] == "avx2"
+    assert row["records"] == str(len(RECORDS)) and row["models"] == "2"
+    assert row["TVM ÷ ORT (median, latest run)"] == format_ratio(12.3456 / 17.5)  # nst-tiny's ORT is invalid
+    assert [p.name for p in device_pages(path)] == ["host-avx2.html"]
 
 
 def test_table_shows_every_record_p50(report):
@@ -300,11 +318,11 @@ def test_seed_report_table_with_its_numbers(compression_report):
     ]
 
 
-def test_compression_section_between_warnings_and_devices_with_charts(compression_report):
+def test_compression_section_after_devices_and_warnings_with_charts(compression_report):
     page = compression_report[0]
-    warnings, compression, device = (page.index(f">{title}</h2>") for title in (
-        "Warnings", "Compression: size and quality per variant", DEVICE))
-    assert warnings < compression < device
+    devices, warnings, compression = (page.index(f">{title}</h2>") for title in (
+        "Devices", "Warnings", "Compression: size and quality per variant"))
+    assert devices < warnings < compression
     charts = re.findall(r'<img src="data:image/png;base64,([^"]+)" alt="ONNX size against PSNR', page)
     assert len(charts) == 2  # one per base model
     assert all(base64.b64decode(chart).startswith(b"\x89PNG\r\n\x1a\n") for chart in charts)
@@ -349,3 +367,98 @@ def test_a_base_model_without_variants_gets_no_compression_table(tmp_path):
     append_records([variant_record("fp32", precision="fp32", psnr_db=None, ssim=None)], tmp_path / "r.jsonl")
     page = render_report(load_records(tmp_path), tmp_path / "r.html", source=tmp_path).read_text(encoding="utf-8")
     assert "Compression: size and quality per variant" not in page
+
+
+def render_with_pages(records: list[Record], tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """Render `records`; the index path and each device page's text by file name."""
+    append_records(records, tmp_path / "results" / "run.jsonl")
+    index = render_report(load_records(tmp_path / "results"), tmp_path / "index.html", source=tmp_path / "results")
+    return index, {page.name: page.read_text(encoding="utf-8") for page in device_pages(index)}
+
+
+def parsed(page: str) -> ReportParser:
+    parser = ReportParser()
+    parser.feed(page)
+    return parser
+
+
+def test_energy_cells_say_measured_estimated_or_no_sensor(tmp_path):
+    rapl = dict(target="board", device="Board with RAPL", isa_level="", power_source="rapl", idle_w=3.1,
+                active_w=9.87, energy_mj=12.34, energy_mj_std=0.41, power_samples=40)
+    index, pages = render_with_pages([
+        record("gen-measured", "tvm", 5.0, **rapl),
+        record("gen-estimated", "tvm", 5.0, **(rapl | {"power_source": "estimate", "power_estimated": True})),
+        record("gen-failed", "tvm", 5.0, **(rapl | {"energy_mj": None, "power_error": "energy_uj: cannot read"})),
+        record("gen-host", "tvm", 5.0, power_source="none"),
+    ], tmp_path)
+    assert sorted(pages) == ["board.html", "host-avx2.html"]
+    board = {(r["model"]): r for r in table_rows(parsed(pages["board.html"]), "records")}
+    assert board["gen-measured"]["energy mJ"] == "12.3 ± 0.41" and board["gen-measured"]["active W"] == "9.87"
+    assert board["gen-estimated"]["energy mJ"] == "12.3 ± 0.41 estimate"
+    assert board["gen-failed"]["energy mJ"] == "sensor failed"
+    [host] = table_rows(parsed(pages["host-avx2.html"]), "records")
+    assert host["energy mJ"] == "no sensor"
+    items = parsed(pages["board.html"]).items
+    assert any(i.startswith("estimated power") and "gen-estimated" in i for i in items)
+    assert any(i.startswith("power sensor failed") and "energy_uj: cannot read" in i for i in items)
+    devices = {r["target"]: r for r in table_rows(parsed(index.read_text(encoding="utf-8")), "devices")}
+    assert devices["host"]["power"] == "no sensor"
+    assert devices["board"]["power"] == "estimate (stated constants, not measured), rapl"
+
+
+def test_firmware_columns_only_where_firmware_was_measured(tmp_path):
+    firmware = record("gen-tiny", "c-firmware", 0.0, target="cortex-m4", device="Cortex-M4 (qemu)", isa_level="",
+                      flash_bytes=200_704, ram_bytes=81_920, arena_bytes=65_536, instructions=123_456_789)
+    _, pages = render_with_pages([firmware, record("gen-tiny", "tvm", 5.0)], tmp_path)
+    [row] = table_rows(parsed(pages["cortex-m4.html"]), "records")
+    assert (row["flash KB"], row["RAM KB"], row["arena KB"], row["instructions"]) == (
+        "196.0", "80.0", "64.0", "123,456,789")
+    assert "instructions" not in table_rows(parsed(pages["host-avx2.html"]), "records")[0]
+    assert "No valid timed records to chart" in pages["cortex-m4.html"]  # firmware has no latency to plot
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    from reports.charts import QualityPoint, pareto_front
+
+    points = [QualityPoint("fp32", 40.0, float("inf")), QualityPoint("kd", 5.0, 23.0),
+              QualityPoint("prune", 10.0, 25.0), QualityPoint("slow-bad", 20.0, 24.0), QualityPoint("ptq", 60.0, 37.0)]
+    assert [p.label for p in pareto_front(points)] == ["kd", "prune", "fp32"]
+
+
+def test_device_page_has_pareto_fronts_and_tuning_curves(tmp_path):
+    curve = [[10, 9.0], [20, 6.0], [40, 5.2], [80, 5.0]]
+    _, pages = render_with_pages(COMPRESSION_RECORDS + [
+        variant_record("fp32", "tvm", precision="fp32", psnr_db=None, timestamp="2025-11-26T06:00:00+00:00",
+                       tuning_curve=curve, trials_to_10pct=40),
+    ], tmp_path)
+    page = pages["host-avx2.html"]
+    assert f'alt="latency against PSNR, Pareto front, {BASE}"' in page
+    assert f'alt="size against PSNR, Pareto front, {BASE}"' in page
+    assert 'alt="tuning curves on' in page
+
+
+def test_compare_flags_changes_beyond_noise_only(tmp_path):
+    from reports.compare import compare_runs, render_comparison
+
+    def timed(run, model, p50, cov=0.01, **extra):
+        return record(model, "tvm", p50, run_id=run, latency_cov=cov, samples=30, **extra)
+
+    records = [
+        timed("A", "slower", 10.0), timed("B", "slower", 11.0),  # +10% with tight spread: a regression
+        timed("A", "noisy", 10.0, cov=0.5), timed("B", "noisy", 12.0, cov=0.5),  # +20% inside its noise
+        timed("A", "faster", 10.0), timed("B", "faster", 8.0),
+        timed("A", "drift", 10.0), timed("B", "drift", 10.3),  # +3%: below the drift floor
+        timed("A", "broke", 10.0), timed("B", "broke", 10.0, valid=False, invalid_reason="error"),
+        timed("B", "new", 1.0),
+    ]
+    append_records(records, tmp_path / "results" / "r.jsonl")
+    frame = load_records(tmp_path / "results")
+    verdicts = {c.key["model"]: c.verdict for c in compare_runs(frame, "A", "B")}
+    assert verdicts == {"slower": "regression", "noisy": "same", "faster": "improvement", "drift": "same",
+                        "broke": "became invalid", "new": "only in B"}
+    path, _ = render_comparison(frame, "A", "B", tmp_path / "compare.html")
+    rows = {r["model"]: r for r in table_rows(parsed(path.read_text(encoding="utf-8")), "changes")}
+    assert rows["slower"]["change"] == "+10.0%" and rows["slower"]["verdict"] == "regression"
+    assert rows["new"]["p50 A ms"] == "—"
+    with pytest.raises(UserError, match="no records of run 'C'"):
+        compare_runs(frame, "A", "C")
