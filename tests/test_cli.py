@@ -115,11 +115,15 @@ def test_bench_then_report(tmp_path):
     report = invoke("report", "--results", str(results), "--out", str(out))
     assert report.returncode == 0, report.stderr
     html = out.read_text()
+    [device_page] = (tmp_path / "index-devices").glob("*.html")
+    assert f"index-devices/{device_page.name}" in html
     from reports.html import format_ms
 
     for value in run.latency_p50_ms:
-        assert format_ms(value) in html
+        assert format_ms(value) in device_page.read_text()
     assert "earlier" in html
+    assert (run.power_source == "none").all()  # this host has no sensor, and the records say so
+    assert "no sensor" in device_page.read_text()
 
 
 def _nhwc_onnx_generator(path: Path) -> Path:
