@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from skimage import data as skimage_data
 from bench.energy import measure_energy
 from bench.fingerprint import REPO_ROOT, host_fingerprint
 from bench.harness import Runtime, time_runtimes
+from bench.memory import peak_rss_bytes
 from bench.record import Record
 from bench.runtimes import OnnxRuntime, TorchRuntime, TvmRuntime
 from compile.database import TuningDatabase, trials_to_within
@@ -105,7 +107,7 @@ def _bench_with_probe(
     sample = save_sample(reference, samples_dir / f"{model.name}.png") if samples_dir else None
 
     adapters: list[Runtime] = []
-    artifact_bytes: dict[str, int | None] = {}
+    artifacts: dict[str, Path | None] = {}  # what each runtime loads; torch runs the module in memory
     compiled = None
     for runtime in runtimes:
         if runtime == "tvm":
@@ -121,14 +123,14 @@ def _bench_with_probe(
                     report(f"  {model.name}: warning: {compiled.db_skipped} database records no longer replay "
                            "in this TVM and were left out")
             adapters.append(TvmRuntime(compiled.load(), tvm.cpu(), rules.threads))
-            artifact_bytes["tvm"] = compiled.library.stat().st_size
+            artifacts["tvm"] = compiled.library
         elif runtime == "torch":
             adapters.append(TorchRuntime(model.torch_module, rules.threads))
-            artifact_bytes["torch"] = None
+            artifacts["torch"] = None
         else:
             onnx_path = model.onnx_file()
             adapters.append(OnnxRuntime(onnx_path, rules.threads))
-            artifact_bytes["onnxruntime"] = onnx_path.stat().st_size
+            artifacts["onnxruntime"] = onnx_path
 
     checks = {}
     for adapter in adapters:
@@ -146,6 +148,8 @@ def _bench_with_probe(
         reasons += check.violations
         tvm_build = compiled if adapter.name == "tvm" else None
         power = measure_energy(adapter, probe, rules)
+        artifact = artifacts[adapter.name]
+        peak_rss = _peak_memory(model, adapter.name, artifact, rules.threads)
         if power.get("power_error"):
             report(f"  {model.name}: {adapter.name}: power not measured: {power['power_error']}")
         records.append(
@@ -155,7 +159,8 @@ def _bench_with_probe(
                 **target_fields(target),
                 runtime=adapter.name,
                 threads=adapter.threads,
-                artifact_bytes=artifact_bytes[adapter.name],
+                artifact_bytes=artifact.stat().st_size if artifact else None,
+                peak_rss_bytes=peak_rss,
                 tuned_trials=tvm_build.db_records or None if tvm_build else None,
                 db_hash=tvm_build.db_hash if tvm_build else None,
                 tuning_db=_repo_relative(tvm_build.database) if tvm_build and tvm_build.db_records else None,
@@ -176,7 +181,8 @@ def _bench_with_probe(
         )
         report(
             f"  {model.name:28s} {adapter.name:12s} p50 {records[-1].latency_p50_ms:9.3f} ms  "
-            f"cov {records[-1].latency_cov:5.3f}  err {check.max_abs_err:.1e}  {check.psnr_db:.1f} dB"
+            f"cov {records[-1].latency_cov:5.3f}  err {check.max_abs_err:.1e}  {check.psnr_db:.1f} dB  "
+            f"peak RSS {peak_rss / 1e6:.0f} MB"
             + ("" if not reasons else "  INVALID: " + records[-1].invalid_reason)
         )
     return records
@@ -241,6 +247,16 @@ def model_fields(model: ModelUnderTest) -> dict:
 def target_fields(target: ResolvedTarget) -> dict:
     """The Record fields that name where a measurement ran."""
     return {"target": target.config.name, "device": target.config.label, "isa_level": target.isa_level}
+
+
+def _peak_memory(model: ModelUnderTest, runtime: str, artifact: Path | None, threads: int) -> int:
+    """Peak RSS of a process running only this runtime (bench/memory.py); torch gets the module pickled."""
+    if artifact is not None:
+        return peak_rss_bytes(runtime, artifact, model.input_shape, threads)
+    with tempfile.TemporaryDirectory() as folder:
+        pickled = Path(folder) / "module.pt"
+        torch.save(model.torch_module, pickled)
+        return peak_rss_bytes(runtime, pickled, model.input_shape, threads)
 
 
 def tuning_cost(database: Path) -> dict:

@@ -132,3 +132,4 @@ def test_bench_records_carry_the_target_power_source(tmp_path):
     assert with_sensor[0].power_source == "rapl" and with_sensor[0].energy_mj is not None
     assert with_sensor[0].idle_w == pytest.approx(IDLE_W, rel=0.3)
     assert without[0].power_source == "none" and without[0].energy_mj is None
+    assert with_sensor[0].peak_rss_bytes > 50e6  # a process running torch and the model

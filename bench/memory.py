@@ -1,0 +1,80 @@
+"""Peak resident memory of one runtime, measured in a process of its own.
+
+Every runtime of a benchmark shares one Python process, so their memory cannot be told apart
+there. Here a fresh interpreter imports only the runtime at hand, loads the artifact (TVM library,
+ONNX file or pickled torch module), runs a few inferences and reports its peak resident set
+(VmHWM): what a process serving that model on the device would need.
+
+    python -m bench.memory RUNTIME ARTIFACT NxCxHxW THREADS
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+INFERENCES = 3
+TIMEOUT_S = 600
+
+
+def peak_rss_bytes(runtime: str, artifact: Path, input_shape: tuple[int, ...], threads: int) -> int:
+    """Run the child below and return its VmHWM in bytes; a failing child is a UserError with its last line."""
+    shape = "x".join(str(d) for d in input_shape)
+    child = subprocess.run(
+        [sys.executable, "-m", "bench.memory", runtime, str(artifact), shape, str(threads)],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=TIMEOUT_S,
+    )
+    lines = child.stdout.strip().splitlines()
+    if child.returncode != 0 or not lines or not lines[-1].isdigit():
+        detail = (child.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"peak memory of {runtime} on {artifact.name}: the measuring process failed ({detail})")
+    return int(lines[-1])
+
+
+def _vm_hwm_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024  # reported in kB
+    raise RuntimeError("/proc/self/status has no VmHWM")
+
+
+def _run(runtime: str, artifact: str, shape: tuple[int, ...], threads: int) -> None:
+    import numpy as np
+
+    x = np.random.default_rng(0).uniform(-1, 1, shape).astype("float32")
+    if runtime == "tvm":
+        import tvm
+        from tvm import relax
+
+        tvm.get_global_func("runtime.config_threadpool")(1, threads)
+        vm = relax.VirtualMachine(tvm.runtime.load_module(artifact), tvm.cpu())
+        for _ in range(INFERENCES):
+            vm["main"](tvm.runtime.tensor(x, tvm.cpu()))
+    elif runtime == "onnxruntime":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        session = ort.InferenceSession(artifact, options, providers=["CPUExecutionProvider"])
+        for _ in range(INFERENCES):
+            session.run(None, {session.get_inputs()[0].name: x})
+    elif runtime == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
+        module = torch.load(artifact, weights_only=False).eval()
+        with torch.inference_mode():
+            for _ in range(INFERENCES):
+                module(torch.from_numpy(x))
+    else:
+        raise SystemExit(f"unknown runtime {runtime!r}")
+
+
+if __name__ == "__main__":
+    runtime_name, artifact_path, shape_text, thread_count = sys.argv[1:5]
+    _run(runtime_name, artifact_path, tuple(int(d) for d in shape_text.split("x")), int(thread_count))
+    print(_vm_hwm_bytes())
