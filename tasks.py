@@ -138,12 +138,13 @@ def tune(c, model=None, onnx=None, target="host", shape=None, trials=None, trial
         "shape": "input shape NxCxHxW instead of each model's default, e.g. 1x3x256x256",
         "results": "folder for the records (default: reports/results)",
         "checkpoint": "weights to load instead of the registry's (one model only), e.g. an official latest_net_G_A.pth",
+        "roofline": "also profile TVM's kernels: GFLOP/s per kernel against this machine's measured FMA peak",
         "debug": "show tracebacks",
     }
 )
 @cli
 def bench(c, target="host", model=None, onnx=None, runtimes="tvm,torch,onnxruntime", samples=None, threads=None, isa=None,
-          all_models=False, shape=None, results=None, checkpoint=None, debug=False):
+          all_models=False, shape=None, results=None, checkpoint=None, roofline=False, debug=False):
     """Benchmark models side by side; appends records to reports/results/<run-id>.jsonl."""
     import dataclasses
 
@@ -163,7 +164,7 @@ def bench(c, target="host", model=None, onnx=None, runtimes="tvm,torch,onnxrunti
     for index, subject in enumerate(subjects, 1):
         say(f"[{index}/{len(subjects)}] {subject.name}")
         records = bench_model(subject, resolved, run_id, tuple(r.strip() for r in runtimes.split(",")), rules, say,
-                              samples_dir=out.parent / f"{run_id}.samples")
+                              samples_dir=out.parent / f"{run_id}.samples", roofline=roofline)
         append_records(records, out)  # per model, so an interruption keeps what was measured
         failed += [r for r in records if not r.valid]
     say(f"records: {out}")

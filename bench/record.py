@@ -74,6 +74,10 @@ class Record:
     tolerance: float | None = None  # fp32 rule: max_abs_err <= tolerance
     output_psnr_db: float | None = None  # output vs reference over the whole image
     min_output_psnr_db: float | None = None  # int8 rule: a rounding step may flip anywhere, so judge the image
+    # Roofline (`invoke bench --roofline`, TVM only): the FMA peak measured in the same run, and per
+    # kernel [{kernel, calls, ms, gflop, gflops, peak_fraction}] per inference, slowest first.
+    fma_peak_gflops: float | None = None
+    kernel_profile: list | None = None
     # Memory: the runtime process's peak resident set while timing (host), or the firmware's static RAM.
     peak_rss_bytes: int | None = None
     # Power (targets/power.py): the probe named by the target; "none" means no sensor, nothing measured.

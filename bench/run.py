@@ -28,9 +28,11 @@ from bench.fingerprint import REPO_ROOT, host_fingerprint
 from bench.harness import Runtime, time_runtimes
 from bench.memory import peak_rss_bytes
 from bench.record import Record
+from bench.roofline import fma_peak_gflops, kernel_flops, kernel_profile
 from bench.runtimes import OnnxRuntime, TorchRuntime, TvmRuntime
 from compile.database import TuningDatabase, trials_to_within
 from compile.pipeline import ModelUnderTest, compile_for_target
+from compile.tuning import prepare
 from errors import UserError
 from lwgan_models.compression.evaluate import psnr_db
 from targets import BenchRules, ResolvedTarget
@@ -79,8 +81,10 @@ def bench_model(
     rules: BenchRules | None = None,
     report: Callable[[str], None] = print,
     samples_dir: Path | None = None,
+    roofline: bool = False,
 ) -> list[Record]:
-    """Time `model` on every runtime; with `samples_dir`, also save its reference output there as a PNG."""
+    """Time `model` on every runtime; with `samples_dir`, also save its reference output there as a PNG;
+    with `roofline`, profile TVM's kernels against the measured FMA peak."""
     unknown = set(runtimes) - set(RUNTIMES)
     if unknown:
         raise UserError(f"unknown runtime(s) {sorted(unknown)}; allowed: {', '.join(RUNTIMES)}")
@@ -89,7 +93,7 @@ def bench_model(
         runtimes = tuple(r for r in runtimes if r != "torch")
     with open_target_probe(target.config) as probe:  # a board's probe holds an SSH connection
         return _bench_with_probe(model, target, run_id, runtimes, rules or target.config.bench, report, samples_dir,
-                                 probe)
+                                 probe, roofline)
 
 
 def _bench_with_probe(
@@ -101,6 +105,7 @@ def _bench_with_probe(
     report: Callable[[str], None],
     samples_dir: Path | None,
     probe: PowerProbe,
+    roofline: bool,
 ) -> list[Record]:
     x = test_image(model.input_shape)
     reference = reference_output(model, x)
@@ -150,6 +155,7 @@ def _bench_with_probe(
         power = measure_energy(adapter, probe, rules)
         artifact = artifacts[adapter.name]
         peak_rss = _peak_memory(model, adapter.name, artifact, rules.threads)
+        kernels = _roofline(model, target, adapter, rules.threads) if roofline and adapter.name == "tvm" else {}
         if power.get("power_error"):
             report(f"  {model.name}: {adapter.name}: power not measured: {power['power_error']}")
         records.append(
@@ -176,6 +182,7 @@ def _bench_with_probe(
                 env=env,
                 timestamp=stamp,
                 **power,
+                **kernels,
                 **timing.stats_ms(),
             )
         )
@@ -247,6 +254,13 @@ def model_fields(model: ModelUnderTest) -> dict:
 def target_fields(target: ResolvedTarget) -> dict:
     """The Record fields that name where a measurement ran."""
     return {"target": target.config.name, "device": target.config.label, "isa_level": target.isa_level}
+
+
+def _roofline(model: ModelUnderTest, target: ResolvedTarget, adapter: TvmRuntime, threads: int) -> dict:
+    """Record fields: the FMA peak of this machine now, and each TVM kernel's share of it."""
+    peak = fma_peak_gflops(threads)
+    flops = kernel_flops(prepare(model.make_relax(), target.tvm_target))
+    return {"fma_peak_gflops": peak, "kernel_profile": kernel_profile(adapter.vm, adapter.x, flops, peak)}
 
 
 def _peak_memory(model: ModelUnderTest, runtime: str, artifact: Path | None, threads: int) -> int:

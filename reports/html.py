@@ -103,6 +103,7 @@ def render_report(records: pd.DataFrame, out_path: Path, source: str | Path = "r
             warnings=[w for r in group.to_dict("records") for w in _warnings(r)],
             pareto=_pareto_charts(group),
             tuning_chart=_tuning_chart(group, device["label"]),
+            roofline=_roofline_tables(group),
             firmware=bool(group["flash_bytes"].notna().any()),
         )
         write_page(pages_dir / f"{_slug(target, isa_level)}.html", page)
@@ -274,6 +275,37 @@ def _pareto_charts(records: pd.DataFrame) -> list[dict]:
             "size": pareto_chart(size, base_model, "ONNX size (MB, log scale)") if len(size) >= 2 else None,
         })
     return charts
+
+
+ROOFLINE_KERNELS = 8  # the slowest kernels shown per model
+
+
+def _roofline_tables(records: pd.DataFrame) -> list[dict]:
+    """Per model, the latest TVM kernel profile: where the time goes and how close to the FMA peak it runs."""
+    latest = {}
+    for r in records[records["runtime"] == "tvm"].to_dict("records"):
+        if isinstance(r.get("kernel_profile"), list) and r["kernel_profile"]:
+            latest[r["model"]] = r
+    tables = []
+    for model, r in sorted(latest.items()):
+        kernels = r["kernel_profile"]
+        total_ms = sum(k["ms"] for k in kernels)
+        tables.append({
+            "model": model,
+            "peak": f"{r['fma_peak_gflops']:.1f}",
+            "total_ms": format_ms(total_ms),
+            "rows": [{
+                "kernel": k["kernel"],
+                "calls": f"{k['calls']:g}",
+                "ms": format_ms(k["ms"]),
+                "share": f"{100 * k['ms'] / total_ms:.0f}%" if total_ms else "—",
+                "gflop": f"{k['gflop']:.3f}",
+                "gflops": f"{k['gflops']:.1f}",
+                "peak_fraction": "—" if is_missing(k.get("peak_fraction")) or not k["gflop"]
+                else f"{100 * k['peak_fraction']:.0f}%",
+            } for k in kernels[:ROOFLINE_KERNELS]],
+        })
+    return tables
 
 
 def _tuning_chart(records: pd.DataFrame, device: str) -> str | None:

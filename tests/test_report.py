@@ -462,3 +462,15 @@ def test_compare_flags_changes_beyond_noise_only(tmp_path):
     assert rows["new"]["p50 A ms"] == "—"
     with pytest.raises(UserError, match="no records of run 'C'"):
         compare_runs(frame, "A", "C")
+
+
+def test_roofline_table_shows_the_slowest_kernels_against_the_peak(tmp_path):
+    kernels = [{"kernel": "fused_conv2d3_add2", "calls": 12.0, "ms": 20.0, "gflop": 0.907, "gflops": 45.35,
+                "peak_fraction": 45.35 / 60.0},
+               {"kernel": "take3", "calls": 12.0, "ms": 1.0, "gflop": 0.0, "gflops": 0.0, "peak_fraction": 0.0}]
+    _, pages = render_with_pages([record("gen", "tvm", 21.0, fma_peak_gflops=60.0, kernel_profile=kernels)], tmp_path)
+    rows = table_rows(parsed(pages["host-avx2.html"]), "roofline-gen")
+    assert rows[0] == {"kernel": "fused_conv2d3_add2", "calls": "12", "ms": "20.00", "share": "95%",
+                       "GFLOP": "0.907", "GFLOP/s": "45.4", "of peak": "76%"}
+    assert rows[1]["of peak"] == "—"  # a gather does no arithmetic: no fraction of peak to speak of
+    assert "FMA peak 60.0 GFLOP/s" in pages["host-avx2.html"]

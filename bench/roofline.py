@@ -1,0 +1,119 @@
+"""Where TVM's time goes, against what the CPU can do: per-kernel GFLOP/s as a fraction of measured FMA peak.
+
+The peak comes from a small C microbenchmark built with the host compiler in the same run (many
+independent vector FMA chains per thread, so latency never limits it). Per-kernel times come from
+the Relax VM's instrument hook around each call; FLOPs from TVM's own estimate on the kernels
+before code generation, matched by name (FuseOps names them the same way for tuning and build).
+"""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import tvm
+from tvm import relax
+from tvm.s_tir.analysis import estimate_tir_flops
+
+from errors import UserError
+
+PEAK_SOURCE = r"""
+#include <omp.h>
+#include <stdio.h>
+#ifdef __AVX512F__
+#define LANES 16
+#else
+#define LANES 8
+#endif
+typedef float vec __attribute__((vector_size(LANES * 4)));
+#define ITERATIONS 4000000L
+#define STEP(x) x = x * b + a
+int main(void) {
+  double start = omp_get_wtime();
+  float sink = 0;
+  #pragma omp parallel reduction(+:sink)
+  {
+    vec a, b, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9;
+    for (int i = 0; i < LANES; i++) { a[i] = 1e-3f * i; b[i] = 0.999999f; }
+    x0 = a + 0; x1 = a + 1; x2 = a + 2; x3 = a + 3; x4 = a + 4; x5 = a + 5; x6 = a + 6; x7 = a + 7;
+    x8 = a + 8; x9 = a + 9;
+    for (long n = 0; n < ITERATIONS; n++) {  /* 10 independent chains hide the FMA latency */
+      STEP(x0); STEP(x1); STEP(x2); STEP(x3); STEP(x4); STEP(x5); STEP(x6); STEP(x7); STEP(x8); STEP(x9);
+    }
+    vec total = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7 + x8 + x9;
+    for (int i = 0; i < LANES; i++) sink += total[i];
+  }
+  double seconds = omp_get_wtime() - start;
+  printf("%.3f %g\n", 2.0 * LANES * 10 * ITERATIONS * omp_get_max_threads() / seconds / 1e9, sink);
+  return 0;
+}
+"""
+PROFILE_RUNS = 5
+
+
+@functools.cache
+def fma_peak_gflops(threads: int, repeats: int = 5) -> float:
+    """Best of `repeats` runs of the FMA microbenchmark on `threads` threads, in GFLOP/s."""
+    with tempfile.TemporaryDirectory() as folder:
+        source, binary = Path(folder) / "peak.c", Path(folder) / "peak"
+        source.write_text(PEAK_SOURCE)
+        build = subprocess.run(["gcc", "-O2", "-march=native", "-ffp-contract=fast", "-fopenmp", str(source), "-o",
+                                str(binary)],
+                               capture_output=True, text=True)
+        if build.returncode != 0:
+            raise UserError(f"FMA peak microbenchmark did not build with gcc: {build.stderr.strip()[-200:]}")
+        best = 0.0
+        for _ in range(repeats):
+            run = subprocess.run([str(binary)], capture_output=True, text=True, check=True,
+                                 env={"OMP_NUM_THREADS": str(threads), "OMP_PROC_BIND": "spread"})
+            best = max(best, float(run.stdout.split()[0]))
+    return best
+
+
+def kernel_flops(lowered: tvm.IRModule) -> dict[str, float]:
+    """FLOPs of every kernel (PrimFunc) of a module after operator fusion, by name."""
+    flops = {}
+    for gv, func in lowered.functions.items():
+        if isinstance(func, tvm.tirx.PrimFunc):
+            flops[gv.name_hint] = float(estimate_tir_flops(tvm.IRModule({gv.name_hint: func})))
+    return flops
+
+
+def kernel_profile(vm: relax.VirtualMachine, x: tvm.runtime.Tensor, flops: dict[str, float], peak_gflops: float,
+                   runs: int = PROFILE_RUNS) -> list[dict]:
+    """Per kernel: calls and milliseconds per inference, GFLOP/s and fraction of peak, slowest first.
+
+    Each call is timed on the host around the VM's call instruction; CPU kernels run synchronously,
+    so that is the kernel's time (plus a few microseconds of hook overhead).
+    """
+    totals: dict[str, list[float]] = {}
+    started: dict[str, float] = {}
+
+    def instrument(func, name, before_run, ret_value, *args):
+        if name not in flops:
+            return 0
+        if before_run:
+            started[name] = time.perf_counter()
+        else:
+            totals.setdefault(name, []).append(time.perf_counter() - started.pop(name))
+        return 0
+
+    vm.set_instrument(instrument)
+    try:
+        vm["main"](x)  # warm-up
+        totals.clear()
+        for _ in range(runs):
+            vm["main"](x)
+    finally:
+        vm.set_instrument(lambda *args: 0)
+    rows = []
+    for name, seconds in totals.items():
+        calls = len(seconds) / runs
+        ms = 1e3 * sum(seconds) / runs
+        gflops = flops[name] * calls / (ms / 1e3) / 1e9 if ms > 0 else 0.0
+        rows.append({"kernel": name, "calls": calls, "ms": ms, "gflop": flops[name] * calls / 1e9,
+                     "gflops": gflops, "peak_fraction": gflops / peak_gflops if peak_gflops else None})
+    return sorted(rows, key=lambda row: -row["ms"])
