@@ -3,9 +3,17 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 python -m pip install -r requirements.txt
-# Debian packages: Chromium renders the HTML report in the browser test.
+# Debian packages: Chromium renders the HTML report in the browser test; the cross compilers build
+# for aarch64 boards and Cortex-M parts; qemu runs the emulated aarch64 board (user mode) and the
+# microcontroller firmware (system mode); OpenSSH's server lets the tests bring a "board" up over SSH.
 packages=()
 command -v chromium > /dev/null || packages+=(chromium)
+command -v aarch64-linux-gnu-g++ > /dev/null || packages+=(g++-aarch64-linux-gnu)
+command -v arm-none-eabi-gcc > /dev/null || packages+=(gcc-arm-none-eabi libnewlib-arm-none-eabi)
+command -v qemu-system-arm > /dev/null || packages+=(qemu-system-arm)
+command -v qemu-aarch64-static > /dev/null || packages+=(qemu-user-static binfmt-support)
+command -v debootstrap > /dev/null || packages+=(debootstrap)
+[ -x /usr/sbin/sshd ] || packages+=(openssh-server)
 if [ ${#packages[@]} -gt 0 ]; then
   as_root=$([ "$(id -u)" -eq 0 ] && echo "" || echo sudo)
   $as_root apt-get update -q
