@@ -163,8 +163,18 @@ def bench(c, target="host", model=None, onnx=None, runtimes="tvm,torch,onnxrunti
     failed = []
     for index, subject in enumerate(subjects, 1):
         say(f"[{index}/{len(subjects)}] {subject.name}")
-        records = bench_model(subject, resolved, run_id, tuple(r.strip() for r in runtimes.split(",")), rules, say,
-                              samples_dir=out.parent / f"{run_id}.samples", roofline=roofline)
+        samples_dir = out.parent / f"{run_id}.samples"
+        if resolved.config.connection == "rpc":  # TVM on the board; torch and ORT do not run there
+            from bench.remote import bench_remote
+
+            records = bench_remote(subject, resolved, run_id, rules, say, samples_dir=samples_dir)
+        elif resolved.config.connection == "qemu-system":  # generated C firmware under qemu
+            from bench.firmware import bench_firmware
+
+            records = bench_firmware(subject, resolved, run_id, say, samples_dir=samples_dir)
+        else:
+            records = bench_model(subject, resolved, run_id, tuple(r.strip() for r in runtimes.split(",")), rules, say,
+                                  samples_dir=samples_dir, roofline=roofline)
         append_records(records, out)  # per model, so an interruption keeps what was measured
         failed += [r for r in records if not r.valid]
     say(f"records: {out}")
@@ -399,7 +409,23 @@ def board_emulate_status(c, target="aarch64-emu", debug=False):
     say(emulated.board_status(_rpc_target(target)).describe())
 
 
+@task(
+    help={
+        "rootfs": "folder of the board's Debian arm64 rootfs (default build/boards/aarch64-bookworm)",
+        "debug": "show tracebacks",
+    }
+)
+@cli
+def board_rootfs(c, rootfs=None, debug=False):
+    """Build the emulated board's rootfs (Debian arm64 + TVM) once, without starting it (install.sh runs this)."""
+    from targets import emulated
+
+    root = emulated.ensure_rootfs(Path(rootfs) if rootfs else emulated.ROOTFS_DIR, report=say)
+    say(f"emulated board rootfs ready: {root}")
+
+
 board = Collection("board")
+board.add_task(board_rootfs, name="rootfs")
 board.add_task(board_emulate, name="emulate")
 board.add_task(board_emulate_stop, name="emulate-stop")
 board.add_task(board_emulate_status, name="emulate-status")
@@ -486,18 +512,17 @@ def build(c, model, target="cortex-m4", shape=None, out=None, debug=False):
     import lwgan_models
     import targets
     from bench.run import test_image
-    from compile.c_export import export_c, variant_at_shape
+    from compile.c_export import variant_at_shape
     from compile.pipeline import from_registry
     from lwgan_models.registry import VARIANT_SEPARATOR, find_variant
-    from targets.mcu import build_firmware, mcu_part
+    from targets.mcu import export_and_build, mcu_part
 
     part = mcu_part(targets.load_target(target))
     input_shape = _shape(shape) if shape else None
     subject = (variant_at_shape(find_variant(model), input_shape) if VARIANT_SEPARATOR in model
                else from_registry(lwgan_models.load(model), input_shape))
     directory = Path(out) if out else REPO_ROOT / "build" / "firmware" / f"{part.target}-{subject.name}"
-    export = export_c(subject, directory, report=say)
-    firmware = build_firmware(export, part, report=say)
+    export, firmware = export_and_build(subject, part, directory, report=say)
     test_image(subject.input_shape).astype(np.dtype(export.input.dtype)).tofile(directory / "input.bin")
     say(f"{directory}: model.h declares model_run(input, output); drop model.c, model.h, kernels.c, tvm_shim.c "
         f"and include/ into a firmware. Weights {export.weights_bytes} B (flash), activation arena "

@@ -20,10 +20,10 @@ from tvm import relax
 from tvm.s_tir import meta_schedule as ms
 
 from compile.database import TuningDatabase
-from compile.tuning import prepare
+from compile.tuning import hand_scheduled, prepare
 
 CACHE_DIR = Path(os.environ.get("LWGAN_CACHE", Path(__file__).resolve().parent.parent / "build" / "cache"))
-PIPELINE_VERSION = "3"  # bump when the import or build changes the code emitted
+PIPELINE_VERSION = "4"  # bump when the import or build changes the code emitted
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def apply_database(
 ) -> tuple[tvm.IRModule, int, int, int]:
     """Replace each tunable PrimFunc by its best tuned schedule; returns (module, tuned, total, skipped records)."""
     prepared = prepare(mod, target)
-    tasks = ms.relax_integration.extract_tasks(prepared, target)
+    tasks = [t for t in ms.relax_integration.extract_tasks(prepared, target) if not hand_scheduled(t)]
     if not database.exists():
         database.validate()  # a lone file may still be corrupt: say so rather than run untuned
         return prepared, 0, len(tasks), 0
@@ -76,7 +76,9 @@ def compile_model(
     source_digest: str,
     input_shape: tuple[int, ...],
     cache_dir: Path = CACHE_DIR,
+    fcompile=None,
 ) -> CompiledModel:
+    """Build from the database (no tuning) into the cache; `fcompile` links for another machine (a board)."""
     db_hash = database.digest()
     key = cache_key(source_digest, input_shape, target, db_hash)
     library = cache_dir / f"{key}.so"
@@ -93,7 +95,7 @@ def compile_model(
     # Write to a temporary name first so an interrupted build never leaves a truncated library.
     with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".so", delete=False) as tmp:
         partial = Path(tmp.name)
-    executable.export_library(str(partial))
+    executable.export_library(str(partial), **({"fcompile": fcompile} if fcompile else {}))
     partial.replace(library)
     meta = {"tuned_tasks": tuned, "total_tasks": total, "db_records": database.record_count(), "db_skipped": skipped}
     meta_path.write_text(json.dumps(meta))

@@ -20,9 +20,10 @@ import tvm
 
 from compile.build import CACHE_DIR, CompiledModel, compile_model
 from compile.database import TuningDatabase, database_for
+from compile.int8 import lower_quantized_convs
 from compile.onnx_import import graph_inputs, load_onnx, onnx_macs, onnx_to_relax
 from compile.torch_import import torch_to_relax
-from compile.tuning import tune
+from compile.tuning import cross_compiler, tune
 from errors import UserError
 from lwgan_models import LoadedModel, count_macs
 from lwgan_models.onnx_export import export_onnx as lwgan_export_onnx
@@ -158,10 +159,19 @@ def database_to_apply(model: ModelUnderTest, target: ResolvedTarget) -> TuningDa
     return database_of(model, target)
 
 
+def relax_for_target(model: ModelUnderTest, target: ResolvedTarget) -> Callable[[], tvm.IRModule]:
+    """The module to tune and build: int8 QDQ models get integer conv kernels (compile/int8.py)."""
+    if model.precision != "int8":
+        return model.make_relax
+    return lambda: lower_quantized_convs(model.make_relax(), target.tvm_target)[0]
+
+
 def compile_for_target(model: ModelUnderTest, target: ResolvedTarget) -> CompiledModel:
     """Build from the committed database (no tuning); a cache hit skips import and codegen."""
     database = database_to_apply(model, target)
-    return compile_model(model.make_relax, target.tvm_target, database, model.digest, model.input_shape)
+    fcompile = cross_compiler(target.config) if target.config.cross else None  # a board's library
+    return compile_model(relax_for_target(model, target), target.tvm_target, database, model.digest, model.input_shape,
+                         fcompile=fcompile)
 
 
 def tune_for_target(
@@ -172,13 +182,14 @@ def tune_for_target(
     report: Callable[[str], None] = print,
 ) -> int:
     return tune(
-        model.make_relax(),
+        relax_for_target(model, target)(),
         target.tvm_target,
         database_of(model, target),
         trials,
         trials_per_task,
         report,
         population=target.config.tuning_population,
+        board=target.config if target.config.connection == "rpc" else None,
     )
 
 

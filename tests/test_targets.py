@@ -224,3 +224,72 @@ def test_config_without_levels_uses_its_tvm_table(tmp_path):
     attrs = resolved.tvm_target.attrs
     assert str(attrs["mcpu"]) == "cortex-a72" and int(attrs["num-cores"]) == 4
     assert str(attrs["mtriple"]) == "aarch64-linux-gnu"
+
+
+ROCK5B_TOML = TARGETS_DIR / "rock5b.toml"
+
+
+def test_opencl_board_resolves_to_a_gpu_target_with_the_boards_cpu_as_host():
+    config = targets.load_target("rock5b")
+    data = tomllib.loads(ROCK5B_TOML.read_text(encoding="utf-8"))
+    assert config.connection == "rpc" and config.rpc["key"] == "rock5b" and config.cross == data["cross"]
+    resolved = targets.resolve(config, cpu_flags=set())
+    assert resolved.db_keys == ("rock5b",)
+    gpu, cpu = resolved.tvm_target, resolved.tvm_target.host
+    assert gpu.kind.name == "opencl" and str(gpu.attrs["device"]) == "mali"
+    assert {"mali", "opencl", "gpu"} <= {str(key) for key in gpu.keys}
+    assert "num-cores" not in gpu.attrs  # the GPU target has no such option: it describes the host CPU
+    assert cpu.kind.name == "llvm"
+    for key in ("mtriple", "mcpu"):
+        assert str(cpu.attrs[key]) == data["tvm"]["host"][key]
+    assert int(cpu.attrs["num-cores"]) == data["tvm"]["num-cores"]
+    assert config.tvm == {**data["tvm"]}  # resolving never edits the config
+
+
+def _edited_rock5b(tmp_path, old: str, new: str):
+    text = ROCK5B_TOML.read_text(encoding="utf-8")
+    assert old in text, f"rock5b.toml no longer contains {old!r}; update the test"
+    path = tmp_path / "gpu-board.toml"
+    path.write_text(text.replace(old, new, 1), encoding="utf-8")
+    return path
+
+
+def test_host_num_cores_wins_over_the_tvm_table(tmp_path):
+    path = _edited_rock5b(tmp_path, 'mcpu = "cortex-a76"', 'mcpu = "cortex-a76"\nnum-cores = 8')
+    assert int(targets.resolve(targets.load_target(path)).tvm_target.host.attrs["num-cores"]) == 8
+
+
+def test_opencl_target_without_host_is_an_error(tmp_path):
+    path = _edited_rock5b(tmp_path, "[tvm.host]", "[unused]")
+    path.write_text(re.sub(r"\[unused\].*?(?=\[rpc\])", "", path.read_text(), flags=re.DOTALL))
+    config = targets.load_target(path)
+    with pytest.raises(UserError) as info:
+        targets.resolve(config)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    assert "kind 'opencl' needs a 'host' table" in message
+
+
+def test_unknown_opencl_device_lists_the_known_ones(tmp_path):
+    path = _edited_rock5b(tmp_path, 'device = "mali"', 'device = "toaster"')
+    with pytest.raises(UserError) as info:
+        targets.load_target(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    assert "'device' in [tvm] is 'toaster'; allowed: mali" in message
+
+
+def test_host_table_on_a_cpu_target_is_an_error(tmp_path):
+    path = tmp_path / "board.toml"
+    path.write_text(GOOD.replace("num-cores = 2", 'num-cores = 2\nhost = {kind = "llvm"}'), encoding="utf-8")
+    with pytest.raises(UserError, match=r"'host' in \[tvm\] is only for kind 'opencl', not 'llvm'"):
+        targets.resolve(targets.load_target(path), cpu_flags=AVX2)
+
+
+def test_tvm_rejecting_the_host_target_is_a_one_line_error(tmp_path):
+    path = _edited_rock5b(tmp_path, 'mcpu = "cortex-a76"', 'mcpu = "cortex-a76"\nwarp-drive = 9')
+    with pytest.raises(UserError) as info:
+        targets.resolve(targets.load_target(path))
+    message = str(info.value)
+    assert message.startswith(f"{path}: [tvm] is not a valid TVM target") and "\n" not in message
+    assert "warp-drive" in message

@@ -1,0 +1,130 @@
+"""Benchmark a model under test on a board over TVM RPC (targets with connection "rpc").
+
+The library is cross-compiled here for the board's CPU, uploaded through a session the tracker
+hands out, and run by the board's Relax VM. Its output on the same test image is checked against
+the host's torch reference under the same rule as local runs, and TVM's time evaluator times it
+on the board (a sample is one inference, as on the host). Records carry the board's fingerprint,
+read on the board.
+"""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from bench.energy import measure_energy
+from bench.fingerprint import host_fingerprint
+from bench.harness import time_runtimes
+from bench.record import Record
+from bench.run import (
+    check_output,
+    model_fields,
+    reference_output,
+    repo_relative,
+    save_sample,
+    target_fields,
+    test_image,
+    tuning_cost,
+)
+from compile.pipeline import ModelUnderTest, compile_for_target
+from targets import BenchRules, ResolvedTarget, rpc
+from targets.power import open_target_probe
+
+
+class RemoteTvmRuntime:
+    """A Relax VM on the board: same adapter interface as bench.runtimes.TvmRuntime, remote device."""
+
+    name = "tvm"
+
+    def __init__(self, session, library: Path, threads: int) -> None:
+        self.session = session  # keeps the board's session (and what it loaded) open
+        self.device = session.cpu()
+        self.threads = threads
+        # The board's thread pool, set on the board before the VM exists (what TvmRuntime does locally).
+        session.get_function("runtime.config_threadpool")(1, threads)
+        session.upload(str(library), library.name)
+        self.vm = relax.VirtualMachine(session.load_module(library.name), self.device)
+
+    def prepare(self, x: np.ndarray) -> None:
+        self.x = tvm.runtime.tensor(x, self.device)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return self.vm["main"](tvm.runtime.tensor(x, self.device)).numpy()
+
+    def measure(self, n: int) -> list[float]:
+        if n <= 0:
+            return []
+        evaluator = self.vm.time_evaluator("main", self.device, number=1, repeat=n)
+        return [float(s) for s in evaluator(self.x).results]
+
+
+def bench_remote(
+    model: ModelUnderTest,
+    target: ResolvedTarget,
+    run_id: str,
+    rules: BenchRules | None = None,
+    report: Callable[[str], None] = print,
+    samples_dir: Path | None = None,
+) -> list[Record]:
+    """Time `model` with TVM on the target's board; one Record (the board runs no torch or ONNX Runtime)."""
+    config = target.config
+    host, port, key = rpc.tracker_address(config)
+    rules = rules or config.bench
+    rpc.require_board(config)  # before minutes of compiling, fail if there is no board to run on
+    x = test_image(model.input_shape)
+    reference = reference_output(model, x)
+    sample = save_sample(reference, samples_dir / f"{model.name}.png") if samples_dir else None
+
+    report(f"  {model.name}: cross-compiling for {config.name} ({config.cross.get('cc')}, {target.tvm_target.attrs.get('mcpu')})")
+    compiled = compile_for_target(model, target)
+    if compiled.db_records == 0:
+        report(f"  {model.name}: no tuning database in autotune_logs/{target.db_key}/{model.name}; TVM runs untuned "
+               f"(run `invoke tune --target {config.name} --model {model.name}`)")
+    else:
+        report(f"  {model.name}: applied {compiled.database} ({compiled.tuned_tasks}/{compiled.total_tasks} tasks tuned)")
+    report(f"  {model.name}: session to a {key!r} board via {host}:{port}")
+    session = rpc.connect(config)
+    board = rpc.board_fingerprint(session)
+    adapter = RemoteTvmRuntime(session, compiled.library, rules.threads)
+    check = check_output(model, adapter.name, adapter.run(x), reference)
+    adapter.prepare(x)
+    report(f"  {model.name}: timing tvm on the board ({rules.samples}+ samples, {rules.threads} threads)")
+    timing = time_runtimes([adapter], rules)[0]
+    with open_target_probe(config) as probe:
+        power = measure_energy(adapter, probe, rules)
+    if power.get("power_error"):
+        report(f"  {model.name}: power not measured: {power['power_error']}")
+    reasons = ([timing.invalid_reason] if timing.invalid_reason else []) + check.violations
+    env = {**board, "connection": f"rpc {host}:{port} key {key}", "git_sha": host_fingerprint()["git_sha"]}
+    record = Record(
+        run_id=run_id,
+        **model_fields(model),
+        **target_fields(target),
+        runtime=adapter.name,
+        threads=adapter.threads,
+        artifact_bytes=compiled.library.stat().st_size,
+        tuned_trials=compiled.db_records or None,
+        db_hash=compiled.db_hash,
+        tuning_db=repo_relative(compiled.database) if compiled.db_records else None,
+        tuned_tasks=f"{compiled.tuned_tasks}/{compiled.total_tasks}",
+        **(tuning_cost(compiled.database) if compiled.db_records else {}),
+        warmup=timing.warmup,
+        samples=len(timing.samples_s),
+        duration_s=timing.duration_s,
+        valid=not reasons,
+        invalid_reason="; ".join(reasons),
+        **check.fields(),
+        sample_png=sample and sample.relative_to(samples_dir.parent).as_posix(),
+        env=env,
+        timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **power,
+        **timing.stats_ms(),
+    )
+    report(f"  {model.name:28s} tvm@{key:10s} p50 {record.latency_p50_ms:9.3f} ms  cov {record.latency_cov:5.3f}  "
+           f"err {check.max_abs_err:.1e}  {check.psnr_db:.1f} dB" + ("" if not reasons else "  INVALID: " + record.invalid_reason))
+    return [record]

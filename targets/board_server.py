@@ -1,0 +1,97 @@
+"""TVM's RPC server plus one function that tells the host what the board is.
+
+Runs *on the board* (copied into the emulated board's rootfs; a real board can run it the same way
+instead of `python -m tvm.exec.rpc_server`), so it imports only what a board has: TVM and the
+standard library. The fingerprint is read where the code runs, so records describe the board,
+never the host that drives it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+FINGERPRINT_FUNC = "lwgan.board.fingerprint"
+
+
+def register_fingerprint() -> None:
+    """Registered before serving: each session runs in a process forked from this one."""
+    import json
+    import os
+    import platform
+
+    import tvm
+    import tvm_ffi
+
+    def cpuinfo() -> dict[str, str]:
+        fields: dict[str, str] = {}
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as f:
+                for line in f:
+                    key, _, value = line.partition(":")
+                    fields.setdefault(key.strip(), value.strip())
+        except OSError:
+            pass
+        return fields
+
+    def os_release() -> str:
+        try:
+            with open("/etc/os-release", encoding="utf-8") as f:
+                pairs = dict(line.rstrip("\n").split("=", 1) for line in f if "=" in line)
+            return pairs.get("PRETTY_NAME", "").strip('"')
+        except OSError:
+            return ""
+
+    @tvm_ffi.register_global_func(FINGERPRINT_FUNC, override=True)
+    def fingerprint() -> str:
+        info = cpuinfo()
+        cpu = info.get("model name") or info.get("Hardware") or (
+            f"implementer {info['CPU implementer']} part {info['CPU part']}" if "CPU part" in info else "unknown"
+        )
+        numpy_version = ""
+        try:
+            import numpy
+
+            numpy_version = numpy.__version__
+        except ImportError:
+            pass
+        return json.dumps({
+            "cpu": cpu,
+            "llvm_cpu": tvm.get_global_func("tvm.codegen.llvm.GetHostCPUName")(),
+            "cores": os.cpu_count(),
+            "os": f"{os_release() or platform.system()} (kernel {platform.release()})",
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+            "numpy": numpy_version,
+            "tvm": tvm.__version__,
+            # Set by whoever starts an emulated board (targets/emulated.py); absent on real hardware.
+            "emulator": os.environ.get("LWGAN_BOARD_EMULATOR", ""),
+        })
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tracker", required=True, help="tracker address host:port")
+    parser.add_argument("--key", required=True, help="the key the board registers under")
+    parser.add_argument("--host", default="127.0.0.1", help="address the server listens on")
+    parser.add_argument("--port", type=int, default=9090)
+    parser.add_argument("--port-end", type=int, default=9189)
+    parser.add_argument("--custom-addr", help="address the tracker gives clients (default: the one it sees)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO)
+
+    # `tvm.rpc.Server` runs this same server state in a child interpreter that imports TVM again;
+    # under qemu-user each import costs about a minute, so the state runs in this process instead.
+    from tvm.rpc.server import PopenRPCServerState
+
+    register_fingerprint()
+    tracker_host, tracker_port = args.tracker.rsplit(":", 1)
+    server = PopenRPCServerState(
+        args.host, args.port, args.port_end, tracker_addr=(tracker_host, int(tracker_port)), key=args.key,
+        custom_addr=args.custom_addr,
+    )
+    server.thread.join()
+
+
+if __name__ == "__main__":
+    main()
