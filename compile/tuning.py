@@ -158,9 +158,16 @@ def task_weights(extracted) -> dict[str, int]:
 
 def _takes_indices(task) -> bool:
     """Gathers (reflection padding becomes `take`) read integer index tensors, which the runner
-    fills with random values: measuring them crashes or times garbage, so they keep TVM's default."""
+    fills with random values: measuring them crashes or times garbage, so they keep TVM's default.
+    Quantized (8-bit) tensors are data, not indices: those tasks are tuned."""
     args = ms.arg_info.ArgInfo.from_prim_func(task.dispatched[0]["main"])
-    return any("int" in str(arg.dtype) for arg in args)
+    return any(str(arg.dtype) in ("int32", "int64") for arg in args)
+
+
+def hand_scheduled(task) -> bool:
+    """Kernels that arrive scheduled (compile/int8.py's tensorized integer convs) are not searched."""
+    attrs = task.dispatched[0]["main"].attrs
+    return bool(attrs is not None and attrs.get("tirx.is_scheduled", False))
 
 
 @derived_object
@@ -223,7 +230,9 @@ def tune(
         builder, runner = board_measurement(board)
     register_cpu_tensor_intrinsics()
     prepared = prepare(mod, target)
-    extracted = [t for t in ms.relax_integration.extract_tasks(prepared, target) if not _takes_indices(t)]
+    extracted = [
+        t for t in ms.relax_integration.extract_tasks(prepared, target) if not (_takes_indices(t) or hand_scheduled(t))
+    ]
     if not extracted:
         raise UserError("the model has no tunable operators")
     database.write_task_weights(task_weights(extracted))

@@ -1,0 +1,688 @@
+"""Run ONNX QDQ convolutions as integer kernels instead of dequantize -> float conv -> quantize.
+
+TVM's ONNX frontend keeps QuantizeLinear/DequantizeLinear as `relax.quantize`/`relax.dequantize`,
+so a QDQ model compiled as is runs every convolution in float on fake-quantized values (and
+slower than the fp32 model, for the extra rounding passes). This pass finds
+
+    quantize(conv2d(dequantize(x_u8), dequantize(w_i8)) [+ dequantize(b_i32)], s_out, z_out)
+
+and replaces it with one hand-scheduled TIR kernel: u8 x s8 products summed exactly in int32,
+tensorized with a dot-product intrinsic (compile/int8_intrinsics.py: AVX2 `vpmaddubsw` or AVX-512
+VNNI `vpdpbusd`), with the requantization to uint8 fused into its epilogue. A conv whose output
+stays float (no quantize after it) gets the same kernel with a dequantizing epilogue. The float
+ops between convolutions (instance norm, ReLU, padding, tanh) stay float and fuse with the
+dequantize/quantize around them; the frontend's decomposed instance norm is first put back into
+one op so that it can (`fold_instance_norms`).
+
+Integer arithmetic, per output channel c (x: uint8 input with zero point z_x and scale s_x;
+w: int8 weights, symmetric, scale s_w[c]; b: int32 bias with scale s_b[c]):
+
+    acc[c]  = sum x * w                                   (exact, int32)
+    real[c] = s_x * s_w[c] * (acc[c] - z_x * sum w[c]) + s_b[c] * b[c]
+
+so with `correction` = b - z_x * sum w (when s_b = s_x * s_w, as QDQ exporters write it) the
+kernel computes `(acc + correction) * multiplier + offset` once in float32 and, when requantizing,
+rounds half to even and clamps to [0, 255] like QuantizeLinear. Spatial zero padding of the
+float input is the zero point in the integer domain (dequantize(z_x) = 0), so padding is exact.
+
+Kernels (`plan_kernel` picks one per conv and target):
+- "channels": the uint8 NCHW input is packed into NCHW[4c] (zero point in the padding), the int8
+  weights are pre-packed at compile time as OIHW[lanes o][4 i] constants (`lanes` = the
+  intrinsic's int32 vector width), accumulators are NCHW[lanes c] in registers per tile of 8
+  output pixels, and the epilogue writes NCHW again.
+- "pixels": for fewer output channels than lanes (an RGB output layer), the lanes are 8 output
+  pixels of one channel and the weights are broadcast, so no lane is wasted.
+- "winograd": 3x3 stride-1 convs on AVX2 run as exact integer Winograd F(2x2, 3x3)
+  (compile/int8_winograd.py), since there an integer multiply costs as much as a float one.
+Without a usable intrinsic (another ISA, or 8-bit weights whose int16 pair sums could saturate
+`vpmaddubsw`) the "channels" kernel runs as portable integer code that LLVM vectorizes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import relax, te, tirx
+from tvm.ir import GenericConst
+from tvm.s_tir import Schedule
+
+from compile import int8_winograd as winograd
+from compile.int8_intrinsics import (
+    AVX2_DOT_8X2_I16,
+    AVX2_DOT_8X4,
+    AVX2_PIXELS_8X4,
+    INTRINSICS,
+    REDUCTION,
+    intrinsic_for,
+    pairs_fit_int16,
+    register_int8_intrinsics,
+)
+
+PORTABLE_LANES = 8  # int32 lanes of the untensorized kernel (LLVM vectorizes it for any CPU)
+OUTPUT_TILE = 8  # output pixels per micro-kernel: 8 accumulators + weights fit 16 AVX2 registers
+
+
+@dataclass(frozen=True)
+class IntegerConv:
+    """One convolution in integer form: u8 input (with zero point) x s8 weights -> int32 -> epilogue.
+
+    The epilogue computes `(acc + correction) * multiplier + offset` per output channel in
+    float32; with `requantize` the result is rounded half to even and clamped to uint8,
+    otherwise it is the float output. With `dequantize` = (scale, zero point) as well, the
+    uint8 value is written dequantized, (q - zero point) * scale: the QDQ graph's
+    DequantizeLinear after the conv's QuantizeLinear, fused.
+    """
+
+    weight: np.ndarray  # int8 (OC, C, KH, KW)
+    strides: tuple[int, int]
+    padding: tuple[int, int, int, int]  # top, left, bottom, right
+    input_zero_point: int
+    correction: np.ndarray  # int32 (OC,)
+    multiplier: np.ndarray  # float32 (OC,)
+    offset: np.ndarray  # float32 (OC,)
+    requantize: bool
+    dequantize: tuple[float, int] | None = None
+
+    @property
+    def out_dtype(self) -> str:
+        return "uint8" if self.requantize and self.dequantize is None else "float32"
+
+    def finish(self, total, channel, multiplier, offset):
+        """The epilogue on `total` = acc + correction (int32) of output `channel`."""
+        value = total.astype("float32") * multiplier[channel] + offset[channel]
+        if not self.requantize:
+            return value
+        quantized = tirx.max(tirx.min(tirx.nearbyint(value), tirx.const(255.0, "float32")), tirx.const(0.0, "float32"))
+        if self.dequantize is None:
+            return quantized.astype("uint8")
+        scale, zero_point = self.dequantize
+        return (quantized - tirx.const(zero_point, "float32")) * tirx.const(scale, "float32")
+
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+        n, _, h, w = input_shape
+        oc, _, kh, kw = self.weight.shape
+        top, left, bottom, right = self.padding
+        return (
+            n,
+            oc,
+            (h + top + bottom - kh) // self.strides[0] + 1,
+            (w + left + right - kw) // self.strides[1] + 1,
+        )
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """How a conv runs on a target.
+
+    `layout` "channels": `lanes` output channels per vector, the activations broadcast;
+    "pixels": `lanes` output pixels of one channel per vector, the weights broadcast (for
+    fewer channels than lanes); "winograd": exact integer Winograd (compile/int8_winograd.py).
+    `intrinsic` None is portable integer code that LLVM vectorizes.
+    """
+
+    intrinsic: str | None
+    lanes: int
+    layout: str = "channels"
+
+
+def plan_kernel(conv: IntegerConv, input_shape: tuple[int, ...], target: tvm.target.Target) -> KernelPlan:
+    """Tensorize when the target has a dot-product intrinsic that is exact on these weights.
+
+    AVX2's `vpmaddubsw` saturates int16 pair sums; 7-bit weights never reach that, full-range
+    8-bit ones can, and then the conv runs as portable integer code rather than wrongly. On AVX2
+    an integer multiply costs what a float one does, so 3x3 convs take Winograd's 2.25x fewer.
+    """
+    intrinsic = intrinsic_for(target)
+    if intrinsic is None:
+        return KernelPlan(None, PORTABLE_LANES)
+    lanes, saturates = INTRINSICS[intrinsic]
+    if intrinsic == AVX2_DOT_8X4 and winograd.applies(conv, input_shape):
+        return KernelPlan(AVX2_DOT_8X2_I16, winograd.LANES, "winograd")
+    if saturates and not pairs_fit_int16(pack_weight(conv.weight, lanes)):
+        return KernelPlan(None, PORTABLE_LANES)
+    if intrinsic == AVX2_DOT_8X4 and conv.weight.shape[0] < lanes and conv.strides == (1, 1):
+        return KernelPlan(AVX2_PIXELS_8X4, lanes, "pixels")
+    return KernelPlan(intrinsic, lanes)
+
+
+def pack_weight(weight: np.ndarray, lanes: int) -> np.ndarray:
+    """OIHW int8 -> [OC/lanes, C/4, KH, KW, lanes, 4], zero-filled to whole blocks."""
+    oc, c, kh, kw = weight.shape
+    oc_blocks, c_blocks = -(-oc // lanes), -(-c // REDUCTION)
+    padded = np.zeros((oc_blocks * lanes, c_blocks * REDUCTION, kh, kw), np.int8)
+    padded[:oc, :c] = weight
+    blocked = padded.reshape(oc_blocks, lanes, c_blocks, REDUCTION, kh, kw)
+    return np.ascontiguousarray(blocked.transpose(0, 2, 4, 5, 1, 3))
+
+
+def _per_channel(values: np.ndarray, lanes: int, dtype: str) -> np.ndarray:
+    padded = np.zeros(-(-len(values) // lanes) * lanes, dtype)
+    padded[: len(values)] = values
+    return padded
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A scheduled kernel: call it with (data, *constants, output) (NCHW, `IntegerConv.out_dtype`)."""
+
+    func: tirx.PrimFunc
+    constants: list[np.ndarray]
+
+
+def build_kernel(conv: IntegerConv, input_shape: tuple[int, ...], plan: KernelPlan) -> Kernel:
+    """The scheduled kernel for `conv` at `input_shape`, with its weights in the kernel's layout."""
+    register_int8_intrinsics()
+    lanes = plan.lanes if plan.layout != "pixels" else 1
+    per_channel = [
+        _per_channel(conv.correction, lanes, "int32"),
+        _per_channel(conv.multiplier, lanes, "float32"),
+        _per_channel(conv.offset, lanes, "float32"),
+    ]
+    if plan.layout == "winograd":
+        func, weights = winograd.winograd_kernel(conv, input_shape), winograd.transform_weight(conv.weight)
+    elif plan.layout == "pixels":
+        func, weights = _direct_kernel(conv, input_shape, plan), _pack_weight_for_pixels(conv.weight)
+    else:
+        func, weights = _direct_kernel(conv, input_shape, plan), pack_weight(conv.weight, plan.lanes)
+    # Private (no global symbol): the module gives each kernel its own name.
+    func = func.without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
+    return Kernel(func, [weights, *per_channel])
+
+
+def _pack_weight_for_pixels(weight: np.ndarray) -> np.ndarray:
+    """OIHW int8 -> [OC, C/4, KH, KW, 4], input channels zero-filled to whole groups."""
+    oc, c, kh, kw = weight.shape
+    c_blocks = -(-c // REDUCTION)
+    padded = np.zeros((oc, c_blocks * REDUCTION, kh, kw), np.int8)
+    padded[:, :c] = weight
+    return np.ascontiguousarray(padded.reshape(oc, c_blocks, REDUCTION, kh, kw).transpose(0, 1, 3, 4, 2))
+
+
+def _direct_kernel(conv: IntegerConv, input_shape: tuple[int, ...], plan: KernelPlan) -> tirx.PrimFunc:
+    """Direct convolution (data, packed weight, correction, multiplier, offset) -> NCHW output."""
+    n, channels, height, width = (int(d) for d in input_shape)
+    _, out_channels, out_h, out_w = conv.output_shape(input_shape)
+    _, _, kh, kw = conv.weight.shape
+    pixels = plan.layout == "pixels"
+    lanes = plan.lanes
+    oc_blocks, c_blocks = -(-out_channels // lanes), -(-channels // REDUCTION)
+    # Output pixels per micro-kernel: 8 (channel lanes) or as many 8-pixel vectors as keep
+    # about 12 accumulators in the 16 AVX2 registers (pixel lanes).
+    tile = min(OUTPUT_TILE, out_w) if not pixels else lanes * max(1, min(4, 12 // out_channels))
+    padded_w = -(-out_w // tile) * tile  # whole tiles: the extra columns are computed and dropped
+    stride_h, stride_w = conv.strides
+    top, left = conv.padding[:2]
+    zero_point = tirx.const(conv.input_zero_point, "uint8")
+
+    data = te.placeholder((n, channels, height, width), "uint8", name="data")
+    if pixels:
+        weight = te.placeholder((out_channels, c_blocks, kh, kw, REDUCTION), "int8", name="weight")
+        channel_count = out_channels
+    else:
+        weight = te.placeholder((oc_blocks, c_blocks, kh, kw, lanes, REDUCTION), "int8", name="weight")
+        channel_count = oc_blocks * lanes
+    correction = te.placeholder((channel_count,), "int32", name="correction")
+    multiplier = te.placeholder((channel_count,), "float32", name="multiplier")
+    offset = te.placeholder((channel_count,), "float32", name="offset")
+
+    def pack(b, cb, h, w, ci):
+        c, y, x = cb * REDUCTION + ci, h - top, w - left
+        inside = tirx.all(c < channels, y >= 0, y < height, x >= 0, x < width)
+        clamped = data[b, tirx.min(c, channels - 1), tirx.max(tirx.min(y, height - 1), 0),
+                       tirx.max(tirx.min(x, width - 1), 0)]
+        return tirx.if_then_else(inside, clamped, zero_point)
+
+    packed = te.compute(
+        (n, c_blocks, (out_h - 1) * stride_h + kh, (padded_w - 1) * stride_w + kw, REDUCTION), pack, name="packed"
+    )
+    rc = te.reduce_axis((0, c_blocks), "rc")
+    ry = te.reduce_axis((0, kh), "ry")
+    rx = te.reduce_axis((0, kw), "rx")
+    ri = te.reduce_axis((0, REDUCTION), "ri")
+    if pixels:
+        acc = te.compute(
+            (n, out_channels, out_h, padded_w),
+            lambda b, oc, y, x: te.sum(
+                packed[b, rc, y + ry, x + rx, ri].astype("int32") * weight[oc, rc, ry, rx, ri].astype("int32"),
+                axis=[rc, ry, rx, ri],
+            ),
+            name="acc",
+        )
+        accumulator = lambda b, c, y, x: acc[b, c, y, x]
+    else:
+        acc = te.compute(
+            (n, oc_blocks, out_h, padded_w, lanes),
+            lambda b, ob, y, x, lane: te.sum(
+                packed[b, rc, y * stride_h + ry, x * stride_w + rx, ri].astype("int32")
+                * weight[ob, rc, ry, rx, lane, ri].astype("int32"),
+                axis=[rc, ry, rx, ri],
+            ),
+            name="acc",
+        )
+        accumulator = lambda b, c, y, x: acc[b, c // lanes, y, x, c % lanes]
+
+    def epilogue(b, c, y, x):
+        return conv.finish(accumulator(b, c, y, x) + correction[c], c, multiplier, offset)
+
+    out = te.compute((n, out_channels, out_h, out_w), epilogue, name="epilogue")
+    func = te.create_prim_func([data, weight, correction, multiplier, offset, out])
+    return (_schedule_pixels if pixels else _schedule_channels)(func, plan, tile)
+
+
+def _schedule_channels(func: tirx.PrimFunc, plan: KernelPlan, tile: int) -> tirx.PrimFunc:
+    """Micro-kernel: `tile` output pixels x one block of `lanes` channels held in registers, over
+    the whole reduction (C/4 x KH x KW steps of the intrinsic); epilogue fused per tile; rows
+    of channel blocks split over the cores."""
+    sch = Schedule(func)
+    conv = sch.get_sblock("acc")
+    b, ob, y, x, lane, rc, ry, rx, ri = sch.get_loops(conv)
+    x_outer, x_inner = sch.split(x, [None, tile])
+    sch.reorder(b, ob, y, x_outer, rc, ry, rx, x_inner, lane, ri)
+    _fuse_epilogue(sch, conv, x_outer)
+    sch.parallel(sch.fuse(b, ob, y))
+    if plan.intrinsic is None:  # portable: LLVM vectorizes the int32 lanes
+        sch.reorder(ri, lane)
+        sch.vectorize(lane)
+    init = sch.decompose_reduction(conv, rc)
+    if plan.intrinsic is not None:
+        sch.tensorize(lane, plan.intrinsic)
+    sch.unroll(x_inner)
+    sch.vectorize(sch.get_loops(init)[-1])
+    _parallel_packing(sch)
+    return sch.mod["main"]
+
+
+def _schedule_pixels(func: tirx.PrimFunc, plan: KernelPlan, tile: int) -> tirx.PrimFunc:
+    """Micro-kernel: every output channel x `tile` pixels of a row (`tile / lanes` vectors),
+    accumulators in registers over the whole reduction; rows split over the cores."""
+    sch = Schedule(func)
+    conv = sch.get_sblock("acc")
+    b, oc, y, x, rc, ry, rx, ri = sch.get_loops(conv)
+    x_outer, x_vector, x_lane = sch.split(x, [None, tile // plan.lanes, plan.lanes])
+    sch.reorder(b, y, x_outer, rc, ry, rx, oc, x_vector, x_lane, ri)
+    _fuse_epilogue(sch, conv, x_outer)
+    sch.parallel(sch.fuse(b, y))
+    init = sch.decompose_reduction(conv, rc)
+    sch.tensorize(x_lane, plan.intrinsic)
+    sch.unroll(x_vector)
+    sch.unroll(oc)
+    sch.vectorize(sch.get_loops(init)[-1])
+    epilogue_x = sch.get_loops(sch.get_sblock("epilogue"))[-1]
+    sch.vectorize(sch.split(epilogue_x, [None, plan.lanes])[1])
+    _parallel_packing(sch)
+    return sch.mod["main"]
+
+
+def _fuse_epilogue(sch: Schedule, conv, tile_loop) -> None:
+    """Accumulate a tile in a small buffer LLVM keeps in registers; requantize it right there."""
+    accumulators = sch.cache_write(conv, 0, "global")
+    sch.reverse_compute_at(accumulators, tile_loop)
+    sch.compute_inline(accumulators)  # the epilogue reads the tile's accumulators directly
+    sch.reverse_compute_at(sch.get_sblock("epilogue"), tile_loop)
+
+
+def _parallel_packing(sch: Schedule) -> None:
+    pack = sch.get_sblock("packed")
+    pb, pc, ph = sch.get_loops(pack)[:3]
+    sch.parallel(sch.fuse(pb, pc, ph))
+
+
+# ---------------------------------------------------------------------------------------------
+# Relax: find QDQ convolutions and replace them by kernel calls
+
+
+def _constant(expr: relax.Expr, var2val) -> np.ndarray | None:
+    while isinstance(expr, relax.Var) and expr in var2val:
+        expr = var2val[expr]
+    return expr.value.numpy() if isinstance(expr, GenericConst) else None
+
+
+def _call(expr: relax.Expr, op_name: str, var2val) -> relax.Call | None:
+    if isinstance(expr, relax.Var):
+        expr = var2val.get(expr)
+    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == op_name:
+        return expr
+    return None
+
+
+def _scalar(array: np.ndarray | None) -> float | None:
+    return float(array.reshape(-1)[0]) if array is not None and array.size == 1 else None
+
+
+@dataclass(frozen=True)
+class _QuantizedInput:
+    data: relax.Var  # the uint8 tensor
+    scale: float
+    zero_point: int
+
+
+@dataclass(frozen=True)
+class _ConvMatch:
+    input: _QuantizedInput
+    weight: np.ndarray  # int8 OIHW
+    weight_scale: np.ndarray  # float32 (OC,)
+    strides: tuple[int, int]
+    padding: tuple[int, int, int, int]
+
+
+def _match_conv(expr: relax.Expr, var2val) -> _ConvMatch | None:
+    """conv2d(dequantize(u8 tensor), dequantize(int8 constant)), NCHW/OIHW, ungrouped, undilated."""
+    conv = _call(expr, "relax.nn.conv2d", var2val)
+    if conv is None:
+        return None
+    attrs = conv.attrs
+    if (
+        int(attrs.groups) != 1
+        or any(int(d) != 1 for d in attrs.dilation)
+        or (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW")
+    ):
+        return None
+    data_dq = _call(conv.args[0], "relax.dequantize", var2val)
+    weight_dq = _call(conv.args[1], "relax.dequantize", var2val)
+    if data_dq is None or weight_dq is None:
+        return None
+    source = data_dq.args[0]
+    scale, zero_point = (_scalar(_constant(a, var2val)) for a in data_dq.args[1:3])
+    ty = source.ty
+    if (
+        not isinstance(source, relax.Var)
+        or ty.dtype != "uint8"
+        or ty.shape is None
+        or len(ty.shape) != 4
+        or not all(isinstance(d, tirx.IntImm) for d in ty.shape)
+        or scale is None
+        or zero_point is None
+    ):
+        return None
+    weight = _constant(weight_dq.args[0], var2val)
+    weight_scale = _constant(weight_dq.args[1], var2val)
+    weight_zero = _constant(weight_dq.args[2], var2val)
+    if weight is None or weight.dtype != np.int8 or weight.ndim != 4 or weight_scale is None or weight_zero is None:
+        return None
+    out_channels = weight.shape[0]
+    per_channel = weight_scale.size == out_channels and (weight_scale.size == 1 or int(weight_dq.attrs.axis) == 0)
+    if weight_scale.size != 1 and not per_channel or np.any(weight_zero != 0):
+        return None
+    top, left, bottom, right = (int(p) for p in attrs.padding)
+    return _ConvMatch(
+        input=_QuantizedInput(source, scale, int(zero_point)),
+        weight=weight,
+        weight_scale=np.broadcast_to(weight_scale.reshape(-1).astype(np.float32), (out_channels,)),
+        strides=(int(attrs.strides[0]), int(attrs.strides[1])),
+        padding=(top, left, bottom, right),
+    )
+
+
+@dataclass(frozen=True)
+class _Bias:
+    conv: relax.Var
+    quantized: np.ndarray | None  # int32 (OC,) when the bias is a dequantized int32 constant
+    scale: np.ndarray | None  # its float32 scale (OC,)
+    values: np.ndarray  # float32 (OC,): the bias as the float graph adds it
+
+
+def _is_channel_vector(expr: relax.Expr, out_channels: int) -> bool:
+    """Whether `expr` broadcasts along NCHW's channel axis: shape (..., OC, 1, 1), leading dims 1."""
+    shape = getattr(expr.ty, "shape", None)
+    if shape is None or not all(isinstance(d, tirx.IntImm) for d in shape):
+        return False
+    dims = [int(d) for d in shape]
+    return len(dims) >= 3 and dims[-3:] == [out_channels, 1, 1] and all(d == 1 for d in dims[:-3])
+
+
+def _match_bias(expr: relax.Expr, out_channels_of, var2val) -> _Bias | None:
+    """add(conv, bias) with a per-channel bias: a reshaped dequantize of an int32 constant, or a float constant."""
+    add = _call(expr, "relax.add", var2val)
+    if add is None:
+        return None
+    for conv, bias in (add.args, add.args[::-1]):
+        out_channels = out_channels_of(conv)
+        if out_channels is None or not _is_channel_vector(bias, out_channels):
+            continue
+        reshape = _call(bias, "relax.reshape", var2val)
+        dq = _call(reshape.args[0] if reshape is not None else bias, "relax.dequantize", var2val)
+        if dq is not None:
+            quantized, scale, zero = (_constant(a, var2val) for a in dq.args[:3])
+            if quantized is None or scale is None or zero is None or np.any(zero != 0) or quantized.size != out_channels:
+                continue
+            quantized = quantized.reshape(-1).astype(np.int64)
+            scale = np.broadcast_to(scale.reshape(-1).astype(np.float32), (out_channels,))
+            return _Bias(conv, quantized, scale, (quantized.astype(np.float32) * scale).astype(np.float32))
+        values = _constant(bias, var2val)
+        if values is not None and values.dtype == np.float32:
+            return _Bias(conv, None, None, values.reshape(-1))
+    return None
+
+
+def integer_conv(
+    match: _ConvMatch, bias: _Bias | None, output: tuple[float, int] | None, dequantized: bool = False
+) -> IntegerConv:
+    """The integer form of a matched conv; `output` = (scale, zero point) when it is requantized,
+    `dequantized` when the uint8 result is only ever dequantized again with the same parameters."""
+    weight_sum = match.weight.astype(np.int64).sum(axis=(1, 2, 3))
+    correction = -match.input.zero_point * weight_sum
+    real_scale = np.float64(np.float32(match.input.scale)) * match.weight_scale.astype(np.float64)
+    float_bias = np.zeros_like(real_scale)
+    if bias is not None:
+        exact = bias.quantized is not None and np.array_equal(
+            bias.scale, (np.float32(match.input.scale) * match.weight_scale).astype(np.float32)
+        )
+        if exact:  # the bias lives on the accumulator's grid: fold it into the integer correction
+            correction = correction + bias.quantized
+        else:
+            float_bias = bias.values.astype(np.float64)
+    if output is None:
+        multiplier, offset = real_scale, float_bias
+    else:
+        scale, zero_point = output
+        multiplier, offset = real_scale / scale, float_bias / scale + zero_point
+    return IntegerConv(
+        weight=match.weight,
+        strides=match.strides,
+        padding=match.padding,
+        input_zero_point=match.input.zero_point,
+        correction=correction.astype(np.int32),
+        multiplier=multiplier.astype(np.float32),
+        offset=offset.astype(np.float32),
+        requantize=output is not None,
+        dequantize=output if dequantized else None,
+    )
+
+
+@dataclass(frozen=True)
+class _Replacement:
+    conv: IntegerConv
+    data: relax.Var
+    input_shape: tuple[int, ...]
+
+
+def _plan_replacements(func: relax.Function) -> dict[relax.Var, _Replacement]:
+    """Binding var -> the integer conv that computes it. A requantized conv replaces the quantize
+    binding; a conv without output quantize replaces its bias add (or the conv itself)."""
+    var2val = relax.analysis.get_var2val(func)
+    convs = {var: m for var in var2val if (m := _match_conv(var, var2val)) is not None}
+
+    def out_channels_of(expr):
+        match = convs.get(expr) if isinstance(expr, relax.Var) else None
+        return None if match is None else match.weight.shape[0]
+
+    def replacement(match, bias, output, dequantized=False):
+        shape = tuple(int(d) for d in match.input.data.ty.shape)
+        return _Replacement(integer_conv(match, bias, output, dequantized), match.input.data, shape)
+
+    users = _users(func, var2val)
+
+    plans, claimed = {}, set()
+    for var, value in var2val.items():
+        quantize = _call(value, "relax.quantize", var2val)
+        if quantize is None or quantize.attrs.out_dtype != "uint8":
+            continue
+        scale, zero_point = (_scalar(_constant(a, var2val)) for a in quantize.args[1:3])
+        if scale is None or zero_point is None:
+            continue
+        bias = _match_bias(quantize.args[0], out_channels_of, var2val)
+        conv_var = bias.conv if bias is not None else quantize.args[0]
+        match = convs.get(conv_var) if isinstance(conv_var, relax.Var) else None
+        if match is None:
+            continue
+        output = (scale, int(zero_point))
+        dequantize = _call(users[var][0], "relax.dequantize", var2val) if len(users[var]) == 1 else None
+        if dequantize is not None and _dequantizes_with(dequantize, output, var2val):
+            plans[users[var][0]] = replacement(match, bias, output, dequantized=True)
+            claimed.add(var)
+        else:
+            plans[var] = replacement(match, bias, output)
+        claimed.update({conv_var, quantize.args[0]})
+    for var, value in var2val.items():
+        if var in claimed or var in plans:
+            continue
+        bias = _match_bias(value, out_channels_of, var2val)
+        if bias is not None and bias.conv not in claimed:
+            plans[var] = replacement(convs[bias.conv], bias, None)
+            claimed.add(bias.conv)
+    for var, match in convs.items():
+        if var not in claimed:
+            plans[var] = replacement(match, None, None)
+    return plans
+
+
+def _users(func: relax.Function, var2val) -> dict[relax.Var, list]:
+    """Var -> the binding vars whose values read it; a var the function returns gets a None user."""
+    users: dict[relax.Var, list] = {var: [] for var in var2val}
+    for var, value in var2val.items():
+        for used in relax.analysis.free_vars(value) if not isinstance(value, relax.Var) else [value]:
+            users.setdefault(used, []).append(var)
+    for used in relax.analysis.free_vars(func.body.body):
+        users.setdefault(used, []).append(None)
+    return users
+
+
+def _dequantizes_with(dequantize: relax.Call, output: tuple[float, int], var2val) -> bool:
+    scale, zero_point = (_scalar(_constant(a, var2val)) for a in dequantize.args[1:3])
+    return scale is not None and zero_point is not None and (scale, int(zero_point)) == output
+
+
+@relax.expr_functor.mutator
+class _IntegerConvRewriter(relax.PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, target: tvm.target.Target) -> None:
+        super().__init__(mod)
+        self.target = target
+        self.plans: dict[relax.Var, _Replacement] = {}
+        self.kernels: list[KernelPlan] = []
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        replacement = self.plans.get(binding.var)
+        if replacement is None:
+            super().visit_var_binding_(binding)
+            return
+        conv, shape = replacement.conv, replacement.input_shape
+        plan = plan_kernel(conv, shape, self.target)
+        self.kernels.append(plan)
+        kernel = build_kernel(conv, shape, plan)
+        args = [self.visit_expr(replacement.data), *(relax.const(c) for c in kernel.constants)]
+        out_ty = relax.TensorType(conv.output_shape(shape), conv.out_dtype)
+        value = relax.call_tir(self.builder_.add_func(kernel.func, "int8_conv2d"), args, out_ty)
+        emit = self.builder_.emit if isinstance(binding.var, relax.DataflowVar) else self.builder_.emit_output
+        self.set_var_remap(binding.var, emit(value, binding.var.name))
+
+
+def _instance_norm_of(expr: relax.Expr, var2val) -> tuple[relax.Expr, float] | None:
+    """(x, epsilon) when `expr` is the ONNX frontend's InstanceNormalization without its affine part:
+    divide(subtract(x, mean(x)), sqrt(add(variance(x), eps))) over every axis after the channels."""
+    divide = _call(expr, "relax.divide", var2val)
+    if divide is None:
+        return None
+    subtract = _call(divide.args[0], "relax.subtract", var2val)
+    sqrt = _call(divide.args[1], "relax.sqrt", var2val)
+    if subtract is None or sqrt is None:
+        return None
+    x = subtract.args[0]
+    mean = _call(subtract.args[1], "relax.mean", var2val)
+    shifted = _call(sqrt.args[0], "relax.add", var2val)
+    variance = _call(shifted.args[0], "relax.variance", var2val) if shifted is not None else None
+    epsilon = _scalar(_constant(shifted.args[1], var2val)) if shifted is not None else None
+    shape = getattr(x.ty, "shape", None)
+    if mean is None or variance is None or epsilon is None or shape is None or len(shape) < 3:
+        return None
+    spatial = list(range(2, len(shape)))
+    for reduction in (mean, variance):
+        if not reduction.args[0].same_as(x) or [int(a) for a in reduction.attrs.axis] != spatial:
+            return None
+        if not reduction.attrs.keepdims:
+            return None
+    return x, epsilon
+
+
+@relax.expr_functor.mutator
+class _InstanceNormFolder(relax.PyExprMutator):
+    """Put the frontend's decomposed instance norm back into one `relax.nn.instance_norm`.
+
+    Decomposed, it is a mean, a variance and an elementwise pass that FuseOps cannot join, so a
+    dequantized conv output went through memory four times; as one op the dequantize before and
+    the ReLU/quantize after fuse into it.
+    """
+
+    def __init__(self, mod: tvm.IRModule) -> None:
+        super().__init__(mod)
+        self.var2val: dict = {}
+        self.folded = 0
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        found = _instance_norm_of(binding.value, self.var2val)
+        if found is None:
+            super().visit_var_binding_(binding)
+            return
+        x, epsilon = found
+        channels = int(x.ty.shape[1])
+        dtype = str(x.ty.dtype)
+        norm = relax.op.nn.instance_norm(
+            self.visit_expr(x), relax.const(np.ones(channels, dtype)), relax.const(np.zeros(channels, dtype)),
+            channel_axis=1, axes=list(range(2, len(x.ty.shape))), epsilon=epsilon,
+        )
+        emit = self.builder_.emit if isinstance(binding.var, relax.DataflowVar) else self.builder_.emit_output
+        self.set_var_remap(binding.var, emit(norm, binding.var.name))
+        self.folded += 1
+
+
+def fold_instance_norms(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
+    """Every decomposed instance norm of `mod` as one op; returns the module and how many were folded."""
+    folder = _InstanceNormFolder(mod)
+    for gvar, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            folder.var2val = relax.analysis.get_var2val(func)
+            folder.builder_.update_func(gvar, relax.analysis.remove_all_unused(folder.visit_expr(func)))
+    return folder.builder_.get(), folder.folded
+
+
+@dataclass(frozen=True)
+class LoweringSummary:
+    """What the pass did: integer convs emitted, how many of them tensorized, and with what."""
+
+    integer_convs: int
+    tensorized: int
+    intrinsics: tuple[str, ...]
+    winograd: int  # of the integer convs, those run as exact integer Winograd
+    instance_norms: int  # decomposed instance norms put back together (see _InstanceNormFolder)
+
+
+def lower_quantized_convs(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModule, LoweringSummary]:
+    """Replace every QDQ convolution of `mod`'s Relax functions by an integer kernel for `target`."""
+    mod, instance_norms = fold_instance_norms(mod)
+    rewriter = _IntegerConvRewriter(mod, target)
+    for gvar, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            rewriter.plans = _plan_replacements(func)
+            if rewriter.plans:
+                rewritten = relax.analysis.remove_all_unused(rewriter.visit_expr(func))
+                rewriter.builder_.update_func(gvar, rewritten)
+    kernels = rewriter.kernels
+    summary = LoweringSummary(
+        integer_convs=len(kernels),
+        tensorized=sum(k.intrinsic is not None for k in kernels),
+        intrinsics=tuple(sorted({k.intrinsic for k in kernels if k.intrinsic})),
+        winograd=sum(k.layout == "winograd" for k in kernels),
+        instance_norms=instance_norms,
+    )
+    return relax.transform.DeadCodeElimination()(rewriter.builder_.get()), summary

@@ -1,0 +1,254 @@
+"""Integer convolutions for ONNX QDQ generators, and re-pinning a QDQ file to another input size.
+
+TVM's ONNX frontend imports a QDQ file as the float graph it describes: every convolution reads a
+dequantized input and dequantized weights and its float output is quantized again (fake quant).
+A microcontroller should instead multiply int8 by int8 into int32 and requantize with integers,
+so `integer_convolutions` rewrites each `quantize(conv2d(dequantize(x_q), dequantize(w_q)) + bias)`
+into exactly that (the qnn-style lowering that Relay once had): int8 weights, int32 accumulators
+and bias, and a per-channel fixed-point multiplier (31-bit mantissa, right shift, round half up)
+in place of the float scale. Everything between convolutions (instance norm, relu, add, reflection
+pad, sub-pixel shuffle, tanh) stays as the float ops the file specifies, reading and writing the
+quantized tensors around it; `quantize_before_padding` makes the pads move uint8 codes instead of
+floats.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import tvm
+from onnx import numpy_helper
+from tvm import relax
+from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+
+from compile.onnx_import import declared_shape, graph_inputs, load_onnx
+from errors import UserError
+
+# Requantization multiplies by an integer mantissa of this many bits, then shifts right.
+MULTIPLIER_BITS = 31
+QUANT_RANGE = {"uint8": (0, 255), "int8": (-128, 127)}
+
+
+def fixed_point(multipliers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel real multipliers as (mantissa, shift): m ≈ mantissa * 2**-shift, mantissa < 2**31."""
+    mantissas, shifts = [], []
+    for value in np.asarray(multipliers, dtype=np.float64).ravel():
+        if not 0 < value < 2 ** 16:
+            raise UserError(f"requantization multiplier {value!r} is outside (0, 65536); the QDQ scales are corrupt")
+        fraction, exponent = math.frexp(value)  # value = fraction * 2**exponent, fraction in [0.5, 1)
+        mantissa = round(fraction * (1 << MULTIPLIER_BITS))
+        if mantissa == 1 << MULTIPLIER_BITS:
+            mantissa //= 2
+            exponent += 1
+        shift = MULTIPLIER_BITS - exponent
+        while shift > 62:  # tiny multipliers: drop mantissa bits rather than shift past int64
+            mantissa = (mantissa + 1) // 2
+            shift -= 1
+        mantissas.append(mantissa)
+        shifts.append(shift)
+    return np.array(mantissas, dtype=np.int64), np.array(shifts, dtype=np.int64)
+
+
+def _pattern():
+    x_q, s_in, z_in = wildcard(), is_const(), is_const()
+    w_q, w_scale, w_zero = is_const(), is_const(), is_const()
+    conv = is_op("relax.nn.conv2d")(is_op("relax.dequantize")(x_q, s_in, z_in),
+                                    is_op("relax.dequantize")(w_q, w_scale, w_zero))
+    b_q, b_scale, b_zero = is_const(), is_const(), is_const()
+    bias = is_op("relax.reshape")(is_op("relax.dequantize")(b_q, b_scale, b_zero), wildcard())
+    s_out, z_out = is_const(), is_const()
+    quantize = is_op("relax.quantize")(is_op("relax.add")(conv, bias) | conv, s_out, z_out)
+    names = dict(x_q=x_q, s_in=s_in, z_in=z_in, w_q=w_q, w_scale=w_scale, w_zero=w_zero, conv=conv,
+                 b_q=b_q, b_scale=b_scale, b_zero=b_zero, s_out=s_out, z_out=z_out, quantize=quantize)
+    return quantize, names
+
+
+def _value(expr) -> np.ndarray:
+    return expr.value.numpy()
+
+
+def _integer_conv(matched: dict) -> relax.Expr:
+    """int8 x int8 -> int32 (+ int32 bias) -> fixed-point requantize, from the matched QDQ constants."""
+    conv = matched["conv"]
+    attrs = conv.attrs
+    if attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW":
+        raise UserError(f"integer conv: layout {attrs.data_layout}/{attrs.kernel_layout}; expected NCHW/OIHW")
+    if np.any(_value(matched["w_zero"]) != 0) or (matched["b_zero"] is not None and np.any(_value(matched["b_zero"]) != 0)):
+        raise UserError("integer conv: weight and bias zero points must be 0 (symmetric int8 weights)")
+    s_in = float(_value(matched["s_in"]))
+    z_in = int(_value(matched["z_in"]))
+    weights = _value(matched["w_q"]).astype(np.int64)
+    channels = weights.shape[0]
+    w_scale = np.broadcast_to(_value(matched["w_scale"]).astype(np.float64), (channels,))
+    acc_scale = s_in * w_scale  # one accumulator step in real units
+    b_scale = acc_scale if matched["b_scale"] is None else np.broadcast_to(
+        _value(matched["b_scale"]).astype(np.float64), (channels,))
+    if matched["b_q"] is None:  # a convolution exported without bias
+        bias = np.zeros(channels, dtype=np.int64)
+    else:
+        bias = np.round(_value(matched["b_q"]).astype(np.float64) * b_scale / acc_scale).astype(np.int64)
+    # The conv reads raw codes: subtract zero point * sum(weights) once per channel instead of per tap;
+    # explicit padding with the zero point keeps the border exact.
+    bias -= z_in * weights.sum(axis=(1, 2, 3))
+    if np.abs(bias).max(initial=0) >= 2 ** 31:
+        raise UserError("integer conv: bias does not fit int32 after zero-point folding")
+    out_dtype = str(matched["quantize"].attrs.out_dtype)
+    if out_dtype not in QUANT_RANGE:
+        raise UserError(f"integer conv: quantized output type {out_dtype}; expected uint8 or int8")
+    s_out = float(_value(matched["s_out"]))
+    z_out = int(_value(matched["z_out"]))
+    mantissa, shift = fixed_point(acc_scale / s_out)
+
+    data = matched["x_q"]
+    top, left, bottom, right = (int(p) for p in attrs.padding)
+    if top or left or bottom or right:
+        data = relax.op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(z_in))
+    per_channel = (1, channels, 1, 1)
+    acc = relax.op.nn.conv2d(data, relax.const(weights.astype(np.int8), "int8"), strides=attrs.strides, padding=0,
+                             dilation=attrs.dilation, groups=attrs.groups, out_dtype="int32")
+    acc = relax.op.add(acc, relax.const(bias.astype(np.int32).reshape(per_channel), "int32"))
+    scaled = relax.op.multiply(relax.op.astype(acc, "int64"), relax.const(mantissa.reshape(per_channel), "int64"))
+    half = (np.int64(1) << (shift - 1)).reshape(per_channel)
+    scaled = relax.op.right_shift(relax.op.add(scaled, relax.const(half, "int64")), relax.const(shift.reshape(per_channel), "int64"))
+    lo, hi = QUANT_RANGE[out_dtype]
+    scaled = relax.op.add(scaled, relax.const(z_out, "int64"))
+    scaled = relax.op.minimum(relax.op.maximum(scaled, relax.const(lo, "int64")), relax.const(hi, "int64"))
+    return relax.op.astype(scaled, out_dtype)
+
+
+def integer_convolutions(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
+    """`mod` with every QDQ convolution in `main` made an integer one; also returns how many were rewritten."""
+    pattern, names = _pattern()
+    rewritten = 0
+
+    def rewriter(expr, matchings):
+        nonlocal rewritten
+        rewritten += 1
+        return _integer_conv({name: matchings.get(p) for name, p in names.items()})
+
+    main = rewrite_call(pattern, rewriter, mod["main"])
+    mod = mod.clone()
+    mod["main"] = main
+    return relax.transform.DeadCodeElimination()(mod), rewritten
+
+
+def quantize_before_padding(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy where each reflect/edge `Pad -> QuantizeLinear` is `QuantizeLinear -> Pad` (same values).
+
+    Such a pad only copies elements and quantization is elementwise, so the order does not change
+    a single value; but quantizing first lets instance norm + relu + quantize end in one kernel
+    writing uint8, and the pad of those uint8 codes is then computed inside the convolution
+    reading it, instead of materialising the padded float tensor (4x the bytes).
+    """
+    swapped = onnx.ModelProto()
+    swapped.CopyFrom(model)
+    graph = swapped.graph
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    order = list(graph.node)
+    for pad in list(order):
+        mode = next((onnx.helper.get_attribute_value(a) for a in pad.attribute if a.name == "mode"), b"constant")
+        users = readers.get(pad.output[0], [])
+        if pad.op_type != "Pad" or mode not in (b"reflect", b"edge") or pad.output[0] in outputs:
+            continue
+        if len(users) != 1 or users[0].op_type != "QuantizeLinear":
+            continue
+        quantize = users[0]
+        quantized = quantize.output[0]
+        quantize.input[0] = pad.input[0]
+        quantize.output[0] = f"{quantized}_unpadded"
+        pad.input[0] = quantize.output[0]
+        pad.output[0] = quantized
+        order.remove(quantize)
+        order.insert(order.index(pad), quantize)
+    del graph.node[:]
+    graph.node.extend(order)
+    del graph.value_info[:]  # intermediate types changed (the pad now carries uint8)
+    return swapped
+
+
+def onnx_at_input_shape(path: Path, shape: tuple[int, ...], cache_dir: Path) -> Path:
+    """A copy of a fully convolutional ONNX file whose input is pinned to `shape` (cached by content).
+
+    Exporters bake the traced spatial size into Reshape targets (here the sub-pixel shuffle's
+    `[1, 4C, H, W]`), so a file exported at 128x128 cannot run at 32x32 as is. For every Reshape
+    with a constant target, the trailing dims it shares with its input at the exported size are
+    replaced by that input's dims at the new size; anything else is refused.
+    """
+    model = load_onnx(path)
+    inputs = graph_inputs(model)
+    if len(inputs) != 1:
+        raise UserError(f"{path}: expected one image input, found {len(inputs)}")
+    old_shape = declared_shape(inputs[0])
+    shape = tuple(int(d) for d in shape)
+    if old_shape == shape:
+        return path
+    if old_shape is None or len(old_shape) != len(shape) or old_shape[:2] != shape[:2]:
+        raise UserError(f"{path}: input is declared {old_shape}; only the spatial size can change, got {shape}")
+    digest = hashlib.sha256(path.read_bytes() + repr(shape).encode()).hexdigest()[:16]
+    out = cache_dir / f"{path.stem}-{'x'.join(map(str, shape))}-{digest}.onnx"
+    if out.exists():
+        return out
+
+    old_shapes = _inferred_shapes(model)
+    repinned = onnx.ModelProto()
+    repinned.CopyFrom(model)
+    dims = repinned.graph.input[[v.name for v in repinned.graph.input].index(inputs[0].name)].type.tensor_type.shape.dim
+    for dim, size in zip(dims, shape):
+        dim.Clear()
+        dim.dim_value = size
+    del repinned.graph.value_info[:]
+    for output in repinned.graph.output:
+        output.type.tensor_type.ClearField("shape")
+    initializers = {t.name: t for t in repinned.graph.initializer}
+    for node in repinned.graph.node:
+        if node.op_type != "Reshape" or node.input[1] not in initializers:
+            continue
+        new_shapes = _inferred_shapes(repinned)  # after the Reshapes already fixed upstream
+        target = numpy_helper.to_array(initializers[node.input[1]]).astype(np.int64)
+        before, after = old_shapes.get(node.input[0]), new_shapes.get(node.input[0])
+        if before is None or after is None:
+            raise UserError(f"{path}: cannot infer the input shape of Reshape {node.name!r} to re-pin it")
+        fixed = _repin_target(tuple(int(d) for d in target), before, after)
+        if fixed is None:
+            raise UserError(f"{path}: Reshape {node.name!r} to {target.tolist()} does not scale with the input size")
+        initializers[node.input[1]].CopyFrom(numpy_helper.from_array(np.array(fixed, np.int64), node.input[1]))
+    try:
+        onnx.checker.check_model(onnx.shape_inference.infer_shapes(repinned, strict_mode=True))
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise UserError(f"{path}: does not run at input {shape} ({str(exc).strip().splitlines()[0]})") from exc
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".partial")
+    onnx.save(repinned, str(partial))
+    partial.replace(out)
+    return out
+
+
+def _inferred_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {}
+    for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        dims = declared_shape(value)
+        if dims is not None and all(isinstance(d, int) and d > 0 for d in dims):
+            shapes[value.name] = dims
+    return shapes
+
+
+def _repin_target(target: tuple[int, ...], before: tuple[int, ...], after: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The Reshape target at the new input size, if it keeps a common trailing block of dims."""
+    common = 0
+    while common < min(len(target), len(before)) and target[-1 - common] == before[-1 - common]:
+        common += 1
+    if common == 0:
+        return None
+    fixed = target[: len(target) - common] + after[len(after) - common :]
+    if int(np.prod(fixed)) != int(np.prod(after)) or before[: len(before) - common] != after[: len(after) - common]:
+        return None
+    return fixed
