@@ -169,7 +169,7 @@ def _bench_with_probe(
                 peak_rss_bytes=peak_rss,
                 tuned_trials=tvm_build.db_records or None if tvm_build else None,
                 db_hash=tvm_build.db_hash if tvm_build else None,
-                tuning_db=_repo_relative(tvm_build.database) if tvm_build and tvm_build.db_records else None,
+                tuning_db=repo_relative(tvm_build.database) if tvm_build and tvm_build.db_records else None,
                 tuned_tasks=f"{tvm_build.tuned_tasks}/{tvm_build.total_tasks}" if tvm_build else None,
                 **(tuning_cost(tvm_build.database) if tvm_build and tvm_build.db_records else {}),
                 warmup=timing.warmup,
@@ -289,7 +289,7 @@ def save_sample(output: np.ndarray, path: Path) -> Path | None:
     return path
 
 
-def _repo_relative(path) -> str:
+def repo_relative(path) -> str:
     try:
         return str(path.relative_to(REPO_ROOT))
     except ValueError:

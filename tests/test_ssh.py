@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sshd import free_port
 
 from errors import UserError
-from sshd import free_port
 from targets import load_target, rpc
 from targets.board import (
     RuntimeVersions,
@@ -258,8 +258,9 @@ def test_board_up_registers_at_the_tracker_and_board_down_removes_it(sshd, tmp_p
     tunnel); a session through the tracker reaches the board's server; board.down stops it, and
     board.up, holding the tunnel in the foreground, then ends by itself. The task runs in a thread of
     this process (the same code as `invoke board.up`, without a second TVM import)."""
-    import tasks
     from invoke import Context
+
+    import tasks
 
     tracker_port, tracker_process, tracker_log = tracker
     target = board_toml(tmp_path, sshd, tracker_port, python=sys.executable)
