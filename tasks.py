@@ -103,24 +103,27 @@ def _target(target: str, isa: str | None):
         "trials": "total MetaSchedule trials (default: the target's tuning budget)",
         "trials_per_task": "trials per tuning task (default: the target's)",
         "isa": "ISA level of the target to tune for (default: detected)",
+        "focus": "tune only the N tasks where the tuned model spends most time (a rerun's budget goes there)",
         "debug": "show tracebacks",
     }
 )
 @cli
-def tune(c, model=None, onnx=None, target="host", shape=None, trials=None, trials_per_task=None, isa=None, debug=False):
+def tune(c, model=None, onnx=None, target="host", shape=None, trials=None, trials_per_task=None, isa=None, focus=None,
+         debug=False):
     """Tune with MetaSchedule (XGBoost cost model); appends to autotune_logs/<target-level>/<model>/."""
     from compile.pipeline import database_of, tune_for_target
 
     resolved = _target(target, isa)
     budget = _count(trials, "trials", resolved.config.tuning_trials)
     per_task = _count(trials_per_task, "trials-per-task", resolved.config.tuning_trials_per_task)
+    focus = _count(focus, "focus", None)
     if not (model or onnx):
         raise UserError("say what to tune: --model NAME or --onnx FILE")
     for subject in _models_under_test(model, onnx, shape, checkpoint=None, demo_only=False):
         database = database_of(subject, resolved)
         say(f"{subject.name}: {database.record_count()} records so far in {database.path}")
         started = time.time()
-        ran = tune_for_target(subject, resolved, budget, per_task, report=say)
+        ran = tune_for_target(subject, resolved, budget, per_task, report=say, focus=focus)
         say(f"{subject.name}: {ran} trials in {time.time() - started:.0f} s; "
             f"database now has {database.record_count()} records")
 

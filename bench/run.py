@@ -24,7 +24,7 @@ from PIL import Image
 from skimage import data as skimage_data
 
 from bench.energy import measure_energy
-from bench.fingerprint import REPO_ROOT, host_fingerprint
+from bench.fingerprint import host_fingerprint
 from bench.harness import Runtime, time_runtimes
 from bench.memory import peak_rss_bytes
 from bench.record import Record
@@ -35,6 +35,7 @@ from compile.pipeline import ModelUnderTest, compile_for_target
 from compile.tuning import prepare
 from errors import UserError
 from lwgan_models.compression.evaluate import psnr_db
+from lwgan_models.registry import repo_relative
 from targets import BenchRules, ResolvedTarget
 from targets.power import PowerProbe, open_target_probe
 
@@ -288,9 +289,3 @@ def save_sample(output: np.ndarray, path: Path) -> Path | None:
     Image.fromarray(pixels).save(path)
     return path
 
-
-def repo_relative(path) -> str:
-    try:
-        return str(path.relative_to(REPO_ROOT))
-    except ValueError:
-        return str(path)

@@ -180,6 +180,7 @@ def tune_for_target(
     trials: int,
     trials_per_task: int,
     report: Callable[[str], None] = print,
+    focus: int | None = None,
 ) -> int:
     return tune(
         relax_for_target(model, target)(),
@@ -190,6 +191,7 @@ def tune_for_target(
         report,
         population=target.config.tuning_population,
         board=target.config if target.config.connection == "rpc" else None,
+        focus=focus,
     )
 
 

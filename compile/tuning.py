@@ -204,6 +204,22 @@ class _ReportingRunner(ms.runner.PyRunner):
         return self.inner.run(runner_inputs)
 
 
+def heaviest_tasks(extracted: list, db: ms.database.Database, count: int) -> list:
+    """The `count` tasks with the largest share of model time: calls x best measured latency.
+
+    Tasks without a measurement come first: their share is unknown, and they run untuned.
+    """
+    def share(task) -> float:
+        workload = task.dispatched[0]
+        best = db.get_top_k(db.commit_workload(workload), 1) if db.has_workload(workload) else []
+        if not best:
+            return float("inf")
+        seconds = [float(s) for s in best[0].run_secs]
+        return task.weight * sum(seconds) / len(seconds)
+
+    return sorted(extracted, key=share, reverse=True)[:count]
+
+
 def tune(
     mod: tvm.IRModule,
     target: tvm.target.Target,
@@ -215,16 +231,21 @@ def tune(
     seed: int | None = None,
     population: int = 512,
     board: TargetConfig | None = None,
+    focus: int | None = None,
 ) -> int:
-    """Tune every task of `mod`, appending to `database`. Returns how many trials ran.
+    """Tune the tasks of `mod`, appending to `database`. Returns how many trials ran.
 
     A rerun continues: the database's records seed the search and new records are appended.
     `population` is the evolutionary search's population; MetaSchedule's 512 spends minutes per
     batch on cost-model search on a 2-core machine, so small machines use less. With `board` (an
-    RPC target's config), candidates are cross-compiled here and measured on that board.
+    RPC target's config), candidates are cross-compiled here and measured on that board. With
+    `focus`, only that many tasks are tuned: those where the tuned model spends most time
+    (`heaviest_tasks`), so a rerun's budget is not spread evenly over dozens of finished tasks.
     """
     if trials <= 0:
         raise UserError(f"--trials must be positive, got {trials}")
+    if focus is not None and focus <= 0:
+        raise UserError(f"--focus must be positive, got {focus}")
     builder = local_builder()
     if board is not None:
         builder, runner = board_measurement(board)
@@ -240,6 +261,9 @@ def tune(
         if left_out:
             report(f"{database.path}: {left_out} records no longer replay; tuning continues without them "
                    "(the files keep them)")
+        if focus is not None:
+            extracted = heaviest_tasks(extracted, db, focus)
+            report(f"focusing on {len(extracted)} tasks: {', '.join(t.task_name for t in extracted)}")
         # MetaSchedule's per-task logs go to files; the console gets our one-line progress instead.
         logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
         work_dir = LOG_DIR / database.path.parent.name / database.path.name

@@ -114,10 +114,16 @@ def test_tuning_appends_and_changed_database_misses_cache(host, tmp_path):
     database = TuningDatabase(tmp_path / "db")
     tune(torch_to_relax(module, shape), host.tvm_target, database, trials=2, trials_per_task=2, report=lambda _: None)
     earlier = database.record_file.read_bytes()
+    workloads = _line_count(database.workload_file)
     first = _build(module, shape, host, database, tmp_path / "cache")
-    tune(torch_to_relax(module, shape), host.tvm_target, database, trials=2, trials_per_task=2, report=lambda _: None)
+    messages = []  # the rerun focuses on the one task where the model spends most time
+    tune(torch_to_relax(module, shape), host.tvm_target, database, trials=2, trials_per_task=2, report=messages.append,
+         focus=1)
     assert database.record_file.read_bytes().startswith(earlier)  # append-only
-    assert database.record_count() > earlier.count(b"\n") - 1
+    new_records = database.record_file.read_bytes()[len(earlier):].decode().splitlines()
+    assert new_records and len({json.loads(line)[0] for line in new_records}) == 1
+    assert any(m.startswith("focusing on 1 tasks") for m in messages)
+    assert _line_count(database.workload_file) == workloads  # that task's workload was already there
     rebuilt = _build(module, shape, host, database, tmp_path / "cache")
     assert not rebuilt.cache_hit and rebuilt.db_hash != first.db_hash
 
@@ -179,3 +185,14 @@ def test_tuning_into_a_database_with_unreplayable_records_appends(host, tmp_path
     assert database.record_count() > 10 and database.unreplayable_records() == list(range(3, 11))
     compiled = _build(module, shape, host, database, tmp_path / "cache")
     assert compiled.tuned_tasks > 0 and compiled.db_skipped == 8
+
+
+def test_focus_must_be_positive(host, tmp_path):
+    module, shape = _tiny_generator(), (1, 3, 16, 16)
+    with pytest.raises(UserError, match="--focus"):
+        tune(torch_to_relax(module, shape), host.tvm_target, TuningDatabase(tmp_path / "db"), trials=4, trials_per_task=2,
+             report=lambda _: None, focus=0)
+
+
+def _line_count(path: Path) -> int:
+    return len(path.read_text().splitlines())
