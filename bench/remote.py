@@ -13,8 +13,6 @@ import datetime
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-import tvm
 from tvm import relax
 
 from bench.energy import measure_energy
@@ -25,42 +23,26 @@ from bench.run import (
     check_output,
     model_fields,
     reference_output,
-    repo_relative,
     save_sample,
     target_fields,
     test_image,
-    tuning_cost,
+    tvm_build_fields,
 )
+from bench.runtimes import TvmRuntime
 from compile.pipeline import ModelUnderTest, compile_for_target
 from targets import BenchRules, ResolvedTarget, rpc
 from targets.power import open_target_probe
 
 
-class RemoteTvmRuntime:
-    """A Relax VM on the board: same adapter interface as bench.runtimes.TvmRuntime, remote device."""
-
-    name = "tvm"
+class RemoteTvmRuntime(TvmRuntime):
+    """A Relax VM on the board: TvmRuntime with the board's device and thread pool."""
 
     def __init__(self, session, library: Path, threads: int) -> None:
         self.session = session  # keeps the board's session (and what it loaded) open
-        self.device = session.cpu()
-        self.threads = threads
-        # The board's thread pool, set on the board before the VM exists (what TvmRuntime does locally).
-        session.get_function("runtime.config_threadpool")(1, threads)
         session.upload(str(library), library.name)
-        self.vm = relax.VirtualMachine(session.load_module(library.name), self.device)
-
-    def prepare(self, x: np.ndarray) -> None:
-        self.x = tvm.runtime.tensor(x, self.device)
-
-    def run(self, x: np.ndarray) -> np.ndarray:
-        return self.vm["main"](tvm.runtime.tensor(x, self.device)).numpy()
-
-    def measure(self, n: int) -> list[float]:
-        if n <= 0:
-            return []
-        evaluator = self.vm.time_evaluator("main", self.device, number=1, repeat=n)
-        return [float(s) for s in evaluator(self.x).results]
+        device = session.cpu()
+        super().__init__(relax.VirtualMachine(session.load_module(library.name), device), device, threads,
+                         config_threadpool=session.get_function("runtime.config_threadpool"))
 
 
 def bench_remote(
@@ -108,11 +90,7 @@ def bench_remote(
         runtime=adapter.name,
         threads=adapter.threads,
         artifact_bytes=compiled.library.stat().st_size,
-        tuned_trials=compiled.db_records or None,
-        db_hash=compiled.db_hash,
-        tuning_db=repo_relative(compiled.database) if compiled.db_records else None,
-        tuned_tasks=f"{compiled.tuned_tasks}/{compiled.total_tasks}",
-        **(tuning_cost(compiled.database) if compiled.db_records else {}),
+        **tvm_build_fields(compiled),
         warmup=timing.warmup,
         samples=len(timing.samples_s),
         duration_s=timing.duration_s,

@@ -30,6 +30,7 @@ from bench.memory import peak_rss_bytes
 from bench.record import Record
 from bench.roofline import fma_peak_gflops, kernel_flops, kernel_profile
 from bench.runtimes import OnnxRuntime, TorchRuntime, TvmRuntime
+from compile.build import CompiledModel
 from compile.database import TuningDatabase, trials_to_within
 from compile.pipeline import ModelUnderTest, compile_for_target
 from compile.tuning import prepare
@@ -168,11 +169,7 @@ def _bench_with_probe(
                 threads=adapter.threads,
                 artifact_bytes=artifact.stat().st_size if artifact else None,
                 peak_rss_bytes=peak_rss,
-                tuned_trials=tvm_build.db_records or None if tvm_build else None,
-                db_hash=tvm_build.db_hash if tvm_build else None,
-                tuning_db=repo_relative(tvm_build.database) if tvm_build and tvm_build.db_records else None,
-                tuned_tasks=f"{tvm_build.tuned_tasks}/{tvm_build.total_tasks}" if tvm_build else None,
-                **(tuning_cost(tvm_build.database) if tvm_build and tvm_build.db_records else {}),
+                **(tvm_build_fields(tvm_build) if tvm_build else {}),
                 warmup=timing.warmup,
                 samples=len(timing.samples_s),
                 duration_s=timing.duration_s,
@@ -272,6 +269,15 @@ def _peak_memory(model: ModelUnderTest, runtime: str, artifact: Path | None, thr
         pickled = Path(folder) / "module.pt"
         torch.save(model.torch_module, pickled)
         return peak_rss_bytes(runtime, pickled, model.input_shape, threads)
+
+
+def tvm_build_fields(build: CompiledModel) -> dict:
+    """What a TVM record says of its build: the database applied, how much of the model it tuned, its cost."""
+    fields = {"db_hash": build.db_hash, "tuned_tasks": f"{build.tuned_tasks}/{build.total_tasks}"}
+    if build.db_records:
+        fields.update(tuned_trials=build.db_records, tuning_db=repo_relative(build.database),
+                      **tuning_cost(build.database))
+    return fields
 
 
 def tuning_cost(database: Path) -> dict:

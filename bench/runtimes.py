@@ -73,11 +73,13 @@ class TvmRuntime:
 
     name = "tvm"
 
-    def __init__(self, vm: tvm.relax.VirtualMachine, device: tvm.runtime.Device, threads: int) -> None:
+    def __init__(self, vm: tvm.relax.VirtualMachine, device: tvm.runtime.Device, threads: int,
+                 config_threadpool=None) -> None:
+        """`config_threadpool`: the runtime's own function (a board's, over RPC); default this process's."""
+        (config_threadpool or tvm.get_global_func("runtime.config_threadpool"))(1, threads)  # before the first run
         self.vm = vm
         self.device = device
         self.threads = threads
-        tvm.get_global_func("runtime.config_threadpool")(1, threads)
 
     def prepare(self, x: np.ndarray) -> None:
         self.x = tvm.runtime.tensor(x, self.device)
