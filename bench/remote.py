@@ -21,6 +21,7 @@ from bench.harness import time_runtimes
 from bench.record import Record
 from bench.run import (
     check_output,
+    measurement_fields,
     model_fields,
     reference_output,
     save_sample,
@@ -81,7 +82,6 @@ def bench_remote(
         power = measure_energy(adapter, probe, rules)
     if power.get("power_error"):
         report(f"  {model.name}: power not measured: {power['power_error']}")
-    reasons = ([timing.invalid_reason] if timing.invalid_reason else []) + check.violations
     env = {**board, "connection": f"rpc {host}:{port} key {key}", "git_sha": host_fingerprint()["git_sha"]}
     record = Record(
         run_id=run_id,
@@ -91,18 +91,12 @@ def bench_remote(
         threads=adapter.threads,
         artifact_bytes=compiled.library.stat().st_size,
         **tvm_build_fields(compiled),
-        warmup=timing.warmup,
-        samples=len(timing.samples_s),
-        duration_s=timing.duration_s,
-        valid=not reasons,
-        invalid_reason="; ".join(reasons),
-        **check.fields(),
+        **measurement_fields(timing, check),
         sample_png=sample and sample.relative_to(samples_dir.parent).as_posix(),
         env=env,
         timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **power,
-        **timing.stats_ms(),
     )
     report(f"  {model.name:28s} tvm@{key:10s} p50 {record.latency_p50_ms:9.3f} ms  cov {record.latency_cov:5.3f}  "
-           f"err {check.max_abs_err:.1e}  {check.psnr_db:.1f} dB" + ("" if not reasons else "  INVALID: " + record.invalid_reason))
+           f"err {check.max_abs_err:.1e}  {check.psnr_db:.1f} dB" + ("" if record.valid else "  INVALID: " + record.invalid_reason))
     return [record]

@@ -25,7 +25,7 @@ from skimage import data as skimage_data
 
 from bench.energy import measure_energy
 from bench.fingerprint import host_fingerprint
-from bench.harness import Runtime, time_runtimes
+from bench.harness import Runtime, Timing, time_runtimes
 from bench.memory import peak_rss_bytes
 from bench.record import Record
 from bench.roofline import fma_peak_gflops, kernel_flops, kernel_profile
@@ -150,9 +150,6 @@ def _bench_with_probe(
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     records = []
     for adapter, timing in zip(adapters, timings):
-        check = checks[adapter.name]
-        reasons = [timing.invalid_reason] if timing.invalid_reason else []
-        reasons += check.violations
         tvm_build = compiled if adapter.name == "tvm" else None
         power = measure_energy(adapter, probe, rules)
         artifact = artifacts[adapter.name]
@@ -170,25 +167,20 @@ def _bench_with_probe(
                 artifact_bytes=artifact.stat().st_size if artifact else None,
                 peak_rss_bytes=peak_rss,
                 **(tvm_build_fields(tvm_build) if tvm_build else {}),
-                warmup=timing.warmup,
-                samples=len(timing.samples_s),
-                duration_s=timing.duration_s,
-                valid=not reasons,
-                invalid_reason="; ".join(reasons),
-                **check.fields(),
+                **measurement_fields(timing, checks[adapter.name]),
                 sample_png=sample and sample.relative_to(samples_dir.parent).as_posix(),
                 env=env,
                 timestamp=stamp,
                 **power,
                 **kernels,
-                **timing.stats_ms(),
             )
         )
         report(
             f"  {model.name:28s} {adapter.name:12s} p50 {records[-1].latency_p50_ms:9.3f} ms  "
-            f"cov {records[-1].latency_cov:5.3f}  err {check.max_abs_err:.1e}  {check.psnr_db:.1f} dB  "
+            f"cov {records[-1].latency_cov:5.3f}  err {checks[adapter.name].max_abs_err:.1e}  "
+            f"{checks[adapter.name].psnr_db:.1f} dB  "
             f"peak RSS {peak_rss / 1e6:.0f} MB"
-            + ("" if not reasons else "  INVALID: " + records[-1].invalid_reason)
+            + ("" if records[-1].valid else "  INVALID: " + records[-1].invalid_reason)
         )
     return records
 
@@ -269,6 +261,13 @@ def _peak_memory(model: ModelUnderTest, runtime: str, artifact: Path | None, thr
         pickled = Path(folder) / "module.pt"
         torch.save(model.torch_module, pickled)
         return peak_rss_bytes(runtime, pickled, model.input_shape, threads)
+
+
+def measurement_fields(timing: Timing, check: OutputCheck) -> dict:
+    """A record's timing statistics and output check; invalid when either rule was broken."""
+    reasons = ([timing.invalid_reason] if timing.invalid_reason else []) + check.violations
+    return {"warmup": timing.warmup, "samples": len(timing.samples_s), "duration_s": timing.duration_s,
+            "valid": not reasons, "invalid_reason": "; ".join(reasons), **check.fields(), **timing.stats_ms()}
 
 
 def tvm_build_fields(build: CompiledModel) -> dict:
