@@ -43,9 +43,10 @@ def cli(func):
 def _models_under_test(model: str | None, onnx: str | None, shape: str | None, checkpoint: str | None,
                        demo_only: bool):
     """Registry models and variants by name (default: the demo set and its compressed variants) or one
-    ONNX file, all checked before any work."""
+    ONNX file, all checked before any work. int8 QDQ variants are re-pinned to any --shape."""
     import lwgan_models
-    from compile.pipeline import from_onnx_file, from_registry, from_variant
+    from compile.c_export import variant_at_shape
+    from compile.pipeline import from_onnx_file, from_registry
     from lwgan_models.registry import VARIANT_SEPARATOR, find_variant, variants
 
     input_shape = _shape(shape) if shape else None
@@ -62,7 +63,7 @@ def _models_under_test(model: str | None, onnx: str | None, shape: str | None, c
     if checkpoint and (len(names) != 1 or VARIANT_SEPARATOR in names[0]):
         raise UserError(f"--checkpoint {checkpoint} needs exactly one base --model, got {', '.join(names)}")
     return [
-        from_variant(found, input_shape) if VARIANT_SEPARATOR in name
+        variant_at_shape(found, input_shape) if VARIANT_SEPARATOR in name
         else from_registry(lwgan_models.load(name, checkpoint), input_shape)
         for name, found in chosen.items()
     ]
@@ -114,6 +115,8 @@ def tune(c, model=None, onnx=None, target="host", shape=None, trials=None, trial
     from compile.pipeline import database_of, tune_for_target
 
     resolved = _target(target, isa)
+    if resolved.config.tuning_trials == 0:
+        raise UserError(f"target {target!r} is not tuned (its [tuning] budget is 0): {resolved.config.label}")
     budget = _count(trials, "trials", resolved.config.tuning_trials)
     per_task = _count(trials_per_task, "trials-per-task", resolved.config.tuning_trials_per_task)
     focus = _count(focus, "focus", None)
@@ -131,14 +134,14 @@ def tune(c, model=None, onnx=None, target="host", shape=None, trials=None, trial
 @task(
     help={
         "target": "device config name under targets/ (e.g. host)",
-        "model": "registry model name(s), comma separated (default: the demo set)",
+        "model": "registry model name(s), comma separated (default: the target's bench models, else the demo set)",
         "onnx": "an ONNX generator file (one image input) to benchmark instead (TVM vs ONNX Runtime)",
         "runtimes": "comma-separated runtimes: tvm,torch,onnxruntime",
         "samples": "timed samples per runtime (default: the target's rule)",
         "threads": "threads for every runtime (default: the target's)",
         "isa": "ISA level (default: detected)",
         "all_models": "every registered model, not just the demo set",
-        "shape": "input shape NxCxHxW instead of each model's default, e.g. 1x3x256x256",
+        "shape": "input shape NxCxHxW instead of each model's default (or the target's), e.g. 1x3x256x256",
         "results": "folder for the records (default: reports/results)",
         "checkpoint": "weights to load instead of the registry's (one model only), e.g. an official latest_net_G_A.pth",
         "roofline": "also profile TVM's kernels: GFLOP/s per kernel against this machine's measured FMA peak",
@@ -155,10 +158,14 @@ def bench(c, target="host", model=None, onnx=None, runtimes="tvm,torch,onnxrunti
     from bench.run import bench_model, new_run_id
 
     resolved = _target(target, isa)
-    rules = resolved.config.bench
+    config = resolved.config
     rules = dataclasses.replace(
-        rules, samples=_count(samples, "samples", rules.samples), threads=_count(threads, "threads", rules.threads)
+        config.bench, samples=_count(samples, "samples", config.bench.samples),
+        threads=_count(threads, "threads", config.bench.threads),
     )
+    if not (onnx or all_models):  # the device's own default set, where its config names one
+        model = model or ",".join(config.default_models) or None
+        shape = shape or (config.default_input_shape and "x".join(map(str, config.default_input_shape)))
     subjects = _models_under_test(model, onnx, shape, checkpoint, demo_only=not all_models)
     run_id = new_run_id()
     out = (Path(results) if results else RESULTS_DIR) / f"{run_id}.jsonl"
@@ -171,7 +178,7 @@ def bench(c, target="host", model=None, onnx=None, runtimes="tvm,torch,onnxrunti
             from bench.remote import bench_remote
 
             records = bench_remote(subject, resolved, run_id, rules, say, samples_dir=samples_dir)
-        elif resolved.config.connection == "qemu-system":  # generated C firmware under qemu
+        elif config.connection == "qemu-system":  # generated C firmware under qemu
             from bench.firmware import bench_firmware
 
             records = bench_firmware(subject, resolved, run_id, say, samples_dir=samples_dir)
@@ -502,7 +509,7 @@ board.add_task(board_down)
     help={
         "model": "registry model or variant, e.g. cyclegan-resnet6-ngf16+kd or cyclegan-resnet6-ngf16+prune+kd+ptq",
         "target": "microcontroller target under targets/ (default cortex-m4)",
-        "shape": "input shape NxCxHxW (default: the model's), e.g. 1x3x64x64",
+        "shape": "input shape NxCxHxW (default: the target's bench input_shape, else the model's)",
         "out": "folder for the C project (default build/firmware/<target>-<model>)",
         "debug": "show tracebacks",
     }
@@ -520,8 +527,9 @@ def build(c, model, target="cortex-m4", shape=None, out=None, debug=False):
     from lwgan_models.registry import VARIANT_SEPARATOR, find_variant
     from targets.mcu import export_and_build, mcu_part
 
-    part = mcu_part(targets.load_target(target))
-    input_shape = _shape(shape) if shape else None
+    config = targets.load_target(target)
+    part = mcu_part(config)
+    input_shape = _shape(shape) if shape else config.default_input_shape
     subject = (variant_at_shape(find_variant(model), input_shape) if VARIANT_SEPARATOR in model
                else from_registry(lwgan_models.load(model), input_shape))
     directory = Path(out) if out else REPO_ROOT / "build" / "firmware" / f"{part.target}-{subject.name}"

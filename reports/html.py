@@ -105,6 +105,7 @@ def render_report(records: pd.DataFrame, out_path: Path, source: str | Path = "r
             tuning_chart=_tuning_chart(group, device["label"]),
             roofline=_roofline_tables(group),
             firmware=bool(group["flash_bytes"].notna().any()),
+            toolchains=sorted({t for t in group["toolchain"] if not is_missing(t)}),
         )
         write_page(pages_dir / f"{_slug(target, isa_level)}.html", page)
     page = load_template("index.html.j2").render(
@@ -113,6 +114,7 @@ def render_report(records: pd.DataFrame, out_path: Path, source: str | Path = "r
         runs=_runs(records),
         devices=devices,
         device_chart=_device_chart(records),
+        firmware=_firmware_tables(records),
         environments=_environments(records),
         warnings=[w for r in records.to_dict("records") for w in _warnings(r)],
     )
@@ -242,6 +244,42 @@ def _device_chart(records: pd.DataFrame) -> str | None:
     return grouped_bars(groups, series, colours, "fastest runtime p50 (ms), bar to p90")
 
 
+def _firmware_tables(records: pd.DataFrame) -> dict | None:
+    """Microcontroller firmware side by side: per model, each core's latest valid flash, RAM, arena
+    and instructions; and each int8 model against the fp32 network it quantizes (same base model,
+    MACs and input) on the same core, as int8 ÷ fp32."""
+    firmware = records[records["valid"] & records["instructions"].notna()]
+    if firmware.empty:
+        return None
+    latest: dict[tuple[str, str], dict] = {}
+    for r in firmware.sort_values("timestamp", kind="stable").to_dict("records"):
+        latest[(r["target"], r["model"])] = r
+    cores = {target: r["device"] for (target, _), r in sorted(latest.items())}
+    models = sorted({r["model"]: r for r in latest.values()}.values(),
+                    key=lambda r: (str(r["base_model"]), r["precision"] != "fp32", r["macs"], r["model"]))
+
+    def cell(r: dict | None) -> dict:
+        if r is None:
+            return {"flash": "—", "ram": "—", "arena": "—", "instructions": "—"}
+        return {"flash": _kilobytes(r["flash_bytes"]), "ram": _kilobytes(r["ram_bytes"]),
+                "arena": _kilobytes(r["arena_bytes"]), "instructions": f"{r['instructions'] / 1e6:.2f}"}
+
+    rows = [{"model": m["model"], "precision": m["precision"], "input": "x".join(map(str, m["input_shape"][-2:])),
+             "cores": [cell(latest.get((target, m["model"]))) for target in cores]} for m in models]
+    gains = []
+    for target in cores:
+        for r in latest.values():
+            if r["target"] != target or r["precision"] != "int8":
+                continue
+            for f in latest.values():
+                if (f["target"] == target and f["precision"] == "fp32" and f["base_model"] == r["base_model"]
+                        and f["macs"] == r["macs"] and list(f["input_shape"]) == list(r["input_shape"])):
+                    gains.append({"core": cores[target], "int8": r["model"], "fp32": f["model"], **{
+                        key: f"{r[key] / f[key]:.2f}×" for key in ("flash_bytes", "ram_bytes", "arena_bytes",
+                                                                   "instructions")}})
+    return {"cores": list(cores.values()), "rows": rows, "gains": gains}
+
+
 def _pareto_charts(records: pd.DataFrame) -> list[dict]:
     """Per base model on one device: latency-PSNR and size-PSNR fronts over its variants.
 
@@ -322,6 +360,7 @@ def _tuning_chart(records: pd.DataFrame, device: str) -> str | None:
 def _row(record: dict, latest: dict) -> dict:
     """One table row, every value already formatted; the template only lays them out."""
     err = record["max_abs_err"]
+    untimed = not is_missing(record.get("instructions"))  # firmware under qemu: instructions, no latency
     return {
         "model": record["model"],
         "variant": record["variant"],
@@ -335,11 +374,11 @@ def _row(record: dict, latest: dict) -> dict:
         "runtime": record["runtime"],
         "threads": record["threads"],
         "tuned": _tuned(record),
-        "p50": format_ms(record["latency_p50_ms"]),
-        "p90": format_ms(record["latency_p90_ms"]),
-        "p99": format_ms(record["latency_p99_ms"]),
-        "mean": format_ms(record["latency_mean_ms"]),
-        "cov": f"{record['latency_cov']:.3f}",
+        "p50": "—" if untimed else format_ms(record["latency_p50_ms"]),
+        "p90": "—" if untimed else format_ms(record["latency_p90_ms"]),
+        "p99": "—" if untimed else format_ms(record["latency_p99_ms"]),
+        "mean": "—" if untimed else format_ms(record["latency_mean_ms"]),
+        "cov": "—" if untimed else f"{record['latency_cov']:.3f}",
         "noisy": record["latency_cov"] > NOISY_COV,
         "err": "—" if is_missing(err) else f"{err:.1e}" + _psnr_suffix(record),
         "tol": _tolerance(record),

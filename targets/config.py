@@ -79,6 +79,10 @@ SCHEMA = {
         "warmup": (int, True),
         "samples": (int, True),
         "min_duration_s": (float, True),
+        # What `invoke bench` runs on this device when no --model/--shape is given (default: the demo set
+        # at each model's own size); a microcontroller names generators small enough for its memory.
+        "models": (list, False),
+        "input_shape": (list, False),
     },
     "power": {"source": (str, True), "options": (dict, False)},  # options: keyword arguments of the probe
 }
@@ -126,6 +130,8 @@ class TargetConfig:
     ssh: dict = field(default_factory=dict)
     cross: dict = field(default_factory=dict)
     mcu: dict = field(default_factory=dict)
+    default_models: tuple[str, ...] = ()
+    default_input_shape: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -196,6 +202,8 @@ def load_target(name_or_path: str | Path) -> TargetConfig:
         ssh=dict(data.get("ssh", {})),
         cross=dict(data.get("cross", {})),
         mcu=dict(data.get("mcu", {})),
+        default_models=tuple(bench.get("models", ())),
+        default_input_shape=tuple(bench["input_shape"]) if "input_shape" in bench else None,
         isa_levels=tuple(
             IsaLevel(
                 name=lv["name"],
@@ -304,6 +312,8 @@ def _tvm_target(config: TargetConfig, attrs: dict) -> tvm.target.Target:
     `num-cores` counts that CPU's cores, so for opencl it goes to the host target (unless host sets it).
     """
     host = attrs.pop("host", None)
+    if attrs["kind"] == "c":  # generated C for a microcontroller: single-threaded, TVM's C target has no num-cores
+        attrs.pop("num-cores")
     if attrs["kind"] == "opencl":
         if host is None:
             raise UserError(
