@@ -508,37 +508,65 @@ board.add_task(board_down)
 @task(
     help={
         "model": "registry model or variant, e.g. cyclegan-resnet6-ngf16+kd or cyclegan-resnet6-ngf16+prune+kd+ptq",
-        "target": "microcontroller target under targets/ (default cortex-m4)",
+        "target": "a microcontroller (C project + firmware, default cortex-m4) or an OpenCL board (e.g. rock5b)",
         "shape": "input shape NxCxHxW (default: the target's bench input_shape, else the model's)",
-        "out": "folder for the C project (default build/firmware/<target>-<model>)",
+        "out": "output folder (default build/firmware/<target>-<model> or build/opencl/<target>)",
         "debug": "show tracebacks",
     }
 )
 @cli
 def build(c, model, target="cortex-m4", shape=None, out=None, debug=False):
-    """Export a model as a standalone C project for a microcontroller (no TVM runtime) and build its firmware."""
-    import numpy as np
-
+    """Build a model for a device whose code is not benchmarked here: a standalone C project and firmware for a
+    microcontroller, or a GPU board's library whose OpenCL kernels are compiled and run with pocl."""
     import lwgan_models
-    import targets
-    from bench.run import test_image
     from compile.c_export import variant_at_shape
     from compile.pipeline import from_registry
     from lwgan_models.registry import VARIANT_SEPARATOR, find_variant
-    from targets.mcu import export_and_build, mcu_part
 
-    config = targets.load_target(target)
-    part = mcu_part(config)
+    resolved = _target(target, None)
+    config = resolved.config
     input_shape = _shape(shape) if shape else config.default_input_shape
     subject = (variant_at_shape(find_variant(model), input_shape) if VARIANT_SEPARATOR in model
                else from_registry(lwgan_models.load(model), input_shape))
-    directory = Path(out) if out else REPO_ROOT / "build" / "firmware" / f"{part.target}-{subject.name}"
+    if config.tvm["kind"] == "opencl":
+        _build_opencl(subject, resolved, Path(out) if out else REPO_ROOT / "build" / "opencl" / config.name)
+    else:
+        _build_firmware(subject, config, Path(out) if out else None)
+
+
+def _build_firmware(subject, config, out: Path | None) -> None:
+    import numpy as np
+
+    from bench.run import test_image
+    from targets.mcu import export_and_build, mcu_part
+
+    part = mcu_part(config)
+    directory = out or REPO_ROOT / "build" / "firmware" / f"{part.target}-{subject.name}"
     export, firmware = export_and_build(subject, part, directory, report=say)
     test_image(subject.input_shape).astype(np.dtype(export.input.dtype)).tofile(directory / "input.bin")
     say(f"{directory}: model.h declares model_run(input, output); drop model.c, model.h, kernels.c, tvm_shim.c "
         f"and include/ into a firmware. Weights {export.weights_bytes} B (flash), activation arena "
         f"{export.arena_bytes} B; this build: flash {firmware.flash_bytes} B, RAM {firmware.ram_bytes} B. "
         f"`make -C {directory} run` runs it under qemu on input.bin (the test image).")
+
+
+def _build_opencl(subject, resolved, directory: Path) -> None:
+    """The board's library and OpenCL C; every kernel compiled by pocl, then run in TVM's launch order and the
+    output checked against the reference, since there is no GPU here."""
+    from bench.run import check_output, reference_output, test_image
+    from compile.opencl import build_kernels, build_opencl, run_on_pocl
+
+    say(f"{subject.name}: compiling for {resolved.config.label}")
+    artifact = build_opencl(subject, resolved, directory)
+    kernels = build_kernels(artifact.source_file)
+    say(f"{artifact.library} ({artifact.library.stat().st_size} B) and {artifact.source_file}: "
+        f"{len(kernels)} kernels, all built by pocl's OpenCL C compiler ({artifact.compile_s:.0f} s to compile)")
+    x = test_image(subject.input_shape)
+    check = check_output(subject, "opencl-pocl", run_on_pocl(artifact, x, kernels), reference_output(subject, x))
+    say(f"run on pocl (CPU) in TVM's launch order: max abs error {check.max_abs_err:.1e}, {check.psnr_db:.1f} dB "
+        "against the reference" + ("" if not check.violations else "; " + "; ".join(check.violations)))
+    if check.violations:
+        raise Exit(f"error: {subject.name}: OpenCL output differs from the reference beyond tolerance", code=2)
 
 
 namespace = Collection(train, compress, tune, bench, report, demo, build)

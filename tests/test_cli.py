@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench.record import load_records
 
 REPO = Path(__file__).resolve().parent.parent
@@ -206,3 +208,12 @@ def test_bench_a_shipped_int8_variant_carries_its_card(tmp_path):
     assert row["weights"] == f"lwgan_models/checkpoints/{variant}.onnx@sha256:{card['sha256']}"
     assert row["psnr_db"] == card["quality"]["psnr_db"] and row["seed_metric"] == card["seed_metric"]["value"]
     assert row["onnx_bytes"] == card["onnx_bytes"] and row["output_psnr_db"] >= row["min_output_psnr_db"]
+
+
+@pytest.mark.slow
+def test_build_for_a_mali_board_checks_its_kernels_on_pocl(tmp_path):
+    built = invoke("build", "--model", "cyclegan-resnet6-ngf16+kd", "--target", "rock5b", "--shape", "1x3x32x32",
+                   "--out", str(tmp_path))
+    assert built.returncode == 0, built.stdout + built.stderr
+    assert "all built by pocl" in built.stdout and "dB against the reference" in built.stdout
+    assert {p.suffix for p in tmp_path.iterdir()} == {".so", ".cl"}
