@@ -30,10 +30,10 @@ Kernels (`plan_kernel` picks one per conv and target):
   weights are pre-packed at compile time as OIHW[lanes o][4 i] constants (`lanes` = the
   intrinsic's int32 vector width), accumulators are NCHW[lanes c] in registers per tile of 8
   output pixels, and the epilogue writes NCHW again.
-- "pixels": for fewer output channels than lanes (an RGB output layer), the lanes are 8 output
-  pixels of one channel and the weights are broadcast, so no lane is wasted.
-- "winograd": 3x3 stride-1 convs on AVX2 run as exact integer Winograd F(2x2, 3x3)
-  (compile/int8_winograd.py), since there an integer multiply costs as much as a float one.
+- "pixels": for fewer output channels than lanes (an RGB output layer), the lanes are output
+  pixels of one channel (8 on AVX2, 16 on VNNI) and the weights are broadcast, so no lane is wasted.
+- "winograd": 3x3 stride-1 convs with >= 64 channels on AVX2 run as exact integer Winograd
+  F(2x2, 3x3) (compile/int8_winograd.py), since there an integer multiply costs as much as a float one.
 Without a usable intrinsic (another ISA, or 8-bit weights whose int16 pair sums could saturate
 `vpmaddubsw`) the "channels" kernel runs as portable integer code that LLVM vectorizes.
 """
@@ -46,22 +46,30 @@ import numpy as np
 import tvm
 from tvm import relax, te, tirx
 from tvm.ir import GenericConst
-from tvm.s_tir import Schedule
+from tvm.s_tir import Schedule, dlight
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.schedule import ScheduleError
 
 from compile import int8_winograd as winograd
 from compile.int8_intrinsics import (
     AVX2_DOT_8X2_I16,
     AVX2_DOT_8X4,
-    AVX2_PIXELS_8X4,
     INTRINSICS,
+    PIXELS_INTRINSIC,
     REDUCTION,
     intrinsic_for,
     pairs_fit_int16,
     register_int8_intrinsics,
 )
+from compile.tuning import prepare
 
 PORTABLE_LANES = 8  # int32 lanes of the untensorized kernel (LLVM vectorizes it for any CPU)
 OUTPUT_TILE = 8  # output pixels per micro-kernel: 8 accumulators + weights fit 16 AVX2 registers
+# Float glue: 8 float32 lanes (one AVX2 register). 16 lanes, what LLVM reports even for
+# x86-64-v3, ran the padding kernels 2-5x slower; rows shorter than SHORT_ROW vectors are
+# vectorized with a predicated tail (see _schedule_injective).
+INJECTIVE_LANES = 8
+SHORT_ROW = 8
 
 
 @dataclass(frozen=True)
@@ -142,8 +150,8 @@ def plan_kernel(conv: IntegerConv, input_shape: tuple[int, ...], target: tvm.tar
         return KernelPlan(AVX2_DOT_8X2_I16, winograd.LANES, "winograd")
     if saturates and not pairs_fit_int16(pack_weight(conv.weight, lanes)):
         return KernelPlan(None, PORTABLE_LANES)
-    if intrinsic == AVX2_DOT_8X4 and conv.weight.shape[0] < lanes and conv.strides == (1, 1):
-        return KernelPlan(AVX2_PIXELS_8X4, lanes, "pixels")
+    if conv.weight.shape[0] < lanes and conv.strides == (1, 1):
+        return KernelPlan(PIXELS_INTRINSIC[intrinsic], lanes, "pixels")
     return KernelPlan(intrinsic, lanes)
 
 
@@ -208,8 +216,8 @@ def _direct_kernel(conv: IntegerConv, input_shape: tuple[int, ...], plan: Kernel
     pixels = plan.layout == "pixels"
     lanes = plan.lanes
     oc_blocks, c_blocks = -(-out_channels // lanes), -(-channels // REDUCTION)
-    # Output pixels per micro-kernel: 8 (channel lanes) or as many 8-pixel vectors as keep
-    # about 12 accumulators in the 16 AVX2 registers (pixel lanes).
+    # Output pixels per micro-kernel: 8 (channel lanes) or as many pixel vectors as keep about
+    # 12 accumulators in the 16 AVX2 registers (pixel lanes).
     tile = min(OUTPUT_TILE, out_w) if not pixels else lanes * max(1, min(4, 12 // out_channels))
     padded_w = -(-out_w // tile) * tile  # whole tiles: the extra columns are computed and dropped
     stride_h, stride_w = conv.strides
@@ -656,6 +664,122 @@ def fold_instance_norms(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
     return folder.builder_.get(), folder.folded
 
 
+def _schedule_injective(func: tirx.PrimFunc, vector_lanes: int = INJECTIVE_LANES) -> tirx.PrimFunc | None:
+    """Elementwise/layout kernels (quantize, padding, pixel shuffle, tanh): intermediate blocks
+    inlined, the outer loops split over the cores, the innermost vectorized in whole vectors, or
+    with one predicated tail when the row is short. A long row with a tail stays scalar: padding
+    and resizing read through non-affine indices, and measured on 130-136 wide rows the
+    predicated vector loop ran 1.3-3x slower than scalar code. None if it does not apply."""
+    sch = Schedule(func)
+    infos = normalize_prim_func(sch)
+    if not infos or not all(info.is_injective() for info in infos):
+        return None
+    for info in reversed(infos[:-1]):
+        try:
+            sch.compute_inline(info.block_rv)
+        except ScheduleError:  # e.g. read by more than one block: keep it as its own loop nest
+            pass
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        loops = sch.get_loops(block)
+        if len(loops) > 1:
+            sch.parallel(sch.fuse(*loops[:-1]))
+            inner = loops[-1]
+            extent = int(sch.get(inner).extent)
+            if extent >= 2 * vector_lanes and (extent % vector_lanes == 0 or extent < SHORT_ROW * vector_lanes):
+                sch.vectorize(sch.split(inner, [None, vector_lanes])[1])
+        else:
+            sch.parallel(loops[0])
+    return sch.mod["main"]
+
+
+def _is_reduction(sch: Schedule, block) -> bool:
+    return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
+
+
+def _extent(sch: Schedule, loop) -> int | None:
+    extent = sch.get(loop).extent
+    return int(extent) if isinstance(extent, tirx.IntImm) else None
+
+
+def _schedule_channel_reduction(func: tirx.PrimFunc, vector_lanes: int) -> tirx.PrimFunc | None:
+    """Instance norm with what FuseOps joined to it (dequantize before; affine, ReLU, residual add,
+    quantize after): per (image, channel), in parallel, the spatial sums in `vector_lanes`
+    partial sums (rfactor, vectorized), then one vectorized pass writing the output, the
+    elementwise ops inlined into it. dlight's CPU rule summed serially and materialised every
+    elementwise intermediate, 6x slower on a 64x32x32 norm. None if the kernel is not of this form.
+    """
+    sch = Schedule(func)
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    reductions = [b for b in blocks if _is_reduction(sch, b)]
+    spatial = [b for b in blocks if not _is_reduction(sch, b)]
+    if not reductions or not spatial or sch.get(spatial[-1]).name_hint != sch.get(blocks[-1]).name_hint:
+        return None
+    kept = sum(iv.iter_type == tirx.IterVar.DataPar for iv in sch.get(reductions[0]).iter_vars)
+    try:
+        for block in spatial[:-1]:
+            sch.compute_inline(block)
+        last = spatial[-1]
+        loops = sch.get_loops(last)
+        if len(loops) <= kept:
+            return None
+        outer = sch.fuse(*loops[:kept]) if kept > 1 else loops[0]
+        sch.parallel(outer)  # first: once the reductions are decomposed under it, it no longer can be
+        inner = sch.fuse(*loops[kept:]) if len(loops) > kept + 1 else loops[kept]
+        if (_extent(sch, inner) or 1) % vector_lanes:
+            return None
+        sch.vectorize(sch.split(inner, [None, vector_lanes])[1])
+        for block in reductions:
+            block_loops = sch.get_loops(block)
+            reduce_loops = block_loops[kept:]
+            if not reduce_loops or len(sch.get(block).iter_vars) != len(block_loops):
+                return None
+            reduced = sch.fuse(*reduce_loops) if len(reduce_loops) > 1 else reduce_loops[0]
+            if (_extent(sch, reduced) or 1) % vector_lanes:
+                return None
+            partial = sch.rfactor(sch.split(reduced, [None, vector_lanes])[1], kept)
+            sch.compute_at(block, outer)
+            sch.compute_at(partial, outer)
+            lanes, steps = sch.get_loops(partial)[-2:]
+            sch.reorder(steps, lanes)
+            sch.vectorize(lanes)
+            sch.decompose_reduction(partial, steps)
+    except ScheduleError:  # another shape of kernel: the generic rules take it
+        return None
+    return sch.mod["main"]
+
+
+def schedule_float_ops(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Legalize and fuse `mod`, then give every float kernel a CPU schedule.
+
+    After the lowering a QDQ model's convolutions are hand-scheduled integer kernels; what is
+    left is memory-bound float glue (instance norm, ReLU, padding, quantize, tanh) whose default
+    TVM loops are serial and scalar. Scheduled here (instance norms by
+    `_schedule_channel_reduction`, other reductions by dlight's CPU rule, parallel and vectorized
+    loops for the rest), the model needs no MetaSchedule run, which on a 2-core machine costs
+    hours for these 40-odd small tasks. tanh becomes TVM's fast rational approximation (about
+    1e-7 from libm's, far below one quantization step) rather than a scalar libm call per element.
+    """
+    prepared = prepare(relax.transform.FastMathTransform()(mod), target)
+    lanes = max(tvm.target.codegen.llvm_get_vector_width(target) // 32, 4)
+    for gvar, func in prepared.functions_items():
+        if isinstance(func, tirx.PrimFunc) and not _is_scheduled(func):
+            scheduled = _schedule_channel_reduction(func, lanes)
+            if scheduled is not None:
+                prepared[gvar] = scheduled.with_attr("tirx.is_scheduled", True)
+    with target:
+        prepared = dlight.ApplyDefaultSchedule(dlight.cpu.Reduction())(prepared)
+    for gvar, func in prepared.functions_items():
+        if isinstance(func, tirx.PrimFunc) and not _is_scheduled(func):
+            scheduled = _schedule_injective(func)
+            if scheduled is not None:
+                prepared[gvar] = scheduled.with_attr("tirx.is_scheduled", True)
+    return prepared
+
+
+def _is_scheduled(func: tirx.PrimFunc) -> bool:
+    return bool(func.attrs and func.attrs.get("tirx.is_scheduled", False))
+
+
 @dataclass(frozen=True)
 class LoweringSummary:
     """What the pass did: integer convs emitted, how many of them tensorized, and with what."""
@@ -668,8 +792,12 @@ class LoweringSummary:
 
 
 def lower_quantized_convs(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModule, LoweringSummary]:
-    """Replace every QDQ convolution of `mod`'s Relax functions by an integer kernel for `target`."""
-    mod, instance_norms = fold_instance_norms(mod)
+    """Replace every QDQ convolution of `mod`'s Relax functions by an integer kernel for `target`.
+
+    Identical quantizes are merged first: exporters quantize a tensor once per reading conv (the
+    four sub-pixel phases of a transposed conv), and as one op it fuses into the norm before it.
+    """
+    mod, instance_norms = fold_instance_norms(relax.transform.EliminateCommonSubexpr()(mod))
     rewriter = _IntegerConvRewriter(mod, target)
     for gvar, func in mod.functions_items():
         if isinstance(func, relax.Function):
@@ -685,4 +813,5 @@ def lower_quantized_convs(mod: tvm.IRModule, target: tvm.target.Target) -> tuple
         winograd=sum(k.layout == "winograd" for k in kernels),
         instance_norms=instance_norms,
     )
-    return relax.transform.DeadCodeElimination()(rewriter.builder_.get()), summary
+    lowered = relax.transform.DeadCodeElimination()(rewriter.builder_.get())
+    return schedule_float_ops(lowered, target), summary

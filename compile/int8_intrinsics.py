@@ -11,8 +11,8 @@ reduction k: one broadcast 32-bit group of 4 activations against a [lanes x 4] w
   Ice Lake): u8 x s8 products are added in pairs into int16 *with saturation*, then the int16
   pairs are widened and added into int32. Exact only while every pair sum stays within int16,
   which `pairs_fit_int16` checks for a concrete weight tensor (7-bit weights always fit).
-- AVX2 with pixels as lanes (same instructions, the weights broadcast instead of the activations)
-  for convolutions with fewer output channels than lanes (an RGB output layer).
+- AVX2 and VNNI with pixels as lanes (same instructions, the weights broadcast instead of the
+  activations) for convolutions with fewer output channels than lanes (an RGB output layer).
 - AVX2 int16 (`vpmaddwd`, 8 lanes x 2): C[i] += sum_k A[k] * B[i, k] on int16, for the exact
   integer Winograd convolution (compile/int8_winograd.py); int16 pair sums cannot overflow int32.
 """
@@ -22,13 +22,14 @@ from __future__ import annotations
 import numpy as np
 import tvm
 from tvm.s_tir import TensorIntrin
-from tvm.target.codegen import llvm_version_major, target_has_features
 from tvm.script import tirx as T
+from tvm.target.codegen import llvm_version_major, target_has_features
 
 AVX2_DOT_8X4 = "lwgan_dot_8x4_u8i8i32_avx2"
 AVX2_PIXELS_8X4 = "lwgan_dot_pixels_8x4_u8i8i32_avx2"  # 8 output pixels of one channel: for few channels
 AVX2_DOT_8X2_I16 = "lwgan_dot_8x2_i16i16i32_avx2"  # Winograd's transform domain (compile/int8_winograd.py)
 VNNI_DOT_16X4 = "lwgan_dot_16x4_u8i8i32_vnni"
+VNNI_PIXELS_16X4 = "lwgan_dot_pixels_16x4_u8i8i32_vnni"  # 16 output pixels of one channel: for few channels
 REDUCTION = 4  # activations per 32-bit group: the k extent of every intrinsic here
 INT16_MAX = 32767
 UINT8_MAX = 255
@@ -73,20 +74,23 @@ def _dot_8x4_avx2(
         )
 
 
-@T.prim_func(s_tir=True)
-def _dot_pixels_8x4_desc(
-    A: T.Buffer((8, 4), "uint8", offset_factor=1),
-    B: T.Buffer((4,), "int8", offset_factor=1),
-    C: T.Buffer((8,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:8, 0:4], B[0:4])
-        T.writes(C[0:8])
-        for i in T.serial(0, 8):
-            for k in T.serial(0, 4):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vi, vk], "int32") * T.cast(B[vk], "int32")
+def _pixels_description(lanes: int):
+    @T.prim_func(s_tir=True)
+    def pixels_desc(
+        A: T.Buffer((lanes, 4), "uint8", offset_factor=1),
+        B: T.Buffer((4,), "int8", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:lanes, 0:4], B[0:4])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vi, vk], "int32") * T.cast(B[vk], "int32")
+
+    return pixels_desc
 
 
 @T.prim_func(s_tir=True)
@@ -152,6 +156,44 @@ def _dot_16x4_vnni_i32_operands(
 
 
 @T.prim_func(s_tir=True)
+def _dot_pixels_16x4_vnni(
+    A: T.Buffer((16, 4), "uint8", offset_factor=1),
+    B: T.Buffer((4,), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    """16 output pixels of one channel: the pixels' 4-channel groups against one broadcast weight group."""
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:16, 0:4], B[0:4])
+        T.writes(C[0:16])
+        B_i32 = T.reinterpret(B.vload([0], "int8x4"), dtype="int32")
+        B_i8x64 = T.reinterpret(T.broadcast(B_i32, 16), dtype="int8x64")
+        C_i32x16 = C.vload([0], dtype="int32x16")
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), C_i32x16, A.vload([0, 0], dtype="uint8x64"),
+            B_i8x64, dtype="int32x16"
+        )
+
+
+@T.prim_func(s_tir=True)
+def _dot_pixels_16x4_vnni_i32_operands(
+    A: T.Buffer((16, 4), "uint8", offset_factor=1),
+    B: T.Buffer((4,), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    """The same for LLVM < 22 (vpdpbusd on <16 x i32>)."""
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:16, 0:4], B[0:4])
+        T.writes(C[0:16])
+        B_i32 = T.reinterpret(B.vload([0], "int8x4"), dtype="int32")
+        A_i32x16 = T.reinterpret(A.vload([0, 0], dtype="uint8x64"), dtype="int32x16")
+        C_i32x16 = C.vload([0], dtype="int32x16")
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), C_i32x16, A_i32x16, T.broadcast(B_i32, 16),
+            dtype="int32x16",
+        )
+
+
+@T.prim_func(s_tir=True)
 def _dot_8x2_i16_desc(
     A: T.Buffer((2,), "int16", offset_factor=1),
     B: T.Buffer((8, 2), "int16", offset_factor=1),
@@ -186,17 +228,21 @@ def _dot_8x2_i16_avx2(
 
 # name -> (lanes, whether int16 pair sums saturate)
 INTRINSICS = {AVX2_DOT_8X4: (8, True), VNNI_DOT_16X4: (16, False)}
+# channel-lane intrinsic -> its pixel-lane twin (same instructions, the weights broadcast instead)
+PIXELS_INTRINSIC = {AVX2_DOT_8X4: AVX2_PIXELS_8X4, VNNI_DOT_16X4: VNNI_PIXELS_16X4}
 
 
 def register_int8_intrinsics() -> None:
-    """Register both intrinsics once per process (cheap: two small TVMScript functions each)."""
+    """Register the intrinsics once per process (cheap: two small TVMScript functions each)."""
     if TensorIntrin.get(AVX2_DOT_8X4, allow_missing=True) is not None:
         return
     TensorIntrin.register(AVX2_DOT_8X4, _description(8), _dot_8x4_avx2)
-    TensorIntrin.register(AVX2_PIXELS_8X4, _dot_pixels_8x4_desc, _dot_pixels_8x4_avx2)
+    TensorIntrin.register(AVX2_PIXELS_8X4, _pixels_description(8), _dot_pixels_8x4_avx2)
     TensorIntrin.register(AVX2_DOT_8X2_I16, _dot_8x2_i16_desc, _dot_8x2_i16_avx2)
     byte_operands = (llvm_version_major(allow_none=True) or 0) >= 22
     TensorIntrin.register(VNNI_DOT_16X4, _description(16), _dot_16x4_vnni if byte_operands else _dot_16x4_vnni_i32_operands)
+    TensorIntrin.register(VNNI_PIXELS_16X4, _pixels_description(16),
+                          _dot_pixels_16x4_vnni if byte_operands else _dot_pixels_16x4_vnni_i32_operands)
 
 
 def intrinsic_for(target: tvm.target.Target) -> str | None:

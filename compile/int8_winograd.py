@@ -33,6 +33,10 @@ LANES = 8  # output channels per vector of int32 accumulators
 PAIR = 2  # input channels per `vpmaddwd` pair
 TILE_BLOCK = 8  # tiles along a row computed together: their accumulators fill 8 registers
 INT32_MAX = 2**31 - 1
+# The transforms cost per channel, the products per channel pair: with fewer channels than this
+# the direct AVX2 kernel was faster (measured on an AVX-512 Xeon running AVX2 code: 32->16
+# channels at 128x128 2x slower as Winograd, 64->32 at 64x64 1.2x; 64->64 at 32x32 even).
+MIN_CHANNELS = 64
 
 
 def transform_weight(weight: np.ndarray) -> np.ndarray:
@@ -47,11 +51,13 @@ def transform_weight(weight: np.ndarray) -> np.ndarray:
 
 
 def applies(conv, input_shape: tuple[int, ...]) -> bool:
-    """3x3, stride 1, whole 8-channel blocks, even output size, and the transform-domain channel
-    sums provably within int32."""
+    """3x3, stride 1, at least MIN_CHANNELS channels in and out in whole 8-channel blocks, even
+    output size, and the transform-domain channel sums provably within int32."""
     _, out_channels, out_h, out_w = conv.output_shape(input_shape)
     weight = conv.weight
     if weight.shape[2:] != (3, 3) or tuple(conv.strides) != (1, 1) or out_channels % LANES or out_h % 2 or out_w % 2:
+        return False
+    if min(weight.shape[0], weight.shape[1]) < MIN_CHANNELS:
         return False
     u = np.abs(np.einsum("ik,ockl,jl->ijoc", G2, weight.astype(np.int64), G2))
     # An output sums 9 transform points (A^T has 3 nonzeros a row), each a channel sum of U * V.

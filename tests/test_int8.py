@@ -1,0 +1,247 @@
+"""compile/int8.py: QDQ convolutions as real integer kernels (exact int32 accumulation, tensorized on x86)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import tvm
+from torch import nn
+from tvm import relax
+
+from compile.int8 import (
+    IntegerConv,
+    build_kernel,
+    lower_quantized_convs,
+    pack_weight,
+    plan_kernel,
+)
+from compile.int8_intrinsics import (
+    AVX2_DOT_8X2_I16,
+    AVX2_DOT_8X4,
+    AVX2_PIXELS_8X4,
+    VNNI_DOT_16X4,
+    VNNI_PIXELS_16X4,
+    pairs_fit_int16,
+)
+from compile.onnx_import import onnx_to_relax
+from compile.pipeline import from_onnx_file, relax_for_target
+from lwgan_models.compression import quantize
+from lwgan_models.compression.evaluate import psnr_db
+from targets import load_target, resolve
+
+AVX2 = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v3", "num-cores": 2})
+VNNI = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v4", "mattr": ["+avx512vnni"], "num-cores": 2})
+HOST_HAS_AVX2 = tvm.target.codegen.llvm_cpu_has_features("avx2", AVX2)
+HOST_HAS_VNNI = tvm.target.codegen.llvm_cpu_has_features(["avx512vnni", "avx512bw"], VNNI)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def exact_accumulators(x: np.ndarray, conv: IntegerConv) -> np.ndarray:
+    """sum x * w over the receptive field, in int64, with the zero point in the padding."""
+    top, left, bottom, right = conv.padding
+    padded = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (top, bottom), (left, right)),
+                    constant_values=conv.input_zero_point)
+    _, _, out_h, out_w = conv.output_shape(x.shape)
+    (stride_h, stride_w), weight = conv.strides, conv.weight.astype(np.int64)
+    acc = np.zeros((x.shape[0], weight.shape[0], out_h, out_w), np.int64)
+    for ky in range(weight.shape[2]):
+        for kx in range(weight.shape[3]):
+            window = padded[:, :, ky : ky + stride_h * out_h : stride_h, kx : kx + stride_w * out_w : stride_w]
+            acc += np.einsum("nchw,oc->nohw", window, weight[:, :, ky, kx])
+    return acc
+
+
+def run_kernel(conv: IntegerConv, x: np.ndarray, target: tvm.target.Target = AVX2):
+    plan = plan_kernel(conv, x.shape, target)
+    kernel = build_kernel(conv, x.shape, plan)
+    library = tvm.compile(tvm.IRModule({"main": kernel.func.with_attr("global_symbol", "main")}), target)
+    out = np.zeros(conv.output_shape(x.shape), conv.out_dtype)
+    tensors = [tvm.runtime.tensor(a) for a in (x, *kernel.constants, out)]
+    library.mod["main"](*tensors)
+    return tensors[-1].numpy(), plan, library
+
+
+def make_conv(rng, channels, out_channels, kernel, strides=(1, 1), padding=(0, 0, 0, 0), weight_limit=63,
+              requantize=False, multiplier=1.0, offset=0.0):
+    weight = rng.integers(-weight_limit, weight_limit + 1, (out_channels, channels, *kernel)).astype(np.int8)
+    return IntegerConv(
+        weight=weight, strides=strides, padding=padding, input_zero_point=int(rng.integers(0, 256)),
+        correction=rng.integers(-1000, 1000, out_channels).astype(np.int32),
+        multiplier=np.full(out_channels, multiplier, np.float32), offset=np.full(out_channels, offset, np.float32),
+        requantize=requantize,
+    )
+
+
+SHAPES = [  # (C, OC, kernel, strides, padding (top, left, bottom, right), H, W, layout): what the generators contain
+    (64, 64, (3, 3), (1, 1), (0, 0, 0, 0), 10, 12, "winograd"),  # residual block conv after reflection padding
+    (65, 64, (3, 3), (1, 1), (1, 1, 1, 1), 6, 10, "winograd"),  # zero padding, channels not in whole pairs
+    (32, 16, (3, 3), (1, 1), (1, 1, 1, 1), 6, 10, "channels"),  # too few channels for Winograd to pay
+    (16, 8, (3, 3), (1, 1), (0, 0, 0, 0), 7, 9, "channels"),  # odd output size: no 2x2 tiles
+    (3, 16, (7, 7), (1, 1), (0, 0, 0, 0), 13, 14, "channels"),  # stem: 3 channels are not a whole 4-group
+    (16, 32, (3, 3), (2, 2), (1, 1, 1, 1), 9, 11, "channels"),  # strided downsampling with zero padding
+    (8, 3, (2, 1), (1, 1), (0, 0, 1, 0), 6, 5, "pixels"),  # sub-pixel phase conv: asymmetric padding, 3 outputs
+    (16, 3, (7, 7), (1, 1), (0, 0, 0, 0), 11, 40, "pixels"),  # RGB output layer
+]
+INTRINSIC_OF = {"winograd": AVX2_DOT_8X2_I16, "channels": AVX2_DOT_8X4, "pixels": AVX2_PIXELS_8X4}
+INSTRUCTION_OF = {"winograd": "vpmaddwd", "channels": "vpmaddubsw", "pixels": "vpmaddubsw"}
+
+
+@pytest.mark.skipif(not HOST_HAS_AVX2, reason="this CPU has no AVX2 to run the tensorized kernels")
+@pytest.mark.parametrize("channels, out_channels, kernel, strides, padding, height, width, layout", SHAPES)
+def test_tensorized_kernels_accumulate_exactly_in_int32(channels, out_channels, kernel, strides, padding, height,
+                                                        width, layout):
+    rng = np.random.default_rng(channels * 100 + out_channels)
+    conv = make_conv(rng, channels, out_channels, kernel, strides, padding)  # dequantizing epilogue, scale 1
+    x = rng.integers(0, 256, (1, channels, height, width), dtype=np.uint8)
+    got, plan, library = run_kernel(conv, x)
+    assert (plan.layout, plan.intrinsic) == (layout, INTRINSIC_OF[layout])
+    assert INSTRUCTION_OF[layout] in library.mod.inspect_source("asm")  # really tensorized
+    expected = exact_accumulators(x, conv) + conv.correction[None, :, None, None]
+    assert np.abs(expected).max() < 2**24  # so float32 holds every accumulator exactly
+    np.testing.assert_array_equal(got, expected.astype(np.float32))
+
+
+def test_weights_that_would_saturate_vpmaddubsw_run_as_exact_portable_integer_code():
+    rng = np.random.default_rng(7)
+    conv = make_conv(rng, 8, 8, (3, 3), strides=(2, 2), padding=(1, 1, 1, 1), weight_limit=127)
+    conv.weight[0, :2, 0, 0] = 127  # one u8 pair reaches 255 * 254 > 32767 in int16
+    assert not pairs_fit_int16(pack_weight(conv.weight, 8))
+    x = np.full((1, 8, 7, 8), 255, np.uint8)
+    x[0, :, 4:, 4:] = rng.integers(0, 256, (8, 3, 4))
+    got, plan, _ = run_kernel(conv, x)
+    assert plan.intrinsic is None
+    np.testing.assert_array_equal(got, (exact_accumulators(x, conv) + conv.correction[None, :, None, None]))
+
+
+@pytest.mark.skipif(not HOST_HAS_AVX2, reason="this CPU has no AVX2 to run the tensorized kernel")
+def test_requantizing_epilogue_rounds_half_to_even_and_clamps_like_quantize_linear():
+    rng = np.random.default_rng(3)
+    # Power-of-two scales keep every float step exact, so numpy's arithmetic is the kernel's.
+    conv = make_conv(rng, 64, 64, (3, 3), padding=(1, 1, 1, 1), requantize=True, multiplier=2.0**-9, offset=128.0)
+    x = rng.integers(0, 256, (1, 64, 8, 8), dtype=np.uint8)
+    got, plan, library = run_kernel(conv, x)
+    assert plan.layout == "winograd"
+    value = (exact_accumulators(x, conv) + conv.correction[None, :, None, None]) * 2.0**-9 + 128.0
+    expected = np.clip(np.rint(value), 0, 255).astype(np.uint8)  # np.rint rounds half to even
+    assert 0 < (expected == 0).sum() and 0 < (expected == 255).sum() and (np.modf(value)[0] == 0.5).any()
+    np.testing.assert_array_equal(got, expected)
+    # The QDQ graph's DequantizeLinear after it, fused: the same grid values, as floats.
+    dequantized, _, _ = run_kernel(dataclasses.replace(conv, dequantize=(0.25, 3)), x)
+    np.testing.assert_array_equal(dequantized, (expected.astype(np.float32) - 3) * 0.25)
+    assert "vpmaddwd" in library.mod.inspect_source("asm")  # really tensorized
+
+
+VNNI_SHAPES = [  # (C, OC, kernel, strides, padding, H, W, layout)
+    (64, 64, (3, 3), (1, 1), (1, 1, 1, 1), 10, 12, "channels"),  # residual conv: 3x3 runs direct on VNNI
+    (3, 16, (7, 7), (1, 1), (0, 0, 0, 0), 13, 14, "channels"),  # stem
+    (16, 32, (3, 3), (2, 2), (1, 1, 1, 1), 9, 11, "channels"),  # strided downsampling
+    (16, 3, (7, 7), (1, 1), (0, 0, 0, 0), 11, 40, "pixels"),  # RGB output layer: 16 pixels per vector
+    (8, 3, (2, 1), (1, 1), (0, 0, 1, 0), 6, 5, "pixels"),  # sub-pixel phase conv, fewer pixels than lanes
+]
+VNNI_INTRINSIC_OF = {"channels": VNNI_DOT_16X4, "pixels": VNNI_PIXELS_16X4}
+
+
+@pytest.mark.skipif(not HOST_HAS_VNNI, reason="this CPU has no AVX-512 VNNI to run the kernels")
+@pytest.mark.parametrize("channels, out_channels, kernel, strides, padding, height, width, layout", VNNI_SHAPES)
+def test_vnni_kernels_accumulate_exactly_in_int32(channels, out_channels, kernel, strides, padding, height, width,
+                                                  layout):
+    rng = np.random.default_rng(channels * 100 + out_channels)
+    # Full-range 8-bit weights: vpdpbusd adds in int32, so nothing can saturate.
+    conv = make_conv(rng, channels, out_channels, kernel, strides, padding, weight_limit=127)
+    x = rng.integers(0, 256, (1, channels, height, width), dtype=np.uint8)
+    got, plan, library = run_kernel(conv, x, VNNI)
+    assert (plan.layout, plan.intrinsic) == (layout, VNNI_INTRINSIC_OF[layout])
+    assert "vpdpbusd" in library.mod.inspect_source("asm")
+    expected = exact_accumulators(x, conv) + conv.correction[None, :, None, None]
+    assert np.abs(expected).max() < 2**24
+    np.testing.assert_array_equal(got, expected.astype(np.float32))
+
+
+def test_avx512_vnni_level_compiles_to_vpdpbusd():
+    rng = np.random.default_rng(5)
+    conv = make_conv(rng, 32, 32, (3, 3), padding=(1, 1, 1, 1), requantize=True, multiplier=1e-3)
+    plan = plan_kernel(conv, (1, 32, 8, 8), VNNI)
+    assert (plan.intrinsic, plan.lanes, plan.layout) == (VNNI_DOT_16X4, 16, "channels")
+    kernel = build_kernel(conv, (1, 32, 8, 8), plan).func.with_attr("global_symbol", "main")
+    assembly = tvm.compile(tvm.IRModule({"main": kernel}), VNNI).mod.inspect_source("asm")
+    assert "vpdpbusd" in assembly and "vpmaddubsw" not in assembly
+    rgb = make_conv(rng, 16, 3, (7, 7), requantize=True, multiplier=1e-3)  # fewer channels than lanes
+    plan = plan_kernel(rgb, (1, 16, 14, 38), VNNI)
+    assert (plan.intrinsic, plan.layout) == (VNNI_PIXELS_16X4, "pixels")
+    kernel = build_kernel(rgb, (1, 16, 14, 38), plan).func.with_attr("global_symbol", "main")
+    assembly = tvm.compile(tvm.IRModule({"main": kernel}), VNNI).mod.inspect_source("asm")
+    assert "vpdpbusd" in assembly and "vpmaddubsw" not in assembly
+
+
+class TinyGenerator(nn.Module):
+    """Every construct the shipped generators quantize: reflection pad, stem, strided conv,
+    transposed conv (exported as sub-pixel convs), instance norm, residual add, tanh."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.ReflectionPad2d(2), nn.Conv2d(3, 8, 5), nn.InstanceNorm2d(8, affine=True),
+                                  nn.ReLU())
+        self.down = nn.Sequential(nn.Conv2d(8, 64, 3, stride=2, padding=1), nn.InstanceNorm2d(64), nn.ReLU())
+        self.block = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(64, 64, 3), nn.InstanceNorm2d(64))
+        self.up = nn.Sequential(nn.ConvTranspose2d(64, 8, 3, stride=2, padding=1, output_padding=1),
+                                nn.InstanceNorm2d(8), nn.ReLU(), nn.Conv2d(8, 3, 3, padding=1), nn.Tanh())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.down(self.stem(x))
+        return self.up(y + self.block(y))
+
+
+@pytest.fixture(scope="module")
+def qdq_file(tmp_path_factory):
+    torch.manual_seed(0)
+    net = TinyGenerator().eval()
+    shape = (1, 3, 16, 16)
+    calibration = [torch.rand(shape) * 2 - 1 for _ in range(3)]
+    prepared = quantize.calibrate(quantize.prepare(net, calibration[0]), calibration)
+    return quantize.export_qdq(prepared, shape, tmp_path_factory.mktemp("int8") / "tiny+ptq.onnx")
+
+
+def ops_in(mod: tvm.IRModule) -> set[str]:
+    found = set()
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(
+                func, lambda e: found.add(e.op.name) if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op)
+                else None)
+    return found
+
+
+@pytest.mark.skipif(not HOST_HAS_AVX2, reason="this CPU has no AVX2 to run the tensorized kernels")
+def test_qdq_model_runs_every_conv_as_an_integer_kernel_and_matches_the_qdq_reference(qdq_file):
+    convs = sum(node.op_type == "Conv" for node in onnx.load(str(qdq_file)).graph.node)
+    lowered, summary = lower_quantized_convs(onnx_to_relax(qdq_file), AVX2)
+    assert (summary.integer_convs, summary.tensorized, summary.winograd) == (convs, convs, 1)
+    assert summary.intrinsics == tuple(sorted(INTRINSIC_OF.values())) and summary.instance_norms == 4
+    # No float convolution is left, and every conv output's DequantizeLinear went into its kernel.
+    assert not {"relax.nn.conv2d", "relax.dequantize"} & ops_in(lowered)
+
+    x = (np.random.default_rng(0).random((1, 3, 16, 16), np.float32) * 2 - 1).astype(np.float32)
+    vm = relax.VirtualMachine(tvm.compile(lowered, AVX2), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    reference = ort.InferenceSession(str(qdq_file), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert psnr_db(torch.from_numpy(got), torch.from_numpy(reference)) >= 30.0
+
+
+def test_pipeline_routes_int8_models_through_the_lowering_and_fp32_ones_past_it(qdq_file, tmp_path):
+    host = resolve(load_target("host"))
+    model = from_onnx_file(qdq_file)
+    assert model.precision == "int8"
+    assert "relax.nn.conv2d" not in ops_in(relax_for_target(model, host)())
+
+    fp32_path = tmp_path / "fp32.onnx"
+    torch.onnx.export(nn.Conv2d(3, 4, 3), (torch.rand(1, 3, 8, 8),), str(fp32_path), input_names=["x"], dynamo=False)
+    fp32 = from_onnx_file(fp32_path)
+    assert fp32.precision == "fp32" and relax_for_target(fp32, host) is fp32.make_relax
