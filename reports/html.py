@@ -53,6 +53,13 @@ def format_ratio(ratio: float) -> str:
     return f"{ratio:.3f}×" if ratio < 0.1 else f"{ratio:.2f}×"
 
 
+def ratio_cell(value: float | None, base: float | None) -> str:
+    """value ÷ base as format_ratio shows it; "—" unless both are known (a missing baseline, say)."""
+    if is_missing(value) or is_missing(base) or base <= 0:
+        return "—"
+    return format_ratio(value / base)
+
+
 def format_gmac(macs: int | None) -> str:
     """Billions of MACs: three significant digits below 1, so distilled and pruned students stay readable."""
     if is_missing(macs):
@@ -100,6 +107,8 @@ def render_report(records: pd.DataFrame, out_path: Path, source: str | Path = "r
             runs=_runs(group),
             environments=_environments(group),
             sections=_sections(group, runtimes),
+            baselines=list(BASELINES.values()),
+            device_compression=_device_compression(group),
             warnings=[w for r in group.to_dict("records") for w in _warnings(r)],
             pareto=_pareto_charts(group),
             tuning_chart=_tuning_chart(group, device["label"]),
@@ -275,8 +284,8 @@ def _firmware_tables(records: pd.DataFrame) -> dict | None:
                 if (f["target"] == target and f["precision"] == "fp32" and f["base_model"] == r["base_model"]
                         and f["macs"] == r["macs"] and list(f["input_shape"]) == list(r["input_shape"])):
                     gains.append({"core": cores[target], "int8": r["model"], "fp32": f["model"], **{
-                        key: f"{r[key] / f[key]:.2f}×" for key in ("flash_bytes", "ram_bytes", "arena_bytes",
-                                                                   "instructions")}})
+                        key: ratio_cell(r[key], f[key]) for key in ("flash_bytes", "ram_bytes", "arena_bytes",
+                                                                    "instructions")}})
     return {"cores": list(cores.values()), "rows": rows, "gains": gains}
 
 
@@ -383,7 +392,7 @@ def _row(record: dict, latest: dict) -> dict:
         "err": "—" if is_missing(err) else f"{err:.1e}" + _psnr_suffix(record),
         "tol": _tolerance(record),
         "err_high": _over_tolerance(record),
-        "speedups": _speedups(record, latest),
+        "vs_baselines": _vs_baselines(record, latest),
         "energy": _energy(record),
         "estimated": bool(record.get("power_estimated")) and not is_missing(record.get("energy_mj")),
         "active_w": "—" if is_missing(record.get("active_w")) else f"{record['active_w']:.2f}",
@@ -448,17 +457,41 @@ def _over_tolerance(record: dict) -> bool:
     return outside_tolerance(record)
 
 
-def _speedups(record: dict, latest: dict) -> list[str]:
-    """A valid TVM row against the latest valid baseline of the same model and variant."""
+def _vs_baselines(record: dict, latest: dict) -> list[str]:
+    """A valid TVM row's p50 ÷ each baseline's (BASELINES order), the latest valid one of the same model and
+    variant in the run; "—" without one. Other rows get empty cells: the ratios are TVM's."""
     if record["runtime"] != "tvm" or not record["valid"]:
-        return []
-    speedups = []
-    for runtime, label in BASELINES.items():
-        baseline = latest.get((record["model"], record["variant"], runtime))
-        if baseline is not None and baseline["latency_p50_ms"] > 0:
-            ratio = record["latency_p50_ms"] / baseline["latency_p50_ms"]
-            speedups.append(f"{format_ratio(ratio)} {label}")
-    return speedups
+        return [""] * len(BASELINES)
+    return [ratio_cell(record["latency_p50_ms"], (latest.get((record["model"], record["variant"], runtime)) or {})
+                       .get("latency_p50_ms")) for runtime in BASELINES]
+
+
+def _device_compression(records: pd.DataFrame) -> list[dict]:
+    """Each compressed variant timed on TVM in the same run as its fp32 base, on one device: TVM p50, that
+    ÷ the base's TVM p50 and ÷ ONNX Runtime's on the variant's own file (for int8 the same QDQ file), and
+    the card's PSNR against the fp32 teacher. Ratios never cross runs: timings here are noisy, so only
+    records measured side by side are divided. Variants without their base in the run are left out."""
+    rows = []
+    for run_id, run in records.groupby("run_id", sort=False):
+        timed = {(r["model"], r["runtime"]): r for r in run.to_dict("records")
+                 if r["valid"] and r["latency_p50_ms"] > 0}
+        variants = [r for (model, runtime), r in timed.items()
+                    if runtime == "tvm" and not is_missing(r["base_model"]) and model != r["base_model"]
+                    and (r["base_model"], "tvm") in timed]
+        for r in sorted(variants, key=lambda r: (r["base_model"], _variant_rank(r, r["base_model"]))):
+            ort = timed.get((r["model"], "onnxruntime"))
+            rows.append({
+                "run_id": run_id,
+                "base_model": r["base_model"],
+                "model": r["model"],
+                "variant": r["variant"],
+                "precision": r["precision"],
+                "p50": format_ms(r["latency_p50_ms"]),
+                "vs_base": ratio_cell(r["latency_p50_ms"], timed[(r["base_model"], "tvm")]["latency_p50_ms"]),
+                "vs_ort": ratio_cell(r["latency_p50_ms"], ort and ort["latency_p50_ms"]),
+                "psnr": "—" if is_missing(r["psnr_db"]) else f"{r['psnr_db']:.2f}",
+            })
+    return rows
 
 
 def _warnings(record: dict) -> list[dict]:

@@ -68,7 +68,8 @@ NST_BASE = "nst-cin4-w16"  # only a variant of it was benchmarked: its table has
 SUPERSEDED = "2025-11-24T06:00:00+00:00"  # an earlier record of a model, replaced by a later one
 
 
-def variant_record(method: str, runtime: str = "onnxruntime", base: str = BASE, **overrides) -> Record:
+def variant_record(method: str, runtime: str = "onnxruntime", base: str = BASE, p50: float = 5.0,
+                   **overrides) -> Record:
     """A benchmarked model with compression fields; quality defaults to an int8 variant of BASE."""
     fields = dict(
         base_model=base,
@@ -80,7 +81,7 @@ def variant_record(method: str, runtime: str = "onnxruntime", base: str = BASE, 
         seed_metric_name="generator_loss",
         seed_metric=3.9,
     )
-    return record(base if method == "fp32" else f"{base}+{method}", runtime, 5.0, **(fields | overrides))
+    return record(base if method == "fp32" else f"{base}+{method}", runtime, p50, **(fields | overrides))
 
 
 COMPRESSION_RECORDS = [  # deliberately not in table order
@@ -206,12 +207,14 @@ def test_table_shows_every_record_p50(report):
         assert rows[(r.model, r.runtime)]["p50 ms"] == format_ms(r.latency_p50_ms)
 
 
-def test_tvm_speedup_against_baselines(report):
-    cell = record_rows(report[1])[("cyclegan-mobile", "tvm")]["speed-up"]
-    assert f"{format_ratio(12.3456 / 17.5)} ORT" in cell
-    assert f"{format_ratio(12.3456 / 41.02)} torch" in cell
+def test_tvm_divided_by_each_baseline_per_model(report):
+    rows = record_rows(report[1])
+    assert rows[("cyclegan-mobile", "tvm")]["TVM ÷ ORT"] == format_ratio(12.3456 / 17.5)
+    assert rows[("cyclegan-mobile", "tvm")]["TVM ÷ torch"] == format_ratio(12.3456 / 41.02)
     # The only ORT record of nst-tiny is invalid, so there is no ORT ratio to show.
-    assert "ORT" not in record_rows(report[1])[("nst-tiny", "tvm")]["speed-up"]
+    assert rows[("nst-tiny", "tvm")]["TVM ÷ ORT"] == "—"
+    assert rows[("nst-tiny", "tvm")]["TVM ÷ torch"] == format_ratio(0.8123 / 2.5)
+    assert rows[("cyclegan-mobile", "onnxruntime")]["TVM ÷ ORT"] == ""  # the ratios are TVM's
 
 
 def test_invalid_record_is_kept_with_reason(report):
@@ -474,3 +477,52 @@ def test_roofline_table_shows_the_slowest_kernels_against_the_peak(tmp_path):
                        "GFLOP": "0.907", "GFLOP/s": "45.4", "of peak": "76%"}
     assert rows[1]["of peak"] == "—"  # a gather does no arithmetic: no fraction of peak to speak of
     assert "FMA peak 60.0 GFLOP/s" in pages["host-avx2.html"]
+
+
+def timed_variant(method: str, runtime: str, p50: float, run_id: str, **overrides) -> Record:
+    """A variant of BASE (int8 unless told), or for "fp32" BASE itself, timed at `p50` in `run_id`."""
+    base = {"precision": "fp32", "psnr_db": None, "ssim": None} if method == "fp32" else {}
+    return variant_record(method, runtime, run_id=run_id, p50=p50, **(base | overrides))
+
+
+DEVICE_RUNS = [
+    timed_variant("fp32", "tvm", 10.1234, "run-A"),
+    timed_variant("fp32", "onnxruntime", 12.5, "run-A"),
+    timed_variant("ptq", "tvm", 4.0321, "run-A"),
+    timed_variant("ptq", "onnxruntime", 6.75, "run-A"),  # ONNX Runtime on the same QDQ file
+    timed_variant("kd", "tvm", 0.4567, "run-A", precision="fp32", psnr_db=27.3456),  # no ORT record: missing marker
+    timed_variant("ptq", "tvm", 3.0, "run-B"),  # its base was not timed in run-B: left out
+    timed_variant("qat", "tvm", 3.5, "run-B"),
+    timed_variant("fp32", "torch", 30.0, "run-B"),  # the base, but not on TVM
+]
+
+
+def test_device_page_sets_each_variant_beside_its_base_in_the_same_run(tmp_path):
+    _, pages = render_with_pages(DEVICE_RUNS, tmp_path)
+    parser = parsed(pages["host-avx2.html"])
+    rows = table_rows(parser, "device-compression")
+    by_key = {(r.run_id, r.model, r.runtime): r for r in DEVICE_RUNS}
+    base = by_key[("run-A", BASE, "tvm")]
+    assert [(row["run"], row["variant"]) for row in rows] == [("run-A", "ptq"), ("run-A", "kd")]  # method order
+    for row in rows:
+        tvm = by_key[("run-A", f"{BASE}+{row['variant']}", "tvm")]
+        assert row["base model"] == BASE and row["precision"] == tvm.precision
+        assert row["TVM p50 ms"] == format_ms(tvm.latency_p50_ms)
+        assert row["÷ fp32 TVM"] == format_ratio(tvm.latency_p50_ms / base.latency_p50_ms)
+        assert number(row["PSNR to fp32 dB"]) == pytest.approx(tvm.psnr_db, abs=5e-3)
+    ptq_ort = by_key[("run-A", f"{BASE}+ptq", "onnxruntime")]
+    assert rows[0]["TVM ÷ ORT"] == format_ratio(by_key[("run-A", f"{BASE}+ptq", "tvm")].latency_p50_ms
+                                               / ptq_ort.latency_p50_ms)
+    assert rows[1]["TVM ÷ ORT"] == "—"
+    # the base model's own TVM ÷ ORT is on its row of the run's main table
+    main = {(r["model"], r["runtime"]): r for r in table_rows(parser, "records") if r["TVM ÷ ORT"]}
+    assert main[(BASE, "tvm")]["TVM ÷ ORT"] == format_ratio(base.latency_p50_ms / by_key[
+        ("run-A", BASE, "onnxruntime")].latency_p50_ms)
+
+
+def test_device_compression_leaves_out_invalid_bases(tmp_path):
+    _, pages = render_with_pages([
+        timed_variant("fp32", "tvm", 10.0, "run-A", valid=False, invalid_reason=INVALID_REASON),
+        timed_variant("ptq", "tvm", 4.0, "run-A"),
+    ], tmp_path)
+    assert "device-compression" not in parsed(pages["host-avx2.html"]).tables
