@@ -24,6 +24,8 @@ from errors import UserError
 # the 7-level U-Net, which needs 128 pixels to reach its 1x1 bottleneck.
 TEST_SIZE = {"cyclegan-unet128-ngf16": 128}
 FP32_TOLERANCE = 2e-3
+# A small evolutionary-search population: the tests check what tuning writes, not how well it searches.
+SEARCH_POPULATION = 16
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +84,8 @@ def test_curve_replays_records_in_order_weighted_by_calls(tmp_path):
 def test_tune_then_compile_from_database_without_tuning(host, tmp_path, monkeypatch):
     module, shape = _tiny_generator(), (1, 3, 16, 16)
     database = TuningDatabase(tmp_path / "db")
-    ran = tune(torch_to_relax(module, shape), host.tvm_target, database, trials=12, trials_per_task=4, report=lambda _: None)
+    ran = tune(torch_to_relax(module, shape), host.tvm_target, database, trials=12, trials_per_task=4,
+               report=lambda _: None, population=SEARCH_POPULATION)
     assert ran > 0 and database.record_count() > 0
     log = (database.path / CURVE_FILE).read_text().splitlines()
     assert len(log) >= 1 and '"trials"' in log[0]
@@ -112,13 +115,14 @@ def test_tune_then_compile_from_database_without_tuning(host, tmp_path, monkeypa
 def test_tuning_appends_and_changed_database_misses_cache(host, tmp_path):
     module, shape = _tiny_generator(), (1, 3, 16, 16)
     database = TuningDatabase(tmp_path / "db")
-    tune(torch_to_relax(module, shape), host.tvm_target, database, trials=2, trials_per_task=2, report=lambda _: None)
+    tune(torch_to_relax(module, shape), host.tvm_target, database, trials=2, trials_per_task=2,
+         report=lambda _: None, population=SEARCH_POPULATION)
     earlier = database.record_file.read_bytes()
     workloads = _line_count(database.workload_file)
     first = _build(module, shape, host, database, tmp_path / "cache")
     messages = []  # the rerun focuses on the one task where the model spends most time
     tune(torch_to_relax(module, shape), host.tvm_target, database, trials=2, trials_per_task=2, report=messages.append,
-         focus=1)
+         focus=1, population=SEARCH_POPULATION)
     assert database.record_file.read_bytes().startswith(earlier)  # append-only
     new_records = database.record_file.read_bytes()[len(earlier):].decode().splitlines()
     assert new_records and len({json.loads(line)[0] for line in new_records}) == 1
@@ -178,7 +182,8 @@ def test_tuning_into_a_database_with_unreplayable_records_appends(host, tmp_path
     database = _unreplayable_database(tmp_path)
     workloads, records = database.workload_file.read_bytes(), database.record_file.read_bytes()
     module, shape = _tiny_generator(), (1, 3, 16, 16)
-    ran = tune(torch_to_relax(module, shape), host.tvm_target, database, trials=4, trials_per_task=2, report=lambda _: None)
+    ran = tune(torch_to_relax(module, shape), host.tvm_target, database, trials=4, trials_per_task=2,
+               report=lambda _: None, population=SEARCH_POPULATION)
     assert ran > 0
     assert database.workload_file.read_bytes().startswith(workloads)
     assert database.record_file.read_bytes().startswith(records)
