@@ -19,3 +19,7 @@ if [ ${#packages[@]} -gt 0 ]; then
   $as_root apt-get update -q
   $as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${packages[@]}"
 fi
+# The emulated aarch64 board's Debian root filesystem (build/boards/, about 5 min once, reused after):
+# the remote-board tests run against it. It needs root (debootstrap, chroot, binfmt_misc); without it
+# those tests are skipped.
+invoke board.rootfs || echo "warning: the emulated board's rootfs was not built; remote-board tests will be skipped" >&2
