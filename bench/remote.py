@@ -24,6 +24,7 @@ from bench.run import (
     measurement_fields,
     model_fields,
     reference_output,
+    report_tuning,
     save_sample,
     target_fields,
     test_image,
@@ -65,11 +66,7 @@ def bench_remote(
 
     report(f"  {model.name}: cross-compiling for {config.name} ({config.cross.get('cc')}, {target.tvm_target.attrs.get('mcpu')})")
     compiled = compile_for_target(model, target)
-    if compiled.db_records == 0:
-        report(f"  {model.name}: no tuning database in autotune_logs/{target.db_key}/{model.name}; TVM runs untuned "
-               f"(run `invoke tune --target {config.name} --model {model.name}`)")
-    else:
-        report(f"  {model.name}: applied {compiled.database} ({compiled.tuned_tasks}/{compiled.total_tasks} tasks tuned)")
+    report_tuning(model, target, compiled, report)
     report(f"  {model.name}: session to a {key!r} board via {host}:{port}")
     session = rpc.connect(config)
     board = rpc.board_fingerprint(session)

@@ -121,15 +121,7 @@ def _bench_with_probe(
         if runtime == "tvm":
             report(f"  {model.name}: building for {target.config.name} ({target.isa_level or 'no isa level'})")
             compiled = compile_for_target(model, target)
-            if compiled.db_records == 0:
-                report(f"  {model.name}: no tuning database in autotune_logs/{{{','.join(target.db_keys)}}}/"
-                       f"{model.name}; TVM runs untuned (run `invoke tune`)")
-            else:
-                report(f"  {model.name}: applied {compiled.database} "
-                       f"({compiled.tuned_tasks}/{compiled.total_tasks} tasks tuned)")
-                if compiled.db_skipped:
-                    report(f"  {model.name}: warning: {compiled.db_skipped} database records no longer replay "
-                           "in this TVM and were left out")
+            report_tuning(model, target, compiled, report)
             adapters.append(TvmRuntime(compiled.load(), tvm.cpu(), rules.threads))
             artifacts["tvm"] = compiled.library
         elif runtime == "torch":
@@ -315,6 +307,21 @@ def measurement_fields(timing: Timing, check: OutputCheck) -> dict:
     reasons = ([timing.invalid_reason] if timing.invalid_reason else []) + check.violations
     return {"warmup": timing.warmup, "samples": len(timing.samples_s), "duration_s": timing.duration_s,
             "valid": not reasons, "invalid_reason": "; ".join(reasons), **check.fields(), **timing.stats_ms()}
+
+
+def report_tuning(model: ModelUnderTest, target: ResolvedTarget, compiled: CompiledModel,
+                  report: Callable[[str], None]) -> None:
+    """Say which database the build applied, or why none: a user must know whether TVM ran tuned."""
+    if compiled.total_tasks == 0:
+        report(f"  {model.name}: every kernel is hand-scheduled (integer lowering); no tuning database applies")
+    elif compiled.db_records == 0:
+        report(f"  {model.name}: no tuning database in autotune_logs/{{{','.join(target.db_keys)}}}/{model.name}; "
+               f"TVM runs untuned (run `invoke tune --target {target.config.name} --model {model.name}`)")
+    else:
+        report(f"  {model.name}: applied {compiled.database} ({compiled.tuned_tasks}/{compiled.total_tasks} tasks tuned)")
+        if compiled.db_skipped:
+            report(f"  {model.name}: warning: {compiled.db_skipped} database records no longer replay "
+                   "in this TVM and were left out")
 
 
 def tvm_build_fields(build: CompiledModel) -> dict:
