@@ -6,6 +6,8 @@ prepared once, so only inference is measured.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from pathlib import Path
 
@@ -68,6 +70,21 @@ class OnnxRuntime:
         return samples
 
 
+@contextlib.contextmanager
+def kept_cpu_affinity():
+    """Undo TVM's pinning of the calling thread to core 0 (its `config_threadpool` does that).
+
+    Every thread created later inherits the pin: ONNX Runtime's and torch's pools started after
+    it ran on one core (the process's affinity read {0} after TVM's thread pool was set up), so a
+    side-by-side comparison handicapped them. TVM's own workers keep their cores.
+    """
+    cores = os.sched_getaffinity(0)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, cores)
+
+
 class TvmRuntime:
     """A compiled Relax VM; timed by TVM's own evaluator, which also works over RPC."""
 
@@ -76,7 +93,11 @@ class TvmRuntime:
     def __init__(self, vm: tvm.relax.VirtualMachine, device: tvm.runtime.Device, threads: int,
                  config_threadpool=None) -> None:
         """`config_threadpool`: the runtime's own function (a board's, over RPC); default this process's."""
-        (config_threadpool or tvm.get_global_func("runtime.config_threadpool"))(1, threads)  # before the first run
+        if config_threadpool is None:
+            with kept_cpu_affinity():
+                tvm.get_global_func("runtime.config_threadpool")(1, threads)
+        else:
+            config_threadpool(1, threads)
         self.vm = vm
         self.device = device
         self.threads = threads

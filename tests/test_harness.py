@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 
 import numpy as np
 import pytest
@@ -140,3 +141,15 @@ def test_statistics_on_known_values():
     assert stats["latency_cov"] == pytest.approx(std / 2.5)
     assert stats["latency_p50_ms"] == pytest.approx(2.5)
     assert stats["latency_min_ms"] == pytest.approx(1.0) and stats["latency_max_ms"] == pytest.approx(4.0)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs a process allowed on two or more cores")
+def test_setting_up_tvm_threads_leaves_the_process_on_all_its_cores():
+    """TVM pins the calling thread to core 0; ONNX Runtime's and torch's threads started later would inherit that."""
+    import tvm
+
+    from bench.runtimes import TvmRuntime
+
+    before = os.sched_getaffinity(0)
+    TvmRuntime(vm=None, device=tvm.cpu(), threads=2)
+    assert os.sched_getaffinity(0) == before
