@@ -23,6 +23,7 @@ import tvm_ffi
 from tvm import relax
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
+from tvm.s_tir.analysis import estimate_tir_flops
 
 from compile.database import CURVE_FILE, TuningDatabase
 from compile.intrinsics import register_cpu_tensor_intrinsics
@@ -207,15 +208,15 @@ class _ReportingRunner(ms.runner.PyRunner):
 def heaviest_tasks(extracted: list, db: ms.database.Database, count: int) -> list:
     """The `count` tasks with the largest share of model time: calls x best measured latency.
 
-    Tasks without a measurement come first: their share is unknown, and they run untuned.
+    Tasks without a measurement come first (they run untuned), the most work (calls x FLOPs) first.
     """
-    def share(task) -> float:
+    def share(task) -> tuple[bool, float]:
         workload = task.dispatched[0]
         best = db.get_top_k(db.commit_workload(workload), 1) if db.has_workload(workload) else []
         if not best:
-            return float("inf")
+            return True, task.weight * float(estimate_tir_flops(workload))
         seconds = [float(s) for s in best[0].run_secs]
-        return task.weight * sum(seconds) / len(seconds)
+        return False, task.weight * sum(seconds) / len(seconds)
 
     return sorted(extracted, key=share, reverse=True)[:count]
 
