@@ -20,10 +20,11 @@ from tvm import relax
 from tvm.s_tir import meta_schedule as ms
 
 from compile.database import TuningDatabase
+from compile.int8 import default_cpu_schedules
 from compile.tuning import hand_scheduled, prepare
 
 CACHE_DIR = Path(os.environ.get("LWGAN_CACHE", Path(__file__).resolve().parent.parent / "build" / "cache"))
-PIPELINE_VERSION = "6"  # bump when the import or build changes the code emitted
+PIPELINE_VERSION = "7"  # bump when the import or build changes the code emitted
 
 
 @dataclass(frozen=True)
@@ -61,12 +62,20 @@ def apply_database(
     tasks = [t for t in ms.relax_integration.extract_tasks(prepared, target) if not hand_scheduled(t)]
     if not database.exists():
         database.validate()  # a lone file may still be corrupt: say so rather than run untuned
-        return prepared, 0, len(tasks), 0
+        return with_default_schedules(prepared, target), 0, len(tasks), 0
     db, skipped = database.open_for_reading()
     tuned = sum(1 for task in tasks if db.query_tuning_record(task.dispatched[0], target, task.task_name) is not None)
     with target, db:
         applied = relax.transform.MetaScheduleApplyDatabase()(prepared)
-    return applied, tuned, len(tasks), skipped
+    return with_default_schedules(applied, target), tuned, len(tasks), skipped
+
+
+def with_default_schedules(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """On a CPU, the kernels no database record covers get default parallel, vectorized schedules
+    (`default_cpu_schedules`). GPU targets get dlight's rules in `tvm.compile` instead."""
+    if target.kind.name != "llvm":
+        return mod
+    return default_cpu_schedules(mod, target)
 
 
 def compile_model(

@@ -759,7 +759,18 @@ def schedule_float_ops(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRMo
     hours for these 40-odd small tasks. tanh becomes TVM's fast rational approximation (about
     1e-7 from libm's, far below one quantization step) rather than a scalar libm call per element.
     """
-    prepared = prepare(relax.transform.FastMathTransform()(mod), target)
+    return default_cpu_schedules(prepare(relax.transform.FastMathTransform()(mod), target), target)
+
+
+def default_cpu_schedules(prepared: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Schedule every kernel of a prepared module that has no schedule yet, for a CPU.
+
+    Instance norms get `_schedule_channel_reduction`, other reductions dlight's CPU rule, and
+    elementwise and data-movement kernels parallel, vectorized loops. Left alone, such a kernel
+    runs TVM's default loops: serial and scalar. That is the case for the kernels a database does not
+    cover, such as the gathers of reflection padding (never tuned), or tasks a budget did not reach.
+    Convolutions without a tuned schedule are left as they are.
+    """
     lanes = max(tvm.target.codegen.llvm_get_vector_width(target) // 32, 4)
     for gvar, func in prepared.functions_items():
         if isinstance(func, tirx.PrimFunc) and not _is_scheduled(func):
