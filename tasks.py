@@ -45,8 +45,7 @@ def _models_under_test(model: str | None, onnx: str | None, shape: str | None, c
     """Registry models and variants by name (default: the demo set and its compressed variants) or one
     ONNX file, all checked before any work. int8 QDQ variants are re-pinned to any --shape."""
     import lwgan_models
-    from compile.c_export import variant_at_shape
-    from compile.pipeline import from_onnx_file, from_registry
+    from compile.pipeline import from_onnx_file, from_registry, from_variant
     from lwgan_models.registry import VARIANT_SEPARATOR, find_variant, variants
 
     input_shape = _shape(shape) if shape else None
@@ -63,7 +62,7 @@ def _models_under_test(model: str | None, onnx: str | None, shape: str | None, c
     if checkpoint and (len(names) != 1 or VARIANT_SEPARATOR in names[0]):
         raise UserError(f"--checkpoint {checkpoint} needs exactly one base --model, got {', '.join(names)}")
     return [
-        variant_at_shape(found, input_shape) if VARIANT_SEPARATOR in name
+        from_variant(found, input_shape) if VARIANT_SEPARATOR in name
         else from_registry(lwgan_models.load(name, checkpoint), input_shape)
         for name, found in chosen.items()
     ]
@@ -519,14 +518,13 @@ def build(c, model, target="cortex-m4", shape=None, out=None, debug=False):
     """Build a model for a device whose code is not benchmarked here: a standalone C project and firmware for a
     microcontroller, or a GPU board's library whose OpenCL kernels are compiled and run with pocl."""
     import lwgan_models
-    from compile.c_export import variant_at_shape
-    from compile.pipeline import from_registry
+    from compile.pipeline import from_registry, from_variant
     from lwgan_models.registry import VARIANT_SEPARATOR, find_variant
 
     resolved = _target(target, None)
     config = resolved.config
     input_shape = _shape(shape) if shape else config.default_input_shape
-    subject = (variant_at_shape(find_variant(model), input_shape) if VARIANT_SEPARATOR in model
+    subject = (from_variant(find_variant(model), input_shape) if VARIANT_SEPARATOR in model
                else from_registry(lwgan_models.load(model), input_shape))
     if config.tvm["kind"] == "opencl":
         _build_opencl(subject, resolved, Path(out) if out else REPO_ROOT / "build" / "opencl" / config.name)

@@ -20,6 +20,7 @@ from tvm import relax
 from tvm.s_tir import meta_schedule as ms
 
 from compile.database import TuningDatabase
+from compile.int8 import default_cpu_schedules
 from compile.tuning import hand_scheduled, prepare
 
 CACHE_DIR = Path(os.environ.get("LWGAN_CACHE", Path(__file__).resolve().parent.parent / "build" / "cache"))
@@ -74,9 +75,6 @@ def with_default_schedules(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.
     (`default_cpu_schedules`). GPU targets get dlight's rules in `tvm.compile` instead."""
     if target.kind.name != "llvm":
         return mod
-    # Imported on use: it loads dlight and the int8 kernels (4 s), which a cache hit does not need.
-    from compile.int8 import default_cpu_schedules
-
     return default_cpu_schedules(mod, target)
 
 

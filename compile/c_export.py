@@ -39,16 +39,13 @@ import tvm_ffi
 from tvm import relax, s_tir, tirx
 
 from compile import qdq_integer
-from compile.build import CACHE_DIR
 from compile.onnx_import import graph_inputs, load_onnx, onnx_to_relax
-from compile.pipeline import ModelUnderTest, from_onnx_file, from_variant
+from compile.pipeline import ModelUnderTest
 from compile.qdq_integer import (
     integer_convolutions,
-    onnx_at_input_shape,
     quantize_before_padding,
 )
 from errors import UserError
-from lwgan_models.registry import Variant
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "targets" / "mcu_templates"
 ALIGNMENT = 16  # bytes; every arena buffer starts on this boundary (vector loads, DMA)
@@ -807,20 +804,3 @@ def _c_array(name: str, array: np.ndarray) -> str:
 
 
 # ----------------------------------------------------------------------------- models at MCU sizes
-
-
-def variant_at_shape(variant: Variant, input_shape: tuple[int, ...] | None) -> ModelUnderTest:
-    """A compressed variant at `input_shape`, also for int8 QDQ files exported at another size.
-
-    Torch variants re-export at any size; a QDQ file is re-pinned first (see
-    `onnx_at_input_shape`), and keeps naming the shipped file and its hash as its weights.
-    """
-    if variant.format == "torch" or input_shape is None:
-        return from_variant(variant, input_shape)
-    repinned = onnx_at_input_shape(variant.path, tuple(input_shape), CACHE_DIR / "repinned")
-    if repinned == variant.path:
-        return from_variant(variant, input_shape)
-    shipped = from_variant(variant)
-    at_shape = from_onnx_file(repinned, input_shape)
-    return dataclasses.replace(shipped, input_shape=at_shape.input_shape, digest=at_shape.digest,
-                               macs=at_shape.macs, make_relax=at_shape.make_relax, onnx_file=at_shape.onnx_file)

@@ -22,6 +22,7 @@ from compile.build import CACHE_DIR, CompiledModel, compile_model
 from compile.database import TuningDatabase, database_for
 from compile.int8 import lower_quantized_convs
 from compile.onnx_import import graph_inputs, load_onnx, onnx_macs, onnx_to_relax
+from compile.qdq_integer import onnx_at_input_shape
 from compile.torch_import import torch_to_relax
 from compile.tuning import cross_compiler, tune
 from errors import UserError
@@ -112,19 +113,27 @@ def from_onnx_file(path: str | Path, input_shape: tuple[int, ...] | None = None)
 
 
 def from_variant(variant: Variant, input_shape: tuple[int, ...] | None = None) -> ModelUnderTest:
-    """A compressed variant: torch variants load through the registry, int8 ones as their ONNX QDQ file."""
+    """A compressed variant: torch variants load through the registry, int8 ones as their ONNX QDQ file.
+
+    A QDQ file exported at another size is re-pinned to `input_shape` first (`onnx_at_input_shape`);
+    the record's weights keep naming the shipped file and its hash.
+    """
     if variant.format == "torch":
         return from_registry(registry_load(variant.name), input_shape)
-    model = from_onnx_file(variant.path, input_shape)
+    path = variant.path
+    if input_shape is not None:
+        path = onnx_at_input_shape(variant.path, tuple(input_shape), CACHE_DIR / "repinned")
+    model = from_onnx_file(path, input_shape)
+    shipped_sha = hashlib.sha256(variant.path.read_bytes()).hexdigest()
     return replace(
         model,
         name=variant.name,
         family=variant.base.family,
         variant=variant.method,
         base_model=variant.base.name,
-        weights=model.weights.replace(str(variant.path), variant.spec().checkpoint),
+        weights=f"{variant.spec().checkpoint}@sha256:{shipped_sha}",
         params=variant.card["params"],
-        macs=variant.card["macs"],
+        macs=variant.card["macs"] if path == variant.path else model.macs,
         quality=quality_of(variant.card),
     )
 

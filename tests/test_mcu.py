@@ -20,8 +20,14 @@ import torch
 import targets
 from bench.run import MIN_OUTPUT_PSNR_DB, TOLERANCE, check_output, reference_output
 from bench.run import test_image as photo  # (not a test)
-from compile.c_export import Lifetime, export_c, plan_memory, variant_at_shape
-from compile.pipeline import ModelUnderTest, export_onnx, from_onnx_file, source_digest
+from compile.c_export import Lifetime, export_c, plan_memory
+from compile.pipeline import (
+    ModelUnderTest,
+    export_onnx,
+    from_onnx_file,
+    from_variant,
+    source_digest,
+)
 from compile.qdq_integer import (
     fixed_point,
     onnx_at_input_shape,
@@ -322,7 +328,7 @@ def test_shipped_variant_runs_on_cortex_m4_at_32x32(name, monkeypatch, tmp_path)
     import bench.firmware
 
     monkeypatch.setattr(bench.firmware, "FIRMWARE_DIR", tmp_path)
-    model = variant_at_shape(find_variant(name), (1, 3, 32, 32))
+    model = from_variant(find_variant(name), (1, 3, 32, 32))
     [record] = bench.firmware.bench_firmware(model, targets.resolve(targets.load_target("cortex-m4")), "slow",
                                             report=lambda _: None)
     assert record.valid, record.invalid_reason
