@@ -27,6 +27,7 @@ from tvm.s_tir.analysis import estimate_tir_flops
 
 from compile.database import CURVE_FILE, TuningDatabase
 from compile.intrinsics import register_cpu_tensor_intrinsics
+from compile.winograd import winograd_convs
 from errors import UserError
 from targets.config import TargetConfig
 
@@ -93,7 +94,12 @@ def board_measurement(config: TargetConfig) -> tuple[ms.builder.Builder, ms.runn
 
 
 def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """The passes before task extraction; the same ones must run before applying a database."""
+    """The passes before task extraction; the same ones must run before applying a database.
+
+    On CPUs the large 3x3 convolutions become Winograd transforms around a tunable matmul
+    (compile/winograd.py)."""
+    if target.kind.name == "llvm":
+        mod = winograd_convs(mod)[0]
     with target:
         return tvm.transform.Sequential(
             [

@@ -1,0 +1,251 @@
+"""Float Winograd F(4x4, 3x3) for the 3x3 stride-1 convolutions of the residual trunks.
+
+Why: those convolutions are most of a CycleGAN or style-transfer generator's work, and tuned
+direct kernels already run them near this machine's FMA peak, so only fewer multiplies go faster.
+Winograd computes a 4x4 output tile from 36 products per channel pair instead of 144.
+
+A convolution becomes three kernels:
+- the data transform V = B^T d B of every 6x6 input tile, written out as the few adds and
+  multiplies B's nonzero entries need, vectorized along a tile row (hand-scheduled here);
+- 36 matrix products M[point] = U[point] V[point] over the channels: a plain Relax matmul, which
+  MetaSchedule tunes like any other (U = G w G^T is computed once, here, from the constant weights);
+- the inverse transform A^T m A of every tile into the NCHW output (hand-scheduled here).
+
+TOPI has a one-task NCHW Winograd compute, but MetaSchedule 0.27's CPU Winograd rules crash on it
+during the search ("The block no longer exists in the IRModule"), and its transforms multiply by
+every zero of B and A.
+
+Numerics: TOPI's interpolation points (0, -1, 1, 1/2, -2) keep F(4x4, 3x3)'s float error near
+3e-7 relative (Barabasz et al. 2018); every build is still checked against torch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax, tirx
+from tvm.ir import GenericConst
+from tvm.s_tir import Schedule
+from tvm.s_tir.schedule import ScheduleError
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as T
+from tvm.topi.nn.winograd_util import _cook_toom_convolution, _interpolation_points
+
+TILE = 4  # output pixels per tile side
+KERNEL = 3
+ALPHA = TILE + KERNEL - 1  # 6x6 transform-domain points per tile
+# With few channels the transforms (per channel) outweigh the products saved (per channel pair).
+MIN_CHANNELS = 32
+VECTOR_TILES = (16, 8, 4)  # tiles per vector along a tile row: the first that divides the row is used
+
+# A (ALPHA x TILE), B (ALPHA x ALPHA), G (ALPHA x KERNEL): out = A^T [(G w G^T) . (B^T d B)] A
+A, B, G = _cook_toom_convolution(_interpolation_points(TILE + KERNEL - 2), TILE, KERNEL)
+
+
+def transform_weight(weight: np.ndarray) -> np.ndarray:
+    """OIHW 3x3 -> U = G w G^T as [ALPHA * ALPHA points, out channels, in channels]."""
+    u = np.einsum("ik,ockl,jl->ijoc", G, weight.astype(np.float64), G)
+    return np.ascontiguousarray(u.reshape(ALPHA * ALPHA, *weight.shape[:2]), dtype=weight.dtype)
+
+
+def _combine(coefficients, values):
+    """sum(c * v) over the nonzero coefficients, with +-1 as adds and subtracts."""
+    total = None
+    for c, v in zip(coefficients, values):
+        if c == 0:
+            continue
+        term = v if abs(c) == 1 else v * tirx.const(abs(float(c)), "float32")
+        if total is None:
+            total = term if c > 0 else tirx.const(0.0, "float32") - term
+        else:
+            total = total + term if c > 0 else total - term
+    return total
+
+
+def _vector_tiles(tiles_per_row: int) -> int:
+    return next((v for v in VECTOR_TILES if tiles_per_row % v == 0), 1)
+
+
+def _row_columns(buffer, index: list, start, lanes: int) -> list:
+    """The TILE column phases of `lanes` consecutive tiles of one row, as `lanes`-wide vectors:
+    one contiguous load of TILE x lanes floats, deinterleaved by shuffles (strided loads would
+    become one scalar load per lane)."""
+    if lanes == 1:
+        return [tirx.BufferLoad(buffer, [*index, start + phase]) for phase in range(TILE)]
+    row = tirx.BufferLoad(buffer, [*index, tirx.Ramp(start, 1, TILE * lanes)])
+    return [tirx.Shuffle([row], [phase + TILE * t for t in range(lanes)]) for phase in range(TILE)]
+
+
+def data_transform(batch: int, channels: int, height: int, width: int) -> tirx.PrimFunc:
+    """[N, C, H, W] (already padded) -> V [36, C, P], P = N x tile rows x tile columns.
+
+    Each step transforms `lanes` tiles of a tile row at once: column s of tile t is input column
+    TILE t + s; columns 0-3 come from a load at the tiles' start, 4-5 from one two columns later
+    (as its columns 2-3), which ends inside the padded row.
+    """
+    rows, cols = (height - KERNEL + 1) // TILE, (width - KERNEL + 1) // TILE
+    lanes = _vector_tiles(cols)
+    with IRBuilder() as ib:
+        with T.prim_func(private=True):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            x = T.arg("x", T.buffer((batch, channels, height, width), "float32"))
+            v = T.arg("v", T.buffer((ALPHA * ALPHA, channels, batch * rows * cols), "float32"))
+            with T.sblock("root"), T.parallel(0, batch * channels) as bc:
+                with T.serial(0, rows) as row, T.serial(0, cols // lanes) as chunk:
+                    n, c, col = bc // channels, bc % channels, chunk * lanes
+                    d = []
+                    for r in range(ALPHA):
+                        index = [n, c, row * TILE + r]
+                        first = _row_columns(x, index, col * TILE, lanes)
+                        shifted = _row_columns(x, index, col * TILE + 2, lanes)
+                        d.append(first + shifted[2:])
+                    # B^T d, then (B^T d) B: 2 x 6 short sums per point instead of 36 products
+                    left = [[T.bind(_combine(B[:, e], [d[r][s] for r in range(ALPHA)])) for s in range(ALPHA)]
+                            for e in range(ALPHA)]
+                    tile = (n * rows + row) * cols + col
+                    tiles = tirx.Ramp(tile, 1, lanes) if lanes > 1 else tile
+                    for e in range(ALPHA):
+                        for f in range(ALPHA):
+                            T.buffer_store(v, _combine(B[:, f], left[e]), [e * ALPHA + f, c, tiles])
+    return ib.get()
+
+
+def inverse_transform(batch: int, channels: int, out_height: int, out_width: int) -> tirx.PrimFunc:
+    """M [36, K, P] -> the NCHW output [N, K, H, W], `lanes` tiles of a tile row at a time; each
+    output row of them is interleaved by a shuffle into one contiguous store."""
+    rows, cols = out_height // TILE, out_width // TILE
+    lanes = _vector_tiles(cols)
+    with IRBuilder() as ib:
+        with T.prim_func(private=True):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            m = T.arg("m", T.buffer((ALPHA * ALPHA, channels, batch * rows * cols), "float32"))
+            out = T.arg("out", T.buffer((batch, channels, out_height, out_width), "float32"))
+            with T.sblock("root"), T.parallel(0, batch * channels) as bk:
+                with T.serial(0, rows) as row, T.serial(0, cols // lanes) as chunk:
+                    n, k, col = bk // channels, bk % channels, chunk * lanes
+                    tile = (n * rows + row) * cols + col
+                    tiles = tirx.Ramp(tile, 1, lanes) if lanes > 1 else tile
+                    points = [[m[e * ALPHA + f, k, tiles] for f in range(ALPHA)] for e in range(ALPHA)]
+                    right = [[T.bind(_combine(A[:, j], points[e])) for j in range(TILE)] for e in range(ALPHA)]
+                    for i in range(TILE):
+                        phases = [_combine(A[:, i], [right[e][j] for e in range(ALPHA)]) for j in range(TILE)]
+                        index = [n, k, row * TILE + i]
+                        if lanes == 1:
+                            for j, value in enumerate(phases):
+                                T.buffer_store(out, value, [*index, col * TILE + j])
+                        else:
+                            interleaved = tirx.Shuffle(phases, [j * lanes + t for t in range(lanes) for j in range(TILE)])
+                            T.buffer_store(out, interleaved, [*index, tirx.Ramp(col * TILE, 1, TILE * lanes)])
+    return ib.get()
+
+
+def _weight_of(expr: relax.Expr, mutator: relax.PyExprMutator) -> np.ndarray | None:
+    while isinstance(expr, relax.Var):
+        bound = mutator.lookup_binding(expr)
+        if bound is None:
+            return None
+        expr = bound
+    return expr.value.numpy() if isinstance(expr, GenericConst) else None
+
+
+def _static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
+    ty = expr.ty
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return None
+    dims = list(ty.shape)
+    return tuple(int(d) for d in dims) if all(isinstance(d, tvm.tirx.IntImm) for d in dims) else None
+
+
+def applies(call: relax.Call, weight: np.ndarray | None) -> bool:
+    """float32 NCHW/OIHW 3x3 convolution, stride and dilation 1, ungrouped, constant weights,
+    at least MIN_CHANNELS channels in and out, static shapes, output size a multiple of TILE."""
+    attrs = call.attrs
+    if weight is None or weight.dtype != np.float32 or weight.shape[2:] != (KERNEL, KERNEL):
+        return False
+    if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW"):
+        return False
+    if int(attrs.groups) != 1 or [int(s) for s in attrs.strides] != [1, 1] or [int(d) for d in attrs.dilation] != [1, 1]:
+        return False
+    if attrs.out_dtype not in ("", "float32"):
+        return False
+    in_shape, out_shape = _static_shape(call.args[0]), _static_shape(call)
+    if in_shape is None or out_shape is None:
+        return False
+    return min(weight.shape[:2]) >= MIN_CHANNELS and out_shape[2] % TILE == 0 and out_shape[3] % TILE == 0
+
+
+@relax.expr_functor.mutator
+class _WinogradRewriter(relax.PyExprMutator):
+    def __init__(self, mod: tvm.IRModule) -> None:
+        super().__init__(mod)
+        self.rewritten = 0
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d"):
+            return call
+        weight = _weight_of(call.args[1], self)
+        if not applies(call, weight):
+            return call
+        self.rewritten += 1
+        data = call.args[0]
+        top, left, bottom, right = (int(p) for p in call.attrs.padding)
+        if top or left or bottom or right:
+            data = self.builder_.emit(relax.op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right]))
+        batch, channels, height, width = _static_shape(data)
+        _, out_channels, out_height, out_width = _static_shape(call)
+        tiles = batch * (out_height // TILE) * (out_width // TILE)
+        transform = self.builder_.add_func(data_transform(batch, channels, height, width), "winograd_data_transform")
+        v = self.builder_.emit(
+            relax.call_tir(transform, [data], relax.TensorType((ALPHA * ALPHA, channels, tiles), "float32"))
+        )
+        m = self.builder_.emit(relax.op.matmul(relax.const(transform_weight(weight)), v))
+        inverse = self.builder_.add_func(
+            inverse_transform(batch, out_channels, out_height, out_width), "winograd_inverse_transform"
+        )
+        return relax.call_tir(inverse, [m], relax.TensorType((batch, out_channels, out_height, out_width), "float32"))
+
+
+def winograd_convs(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
+    """Rewrite every eligible convolution of `mod`'s Relax functions; returns (module, how many)."""
+    rewriter = _WinogradRewriter(mod)
+    for gvar, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
+    return rewriter.builder_.get(), rewriter.rewritten
+
+
+def schedule_point_products(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | None:
+    """A CPU schedule for the 36 batched matrix products when no tuning record covers them.
+
+    Left to TVM's default loops they would run serially and scalar, far slower than the direct
+    convolution they replace. Register tile: 8 output channels x 2 vectors of tiles, accumulated
+    over the input channels in registers, the (point, channel block) loop across cores.
+    None when `func` is not a batched [B, M, K] x [B, K, N] matmul with N a multiple of `lanes`.
+    """
+    sch = Schedule(func)
+    try:
+        block = sch.get_sblock("matmul")
+    except ScheduleError:  # no matmul in this kernel
+        return None
+    loops = sch.get_loops(block)
+    if len(loops) != 4 or len(sch.get(block).reads) != 2:
+        return None
+    batch, rows, cols, reduction = loops
+    row_extent, col_extent = (int(sch.get(loop).extent) for loop in (rows, cols))
+    if col_extent % lanes:
+        return None
+    row_tile = next(t for t in (8, 4, 2, 1) if row_extent % t == 0)
+    col_tile = 2 * lanes if col_extent % (2 * lanes) == 0 else lanes
+    row_outer, row_inner = sch.split(rows, [None, row_tile])
+    col_outer, col_inner = sch.split(cols, [None, col_tile])
+    sch.reorder(batch, row_outer, col_outer, reduction, row_inner, col_inner)
+    accumulators = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(accumulators, col_outer)
+    sch.parallel(sch.fuse(batch, row_outer))
+    for stage in (block, accumulators):  # the zeroing split off next keeps these loop kinds
+        *_, row_loop, col_loop = sch.get_loops(stage)
+        sch.unroll(row_loop)
+        sch.vectorize(col_loop)
+    sch.decompose_reduction(block, reduction)
+    return sch.mod["main"]

@@ -1,0 +1,84 @@
+"""compile/winograd.py: Winograd F(4x4, 3x3) agrees with torch's direct convolution; only eligible convs change."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from tvm import relax
+from tvm.s_tir import meta_schedule as ms
+
+import targets
+from compile.torch_import import torch_to_relax
+from compile.tuning import hand_scheduled, prepare
+from compile.winograd import winograd_convs
+
+# F(4x4, 3x3) in float32 with TOPI's points: ~1e-6 relative error; the tolerance is relative to the output's range.
+RELATIVE_TOLERANCE = 2e-5
+
+
+@pytest.fixture(scope="module")
+def host():
+    return targets.resolve(targets.load_target("host")).tvm_target
+
+
+def _conv_count(mod: tvm.IRModule) -> int:
+    return sum(
+        1
+        for func in mod.functions.values()
+        if isinstance(func, relax.Function)
+        for binding in func.body.blocks[0].bindings
+        if isinstance(binding.value, relax.Call) and getattr(binding.value.op, "name", "") == "relax.nn.conv2d"
+    )
+
+
+@pytest.mark.parametrize(
+    "batch, channels, out_channels, height, width, padding",
+    [
+        (1, 64, 64, 18, 18, 0),  # a residual trunk conv after its reflection pad; 4 tiles a row
+        (2, 32, 48, 12, 64, 1),  # batch, unequal channels, zero padding; 16 tiles a row: one 16-wide vector
+        (1, 40, 32, 34, 34, 0),  # 8 tiles a row
+        (1, 32, 32, 22, 22, 0),  # 5 tiles a row: scalar
+    ],
+)
+def test_winograd_conv_matches_torch(batch, channels, out_channels, height, width, padding, host):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(channels, out_channels, 3, padding=padding), torch.nn.ReLU()).eval()
+    shape = (batch, channels, height, width)
+    mod, rewritten = winograd_convs(torch_to_relax(net, shape, "conv"))
+    assert rewritten == 1 and _conv_count(mod) == 0
+    x = np.random.default_rng(1).standard_normal(shape).astype("float32")
+    vm = relax.VirtualMachine(tvm.compile(mod, host), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+    with torch.inference_mode():
+        expected = net(torch.from_numpy(x)).numpy()
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() <= RELATIVE_TOLERANCE * np.abs(expected).max()
+
+
+@pytest.mark.parametrize(
+    "conv, shape",
+    [
+        (torch.nn.Conv2d(64, 64, 3, stride=2, padding=1), (1, 64, 16, 16)),  # strided
+        (torch.nn.Conv2d(16, 16, 3, padding=1), (1, 16, 16, 16)),  # too few channels to pay off
+        (torch.nn.Conv2d(64, 64, 3), (1, 64, 16, 16)),  # 14x14 output: not whole 4x4 tiles
+        (torch.nn.Conv2d(64, 64, 1), (1, 64, 16, 16)),  # not 3x3
+        (torch.nn.Conv2d(64, 64, 3, padding=2, dilation=2), (1, 64, 16, 16)),  # dilated
+        (torch.nn.Conv2d(64, 64, 3, padding=1, groups=2), (1, 64, 16, 16)),  # grouped
+    ],
+)
+def test_ineligible_convs_stay_direct(conv, shape):
+    mod, rewritten = winograd_convs(torch_to_relax(conv.eval(), shape, "conv"))
+    assert rewritten == 0 and _conv_count(mod) == 1
+
+
+def test_prepared_module_tunes_the_matmul_not_the_transforms(host):
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(64, 64, 3, padding=1)
+    ).eval()
+    tasks = ms.relax_integration.extract_tasks(prepare(torch_to_relax(net, (1, 64, 16, 16), "conv"), host), host)
+    tunable = sorted(t.task_name for t in tasks if not hand_scheduled(t))
+    assert any("matmul" in name for name in tunable)
+    assert not any("conv2d" in name or "winograd" in name for name in tunable)
+    assert any("winograd" in t.task_name for t in tasks if hand_scheduled(t))
