@@ -85,28 +85,27 @@ def data_transform(batch: int, channels: int, height: int, width: int) -> tirx.P
     """
     rows, cols = (height - KERNEL + 1) // TILE, (width - KERNEL + 1) // TILE
     lanes = _vector_tiles(cols)
-    with IRBuilder() as ib:
-        with T.prim_func(private=True):
-            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-            x = T.arg("x", T.buffer((batch, channels, height, width), "float32"))
-            v = T.arg("v", T.buffer((ALPHA * ALPHA, channels, batch * rows * cols), "float32"))
-            with T.sblock("root"), T.parallel(0, batch * channels) as bc:
-                with T.serial(0, rows) as row, T.serial(0, cols // lanes) as chunk:
-                    n, c, col = bc // channels, bc % channels, chunk * lanes
-                    d = []
-                    for r in range(ALPHA):
-                        index = [n, c, row * TILE + r]
-                        first = _row_columns(x, index, col * TILE, lanes)
-                        shifted = _row_columns(x, index, col * TILE + 2, lanes)
-                        d.append(first + shifted[2:])
-                    # B^T d, then (B^T d) B: 2 x 6 short sums per point instead of 36 products
-                    left = [[T.bind(_combine(B[:, e], [d[r][s] for r in range(ALPHA)])) for s in range(ALPHA)]
-                            for e in range(ALPHA)]
-                    tile = (n * rows + row) * cols + col
-                    tiles = tirx.Ramp(tile, 1, lanes) if lanes > 1 else tile
-                    for e in range(ALPHA):
-                        for f in range(ALPHA):
-                            T.buffer_store(v, _combine(B[:, f], left[e]), [e * ALPHA + f, c, tiles])
+    with IRBuilder() as ib, T.prim_func(private=True):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        x = T.arg("x", T.buffer((batch, channels, height, width), "float32"))
+        v = T.arg("v", T.buffer((ALPHA * ALPHA, channels, batch * rows * cols), "float32"))
+        with T.sblock("root"), T.parallel(0, batch * channels) as bc, T.serial(0, rows) as row, \
+                T.serial(0, cols // lanes) as chunk:
+            n, c, col = bc // channels, bc % channels, chunk * lanes
+            d = []
+            for r in range(ALPHA):
+                index = [n, c, row * TILE + r]
+                first = _row_columns(x, index, col * TILE, lanes)
+                shifted = _row_columns(x, index, col * TILE + 2, lanes)
+                d.append(first + shifted[2:])
+            # B^T d, then (B^T d) B: 2 x 6 short sums per point instead of 36 products
+            left = [[T.bind(_combine(B[:, e], [d[r][s] for r in range(ALPHA)])) for s in range(ALPHA)]
+                    for e in range(ALPHA)]
+            tile = (n * rows + row) * cols + col
+            tiles = tirx.Ramp(tile, 1, lanes) if lanes > 1 else tile
+            for e in range(ALPHA):
+                for f in range(ALPHA):
+                    T.buffer_store(v, _combine(B[:, f], left[e]), [e * ALPHA + f, c, tiles])
     return ib.get()
 
 
@@ -115,27 +114,26 @@ def inverse_transform(batch: int, channels: int, out_height: int, out_width: int
     output row of them is interleaved by a shuffle into one contiguous store."""
     rows, cols = out_height // TILE, out_width // TILE
     lanes = _vector_tiles(cols)
-    with IRBuilder() as ib:
-        with T.prim_func(private=True):
-            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-            m = T.arg("m", T.buffer((ALPHA * ALPHA, channels, batch * rows * cols), "float32"))
-            out = T.arg("out", T.buffer((batch, channels, out_height, out_width), "float32"))
-            with T.sblock("root"), T.parallel(0, batch * channels) as bk:
-                with T.serial(0, rows) as row, T.serial(0, cols // lanes) as chunk:
-                    n, k, col = bk // channels, bk % channels, chunk * lanes
-                    tile = (n * rows + row) * cols + col
-                    tiles = tirx.Ramp(tile, 1, lanes) if lanes > 1 else tile
-                    points = [[m[e * ALPHA + f, k, tiles] for f in range(ALPHA)] for e in range(ALPHA)]
-                    right = [[T.bind(_combine(A[:, j], points[e])) for j in range(TILE)] for e in range(ALPHA)]
-                    for i in range(TILE):
-                        phases = [_combine(A[:, i], [right[e][j] for e in range(ALPHA)]) for j in range(TILE)]
-                        index = [n, k, row * TILE + i]
-                        if lanes == 1:
-                            for j, value in enumerate(phases):
-                                T.buffer_store(out, value, [*index, col * TILE + j])
-                        else:
-                            interleaved = tirx.Shuffle(phases, [j * lanes + t for t in range(lanes) for j in range(TILE)])
-                            T.buffer_store(out, interleaved, [*index, tirx.Ramp(col * TILE, 1, TILE * lanes)])
+    with IRBuilder() as ib, T.prim_func(private=True):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        m = T.arg("m", T.buffer((ALPHA * ALPHA, channels, batch * rows * cols), "float32"))
+        out = T.arg("out", T.buffer((batch, channels, out_height, out_width), "float32"))
+        with T.sblock("root"), T.parallel(0, batch * channels) as bk, T.serial(0, rows) as row, \
+                T.serial(0, cols // lanes) as chunk:
+            n, k, col = bk // channels, bk % channels, chunk * lanes
+            tile = (n * rows + row) * cols + col
+            tiles = tirx.Ramp(tile, 1, lanes) if lanes > 1 else tile
+            points = [[m[e * ALPHA + f, k, tiles] for f in range(ALPHA)] for e in range(ALPHA)]
+            right = [[T.bind(_combine(A[:, j], points[e])) for j in range(TILE)] for e in range(ALPHA)]
+            for i in range(TILE):
+                phases = [_combine(A[:, i], [right[e][j] for e in range(ALPHA)]) for j in range(TILE)]
+                index = [n, k, row * TILE + i]
+                if lanes == 1:
+                    for j, value in enumerate(phases):
+                        T.buffer_store(out, value, [*index, col * TILE + j])
+                else:
+                    interleaved = tirx.Shuffle(phases, [j * lanes + t for t in range(lanes) for j in range(TILE)])
+                    T.buffer_store(out, interleaved, [*index, tirx.Ramp(col * TILE, 1, TILE * lanes)])
     return ib.get()
 
 
