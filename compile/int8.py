@@ -62,7 +62,6 @@ from compile.int8_intrinsics import (
     register_int8_intrinsics,
 )
 from compile.tuning import prepare
-from compile.winograd import schedule_point_products
 
 PORTABLE_LANES = 8  # int32 lanes of the untensorized kernel (LLVM vectorizes it for any CPU)
 OUTPUT_TILE = 8  # output pixels per micro-kernel: 8 accumulators + weights fit 16 AVX2 registers
@@ -770,15 +769,12 @@ def default_cpu_schedules(prepared: tvm.IRModule, target: tvm.target.Target) -> 
     elementwise and data-movement kernels parallel, vectorized loops. Left alone, such a kernel
     runs TVM's default loops: serial and scalar. That is the case for the kernels a database does not
     cover, such as the gathers of reflection padding (never tuned), or tasks a budget did not reach.
-    Winograd's batched products get `schedule_point_products`. Convolutions without a tuned
-    schedule are left as they are.
+    Convolutions without a tuned schedule are left as they are.
     """
     lanes = max(tvm.target.codegen.llvm_get_vector_width(target) // 32, 4)
     for gvar, func in prepared.functions_items():
         if isinstance(func, tirx.PrimFunc) and not _is_scheduled(func):
             scheduled = _schedule_channel_reduction(func, lanes)
-            if scheduled is None:
-                scheduled = schedule_point_products(func, lanes)
             if scheduled is not None:
                 prepared[gvar] = scheduled.with_attr("tirx.is_scheduled", True)
     with target:

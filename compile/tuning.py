@@ -96,10 +96,9 @@ def board_measurement(config: TargetConfig) -> tuple[ms.builder.Builder, ms.runn
 def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """The passes before task extraction; the same ones must run before applying a database.
 
-    On CPUs the large 3x3 convolutions become Winograd transforms around a tunable matmul
-    (compile/winograd.py)."""
+    On CPUs the large 3x3 convolutions become hand-scheduled Winograd kernels (compile/winograd.py)."""
     if target.kind.name == "llvm":
-        mod = winograd_convs(mod)[0]
+        mod = winograd_convs(mod, tvm.target.codegen.llvm_get_vector_width(target) // 32)[0]
     with target:
         return tvm.transform.Sequential(
             [

@@ -7,8 +7,8 @@ Winograd computes a 4x4 output tile from 36 products per channel pair instead of
 A convolution becomes three kernels:
 - the data transform V = B^T d B of every 6x6 input tile, written out as the few adds and
   multiplies B's nonzero entries need, vectorized along a tile row (hand-scheduled here);
-- 36 matrix products M[point] = U[point] V[point] over the channels: a plain Relax matmul, which
-  MetaSchedule tunes like any other (U = G w G^T is computed once, here, from the constant weights);
+- 36 matrix products M[point] = U[point] V[point] over the channels, register-tiled
+  (U = G w G^T is computed once, here, from the constant weights);
 - the inverse transform A^T m A of every tile into the NCHW output (hand-scheduled here).
 
 TOPI has a one-task NCHW Winograd compute, but MetaSchedule 0.27's CPU Winograd rules crash on it
@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import numpy as np
 import tvm
-from tvm import relax, tirx
+from tvm import relax, te, tirx
 from tvm.ir import GenericConst
 from tvm.s_tir import Schedule
-from tvm.s_tir.schedule import ScheduleError
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 from tvm.topi.nn.winograd_util import _cook_toom_convolution, _interpolation_points
@@ -174,8 +173,9 @@ def applies(call: relax.Call, weight: np.ndarray | None) -> bool:
 
 @relax.expr_functor.mutator
 class _WinogradRewriter(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule) -> None:
+    def __init__(self, mod: tvm.IRModule, lanes: int) -> None:
         super().__init__(mod)
+        self.lanes = lanes
         self.rewritten = 0
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
@@ -197,44 +197,48 @@ class _WinogradRewriter(relax.PyExprMutator):
         v = self.builder_.emit(
             relax.call_tir(transform, [data], relax.TensorType((ALPHA * ALPHA, channels, tiles), "float32"))
         )
-        m = self.builder_.emit(relax.op.matmul(relax.const(transform_weight(weight)), v))
+        products = self.builder_.add_func(point_products(out_channels, channels, tiles, self.lanes), "winograd_products")
+        m = self.builder_.emit(
+            relax.call_tir(
+                products,
+                [relax.const(transform_weight(weight)), v],
+                relax.TensorType((ALPHA * ALPHA, out_channels, tiles), "float32"),
+            )
+        )
         inverse = self.builder_.add_func(
             inverse_transform(batch, out_channels, out_height, out_width), "winograd_inverse_transform"
         )
         return relax.call_tir(inverse, [m], relax.TensorType((batch, out_channels, out_height, out_width), "float32"))
 
 
-def winograd_convs(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
-    """Rewrite every eligible convolution of `mod`'s Relax functions; returns (module, how many)."""
-    rewriter = _WinogradRewriter(mod)
+def winograd_convs(mod: tvm.IRModule, lanes: int) -> tuple[tvm.IRModule, int]:
+    """Rewrite every eligible convolution of `mod`'s Relax functions for a CPU with `lanes`-float
+    vectors; returns (module, how many)."""
+    rewriter = _WinogradRewriter(mod, lanes)
     for gvar, func in mod.functions_items():
         if isinstance(func, relax.Function):
             rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
     return rewriter.builder_.get(), rewriter.rewritten
 
 
-def schedule_point_products(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | None:
-    """A CPU schedule for the 36 batched matrix products when no tuning record covers them.
+def point_products(out_channels: int, channels: int, tiles: int, lanes: int) -> tirx.PrimFunc:
+    """M[point] = U[point] V[point] for the 36 points, scheduled for a CPU with `lanes`-float vectors.
 
-    Left to TVM's default loops they would run serially and scalar, far slower than the direct
-    convolution they replace. Register tile: 8 output channels x 2 vectors of tiles, accumulated
-    over the input channels in registers, the (point, channel block) loop across cores.
-    None when `func` is not a batched [B, M, K] x [B, K, N] matmul with N a multiple of `lanes`.
+    Register tile: 8 output channels x 2 vectors of tiles, accumulated over the input channels in
+    registers; the (point, channel block) loop across cores. Hand-scheduled rather than tuned:
+    on 64 -> 64 channels at 32x32 it ran 0.16 ms where 64 MetaSchedule trials reached 0.23 ms.
     """
-    sch = Schedule(func)
-    try:
-        block = sch.get_sblock("matmul")
-    except ScheduleError:  # no matmul in this kernel
-        return None
-    loops = sch.get_loops(block)
-    if len(loops) != 4 or len(sch.get(block).reads) != 2:
-        return None
-    batch, rows, cols, reduction = loops
-    row_extent, col_extent = (int(sch.get(loop).extent) for loop in (rows, cols))
-    if col_extent % lanes:
-        return None
-    row_tile = next(t for t in (8, 4, 2, 1) if row_extent % t == 0)
-    col_tile = 2 * lanes if col_extent % (2 * lanes) == 0 else lanes
+    u = te.placeholder((ALPHA * ALPHA, out_channels, channels), "float32", name="u")
+    v = te.placeholder((ALPHA * ALPHA, channels, tiles), "float32", name="v")
+    c = te.reduce_axis((0, channels), name="c")
+    m = te.compute(
+        (ALPHA * ALPHA, out_channels, tiles), lambda p, k, t: te.sum(u[p, k, c] * v[p, c, t], axis=c), name="products"
+    )
+    sch = Schedule(te.create_prim_func([u, v, m]))
+    block = sch.get_sblock("products")
+    batch, rows, cols, reduction = sch.get_loops(block)
+    row_tile = next(t for t in (8, 4, 2, 1) if out_channels % t == 0)
+    col_tile = next(t for t in (2 * lanes, lanes, 4, 2, 1) if tiles % t == 0)
     row_outer, row_inner = sch.split(rows, [None, row_tile])
     col_outer, col_inner = sch.split(cols, [None, col_tile])
     sch.reorder(batch, row_outer, col_outer, reduction, row_inner, col_inner)
@@ -246,4 +250,5 @@ def schedule_point_products(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | 
         sch.unroll(row_loop)
         sch.vectorize(col_loop)
     sch.decompose_reduction(block, reduction)
-    return sch.mod["main"]
+    scheduled = sch.mod["main"].without_attr("global_symbol")  # private: one per shape in a module
+    return scheduled.with_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
