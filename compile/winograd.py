@@ -108,14 +108,15 @@ def data_transform(batch: int, channels: int, height: int, width: int) -> tirx.P
     return ib.get()
 
 
-def inverse_transform(batch: int, channels: int, out_height: int, out_width: int) -> tirx.PrimFunc:
-    """M [36, K, P] -> the NCHW output [N, K, H, W], `lanes` tiles of a tile row at a time; each
-    output row of them is interleaved by a shuffle into one contiguous store."""
+def inverse_transform(batch: int, channels: int, out_height: int, out_width: int, bias: bool) -> tirx.PrimFunc:
+    """M [36, K, P] (+ a bias [K]) -> the NCHW output [N, K, H, W], `lanes` tiles of a tile row at a
+    time; each output row of them is interleaved by a shuffle into one contiguous store."""
     rows, cols = out_height // TILE, out_width // TILE
     lanes = _vector_tiles(cols)
     with IRBuilder() as ib, T.prim_func(private=True):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         m = T.arg("m", T.buffer((ALPHA * ALPHA, channels, batch * rows * cols), "float32"))
+        offsets = T.arg("bias", T.buffer((channels,), "float32")) if bias else None
         out = T.arg("out", T.buffer((batch, channels, out_height, out_width), "float32"))
         with T.sblock("root"), T.parallel(0, batch * channels) as bk, T.serial(0, rows) as row, \
                 T.serial(0, cols // lanes) as chunk:
@@ -126,6 +127,9 @@ def inverse_transform(batch: int, channels: int, out_height: int, out_width: int
             right = [[T.bind(_combine(A[:, j], points[e])) for j in range(TILE)] for e in range(ALPHA)]
             for i in range(TILE):
                 phases = [_combine(A[:, i], [right[e][j] for e in range(ALPHA)]) for j in range(TILE)]
+                if offsets is not None:
+                    offset = offsets[k] if lanes == 1 else tirx.Broadcast(offsets[k], lanes)
+                    phases = [phase + offset for phase in phases]
                 index = [n, k, row * TILE + i]
                 if lanes == 1:
                     for j, value in enumerate(phases):
@@ -136,13 +140,16 @@ def inverse_transform(batch: int, channels: int, out_height: int, out_width: int
     return ib.get()
 
 
-def _weight_of(expr: relax.Expr, mutator: relax.PyExprMutator) -> np.ndarray | None:
-    while isinstance(expr, relax.Var):
-        bound = mutator.lookup_binding(expr)
-        if bound is None:
-            return None
-        expr = bound
-    return expr.value.numpy() if isinstance(expr, GenericConst) else None
+def _constant_of(expr: relax.Expr, mutator: relax.PyExprMutator) -> np.ndarray | None:
+    """The values of a constant, looking through bindings and reshapes (the importer reshapes a
+    bias to [1, C, 1, 1]); their shape may differ from `expr`'s."""
+    while True:
+        if isinstance(expr, relax.Var):
+            expr = mutator.lookup_binding(expr)
+        elif isinstance(expr, relax.Call) and expr.op == tvm.ir.Op.get("relax.reshape"):
+            expr = expr.args[0]
+        else:
+            return expr.value.numpy() if isinstance(expr, GenericConst) else None
 
 
 def _static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
@@ -180,9 +187,11 @@ class _WinogradRewriter(relax.PyExprMutator):
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
+        if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.add":
+            return self._fold_bias(call)
         if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d"):
             return call
-        weight = _weight_of(call.args[1], self)
+        weight = _constant_of(call.args[1], self)
         if not applies(call, weight):
             return call
         self.rewritten += 1
@@ -205,10 +214,30 @@ class _WinogradRewriter(relax.PyExprMutator):
                 relax.TensorType((ALPHA * ALPHA, out_channels, tiles), "float32"),
             )
         )
-        inverse = self.builder_.add_func(
-            inverse_transform(batch, out_channels, out_height, out_width), "winograd_inverse_transform"
-        )
-        return relax.call_tir(inverse, [m], relax.TensorType((batch, out_channels, out_height, out_width), "float32"))
+        return self._inverse(m, (batch, out_channels, out_height, out_width), None)
+
+    def _inverse(self, m: relax.Expr, shape: tuple[int, ...], bias: np.ndarray | None) -> relax.Call:
+        inverse = self.builder_.add_func(inverse_transform(*shape, bias is not None), "winograd_inverse_transform")
+        args = [m] if bias is None else [m, relax.const(bias)]
+        return relax.call_tir(inverse, args, relax.TensorType(shape, "float32"))
+
+    def _fold_bias(self, call: relax.Call) -> relax.Expr:
+        """add(winograd conv, constant [1, K, 1, 1]) -> the inverse transform adding the bias: one
+        pass over the output instead of two."""
+        conv, bias = call.args
+        bound = self.lookup_binding(conv) if isinstance(conv, relax.Var) else None
+        if not (isinstance(bound, relax.Call) and bound.op == tvm.ir.Op.get("relax.call_tir")):
+            return call
+        kernel, args = bound.args[0], bound.args[1].fields
+        shape = _static_shape(bound)
+        bias = _constant_of(bias, self)
+        if not kernel.name_hint.startswith("winograd_inverse_transform") or len(args) != 1 or bias is None:
+            return call
+        if bias.dtype != np.float32 or bias.size != shape[1] or _static_shape(call.args[1]) not in (
+            (1, shape[1], 1, 1), (shape[1], 1, 1)
+        ):
+            return call
+        return self._inverse(args[0], shape, bias.reshape(-1))
 
 
 def winograd_convs(mod: tvm.IRModule, lanes: int) -> tuple[tvm.IRModule, int]:
@@ -217,7 +246,7 @@ def winograd_convs(mod: tvm.IRModule, lanes: int) -> tuple[tvm.IRModule, int]:
     rewriter = _WinogradRewriter(mod, lanes)
     for gvar, func in mod.functions_items():
         if isinstance(func, relax.Function):
-            rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
+            rewriter.builder_.update_func(gvar, relax.analysis.remove_all_unused(rewriter.visit_expr(func)))
     return rewriter.builder_.get(), rewriter.rewritten
 
 
