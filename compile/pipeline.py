@@ -45,7 +45,7 @@ class ModelUnderTest:
     size_fp32_bytes: int
     input_shape: tuple[int, ...]
     digest: str
-    make_relax: Callable[[], tvm.IRModule]
+    make_relax: Callable[..., tvm.IRModule]  # (fused_subpixel=False): see torch_to_relax
     onnx_file: Callable[[], Path]
     torch_module: torch.nn.Module | None = None  # None for ONNX files: no torch baseline
     base_model: str = ""  # the registry model a variant was made from ("" for a user's ONNX file)
@@ -76,7 +76,7 @@ def from_registry(loaded: LoadedModel, input_shape: tuple[int, ...] | None = Non
         size_fp32_bytes=loaded.size_fp32_bytes,
         input_shape=shape,
         digest=digest,
-        make_relax=lambda: torch_to_relax(loaded.module, shape, loaded.spec.name),
+        make_relax=lambda fused_subpixel=False: torch_to_relax(loaded.module, shape, loaded.spec.name, fused_subpixel),
         onnx_file=lambda: export_onnx(loaded.module, shape, digest),
         torch_module=loaded.module,
     )
@@ -107,7 +107,7 @@ def from_onnx_file(path: str | Path, input_shape: tuple[int, ...] | None = None)
         size_fp32_bytes=4 * weights,
         input_shape=shape,
         digest=hashlib.sha256(f"{sha}|{shape}".encode()).hexdigest()[:24],
-        make_relax=lambda: mod,
+        make_relax=lambda fused_subpixel=False: mod,
         onnx_file=lambda: path,
     )
 
@@ -169,9 +169,13 @@ def database_to_apply(model: ModelUnderTest, target: ResolvedTarget) -> TuningDa
 
 
 def relax_for_target(model: ModelUnderTest, target: ResolvedTarget) -> Callable[[], tvm.IRModule]:
-    """The module to tune and build: int8 QDQ models get integer conv kernels (compile/int8.py)."""
+    """The module to tune and build: int8 QDQ models get integer conv kernels (compile/int8.py).
+
+    On CPUs (LLVM targets) each transposed convolution is imported as one wide 3x3 convolution,
+    which compile/winograd.py runs as Winograd; other targets get the cheaper sub-pixel phases."""
     if model.precision != "int8":
-        return model.make_relax
+        fused_subpixel = target.tvm_target.kind.name == "llvm"
+        return lambda: model.make_relax(fused_subpixel=fused_subpixel)
     return lambda: lower_quantized_convs(model.make_relax(), target.tvm_target)[0]
 
 

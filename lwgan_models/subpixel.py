@@ -7,6 +7,12 @@ away: on this machine the U-Net generator's decoder took 4x ONNX Runtime's time.
 each output phase r is an ordinary convolution of the input with that phase's sub-kernel (flipped).
 The phases interleave back with `pixel_shuffle`. Weights are shared with the original module, so a
 checkpoint's numbers are used unchanged.
+
+`fused=True` runs the s*s phases as one convolution instead: each phase kernel sits at its offset in
+a window covering all of them (at least 3x3, zeros elsewhere), with s*s x the output channels in
+pixel_shuffle's order. That costs more multiply-adds (a 4x4 stride-2 layer: 9 per output pixel and
+channel pair instead of 4), but it is one wide 3x3 convolution, which CPU compilers run as
+Winograd (compile/winograd.py: 4x fewer products) and at a far higher rate than four small ones.
 """
 
 from __future__ import annotations
@@ -33,10 +39,11 @@ def _phase(kernel: int, stride: int, padding: int, phase: int, in_size: int, out
 class SubPixelConvTranspose2d(nn.Module):
     """Computes `convt(x)` exactly, as stride² convolutions whose outputs are interleaved."""
 
-    def __init__(self, convt: nn.ConvTranspose2d, in_size: tuple[int, int]) -> None:
+    def __init__(self, convt: nn.ConvTranspose2d, in_size: tuple[int, int], fused: bool = False) -> None:
         super().__init__()
         self.convt = convt  # keeps weight/bias (and the state_dict layout) where the original had them
         self.stride = convt.stride[0]
+        self.fused = fused
         out_size = [
             (n - 1) * s - 2 * p + k + op
             for n, s, p, k, op in zip(in_size, convt.stride, convt.padding, convt.kernel_size, convt.output_padding)
@@ -55,11 +62,32 @@ class SubPixelConvTranspose2d(nn.Module):
         return [weight[:, :, rows][:, :, :, cols] for (rows, _, _), (cols, _, _) in self.phases]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            kernel, bias, padding = self.fused_conv()
+            return F.pixel_shuffle(F.conv2d(_pad_or_crop(x, *padding), kernel, bias), self.stride)
         outputs = [
             F.conv2d(_pad_or_crop(x, left, right, top, bottom), kernel, self.convt.bias)
             for ((_, top, bottom), (_, left, right)), kernel in zip(self.phases, self.phase_kernels())
         ]
         return _interleave(outputs, self.stride)
+
+    def fused_conv(self) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int, int, int]]:
+        """(kernel, bias, (left, right, top, bottom) padding) of the one-convolution form.
+
+        Phase p reads input offsets t - before_p for its taps t; the window spans all phases'
+        offsets (widened to 3), and output channel c * s^2 + p is phase p of channel c.
+        """
+        (top, rows, bottom), (left, cols, right) = (_window([phase[axis] for phase in self.phases]) for axis in (0, 1))
+        out_channels, phases = self.convt.out_channels, self.stride**2
+        kernel = self.convt.weight.new_zeros(out_channels, phases, self.convt.in_channels, rows, cols)
+        for index, (((_, before_y, _), (_, before_x, _)), phase_kernel) in enumerate(
+            zip(self.phases, self.phase_kernels())
+        ):
+            y, x = top - before_y, left - before_x
+            kernel[:, index, :, y : y + phase_kernel.shape[2], x : x + phase_kernel.shape[3]] = phase_kernel
+        kernel = kernel.reshape(out_channels * phases, self.convt.in_channels, rows, cols)
+        bias = None if self.convt.bias is None else self.convt.bias.repeat_interleave(phases)
+        return kernel, bias, (left, right, top, bottom)
 
     def materialize(self) -> "SubPixelConvs":
         """The same computation with each phase as its own nn.Conv2d (copied weights).
@@ -91,6 +119,20 @@ class SubPixelConvs(nn.Module):
         return _interleave(outputs, self.stride)
 
 
+def _window(phases: list[tuple[list[int], int, int]]) -> tuple[int, int, int]:
+    """(padding before, window size, padding after) along one axis for the fused convolution.
+
+    Phase p's tap t reads input offset t - before_p from its output position; the window spans
+    every phase's offsets, at least 3 wide, and keeps the phases' output size.
+    """
+    first = min(-before for _, before, _ in phases)
+    last = max(len(taps) - 1 - before for taps, before, _ in phases)
+    size = max(last - first + 1, 3)
+    taps, before, after = phases[0]
+    outputs_minus_inputs = after + before - len(taps) + 1
+    return -first, size, outputs_minus_inputs + first + size - 1
+
+
 def _interleave(outputs: list[torch.Tensor], stride: int) -> torch.Tensor:
     """(N, C, H, W) per phase, phase-major -> (N, C, s*H, s*W) via pixel_shuffle's channel-major order."""
     n, c, h, w = outputs[0].shape
@@ -115,8 +157,9 @@ def decomposable(convt: nn.ConvTranspose2d, out_size: tuple[int, int]) -> bool:
     )
 
 
-def decompose_transposed_convs(module: nn.Module, example: torch.Tensor) -> nn.Module:
-    """A copy of `module` whose strided transposed convs run as sub-pixel convolutions."""
+def decompose_transposed_convs(module: nn.Module, example: torch.Tensor, fused: bool = False) -> nn.Module:
+    """A copy of `module` whose strided transposed convs run as sub-pixel convolutions (`fused`: as
+    one convolution each, see the module docstring)."""
     shapes: dict[nn.Module, tuple[tuple[int, int], tuple[int, int]]] = {}
 
     def record(layer, inputs, output):
@@ -135,5 +178,5 @@ def decompose_transposed_convs(module: nn.Module, example: torch.Tensor) -> nn.M
         if isinstance(layer, nn.ConvTranspose2d) and decomposable(layer, shapes[originals[name]][1]):
             parent_name, _, child = name.rpartition(".")
             parent = rewritten.get_submodule(parent_name) if parent_name else rewritten
-            setattr(parent, child, SubPixelConvTranspose2d(layer, shapes[originals[name]][0]))
+            setattr(parent, child, SubPixelConvTranspose2d(layer, shapes[originals[name]][0], fused))
     return rewritten

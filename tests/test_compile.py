@@ -34,8 +34,12 @@ def host():
 
 
 def _build(module, shape, target, database, cache_dir, name="tiny"):
+    """Imported as for the host (compile.pipeline.relax_for_target): transposed convs as one wide conv."""
     digest = source_digest(name, module, shape)
-    return compile_model(lambda: torch_to_relax(module, shape, name), target.tvm_target, database, digest, shape, cache_dir)
+    return compile_model(
+        lambda: torch_to_relax(module, shape, name, fused_subpixel=True), target.tvm_target, database, digest, shape,
+        cache_dir,
+    )
 
 
 def _run(compiled, x: np.ndarray) -> np.ndarray:
