@@ -56,6 +56,11 @@ class SubPixelConvTranspose2d(nn.Module):
             for ry in range(self.stride)
             for rx in range(self.stride)
         ]
+        if fused:  # built once: in forward, an exported graph would rebuild it on every call
+            with torch.no_grad():
+                kernel, bias, self.padding = self.fused_conv()
+            self.register_buffer("kernel", kernel, persistent=False)
+            self.register_buffer("bias", bias, persistent=False)
 
     def phase_kernels(self) -> list[torch.Tensor]:
         weight = self.convt.weight.transpose(0, 1)  # (C_in, C_out, kh, kw) -> (C_out, C_in, kh, kw)
@@ -63,8 +68,7 @@ class SubPixelConvTranspose2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            kernel, bias, padding = self.fused_conv()
-            return F.pixel_shuffle(F.conv2d(_pad_or_crop(x, *padding), kernel, bias), self.stride)
+            return F.pixel_shuffle(F.conv2d(_pad_or_crop(x, *self.padding), self.kernel, self.bias), self.stride)
         outputs = [
             F.conv2d(_pad_or_crop(x, left, right, top, bottom), kernel, self.convt.bias)
             for ((_, top, bottom), (_, left, right)), kernel in zip(self.phases, self.phase_kernels())
