@@ -35,6 +35,9 @@ KERNEL = 3
 ALPHA = TILE + KERNEL - 1  # 6x6 transform-domain points per tile
 # With few channels the transforms (per channel) outweigh the products saved (per channel pair).
 MIN_CHANNELS = 32
+# The products are vectorized across tiles: with fewer than a vector's worth (a 16x16 output), they
+# ran at 2-10 GFLOP/s, slower than a direct conv.
+MIN_TILES = 16
 VECTOR_TILES = (16, 8, 4)  # tiles per vector along a tile row: the first that divides the row is used
 
 # A (ALPHA x TILE), B (ALPHA x ALPHA), G (ALPHA x KERNEL): out = A^T [(G w G^T) . (B^T d B)] A
@@ -160,9 +163,16 @@ def _static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
     return tuple(int(d) for d in dims) if all(isinstance(d, tvm.tirx.IntImm) for d in dims) else None
 
 
+def eligible(in_channels: int, out_channels: int, out_height: int, out_width: int) -> bool:
+    """Shapes where Winograd pays: enough channels both ways, and whole 4x4 tiles, enough of them."""
+    whole_tiles = out_height % TILE == 0 and out_width % TILE == 0
+    tiles = (out_height // TILE) * (out_width // TILE)
+    return min(in_channels, out_channels) >= MIN_CHANNELS and whole_tiles and tiles >= MIN_TILES
+
+
 def applies(call: relax.Call, weight: np.ndarray | None) -> bool:
     """float32 NCHW/OIHW 3x3 convolution, stride and dilation 1, ungrouped, constant weights,
-    at least MIN_CHANNELS channels in and out, static shapes, output size a multiple of TILE."""
+    static shapes, and an `eligible` size."""
     attrs = call.attrs
     if weight is None or weight.dtype != np.float32 or weight.shape[2:] != (KERNEL, KERNEL):
         return False
@@ -175,7 +185,7 @@ def applies(call: relax.Call, weight: np.ndarray | None) -> bool:
     in_shape, out_shape = _static_shape(call.args[0]), _static_shape(call)
     if in_shape is None or out_shape is None:
         return False
-    return min(weight.shape[:2]) >= MIN_CHANNELS and out_shape[2] % TILE == 0 and out_shape[3] % TILE == 0
+    return eligible(weight.shape[1], weight.shape[0], out_shape[2], out_shape[3])
 
 
 @relax.expr_functor.mutator

@@ -18,6 +18,7 @@ Winograd (compile/winograd.py: 4x fewer products) and at a far higher rate than 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -161,9 +162,11 @@ def decomposable(convt: nn.ConvTranspose2d, out_size: tuple[int, int]) -> bool:
     )
 
 
-def decompose_transposed_convs(module: nn.Module, example: torch.Tensor, fused: bool = False) -> nn.Module:
-    """A copy of `module` whose strided transposed convs run as sub-pixel convolutions (`fused`: as
-    one convolution each, see the module docstring)."""
+def decompose_transposed_convs(
+    module: nn.Module, example: torch.Tensor, fuse: Callable[[nn.ConvTranspose2d, tuple[int, int]], bool] | None = None
+) -> nn.Module:
+    """A copy of `module` whose strided transposed convs run as sub-pixel convolutions; those for
+    which `fuse(layer, input size)` holds as one convolution (see the module docstring)."""
     shapes: dict[nn.Module, tuple[tuple[int, int], tuple[int, int]]] = {}
 
     def record(layer, inputs, output):
@@ -182,5 +185,7 @@ def decompose_transposed_convs(module: nn.Module, example: torch.Tensor, fused: 
         if isinstance(layer, nn.ConvTranspose2d) and decomposable(layer, shapes[originals[name]][1]):
             parent_name, _, child = name.rpartition(".")
             parent = rewritten.get_submodule(parent_name) if parent_name else rewritten
-            setattr(parent, child, SubPixelConvTranspose2d(layer, shapes[originals[name]][0], fused))
+            in_size = shapes[originals[name]][0]
+            fused = fuse is not None and fuse(layer, in_size)
+            setattr(parent, child, SubPixelConvTranspose2d(layer, in_size, fused))
     return rewritten

@@ -19,7 +19,7 @@ def test_matches_conv_transpose(kernel, stride, padding, output_padding, height,
     torch.manual_seed(0)
     convt = nn.Sequential(nn.ConvTranspose2d(5, 4, kernel, stride, padding, output_padding)).eval()
     x = torch.randn(2, 5, height, height + 1)
-    rewritten = decompose_transposed_convs(convt, x, fused)
+    rewritten = decompose_transposed_convs(convt, x, lambda layer, size: fused)
     assert isinstance(rewritten[0], SubPixelConvTranspose2d)
     with torch.no_grad():
         assert torch.allclose(rewritten(x), convt(x), atol=1e-5)
@@ -28,7 +28,7 @@ def test_matches_conv_transpose(kernel, stride, padding, output_padding, height,
 @pytest.mark.parametrize("kernel, padding, output_padding", [(3, 1, 1), (4, 1, 0)])
 def test_fused_form_is_one_3x3_conv_with_stride_squared_outputs(kernel, padding, output_padding):
     convt = nn.Sequential(nn.ConvTranspose2d(8, 6, kernel, 2, padding, output_padding)).eval()
-    layer = decompose_transposed_convs(convt, torch.randn(1, 8, 8, 8), fused=True)[0]
+    layer = decompose_transposed_convs(convt, torch.randn(1, 8, 8, 8), lambda layer, size: True)[0]
     weight, bias, _ = layer.fused_conv()
     assert tuple(weight.shape) == (6 * 4, 8, 3, 3) and tuple(bias.shape) == (6 * 4,)
 
