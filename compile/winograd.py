@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 import tvm
-from tvm import relax, te, tirx
+from tvm import relax, te, tirx, topi
 from tvm.ir import GenericConst
 from tvm.s_tir import Schedule
 from tvm.script.ir_builder import IRBuilder
@@ -76,6 +76,21 @@ def _row_columns(buffer, index: list, start, lanes: int) -> list:
         return [tirx.BufferLoad(buffer, [*index, start + phase]) for phase in range(TILE)]
     row = tirx.BufferLoad(buffer, [*index, tirx.Ramp(start, 1, TILE * lanes)])
     return [tirx.Shuffle([row], [phase + TILE * t for t in range(lanes)]) for phase in range(TILE)]
+
+
+def zero_pad(shape: tuple[int, ...], padding: tuple[int, int, int, int]) -> tirx.PrimFunc:
+    """NCHW zero padding (top, left, bottom, right) as its own scheduled kernel: as a Relax pad,
+    FuseOps joined it to the instance norm before it, whose channel-parallel schedule then no
+    longer applied (0.6 ms instead of 0.05 for a 64x64x64 norm)."""
+    top, left, bottom, right = padding
+    data = te.placeholder(shape, "float32", name="data")
+    padded = topi.nn.pad(data, [0, 0, top, left], [0, 0, bottom, right], name="padded")
+    sch = Schedule(te.create_prim_func([data, padded]))
+    batch, channel, *_ = sch.get_loops(sch.get_sblock("padded"))
+    sch.parallel(sch.fuse(batch, channel))
+    scheduled = sch.mod["main"].without_attr("global_symbol")
+    # opaque (kOpaque = 8): left injective, FuseOps would join it to its producer again
+    return scheduled.with_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
 
 
 def data_transform(batch: int, channels: int, height: int, width: int) -> tirx.PrimFunc:
@@ -208,7 +223,10 @@ class _WinogradRewriter(relax.PyExprMutator):
         data = call.args[0]
         top, left, bottom, right = (int(p) for p in call.attrs.padding)
         if top or left or bottom or right:
-            data = self.builder_.emit(relax.op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right]))
+            n, c, h, w = _static_shape(data)
+            pad = self.builder_.add_func(zero_pad((n, c, h, w), (top, left, bottom, right)), "winograd_zero_pad")
+            padded = relax.TensorType((n, c, h + top + bottom, w + left + right), "float32")
+            data = self.builder_.emit(relax.call_tir(pad, [data], padded))
         batch, channels, height, width = _static_shape(data)
         _, out_channels, out_height, out_width = _static_shape(call)
         tiles = batch * (out_height // TILE) * (out_width // TILE)

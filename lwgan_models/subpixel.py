@@ -69,6 +69,9 @@ class SubPixelConvTranspose2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
+            left, right, top, bottom = self.padding
+            if left == right >= 0 and top == bottom >= 0:  # the conv pads: one op, no separate pad kernel
+                return F.pixel_shuffle(F.conv2d(x, self.kernel, self.bias, padding=(top, left)), self.stride)
             return F.pixel_shuffle(F.conv2d(_pad_or_crop(x, *self.padding), self.kernel, self.bias), self.stride)
         outputs = [
             F.conv2d(_pad_or_crop(x, left, right, top, bottom), kernel, self.convt.bias)
@@ -132,7 +135,9 @@ def _window(phases: list[tuple[list[int], int, int]]) -> tuple[int, int, int]:
     """
     first = min(-before for _, before, _ in phases)
     last = max(len(taps) - 1 - before for taps, before, _ in phases)
-    size = max(last - first + 1, 3)
+    if last - first + 1 < 3:  # widened on the left first: (3, 2, 1, 1) layers get symmetric padding 1
+        first = last - 2
+    size = last - first + 1
     taps, before, after = phases[0]
     outputs_minus_inputs = after + before - len(taps) + 1
     return -first, size, outputs_minus_inputs + first + size - 1
