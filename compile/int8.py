@@ -51,6 +51,7 @@ from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.schedule import ScheduleError
 
 from compile import int8_winograd as winograd
+from compile.conv_schedule import schedule_direct_conv
 from compile.int8_intrinsics import (
     AVX2_DOT_8X2_I16,
     AVX2_DOT_8X4,
@@ -769,12 +770,16 @@ def default_cpu_schedules(prepared: tvm.IRModule, target: tvm.target.Target) -> 
     elementwise and data-movement kernels parallel, vectorized loops. Left alone, such a kernel
     runs TVM's default loops: serial and scalar. That is the case for the kernels a database does not
     cover, such as the gathers of reflection padding (never tuned), or tasks a budget did not reach.
-    Convolutions without a tuned schedule are left as they are.
+    float32 direct convolutions get `schedule_direct_conv`'s register-tiled kernel, their padding
+    and elementwise epilogue included; a convolution of another form (grouped, integer) keeps
+    TVM's loops.
     """
     lanes = max(tvm.target.codegen.llvm_get_vector_width(target) // 32, 4)
     for gvar, func in prepared.functions_items():
         if isinstance(func, tirx.PrimFunc) and not _is_scheduled(func):
             scheduled = _schedule_channel_reduction(func, lanes)
+            if scheduled is None:
+                scheduled = schedule_direct_conv(func, lanes)
             if scheduled is not None:
                 prepared[gvar] = scheduled.with_attr("tirx.is_scheduled", True)
     with target:

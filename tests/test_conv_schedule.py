@@ -1,0 +1,93 @@
+"""compile/conv_schedule.py: the default schedule of untuned fp32 convolutions agrees with torch, and
+leaves every other kernel to the rules after it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from torch import nn
+from tvm import relax, te, tirx, topi
+
+import targets
+from compile.conv_schedule import choose_tile, schedule_direct_conv
+from compile.torch_import import torch_to_relax
+from compile.tuning import prepare
+
+TOLERANCE = 1e-5  # float32 sums of at most a few thousand products, in another order than torch's
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def host():
+    return targets.resolve(targets.load_target("host")).tvm_target
+
+
+def _conv_kernels(mod: tvm.IRModule) -> list[tvm.ir.GlobalVar]:
+    return [gvar for gvar, func in mod.functions_items()
+            if isinstance(func, tirx.PrimFunc) and "conv2d" in gvar.name_hint]
+
+
+@pytest.mark.parametrize("lanes", [8, 16])  # AVX2, AVX-512: both compile for any x86-64 host
+@pytest.mark.parametrize(
+    "net, shape",
+    [
+        (nn.Conv2d(3, 16, 7), (1, 3, 22, 22)),  # a stem after its reflection pad: the padding block is a copy
+        (nn.Sequential(nn.Conv2d(16, 3, 7, padding=3), nn.Tanh()), (1, 16, 16, 16)),  # RGB output, tanh epilogue
+        (nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU()), (1, 16, 32, 32)),  # downsampling
+        (nn.Conv2d(8, 16, 4, stride=2, padding=1), (2, 8, 16, 16)),  # U-Net encoder conv, batch 2
+        (nn.Conv2d(512, 32, 1), (1, 512, 8, 8)),  # many input channels: passes over a row buffer
+        (nn.Conv2d(16, 16, 3, padding=1), (1, 16, 33, 33)),  # odd width: tiles of 11 (or 3) columns
+        (nn.Conv2d(8, 3, 3, padding=1), (1, 8, 25, 25)),  # odd width, 3 channels: 3-lane channel vectors
+        (nn.Conv2d(8, 8, (2, 1)), (1, 8, 9, 8)),  # a sub-pixel phase of a transposed conv
+    ],
+)
+def test_scheduled_convs_match_torch(net, shape, lanes, host):
+    torch.manual_seed(0)
+    net = net.eval()
+    for module in net.modules():
+        if isinstance(module, nn.Conv2d):
+            module.reset_parameters()
+    prepared = prepare(torch_to_relax(net, shape, "conv"), host)
+    (kernel,) = _conv_kernels(prepared)
+    scheduled = schedule_direct_conv(prepared[kernel], lanes)
+    assert scheduled is not None
+    prepared[kernel] = scheduled.with_attr("tirx.is_scheduled", True)
+    x = np.random.default_rng(0).uniform(-1, 1, shape).astype("float32")
+    vm = relax.VirtualMachine(tvm.compile(prepared, host), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+    with torch.inference_mode():
+        expected = net(torch.from_numpy(x)).numpy()
+    assert np.abs(got - expected).max() < TOLERANCE
+
+
+def test_tiles_follow_the_output_shape():
+    """Wide RGB outputs vectorize pixels; many output channels vectorize channels; 3 channels of an
+    odd width fall back to 3-lane channel vectors rather than a scalar tail."""
+    assert choose_tile(3, 256, 256, 7, True, 16).axis == "pixels"
+    assert choose_tile(128, 64, 64, 1, True, 16).axis == "channels"
+    assert choose_tile(64, 128, 128, 3, False, 16).axis == "channels"  # stride 2: no contiguous pixel vectors
+    assert choose_tile(3, 25, 25, 3, True, 16).vector == 3
+
+
+def _te_conv(dtype: str, out_dtype: str) -> tirx.PrimFunc:
+    data = te.placeholder((1, 8, 16, 16), dtype, "data")
+    weight = te.placeholder((16, 8, 3, 3), dtype, "weight")
+    return te.create_prim_func([data, weight, topi.nn.conv2d_nchw(data, weight, 1, 1, 1, out_dtype=out_dtype)])
+
+
+def test_te_float_conv_is_scheduled():
+    """The same computation written by TOPI directly: what the two rejections below differ from."""
+    assert schedule_direct_conv(_te_conv("float32", "float32"), 16) is not None
+
+
+def test_integer_and_non_conv_kernels_are_left_alone(host):
+    """int8 convs belong to compile/int8.py's kernels; a matmul or a grouped conv is not this loop nest."""
+    assert schedule_direct_conv(_te_conv("int8", "int32"), 16) is None
+    a, b = te.placeholder((64, 32), "float32", "a"), te.placeholder((32, 48), "float32", "b")
+    assert schedule_direct_conv(te.create_prim_func([a, b, topi.matmul(a, b)]), 16) is None
+    grouped = prepare(torch_to_relax(nn.Conv2d(8, 8, 3, groups=2).eval(), (1, 8, 10, 10), "conv"), host)
+    (kernel,) = _conv_kernels(grouped)
+    assert schedule_direct_conv(grouped[kernel], 16) is None
