@@ -171,7 +171,14 @@ def schedule_direct_conv(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | Non
     one block before it that writes its input (padding), elementwise blocks after it (bias,
     activation), fused into the write-back. None for any other kernel (integer, grouped, not a
     convolution) or when an epilogue does not fuse: TVM's default loops then stay."""
-    sch = Schedule(func)
+    sch = direct_conv_schedule(tvm.IRModule({"main": func}), lanes)
+    return None if sch is None else sch.mod["main"]
+
+
+def direct_conv_schedule(mod: tvm.IRModule, lanes: int) -> Schedule | None:
+    """`schedule_direct_conv` as a traced schedule of `mod`'s "main" (a tuning task's workload),
+    which a tuning database can store and replay."""
+    sch = Schedule(mod)
     try:
         blocks = sch.get_child_blocks(sch.get_sblock("root"))
     except ScheduleError:  # no root block: not a kernel as the Relax legalization writes them
@@ -191,7 +198,7 @@ def schedule_direct_conv(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | Non
         _schedule_tiles(sch, conv, tile, blocks[position + 1:])
     except ScheduleError:
         return None
-    return sch.mod["main"]
+    return sch
 
 
 def _writes(sch: Schedule, block, buffer: tirx.Var) -> bool:

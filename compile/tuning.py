@@ -25,6 +25,7 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.analysis import estimate_tir_flops
 
+from compile.conv_schedule import direct_conv_schedule
 from compile.database import CURVE_FILE, TuningDatabase
 from compile.intrinsics import register_cpu_tensor_intrinsics
 from compile.winograd import winograd_convs
@@ -226,6 +227,40 @@ def heaviest_tasks(extracted: list, db: ms.database.Database, count: int) -> lis
     return sorted(extracted, key=share, reverse=True)[:count]
 
 
+def seed_default_schedules(
+    tasks: list, db: ms.database.Database, target: tvm.target.Target, builder: ms.builder.Builder,
+    runner: ms.runner.Runner,
+) -> int:
+    """Measure each conv task's default schedule (compile/conv_schedule.py) with the tuning runner
+    and commit it as a record. The database then holds the faster of it and the search's best, so
+    tuning never makes a kernel slower than untuned, and the search starts from it. Measured
+    without this: the U-Net's tuned database ran 10.4 ms, the default schedules 9.0 ms.
+    Returns how many records were committed."""
+    lanes = max(tvm.target.codegen.llvm_get_vector_width(target) // 32, 4)
+    seeds = []
+    for task in tasks:
+        sch = direct_conv_schedule(task.dispatched[0], lanes)
+        if sch is not None:
+            seeds.append((task, sch, ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)))
+    if not seeds:
+        return 0
+    built = builder.build([ms.builder.BuilderInput(sch.mod, target) for _, sch, _ in seeds])
+    measured = [None if b.error_msg else b for b in built]
+    inputs = [ms.runner.RunnerInput(b.artifact_path, "cpu", args) for b, (_, _, args) in zip(built, seeds)
+              if b.error_msg is None]
+    results = iter(future.result() for future in runner.run(inputs))
+    committed = 0
+    for build, (task, sch, args) in zip(measured, seeds):
+        result = next(results) if build is not None else None
+        if result is None or result.error_msg or not result.run_secs:
+            continue
+        workload = db.commit_workload(task.dispatched[0])
+        run_secs = [float(s) for s in result.run_secs]
+        db.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, run_secs, target, args))
+        committed += 1
+    return committed
+
+
 def tune(
     mod: tvm.IRModule,
     target: tvm.target.Target,
@@ -270,6 +305,9 @@ def tune(
         if focus is not None:
             extracted = heaviest_tasks(extracted, db, focus)
             report(f"focusing on {len(extracted)} tasks: {', '.join(t.task_name for t in extracted)}")
+        if target.kind.name == "llvm":
+            seeded = seed_default_schedules(extracted, db, target, builder, runner or ms.runner.LocalRunner())
+            report(f"measured {seeded} default conv schedules as the records to beat")
         # MetaSchedule's per-task logs go to files; the console gets our one-line progress instead.
         logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
         work_dir = LOG_DIR / database.path.parent.name / database.path.name

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import tvm
+from tvm.s_tir import meta_schedule as ms
 
 import lwgan_models
 import targets
@@ -17,7 +18,7 @@ from compile.build import compile_model
 from compile.database import CURVE_FILE, TuningDatabase, trials_to_within
 from compile.pipeline import source_digest
 from compile.torch_import import torch_to_relax
-from compile.tuning import tune
+from compile.tuning import local_builder, prepare, seed_default_schedules, tune
 from errors import UserError
 
 # Small spatial sizes keep untuned builds quick; every generator is fully convolutional, except
@@ -114,6 +115,26 @@ def test_tune_then_compile_from_database_without_tuning(host, tmp_path, monkeypa
     with torch.inference_mode():
         expected = module(torch.from_numpy(x)).numpy()
     assert np.abs(_run(second, x) - expected).max() < FP32_TOLERANCE
+
+
+def test_default_conv_schedules_are_measured_into_the_database(host, tmp_path):
+    """Tuning starts by committing each conv's default schedule as a measured record, which replays."""
+    module, shape = _tiny_generator(), (1, 3, 16, 16)
+    prepared = prepare(torch_to_relax(module, shape), host.tvm_target)
+    convs = [t for t in ms.relax_integration.extract_tasks(prepared, host.tvm_target) if "conv2d" in t.task_name]
+    assert len(convs) == 2
+    database = TuningDatabase(tmp_path / "db")
+    with database.open_for_tuning() as (db, _):
+        assert seed_default_schedules(convs, db, host.tvm_target, local_builder(), ms.runner.LocalRunner()) == 2
+        for task in convs:
+            record = db.query_tuning_record(task.dispatched[0], host.tvm_target, task.task_name)
+            assert record is not None and min(record.run_secs) > 0
+    compiled = _build(module, shape, host, database, tmp_path / "cache")
+    assert compiled.tuned_tasks == 2
+    x = np.random.default_rng(2).uniform(-1, 1, shape).astype("float32")
+    with torch.inference_mode():
+        expected = module(torch.from_numpy(x)).numpy()
+    assert np.abs(_run(compiled, x) - expected).max() < FP32_TOLERANCE
 
 
 def test_tuning_appends_and_changed_database_misses_cache(host, tmp_path):
