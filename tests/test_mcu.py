@@ -69,7 +69,7 @@ def tiny_model(module: torch.nn.Module, cache: Path) -> ModelUnderTest:
     params = sum(p.numel() for p in module.parameters())
     return ModelUnderTest(name="tiny", family="cyclegan", variant="fp32", precision="fp32", weights="random",
                           params=params, macs=0, size_fp32_bytes=4 * params, input_shape=SHAPE, digest=digest,
-                          make_relax=lambda: torch_to_relax(module, SHAPE, "tiny"),
+                          make_relax=lambda fused_subpixel=False: torch_to_relax(module, SHAPE, "tiny", fused_subpixel),
                           onnx_file=lambda: export_onnx(module, SHAPE, digest, cache), torch_module=module)
 
 

@@ -70,7 +70,7 @@ def tiny_generator(shape: tuple[int, ...] = (1, 3, 16, 16)) -> ModelUnderTest:
     return ModelUnderTest(
         name="tiny-generator", family="cyclegan", variant="fp32", precision="fp32", weights="random",
         params=params, macs=0, size_fp32_bytes=4 * params, input_shape=shape, digest=digest,
-        make_relax=lambda: torch_to_relax(module, shape, "tiny-generator"),
+        make_relax=lambda fused_subpixel=False: torch_to_relax(module, shape, "tiny-generator", fused_subpixel),
         onnx_file=lambda: export_onnx(module, shape, digest), torch_module=module,
     )
 
