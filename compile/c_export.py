@@ -801,6 +801,3 @@ def _c_array(name: str, array: np.ndarray) -> str:
     body = ",\n  ".join(", ".join(values[i:i + 8]) for i in range(0, len(values), 8)) or "0"
     return (f"static const {C_TYPES[str(array.dtype)]} {name}[{max(flat.size, 1)}] "
             f"__attribute__((aligned({ALIGNMENT}))) = {{\n  {body}\n}};")
-
-
-# ----------------------------------------------------------------------------- models at MCU sizes

@@ -62,7 +62,7 @@ from compile.int8_intrinsics import (
     pairs_fit_int16,
     register_int8_intrinsics,
 )
-from compile.tuning import prepare
+from compile.tuning import float_lanes, prepare
 
 PORTABLE_LANES = 8  # int32 lanes of the untensorized kernel (LLVM vectorizes it for any CPU)
 OUTPUT_TILE = 8  # output pixels per micro-kernel: 8 accumulators + weights fit 16 AVX2 registers
@@ -774,7 +774,7 @@ def default_cpu_schedules(prepared: tvm.IRModule, target: tvm.target.Target) -> 
     and elementwise epilogue included; a convolution of another form (grouped, integer) keeps
     TVM's loops.
     """
-    lanes = max(tvm.target.codegen.llvm_get_vector_width(target) // 32, 4)
+    lanes = float_lanes(target)
     for gvar, func in prepared.functions_items():
         if isinstance(func, tirx.PrimFunc) and not _is_scheduled(func):
             scheduled = _schedule_channel_reduction(func, lanes)

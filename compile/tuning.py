@@ -94,12 +94,17 @@ def board_measurement(config: TargetConfig) -> tuple[ms.builder.Builder, ms.runn
     return builder, runner
 
 
+def float_lanes(target: tvm.target.Target) -> int:
+    """float32 lanes of the target CPU's vectors (16 on AVX-512, 8 on AVX2, 4 on NEON), at least 4."""
+    return max(tvm.target.codegen.llvm_get_vector_width(target) // 32, 4)
+
+
 def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """The passes before task extraction; the same ones must run before applying a database.
 
     On CPUs the large 3x3 convolutions become hand-scheduled Winograd kernels (compile/winograd.py)."""
     if target.kind.name == "llvm":
-        mod = winograd_convs(mod, tvm.target.codegen.llvm_get_vector_width(target) // 32)[0]
+        mod = winograd_convs(mod, float_lanes(target))[0]
     with target:
         return tvm.transform.Sequential(
             [
@@ -235,10 +240,9 @@ def seed_default_schedules(
     and commit it as a record. The database then keeps whichever the runner measured faster, it or
     the search's best, and the search starts from it. Without this the U-Net's tuned database ran
     10.4 ms where the default schedules ran 9.0 ms. Returns how many records were committed."""
-    lanes = max(tvm.target.codegen.llvm_get_vector_width(target) // 32, 4)
     seeds = []
     for task in tasks:
-        sch = direct_conv_schedule(task.dispatched[0], lanes)
+        sch = direct_conv_schedule(task.dispatched[0], float_lanes(target))
         if sch is not None:
             seeds.append((task, sch, ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)))
     built = builder.build([ms.builder.BuilderInput(sch.mod, target) for _, sch, _ in seeds]) if seeds else []

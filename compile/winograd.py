@@ -212,6 +212,7 @@ class _WinogradRewriter(relax.PyExprMutator):
         super().__init__(mod)
         self.lanes = lanes
         self.rewritten = 0
+        self.unbiased_inverses: set[relax.GlobalVar] = set()  # inverse transforms a bias may fold into
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
@@ -249,6 +250,8 @@ class _WinogradRewriter(relax.PyExprMutator):
 
     def _inverse(self, m: relax.Expr, shape: tuple[int, ...], bias: np.ndarray | None) -> relax.Call:
         inverse = self.builder_.add_func(inverse_transform(*shape, bias is not None), "winograd_inverse_transform")
+        if bias is None:
+            self.unbiased_inverses.add(inverse)
         args = [m] if bias is None else [m, relax.const(bias)]
         return relax.call_tir(inverse, args, relax.TensorType(shape, "float32"))
 
@@ -259,16 +262,14 @@ class _WinogradRewriter(relax.PyExprMutator):
         bound = self.lookup_binding(conv) if isinstance(conv, relax.Var) else None
         if not (isinstance(bound, relax.Call) and bound.op == tvm.ir.Op.get("relax.call_tir")):
             return call
-        kernel, args = bound.args[0], bound.args[1].fields
-        shape = _static_shape(bound)
-        bias = _constant_of(bias, self)
-        if not kernel.name_hint.startswith("winograd_inverse_transform") or len(args) != 1 or bias is None:
+        if bound.args[0] not in self.unbiased_inverses:
             return call
-        if bias.dtype != np.float32 or bias.size != shape[1] or _static_shape(call.args[1]) not in (
+        shape, bias = _static_shape(bound), _constant_of(bias, self)
+        if bias is None or bias.dtype != np.float32 or _static_shape(call.args[1]) not in (
             (1, shape[1], 1, 1), (shape[1], 1, 1)
         ):
             return call
-        return self._inverse(args[0], shape, bias.reshape(-1))
+        return self._inverse(bound.args[1].fields[0], shape, bias.reshape(-1))
 
 
 def winograd_convs(mod: tvm.IRModule, lanes: int) -> tuple[tvm.IRModule, int]:
