@@ -32,6 +32,7 @@ from bench.record import Record
 from bench.roofline import fma_peak_gflops, kernel_flops, kernel_profile
 from bench.runtimes import OnnxRuntime, TorchRuntime, TvmRuntime
 from compile.build import CompiledModel
+from compile.conv_schedule import PREPACKED
 from compile.database import TuningDatabase, trials_to_within
 from compile.pipeline import ModelUnderTest, compile_for_target, relax_for_target
 from compile.tuning import prepare
@@ -264,6 +265,7 @@ def _kernel_flops(built: tvm.IRModule) -> tuple[dict[str, float], set[str]]:
 
     The estimator cannot read the hand-scheduled integer kernels (tensorized dot-product intrinsics),
     and a kernel it cannot read otherwise is left out of the profile rather than failing the run.
+    Kernels whose weights the build packs (compile/conv_schedule.py) run under a suffixed name.
     """
     flops: dict[str, float] = {}
     integer = set()
@@ -279,6 +281,7 @@ def _kernel_flops(built: tvm.IRModule) -> tuple[dict[str, float], set[str]]:
             flops.update(kernel_flops(tvm.IRModule({name: func})))
         except RuntimeError:  # tvm.error.InternalError: an op the estimator has no rule for
             continue
+        flops[name + PREPACKED] = flops[name]  # the same kernel once the build packed its weights
     return flops, integer
 
 

@@ -38,9 +38,10 @@ ALPHA = TILE + KERNEL - 1  # 6x6 transform-domain points per tile
 # The transforms cost per channel, the products saved per channel pair: narrow convs stay direct
 # (the threshold is a judgement, not a measured crossover; every shipped trunk has >= 64).
 MIN_CHANNELS = 32
-# The products are vectorized across tiles: with fewer than a vector's worth (a 16x16 output), they
-# ran at 2-10 GFLOP/s, slower than a direct conv.
-MIN_TILES = 16
+# Each transformed weight (36/9 = 4x the direct conv's) is used once per tile: with 16 tiles (a 16x16
+# output) the products ran at 28 GFLOP/s, bound on those weights, and a U-Net built 0.3 ms faster
+# (4.35 against 4.67 ms) leaving such convs direct. 64 tiles is a 32x32 output, a residual trunk's.
+MIN_TILES = 64
 VECTOR_TILES = (16, 8, 4)  # tiles per vector along a tile row: the first that divides the row is used
 
 # A (ALPHA x TILE), B (ALPHA x ALPHA), G (ALPHA x KERNEL): out = A^T [(G w G^T) . (B^T d B)] A

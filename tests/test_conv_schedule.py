@@ -11,6 +11,7 @@ from torch import nn
 from tvm import relax, te, tirx, topi
 
 import targets
+from compile.build import with_default_schedules
 from compile.conv_schedule import choose_tile, schedule_direct_conv
 from compile.torch_import import torch_to_relax
 from compile.tuning import prepare
@@ -91,3 +92,19 @@ def test_integer_and_non_conv_kernels_are_left_alone(host):
     grouped = prepare(torch_to_relax(nn.Conv2d(8, 8, 3, groups=2).eval(), (1, 8, 10, 10), "conv"), host)
     (kernel,) = _conv_kernels(grouped)
     assert schedule_direct_conv(grouped[kernel], 16) is None
+
+
+def test_weights_are_packed_once_at_build_time(host):
+    """A tile along the channels reads packed weights: the build packs the constant weights, and
+    the kernel that runs per inference no longer does."""
+    torch.manual_seed(0)
+    net = nn.Conv2d(64, 64, 4, stride=2, padding=1).eval()  # an 8x8 output: vectors of channels
+    built = with_default_schedules(prepare(torch_to_relax(net, (1, 64, 16, 16), "conv"), host), host)
+    kernels = [gvar.name_hint for gvar, func in built.functions_items() if isinstance(func, tirx.PrimFunc)]
+    assert any(name.endswith("_prepacked") for name in kernels)
+    assert "weight_prepack" not in built["main"].script()  # folded into a constant
+    x = np.random.default_rng(0).uniform(-1, 1, (1, 64, 16, 16)).astype("float32")
+    vm = relax.VirtualMachine(tvm.compile(built, host), tvm.cpu())
+    with torch.inference_mode():
+        expected = net(torch.from_numpy(x)).numpy()
+    assert np.abs(vm["main"](tvm.runtime.tensor(x)).numpy() - expected).max() < TOLERANCE

@@ -40,10 +40,10 @@ def _op_count(mod: tvm.IRModule, op: str) -> int:
 @pytest.mark.parametrize(
     "batch, channels, out_channels, height, width, padding",
     [
-        (1, 64, 64, 18, 18, 0),  # a residual trunk conv after its reflection pad; 4 tiles a row
-        (2, 32, 48, 12, 64, 1),  # batch, unequal channels, zero padding; 16 tiles a row: one 16-wide vector
+        (1, 64, 64, 66, 18, 0),  # a trunk conv after its reflection pad; 4 tiles a row, 64 tiles
+        (2, 32, 48, 20, 64, 1),  # batch, unequal channels, zero padding; 16 tiles a row: one 16-wide vector
         (1, 40, 32, 34, 34, 0),  # 8 tiles a row
-        (1, 32, 32, 22, 22, 0),  # 5 tiles a row: scalar
+        (1, 32, 32, 54, 22, 0),  # 5 tiles a row: scalar
     ],
 )
 def test_winograd_conv_matches_torch(batch, channels, out_channels, height, width, padding, host):
@@ -66,7 +66,8 @@ def test_winograd_conv_matches_torch(batch, channels, out_channels, height, widt
     "conv, shape",
     [
         (torch.nn.Conv2d(64, 64, 3, stride=2, padding=1), (1, 64, 16, 16)),  # strided
-        (torch.nn.Conv2d(16, 16, 3, padding=1), (1, 16, 16, 16)),  # too few channels to pay off
+        (torch.nn.Conv2d(16, 16, 3, padding=1), (1, 16, 32, 32)),  # too few channels to pay off
+        (torch.nn.Conv2d(64, 64, 3, padding=1), (1, 64, 16, 16)),  # 16 tiles: too few uses of each weight
         (torch.nn.Conv2d(64, 64, 3), (1, 64, 16, 16)),  # 14x14 output: not whole 4x4 tiles
         (torch.nn.Conv2d(64, 64, 1), (1, 64, 16, 16)),  # not 3x3
         (torch.nn.Conv2d(64, 64, 3, padding=2, dilation=2), (1, 64, 16, 16)),  # dilated
@@ -82,7 +83,7 @@ def test_winograd_kernels_arrive_scheduled_and_are_not_tuned(host):
     net = torch.nn.Sequential(
         torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(64, 64, 3, padding=1)
     ).eval()
-    tasks = ms.relax_integration.extract_tasks(prepare(torch_to_relax(net, (1, 64, 16, 16), "conv"), host), host)
+    tasks = ms.relax_integration.extract_tasks(prepare(torch_to_relax(net, (1, 64, 32, 32), "conv"), host), host)
     assert not any("conv2d" in t.task_name or "winograd" in t.task_name for t in tasks if not hand_scheduled(t))
     scheduled = [t.task_name for t in tasks if hand_scheduled(t)]
     for kernel in ("winograd_data_transform", "winograd_products", "winograd_inverse_transform"):
