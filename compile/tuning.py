@@ -28,7 +28,7 @@ from tvm.s_tir.analysis import estimate_tir_flops
 from compile.conv_schedule import direct_conv_schedule
 from compile.database import CURVE_FILE, TuningDatabase
 from compile.intrinsics import register_cpu_tensor_intrinsics
-from compile.sink_activation import sink_activations
+from compile.rewrites import fuse_friendly
 from compile.winograd import winograd_convs
 from errors import UserError
 from targets.config import TargetConfig
@@ -104,11 +104,11 @@ def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """The passes before task extraction; the same ones must run before applying a database.
 
     On CPUs the large 3x3 convolutions become hand-scheduled Winograd kernels (compile/winograd.py),
-    an output tanh moves ahead of the interleave before it (compile/sink_activation.py), and tanh
+    pads and an output tanh join the convolutions next to them (compile/rewrites.py), and tanh
     becomes TVM's fast rational approximation: LLVM otherwise calls libm's scalar expf per element
     (0.45 ms of a U-Net's RGB output, 49k values), and the approximation is ~1e-7 from libm."""
     if target.kind.name == "llvm":
-        mod = relax.transform.FastMathTransform()(sink_activations(winograd_convs(mod, float_lanes(target))[0])[0])
+        mod = relax.transform.FastMathTransform()(fuse_friendly(winograd_convs(mod, float_lanes(target))[0])[0])
     with target:
         return tvm.transform.Sequential(
             [

@@ -1,4 +1,4 @@
-"""compile/sink_activation.py: an output tanh moves ahead of the interleave feeding it, exactly."""
+"""compile/rewrites.py: an output tanh moves ahead of the interleave feeding it, pads join convolutions; exactly."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tvm import relax
 
 import targets
 from compile.build import with_default_schedules
-from compile.sink_activation import sink_activations
+from compile.rewrites import fuse_friendly
 from compile.torch_import import torch_to_relax
 from compile.tuning import prepare
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class PhasesThenTanh(nn.Module):
-    """Two convolutions stacked and pixel-shuffled, then tanh: a sub-pixel output layer's shape."""
+    """Four padded 2x2 convolutions stacked and pixel-shuffled, then tanh: a sub-pixel output layer."""
 
     def __init__(self, also_return_interleaved: bool = False) -> None:
         super().__init__()
@@ -28,7 +28,9 @@ class PhasesThenTanh(nn.Module):
         self.also_return_interleaved = also_return_interleaved
 
     def forward(self, x):
-        phases = torch.stack([conv(x) for conv in self.convs], dim=2).reshape(1, 12, 15, 15)
+        pads = [(1, 0, 1, 0), (0, 1, 1, 0), (1, 0, 0, 1), (0, 1, 0, 1)]  # (left, right, top, bottom) per phase
+        phases = torch.stack([conv(F.pad(x, pad)) for conv, pad in zip(self.convs, pads)], dim=2)
+        phases = phases.reshape(1, 12, 16, 16)
         interleaved = F.pixel_shuffle(phases, 2)
         return (torch.tanh(interleaved), interleaved) if self.also_return_interleaved else torch.tanh(interleaved)
 
@@ -45,12 +47,13 @@ def _kernel_names(mod: tvm.IRModule) -> list[str]:
 def test_tanh_joins_the_convolutions_and_the_output_is_unchanged(host):
     torch.manual_seed(0)
     net = PhasesThenTanh().eval()
-    moved = sink_activations(torch_to_relax(net, (1, 8, 16, 16), "phases"))[1]
+    moved = fuse_friendly(torch_to_relax(net, (1, 8, 16, 16), "phases"))[1]
     assert moved == 1
     prepared = prepare(torch_to_relax(net, (1, 8, 16, 16), "phases"), host)
     names = _kernel_names(prepared)
     assert any("conv2d" in name and "tanh" in name for name in names)  # the four phases share one kernel
     assert not any("transpose" in name and "tanh" in name for name in names)
+    assert not any(name.startswith("pad") for name in names)  # each phase's pad is its conv's padding
     x = np.random.default_rng(0).uniform(-2, 2, (1, 8, 16, 16)).astype("float32")
     vm = relax.VirtualMachine(tvm.compile(with_default_schedules(prepared, host), host), tvm.cpu())
     with torch.inference_mode():
@@ -60,4 +63,23 @@ def test_tanh_joins_the_convolutions_and_the_output_is_unchanged(host):
 
 def test_a_rearrangement_read_elsewhere_stays_where_it_is():
     net = PhasesThenTanh(also_return_interleaved=True).eval()
-    assert sink_activations(torch_to_relax(net, (1, 8, 16, 16), "phases"))[1] == 0
+    assert fuse_friendly(torch_to_relax(net, (1, 8, 16, 16), "phases"))[1] == 0
+
+
+@pytest.mark.parametrize("pad, folded", [((1, 0, 2, 0), 1), ((1, 1, 1, 1), 1), ((-1, 0, 0, 0), 0)])
+def test_zero_pads_become_conv_padding(pad, folded, host):
+    """Any non-negative zero pad folds (asymmetric too); a crop (negative pad) stays."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 8, 3).eval()
+
+    class PadThenConv(nn.Module):
+        def forward(self, x):
+            return conv(F.pad(x, pad))
+
+    mod = torch_to_relax(PadThenConv(), (1, 4, 9, 9), "pad")
+    assert fuse_friendly(mod)[2] == folded
+    x = np.random.default_rng(0).uniform(-1, 1, (1, 4, 9, 9)).astype("float32")
+    vm = relax.VirtualMachine(tvm.compile(with_default_schedules(prepare(mod, host), host), host), tvm.cpu())
+    with torch.inference_mode():
+        expected = PadThenConv()(torch.from_numpy(x)).numpy()
+    assert np.abs(vm["main"](tvm.runtime.tensor(x)).numpy() - expected).max() < 1e-5
