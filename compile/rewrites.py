@@ -77,7 +77,12 @@ class _Rewriter(relax.PyExprMutator):
         if not isinstance(expr, relax.Var) or self.uses.get(expr, 0) != 1:
             return None
         bound = self.lookup_binding(expr)
+        if _op_name(bound) == "relax.concat" and not isinstance(self._tuple(bound.args[0]), relax.Tuple):
+            return None  # parts it cannot see: left as it is
         return bound if _op_name(bound) in MOVES else None
+
+    def _tuple(self, expr: relax.Expr) -> relax.Expr | None:
+        return self.lookup_binding(expr) if isinstance(expr, relax.Var) else expr
 
     def _apply_before_moves(self, expr: relax.Expr, activation: tvm.ir.Op) -> relax.Expr:
         move = self._rearranged(expr)
@@ -85,8 +90,7 @@ class _Rewriter(relax.PyExprMutator):
             return self.builder_.emit(relax.Call(activation, [expr]))
         source = move.args[0]
         if _op_name(move) == "relax.concat":
-            parts = self.lookup_binding(source) if isinstance(source, relax.Var) else source
-            moved = relax.Tuple([self._apply_before_moves(part, activation) for part in parts.fields])
+            moved = relax.Tuple([self._apply_before_moves(part, activation) for part in self._tuple(source).fields])
         else:
             moved = self._apply_before_moves(source, activation)
         return self.builder_.emit(relax.Call(move.op, [moved, *move.args[1:]], move.attrs))
