@@ -757,10 +757,11 @@ def schedule_float_ops(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRMo
     TVM loops are serial and scalar. Scheduled here (instance norms by
     `_schedule_channel_reduction`, other reductions by dlight's CPU rule, parallel and vectorized
     loops for the rest), the model needs no MetaSchedule run, which on a 2-core machine costs
-    hours for these 40-odd small tasks. tanh becomes TVM's fast rational approximation (about
-    1e-7 from libm's, far below one quantization step) rather than a scalar libm call per element.
+    hours for these 40-odd small tasks. `prepare` makes tanh TVM's fast rational approximation
+    (about 1e-7 from libm's, far below one quantization step) rather than a scalar libm call per
+    element.
     """
-    return default_cpu_schedules(prepare(relax.transform.FastMathTransform()(mod), target), target)
+    return default_cpu_schedules(prepare(mod, target), target)
 
 
 def default_cpu_schedules(prepared: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:

@@ -171,8 +171,9 @@ def database_to_apply(model: ModelUnderTest, target: ResolvedTarget) -> TuningDa
 def relax_for_target(model: ModelUnderTest, target: ResolvedTarget) -> Callable[[], tvm.IRModule]:
     """The module to tune and build: int8 QDQ models get integer conv kernels (compile/int8.py).
 
-    On CPUs (LLVM targets) each transposed convolution is imported as one wide 3x3 convolution,
-    which compile/winograd.py runs as Winograd; other targets get the cheaper sub-pixel phases."""
+    On CPUs (LLVM targets) a transposed convolution whose one wide 3x3 convolution form
+    compile/winograd.py runs as Winograd is imported in that form; others, and every transposed
+    convolution on other targets, as the cheaper sub-pixel phases."""
     if model.precision != "int8":
         fused_subpixel = target.tvm_target.kind.name == "llvm"
         return lambda: model.make_relax(fused_subpixel=fused_subpixel)
