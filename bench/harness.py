@@ -8,6 +8,7 @@ is kept and marked invalid, never silently averaged in.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -68,6 +69,7 @@ def time_runtimes(runtimes: list[Runtime], rules: BenchRules, rounds: int = 3, m
     while True:
         for collected, runtime in zip(samples, runtimes):
             if not _enough(collected, rules) and len(collected) < max_samples:
+                wait_for_idle_threads()
                 collected.extend(runtime.measure(min(per_round, max_samples - len(collected))))
         if all(_enough(c, rules) or len(c) >= max_samples for c in samples):
             break
@@ -80,6 +82,20 @@ def time_runtimes(runtimes: list[Runtime], rules: BenchRules, rounds: int = 3, m
             reasons.append(f"{sum(collected):.2f} s timed < {rules.min_duration_s} s")
         timings.append(Timing(tuple(collected), rules.warmup, not reasons, "; ".join(reasons)))
     return timings
+
+
+def wait_for_idle_threads(window_s: float = 0.01, busy_fraction: float = 0.1, timeout_s: float = 1.0) -> None:
+    """Return once this process's threads have stopped spinning, so the next runtime has the cores.
+
+    A thread pool spins for a while after each job before it sleeps (TVM's for about 80 ms of one
+    core on this machine); the runtime timed next would otherwise share its cores with it.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        cpu = time.process_time()
+        time.sleep(window_s)
+        if time.process_time() - cpu < busy_fraction * window_s:
+            return
 
 
 def _enough(collected: list[float], rules: BenchRules) -> bool:

@@ -50,6 +50,9 @@ def _run(runtime: str, artifact: str, shape: tuple[int, ...], threads: int) -> N
         import tvm
         from tvm import relax
 
+        from targets.threads import size_tvm_thread_pool
+
+        size_tvm_thread_pool()
         tvm.get_global_func("runtime.config_threadpool")(1, threads)
         vm = relax.VirtualMachine(tvm.runtime.load_module(artifact), tvm.cpu())
         for _ in range(INFERENCES):

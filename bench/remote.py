@@ -44,7 +44,7 @@ class RemoteTvmRuntime(TvmRuntime):
         session.upload(str(library), library.name)
         device = session.cpu()
         super().__init__(relax.VirtualMachine(session.load_module(library.name), device), device, threads,
-                         config_threadpool=session.get_function("runtime.config_threadpool"))
+                         runtime_function=session.get_function)
 
 
 def bench_remote(

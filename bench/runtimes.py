@@ -16,6 +16,9 @@ import onnxruntime as ort
 import torch
 import tvm
 
+from errors import UserError
+from targets.threads import ENV, size_tvm_thread_pool
+
 
 class TorchRuntime:
     name = "torch"
@@ -91,13 +94,23 @@ class TvmRuntime:
     name = "tvm"
 
     def __init__(self, vm: tvm.relax.VirtualMachine, device: tvm.runtime.Device, threads: int,
-                 config_threadpool=None) -> None:
-        """`config_threadpool`: the runtime's own function (a board's, over RPC); default this process's."""
-        if config_threadpool is None:
+                 runtime_function=None) -> None:
+        """`runtime_function` looks up the runtime's own functions (a board's, over RPC); default this process's.
+
+        A pool that cannot run `threads` threads is an error, not a slower record.
+        """
+        if runtime_function is None:
+            size_tvm_thread_pool()
             with kept_cpu_affinity():
                 tvm.get_global_func("runtime.config_threadpool")(1, threads)
+            running = tvm.get_global_func("runtime.NumThreads")()
         else:
-            config_threadpool(1, threads)
+            runtime_function("runtime.config_threadpool")(1, threads)
+            running = runtime_function("runtime.NumThreads")()
+        if running != threads:
+            raise UserError(f"TVM's thread pool runs {running} threads where the target asks for {threads} "
+                            f"(this process may use {len(os.sched_getaffinity(0))} CPUs; {ENV}="
+                            f"{os.environ.get(ENV, 'unset')})")
         self.vm = vm
         self.device = device
         self.threads = threads

@@ -32,6 +32,7 @@ from compile.rewrites import fuse_friendly
 from compile.winograd import winograd_convs
 from errors import UserError
 from targets.config import TargetConfig
+from targets.threads import size_tvm_thread_pool
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOG_DIR = REPO_ROOT / "build" / "tune-logs"
@@ -294,6 +295,8 @@ def tune(
     builder = local_builder()
     if board is not None:
         builder, runner = board_measurement(board)
+    else:
+        size_tvm_thread_pool()  # the local runner's workers measure on every CPU, as the benchmark runs
     register_cpu_tensor_intrinsics()
     prepared = prepare(mod, target)
     extracted = [

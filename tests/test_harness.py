@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from bench.harness import Timing, time_runtimes
+from bench.harness import Timing, time_runtimes, wait_for_idle_threads
 from targets import BenchRules
 
 WARMUP_S = 7.0  # warm-up samples are this long, so any that leak into the timed samples stand out
@@ -153,3 +153,46 @@ def test_setting_up_tvm_threads_leaves_the_process_on_all_its_cores():
     before = os.sched_getaffinity(0)
     TvmRuntime(vm=None, device=tvm.cpu(), threads=2)
     assert os.sched_getaffinity(0) == before
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs a process allowed on two or more cores")
+def test_tvm_runs_the_threads_the_target_asks_for():
+    """On x86 TVM's own guess is half the CPUs: on a 2-vCPU machine without SMT it ran one thread."""
+    import tvm
+
+    from bench.runtimes import TvmRuntime
+
+    TvmRuntime(vm=None, device=tvm.cpu(), threads=2)
+    assert tvm.get_global_func("runtime.NumThreads")() == 2
+
+
+def test_more_tvm_threads_than_cpus_is_a_clear_error():
+    import tvm
+
+    from bench.runtimes import TvmRuntime
+    from errors import UserError
+
+    with pytest.raises(UserError, match="thread pool runs .* threads where the target asks for"):
+        TvmRuntime(vm=None, device=tvm.cpu(), threads=len(os.sched_getaffinity(0)) + 1)
+
+
+def test_next_runtime_waits_for_spinning_threads():
+    """A pool that spins after its job would share the cores with the runtime timed next."""
+    import threading
+    import time
+
+    spin_s = 0.2
+
+    def spin():
+        end = time.monotonic() + spin_s
+        while time.monotonic() < end:
+            pass
+
+    spinner = threading.Thread(target=spin)
+    start = time.monotonic()
+    spinner.start()
+    wait_for_idle_threads()
+    assert not spinner.is_alive() and time.monotonic() - start >= spin_s
+    idle_start = time.monotonic()
+    wait_for_idle_threads()
+    assert time.monotonic() - idle_start < spin_s
