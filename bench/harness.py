@@ -8,6 +8,7 @@ is kept and marked invalid, never silently averaged in.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -60,7 +61,9 @@ def time_runtimes(runtimes: list[Runtime], rules: BenchRules, rounds: int = 3, m
 
     Interleaving spreads the drift of a shared, noisy machine over all runtimes, so their
     ratios stay meaningful. Rounds repeat until each runtime has both the minimum sample count and
-    the minimum total duration, or `max_samples`.
+    the minimum total duration, or `max_samples`. A runtime whose samples are short gets larger
+    batches, each about `1/rounds` of the minimum duration, so a fast model is not timed in
+    hundreds of rounds each waiting for the other runtimes' threads to go idle.
     """
     for runtime in runtimes:
         runtime.measure(rules.warmup)
@@ -70,7 +73,8 @@ def time_runtimes(runtimes: list[Runtime], rules: BenchRules, rounds: int = 3, m
         for collected, runtime in zip(samples, runtimes):
             if not _enough(collected, rules) and len(collected) < max_samples:
                 wait_for_idle_threads()
-                collected.extend(runtime.measure(min(per_round, max_samples - len(collected))))
+                batch = _batch_size(collected, rules, per_round, rounds)
+                collected.extend(runtime.measure(min(batch, max_samples - len(collected))))
         if all(_enough(c, rules) or len(c) >= max_samples for c in samples):
             break
     timings = []
@@ -96,6 +100,14 @@ def wait_for_idle_threads(window_s: float = 0.01, busy_fraction: float = 0.1, ti
         time.sleep(window_s)
         if time.process_time() - cpu < busy_fraction * window_s:
             return
+
+
+def _batch_size(collected: list[float], rules: BenchRules, per_round: int, rounds: int) -> int:
+    """`per_round`, or more once the samples so far show that many would not fill a round's share of the minimum duration."""
+    mean = sum(collected) / len(collected) if collected else 0.0
+    if mean <= 0.0:
+        return per_round
+    return max(per_round, math.ceil(rules.min_duration_s / rounds / mean))
 
 
 def _enough(collected: list[float], rules: BenchRules) -> bool:

@@ -45,7 +45,7 @@ def _enough(samples, rules: BenchRules) -> bool:
 def test_warmup_first_then_strictly_interleaved():
     log: list = []
     rules = BenchRules(threads=1, warmup=4, samples=9, min_duration_s=0.5)
-    a = ScriptedRuntime("A", [0.01, 0.03], log, rules.warmup)
+    a = ScriptedRuntime("A", [0.015, 0.025, 0.02], log, rules.warmup)
     b = ScriptedRuntime("B", [0.02], log, rules.warmup)  # same mean: both need the same number of rounds
     timings = time_runtimes([a, b], rules, rounds=3)
 
@@ -53,8 +53,10 @@ def test_warmup_first_then_strictly_interleaved():
     timed = log[2:]
     assert len(timed) >= 2 and len(timed) % 2 == 0
     assert [name for name, _ in timed] == ["A", "B"] * (len(timed) // 2)
+    # The first round takes samples/rounds each; later ones enough to fill a third of the minimum duration.
     per_round = math.ceil(rules.samples / 3)
-    assert all(n == per_round for _, n in timed)
+    later = math.ceil(rules.min_duration_s / 3 / 0.02)
+    assert [n for _, n in timed] == [per_round] * 2 + [later] * (len(timed) - 2)
 
     for runtime, timing in zip([a, b], timings):
         # The timed samples are exactly what the timed calls returned: no warm-up sample leaks in.
@@ -66,7 +68,7 @@ def test_warmup_first_then_strictly_interleaved():
         assert timing.duration_s >= rules.min_duration_s
         assert timing.valid and timing.invalid_reason == ""
         # It stops as soon as the rules are met: one round fewer would not have been enough.
-        assert not _enough(timing.samples_s[:-per_round], rules)
+        assert not _enough(timing.samples_s[:-later], rules)
 
 
 def test_faster_runtime_keeps_going_alone_after_the_slow_one_is_done():
@@ -78,11 +80,11 @@ def test_faster_runtime_keeps_going_alone_after_the_slow_one_is_done():
 
     assert log[:2] == [("fast", 2), ("slow", 2)]
     names = [name for name, _ in log[2:]]
-    # slow reaches 6 samples (1.2 s) in three rounds; fast needs 60 samples (0.6 s) in rounds of 2.
-    assert names[:6] == ["fast", "slow"] * 3
-    assert set(names[6:]) == {"fast"}
+    # slow reaches 6 samples (1.2 s) in three rounds; fast needs 60 samples (0.6 s): after its first
+    # round of 2 it takes batches of 20 (0.2 s, a third of the minimum), so it needs a fourth round.
+    assert log[2:] == [("fast", 2), ("slow", 2), ("fast", 20), ("slow", 2), ("fast", 20), ("slow", 2), ("fast", 20)]
     assert len(slow_t.samples_s) == 6 and slow_t.valid and slow_t.invalid_reason == ""
-    assert len(fast_t.samples_s) == 60 and fast_t.valid and fast_t.invalid_reason == ""
+    assert len(fast_t.samples_s) == 62 and fast_t.valid and fast_t.invalid_reason == ""
     assert fast_t.duration_s >= rules.min_duration_s and slow_t.duration_s >= rules.min_duration_s
 
 
@@ -102,7 +104,8 @@ def test_too_short_to_reach_min_duration_is_invalid(max_samples):
     assert "samples <" not in reason  # it had enough samples; only the duration is short
 
     assert normal_t.valid and normal_t.invalid_reason == ""
-    assert len(normal_t.samples_s) == 12 and normal_t.duration_s == pytest.approx(12.0)
+    # 3 samples, then batches of 4 (a third of the 10 s minimum): 11 s.
+    assert len(normal_t.samples_s) == 11 and normal_t.duration_s == pytest.approx(11.0)
 
 
 def test_too_few_samples_is_invalid_and_says_so():
