@@ -26,7 +26,7 @@ from skimage import data as skimage_data
 
 from bench.energy import measure_energy
 from bench.fingerprint import host_fingerprint
-from bench.harness import Runtime, Timing, time_runtimes
+from bench.harness import Runtime, Timing, time_runtimes, wait_for_idle_threads
 from bench.memory import peak_rss_bytes
 from bench.record import Record
 from bench.roofline import fma_peak_gflops, kernel_flops, kernel_profile
@@ -247,6 +247,7 @@ def _roofline(model: ModelUnderTest, target: ResolvedTarget, adapter: TvmRuntime
     not the fake-quant graph), prepared as the build prepares it so that names match the library's.
     Integer kernels count integer ops (GOP/s); a float FMA peak is not theirs, so no fraction of it.
     """
+    wait_for_idle_threads()  # TVM's workers spin after the timing; the microbenchmark would share their cores
     peak = fma_peak_gflops(threads)
     built = prepare(relax_for_target(model, target)(), target.tvm_target)
     flops, integer = _kernel_flops(built)
