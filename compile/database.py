@@ -26,6 +26,7 @@ CURVE_FILE = "tuning_curve.jsonl"  # the tuning log: one line per measured batch
 FAILED_RUN_S = 1e9  # MetaSchedule stores a failed measurement as 1e10 s
 WEIGHTS_FILE = "task_weights.json"  # workload structural hash -> calls per inference, written by tuning
 CURVE_POINTS = 60  # a record keeps this many points of the curve, enough to plot it
+THREADS_FILE = "measured_threads.json"  # {"threads": N}: the thread count every record was measured with
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,28 @@ class TuningDatabase:
         known = json.loads(self.weights_file.read_text(encoding="utf-8")) if self.weights_file.exists() else {}
         self.path.mkdir(parents=True, exist_ok=True)
         self.weights_file.write_text(json.dumps({**known, **weights}, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+    def claim_threads(self, threads: int) -> None:
+        """Record that new measurements run `threads` threads; refuse to mix them with records of another count.
+
+        A record's time is only comparable with others measured on as many threads: MetaSchedule applies
+        the fastest record per workload, so records from a 1-thread pool would lose to any 2-thread one.
+        """
+        file = self.path / THREADS_FILE
+        if file.exists():
+            try:
+                measured = int(json.loads(file.read_text(encoding="utf-8"))["threads"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise UserError(f"{file}: corrupt ({exc}); expected {{\"threads\": N}}") from exc
+            if measured != threads:
+                raise UserError(f"{self.path}: its records were measured on {measured} thread(s) and tuning here "
+                                f"measures on {threads}; tune into a fresh database (move this one away)")
+            return
+        if self.record_count():
+            raise UserError(f"{self.path}: its records do not say how many threads measured them ({THREADS_FILE} "
+                            f"is missing); tune into a fresh database (move this one away)")
+        self.path.mkdir(parents=True, exist_ok=True)
+        file.write_text(json.dumps({"threads": threads}) + "\n", encoding="utf-8")
 
     def curve(self) -> list[tuple[int, float]]:
         """Best model latency estimate (ms) against trials, replayed from the records in the order tuning

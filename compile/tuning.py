@@ -295,8 +295,8 @@ def tune(
     builder = local_builder()
     if board is not None:
         builder, runner = board_measurement(board)
-    else:
-        size_tvm_thread_pool()  # the local runner's workers measure on every CPU, as the benchmark runs
+    else:  # the local runner's workers measure on every CPU, as the benchmark runs
+        database.claim_threads(size_tvm_thread_pool())
     register_cpu_tensor_intrinsics()
     prepared = prepare(mod, target)
     extracted = [

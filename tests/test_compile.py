@@ -15,11 +15,12 @@ from tvm.s_tir import meta_schedule as ms
 import lwgan_models
 import targets
 from compile.build import compile_model
-from compile.database import CURVE_FILE, TuningDatabase, trials_to_within
+from compile.database import CURVE_FILE, THREADS_FILE, TuningDatabase, trials_to_within
 from compile.pipeline import source_digest
 from compile.torch_import import torch_to_relax
 from compile.tuning import local_builder, prepare, seed_default_schedules, tune
 from errors import UserError
+from targets.threads import size_tvm_thread_pool
 
 # Small spatial sizes keep untuned builds quick; every generator is fully convolutional, except
 # the 7-level U-Net, which needs 128 pixels to reach its 1x1 bottleneck.
@@ -191,6 +192,8 @@ def _unreplayable_database(tmp_path) -> TuningDatabase:
     """Real MetaSchedule output: 2 good records and 8 RFactor traces that fail to replay on reload."""
     database = TuningDatabase(tmp_path / "db")
     shutil.copytree(Path(__file__).parent / "data" / "unreplayable_db", database.path)
+    # The fixture's records do not say their thread count; they stand for records measured on this machine.
+    (database.path / THREADS_FILE).write_text(json.dumps({"threads": size_tvm_thread_pool()}))
     return database
 
 
@@ -215,6 +218,25 @@ def test_tuning_into_a_database_with_unreplayable_records_appends(host, tmp_path
     assert database.record_count() > 10 and database.unreplayable_records() == list(range(3, 11))
     compiled = _build(module, shape, host, database, tmp_path / "cache")
     assert compiled.tuned_tasks > 0 and compiled.db_skipped == 8
+
+
+def test_tuning_records_its_thread_count_and_refuses_to_mix_counts(host, tmp_path):
+    """Records measured on 1 thread would lose to any measured on 2, whatever their schedules are worth."""
+    module, shape = _tiny_generator(), (1, 3, 16, 16)
+    database = TuningDatabase(tmp_path / "db")
+    tune(torch_to_relax(module, shape), host.tvm_target, database, trials=2, trials_per_task=2,
+         report=lambda _: None, population=SEARCH_POPULATION)
+    threads_file = database.path / THREADS_FILE
+    assert json.loads(threads_file.read_text()) == {"threads": size_tvm_thread_pool()}
+    records = database.record_file.read_bytes()
+    threads_file.write_text(json.dumps({"threads": size_tvm_thread_pool() + 1}))
+    with pytest.raises(UserError, match=r"measured on \d+ thread\(s\) and tuning here measures on \d+; tune into a fresh"):
+        tune(torch_to_relax(module, shape), host.tvm_target, database, trials=2, trials_per_task=2,
+             report=lambda _: None, population=SEARCH_POPULATION)
+    threads_file.unlink()
+    with pytest.raises(UserError, match="do not say how many threads measured them"):
+        database.claim_threads(2)
+    assert database.record_file.read_bytes() == records
 
 
 def test_focus_must_be_positive(host, tmp_path):
