@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+from errors import UserError
+
 ENV = "TVM_NUM_THREADS"
 
 
@@ -20,5 +22,7 @@ def size_tvm_thread_pool() -> int:
     machine where TVM's guess is more than one thread). Child processes, such as MetaSchedule's
     measuring workers and the peak-memory probe, inherit it.
     """
-    os.environ.setdefault(ENV, str(len(os.sched_getaffinity(0))))
-    return int(os.environ[ENV])
+    value = os.environ.setdefault(ENV, str(len(os.sched_getaffinity(0))))
+    if not value.isdigit() or int(value) < 1:
+        raise UserError(f"{ENV}={value!r}: expected a positive whole number of threads")
+    return int(value)

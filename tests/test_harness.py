@@ -179,6 +179,15 @@ def test_more_tvm_threads_than_cpus_is_a_clear_error():
         TvmRuntime(vm=None, device=tvm.cpu(), threads=len(os.sched_getaffinity(0)) + 1)
 
 
+def test_a_thread_count_that_is_not_a_number_is_a_clear_error(monkeypatch):
+    from errors import UserError
+    from targets.threads import ENV, size_tvm_thread_pool
+
+    monkeypatch.setenv(ENV, "two")
+    with pytest.raises(UserError, match="TVM_NUM_THREADS='two': expected a positive whole number"):
+        size_tvm_thread_pool()
+
+
 def test_next_runtime_waits_for_spinning_threads():
     """A pool that spins after its job would share the cores with the runtime timed next."""
     import threading
