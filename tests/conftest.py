@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import targets
+
 
 @pytest.fixture(scope="module")
 def one_torch_thread():
@@ -25,3 +27,9 @@ def sshd(tmp_path_factory):
     server = start_sshd(tmp_path_factory.mktemp("sshd"))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def host_target():
+    """The host's TVM target at the best ISA level this machine runs."""
+    return targets.resolve(targets.load_target("host")).tvm_target

@@ -10,20 +10,14 @@ import tvm
 from torch import nn
 from tvm import relax, te, tirx, topi
 
-import targets
 from compile.build import with_default_schedules
-from compile.conv_schedule import choose_tile, schedule_direct_conv
+from compile.conv_schedule import PREPACKED, choose_tile, schedule_direct_conv
 from compile.torch_import import torch_to_relax
 from compile.tuning import prepare
 
 TOLERANCE = 1e-5  # float32 sums of at most a few thousand products, in another order than torch's
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def host():
-    return targets.resolve(targets.load_target("host")).tvm_target
 
 
 def _conv_kernels(mod: tvm.IRModule) -> list[tvm.ir.GlobalVar]:
@@ -45,19 +39,19 @@ def _conv_kernels(mod: tvm.IRModule) -> list[tvm.ir.GlobalVar]:
         (nn.Conv2d(8, 8, (2, 1)), (1, 8, 9, 8)),  # a sub-pixel phase of a transposed conv
     ],
 )
-def test_scheduled_convs_match_torch(net, shape, lanes, host):
+def test_scheduled_convs_match_torch(net, shape, lanes, host_target):
     torch.manual_seed(0)
     net = net.eval()
     for module in net.modules():
         if isinstance(module, nn.Conv2d):
             module.reset_parameters()
-    prepared = prepare(torch_to_relax(net, shape, "conv"), host)
+    prepared = prepare(torch_to_relax(net, shape, "conv"), host_target)
     (kernel,) = _conv_kernels(prepared)
     scheduled = schedule_direct_conv(prepared[kernel], lanes)
     assert scheduled is not None
     prepared[kernel] = scheduled.with_attr("tirx.is_scheduled", True)
     x = np.random.default_rng(0).uniform(-1, 1, shape).astype("float32")
-    vm = relax.VirtualMachine(tvm.compile(prepared, host), tvm.cpu())
+    vm = relax.VirtualMachine(tvm.compile(prepared, host_target), tvm.cpu())
     got = vm["main"](tvm.runtime.tensor(x)).numpy()
     with torch.inference_mode():
         expected = net(torch.from_numpy(x)).numpy()
@@ -84,27 +78,27 @@ def test_te_float_conv_is_scheduled():
     assert schedule_direct_conv(_te_conv("float32", "float32"), 16) is not None
 
 
-def test_integer_and_non_conv_kernels_are_left_alone(host):
+def test_integer_and_non_conv_kernels_are_left_alone(host_target):
     """int8 convs belong to compile/int8.py's kernels; a matmul or a grouped conv is not this loop nest."""
     assert schedule_direct_conv(_te_conv("int8", "int32"), 16) is None
     a, b = te.placeholder((64, 32), "float32", "a"), te.placeholder((32, 48), "float32", "b")
     assert schedule_direct_conv(te.create_prim_func([a, b, topi.matmul(a, b)]), 16) is None
-    grouped = prepare(torch_to_relax(nn.Conv2d(8, 8, 3, groups=2).eval(), (1, 8, 10, 10), "conv"), host)
+    grouped = prepare(torch_to_relax(nn.Conv2d(8, 8, 3, groups=2).eval(), (1, 8, 10, 10), "conv"), host_target)
     (kernel,) = _conv_kernels(grouped)
     assert schedule_direct_conv(grouped[kernel], 16) is None
 
 
-def test_weights_are_packed_once_at_build_time(host):
+def test_weights_are_packed_once_at_build_time(host_target):
     """A tile along the channels reads packed weights: the build packs the constant weights, and
     the kernel that runs per inference no longer does."""
     torch.manual_seed(0)
     net = nn.Conv2d(64, 64, 4, stride=2, padding=1).eval()  # an 8x8 output: vectors of channels
-    built = with_default_schedules(prepare(torch_to_relax(net, (1, 64, 16, 16), "conv"), host), host)
+    built = with_default_schedules(prepare(torch_to_relax(net, (1, 64, 16, 16), "conv"), host_target), host_target)
     kernels = [gvar.name_hint for gvar, func in built.functions_items() if isinstance(func, tirx.PrimFunc)]
-    assert any(name.endswith("_prepacked") for name in kernels)
+    assert any(name.endswith(PREPACKED) for name in kernels)
     assert "weight_prepack" not in built["main"].script()  # folded into a constant
     x = np.random.default_rng(0).uniform(-1, 1, (1, 64, 16, 16)).astype("float32")
-    vm = relax.VirtualMachine(tvm.compile(built, host), tvm.cpu())
+    vm = relax.VirtualMachine(tvm.compile(built, host_target), tvm.cpu())
     with torch.inference_mode():
         expected = net(torch.from_numpy(x)).numpy()
     assert np.abs(vm["main"](tvm.runtime.tensor(x)).numpy() - expected).max() < TOLERANCE

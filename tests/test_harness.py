@@ -79,7 +79,6 @@ def test_faster_runtime_keeps_going_alone_after_the_slow_one_is_done():
     fast_t, slow_t = time_runtimes([fast, slow], rules, rounds=3)
 
     assert log[:2] == [("fast", 2), ("slow", 2)]
-    names = [name for name, _ in log[2:]]
     # slow reaches 6 samples (1.2 s) in three rounds; fast needs 60 samples (0.6 s): after its first
     # round of 2 it takes batches of 20 (0.2 s, a third of the minimum), so it needs a fourth round.
     assert log[2:] == [("fast", 2), ("slow", 2), ("fast", 20), ("slow", 2), ("fast", 20), ("slow", 2), ("fast", 20)]

@@ -10,7 +10,6 @@ import tvm
 from torch import nn
 from tvm import relax
 
-import targets
 from compile.build import with_default_schedules
 from compile.rewrites import fuse_friendly
 from compile.torch_import import torch_to_relax
@@ -35,27 +34,22 @@ class PhasesThenTanh(nn.Module):
         return (torch.tanh(interleaved), interleaved) if self.also_return_interleaved else torch.tanh(interleaved)
 
 
-@pytest.fixture(scope="module")
-def host():
-    return targets.resolve(targets.load_target("host")).tvm_target
-
-
 def _kernel_names(mod: tvm.IRModule) -> list[str]:
     return [gvar.name_hint for gvar, func in mod.functions_items() if isinstance(func, tvm.tirx.PrimFunc)]
 
 
-def test_tanh_joins_the_convolutions_and_the_output_is_unchanged(host):
+def test_tanh_joins_the_convolutions_and_the_output_is_unchanged(host_target):
     torch.manual_seed(0)
     net = PhasesThenTanh().eval()
     moved = fuse_friendly(torch_to_relax(net, (1, 8, 16, 16), "phases"))[1]
     assert moved == 1
-    prepared = prepare(torch_to_relax(net, (1, 8, 16, 16), "phases"), host)
+    prepared = prepare(torch_to_relax(net, (1, 8, 16, 16), "phases"), host_target)
     names = _kernel_names(prepared)
     assert sum("conv2d" in name and "tanh" in name for name in names) == 4  # a kernel per phase padding
     assert not any("transpose" in name and "tanh" in name for name in names)
     assert not any(name.startswith("pad") for name in names)  # each phase's pad is its conv's padding
     x = np.random.default_rng(0).uniform(-2, 2, (1, 8, 16, 16)).astype("float32")
-    vm = relax.VirtualMachine(tvm.compile(with_default_schedules(prepared, host), host), tvm.cpu())
+    vm = relax.VirtualMachine(tvm.compile(with_default_schedules(prepared, host_target), host_target), tvm.cpu())
     with torch.inference_mode():
         expected = net(torch.from_numpy(x)).numpy()
     assert np.abs(vm["main"](tvm.runtime.tensor(x)).numpy() - expected).max() < 1e-5
@@ -67,7 +61,7 @@ def test_a_rearrangement_read_elsewhere_stays_where_it_is():
 
 
 @pytest.mark.parametrize("pad, folded", [((1, 0, 2, 0), 1), ((1, 1, 1, 1), 1), ((-1, 0, 0, 0), 0)])
-def test_zero_pads_become_conv_padding(pad, folded, host):
+def test_zero_pads_become_conv_padding(pad, folded, host_target):
     """Any non-negative zero pad folds (asymmetric too); a crop (negative pad) stays."""
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 8, 3).eval()
@@ -79,7 +73,7 @@ def test_zero_pads_become_conv_padding(pad, folded, host):
     mod = torch_to_relax(PadThenConv(), (1, 4, 9, 9), "pad")
     assert fuse_friendly(mod)[2] == folded
     x = np.random.default_rng(0).uniform(-1, 1, (1, 4, 9, 9)).astype("float32")
-    vm = relax.VirtualMachine(tvm.compile(with_default_schedules(prepare(mod, host), host), host), tvm.cpu())
+    vm = relax.VirtualMachine(tvm.compile(with_default_schedules(prepare(mod, host_target), host_target), host_target), tvm.cpu())
     with torch.inference_mode():
         expected = PadThenConv()(torch.from_numpy(x)).numpy()
     assert np.abs(vm["main"](tvm.runtime.tensor(x)).numpy() - expected).max() < 1e-5

@@ -9,22 +9,12 @@ import tvm
 from tvm import relax
 from tvm.s_tir import meta_schedule as ms
 
-import targets
 from compile.torch_import import torch_to_relax
-from compile.tuning import hand_scheduled, prepare
+from compile.tuning import float_lanes, hand_scheduled, prepare
 from compile.winograd import winograd_convs
 
 # F(4x4, 3x3) in float32 with TOPI's points: ~1e-6 relative error; the tolerance is relative to the output's range.
 RELATIVE_TOLERANCE = 2e-5
-
-
-@pytest.fixture(scope="module")
-def host():
-    return targets.resolve(targets.load_target("host")).tvm_target
-
-
-def _lanes(target) -> int:
-    return tvm.target.codegen.llvm_get_vector_width(target) // 32
 
 
 def _op_count(mod: tvm.IRModule, op: str) -> int:
@@ -46,15 +36,15 @@ def _op_count(mod: tvm.IRModule, op: str) -> int:
         (1, 32, 32, 54, 22, 0),  # 5 tiles a row: scalar
     ],
 )
-def test_winograd_conv_matches_torch(batch, channels, out_channels, height, width, padding, host):
+def test_winograd_conv_matches_torch(batch, channels, out_channels, height, width, padding, host_target):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(channels, out_channels, 3, padding=padding), torch.nn.ReLU()).eval()
     shape = (batch, channels, height, width)
-    mod, rewritten = winograd_convs(torch_to_relax(net, shape, "conv"), _lanes(host))
+    mod, rewritten = winograd_convs(torch_to_relax(net, shape, "conv"), float_lanes(host_target))
     assert rewritten == 1 and _op_count(mod, "relax.nn.conv2d") == 0
     assert _op_count(mod, "relax.add") == 0  # the bias is added by the inverse transform
     x = np.random.default_rng(1).standard_normal(shape).astype("float32")
-    vm = relax.VirtualMachine(tvm.compile(mod, host), tvm.cpu())
+    vm = relax.VirtualMachine(tvm.compile(mod, host_target), tvm.cpu())
     got = vm["main"](tvm.runtime.tensor(x)).numpy()
     with torch.inference_mode():
         expected = net(torch.from_numpy(x)).numpy()
@@ -74,16 +64,16 @@ def test_winograd_conv_matches_torch(batch, channels, out_channels, height, widt
         (torch.nn.Conv2d(64, 64, 3, padding=1, groups=2), (1, 64, 16, 16)),  # grouped
     ],
 )
-def test_ineligible_convs_stay_direct(conv, shape, host):
-    mod, rewritten = winograd_convs(torch_to_relax(conv.eval(), shape, "conv"), _lanes(host))
+def test_ineligible_convs_stay_direct(conv, shape, host_target):
+    mod, rewritten = winograd_convs(torch_to_relax(conv.eval(), shape, "conv"), float_lanes(host_target))
     assert rewritten == 0 and _op_count(mod, "relax.nn.conv2d") == 1
 
 
-def test_winograd_kernels_arrive_scheduled_and_are_not_tuned(host):
+def test_winograd_kernels_arrive_scheduled_and_are_not_tuned(host_target):
     net = torch.nn.Sequential(
         torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(64, 64, 3, padding=1)
     ).eval()
-    tasks = ms.relax_integration.extract_tasks(prepare(torch_to_relax(net, (1, 64, 32, 32), "conv"), host), host)
+    tasks = ms.relax_integration.extract_tasks(prepare(torch_to_relax(net, (1, 64, 32, 32), "conv"), host_target), host_target)
     assert not any("conv2d" in t.task_name or "winograd" in t.task_name for t in tasks if not hand_scheduled(t))
     scheduled = [t.task_name for t in tasks if hand_scheduled(t)]
     for kernel in ("winograd_data_transform", "winograd_products", "winograd_inverse_transform"):
