@@ -245,9 +245,10 @@ def seed_default_schedules(
     and commit it as a record. The database then keeps whichever the runner measured faster, it or
     the search's best, and the search starts from it. Without this the U-Net's tuned database ran
     10.4 ms where the default schedules ran 9.0 ms. Returns how many records were committed."""
+    lanes = float_lanes(target)
     seeds = []
     for task in tasks:
-        sch = direct_conv_schedule(task.dispatched[0], float_lanes(target))
+        sch = direct_conv_schedule(task.dispatched[0], lanes)
         if sch is not None:
             seeds.append((task, sch, ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)))
     built = builder.build([ms.builder.BuilderInput(sch.mod, target) for _, sch, _ in seeds]) if seeds else []
