@@ -8,7 +8,8 @@ slower than the fp32 model, for the extra rounding passes). This pass finds
 
 and replaces it with one hand-scheduled TIR kernel: u8 x s8 products summed exactly in int32,
 tensorized with a dot-product intrinsic (compile/int8_intrinsics.py: AVX2 `vpmaddubsw` or AVX-512
-VNNI `vpdpbusd`), with the requantization to uint8 fused into its epilogue. A conv whose output
+VNNI `vpdpbusd`) or run on AMX tiles (compile/int8_amx.py), with the requantization to uint8
+fused into its epilogue. A conv whose output
 stays float (no quantize after it) gets the same kernel with a dequantizing epilogue. The float
 ops between convolutions (instance norm, ReLU, padding, tanh) stay float and fuse with the
 dequantize/quantize around them; the frontend's decomposed instance norm is first put back into
@@ -34,6 +35,8 @@ Kernels (`plan_kernel` picks one per conv and target):
   pixels of one channel (8 on AVX2, 16 on VNNI) and the weights are broadcast, so no lane is wasted.
 - "winograd": 3x3 stride-1 convs with >= 64 channels on AVX2 run as exact integer Winograd
   F(2x2, 3x3) (compile/int8_winograd.py), since there an integer multiply costs as much as a float one.
+- "amx": on CPUs with Intel AMX, unit-stride convs with whole 16-channel output blocks run as
+  int8 matrix products on its tiles (compile/int8_amx.py), 3x a VNNI kernel's rate.
 Without a usable intrinsic (another ISA, or 8-bit weights whose int16 pair sums could saturate
 `vpmaddubsw`) the "channels" kernel runs as portable integer code that LLVM vectorizes.
 """
@@ -50,6 +53,7 @@ from tvm.s_tir import Schedule, dlight
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.schedule import ScheduleError
 
+from compile import int8_amx as amx
 from compile import int8_winograd as winograd
 from compile.conv_schedule import schedule_direct_conv
 from compile.int8_intrinsics import (
@@ -127,7 +131,8 @@ class KernelPlan:
 
     `layout` "channels": `lanes` output channels per vector, the activations broadcast;
     "pixels": `lanes` output pixels of one channel per vector, the weights broadcast (for
-    fewer channels than lanes); "winograd": exact integer Winograd (compile/int8_winograd.py).
+    fewer channels than lanes); "winograd": exact integer Winograd (compile/int8_winograd.py);
+    "amx": matrix products on AMX tiles of `lanes` channels (compile/int8_amx.py).
     `intrinsic` None is portable integer code that LLVM vectorizes.
     """
 
@@ -137,12 +142,15 @@ class KernelPlan:
 
 
 def plan_kernel(conv: IntegerConv, input_shape: tuple[int, ...], target: tvm.target.Target) -> KernelPlan:
-    """Tensorize when the target has a dot-product intrinsic that is exact on these weights.
+    """AMX tiles where the target has them and the conv fits them; else tensorize when the target
+    has a dot-product intrinsic that is exact on these weights.
 
     AVX2's `vpmaddubsw` saturates int16 pair sums; 7-bit weights never reach that, full-range
     8-bit ones can, and then the conv runs as portable integer code rather than wrongly. On AVX2
     an integer multiply costs what a float one does, so 3x3 convs take Winograd's 2.25x fewer.
     """
+    if amx.available(target) and amx.applies(conv, input_shape):
+        return KernelPlan(amx.INTRINSIC, amx.CHANNELS, "amx")
     intrinsic = intrinsic_for(target)
     if intrinsic is None:
         return KernelPlan(None, PORTABLE_LANES)
@@ -189,7 +197,9 @@ def build_kernel(conv: IntegerConv, input_shape: tuple[int, ...], plan: KernelPl
         _per_channel(conv.multiplier, lanes, "float32"),
         _per_channel(conv.offset, lanes, "float32"),
     ]
-    if plan.layout == "winograd":
+    if plan.layout == "amx":
+        func, weights = amx.amx_kernel(conv, input_shape), amx.pack_weight(conv)
+    elif plan.layout == "winograd":
         func, weights = winograd.winograd_kernel(conv, input_shape), winograd.transform_weight(conv.weight)
     elif plan.layout == "pixels":
         func, weights = _direct_kernel(conv, input_shape, plan), _pack_weight_for_pixels(conv.weight)

@@ -72,6 +72,8 @@ SCHEMA = {
         "mcpu": (str, True),
         "mattr": (list, False),
         "cpu_flags": (list, True),
+        # A level that changes only hand-scheduled kernels shares a lower level's tuning databases.
+        "databases": (str, False),
     },
     "tuning": {"trials": (int, True), "trials_per_task": (int, True), "population": (int, True)},
     "bench": {
@@ -100,6 +102,7 @@ class IsaLevel:
     mcpu: str
     cpu_flags: tuple[str, ...]
     mattr: tuple[str, ...] = ()
+    databases: str = ""  # the level whose tuning databases this one uses ("": its own)
 
 
 @dataclass(frozen=True)
@@ -142,11 +145,12 @@ class ResolvedTarget:
     isa_level: str
     tvm_target: tvm.target.Target
     lower_levels: tuple[str, ...] = ()  # levels this machine can also run, best first
+    database_level: str = ""  # whose tuning databases this level uses, if not its own
 
     @property
     def db_key(self) -> str:
         """Folder name under autotune_logs/: databases are shared by every machine of one level."""
-        return self._key(self.isa_level)
+        return self._key(self.database_level or self.isa_level)
 
     @property
     def db_keys(self) -> tuple[str, ...]:
@@ -155,7 +159,8 @@ class ResolvedTarget:
         A schedule tuned at a lower level is valid (if not ideal) code at a higher one, which beats
         running untuned on a machine nobody has tuned for yet.
         """
-        return (self.db_key, *(self._key(level) for level in self.lower_levels))
+        keys = (self.db_key, *(self._key(level) for level in self.lower_levels))
+        return tuple(dict.fromkeys(keys))
 
     def _key(self, level: str) -> str:
         return f"{self.config.name}-{level}" if level else self.config.name
@@ -178,8 +183,13 @@ def load_target(name_or_path: str | Path) -> TargetConfig:
     for table in ("tvm", "tuning", "bench", "power", "rpc", "ssh", "cross", "mcu"):
         if table in data:
             _check_table(path, table, data[table])
-    for level in data.get("isa_levels", []):
+    levels = data.get("isa_levels", [])
+    for position, level in enumerate(levels):
         _check_table(path, "isa_levels", level)
+        lower = [lv.get("name") for lv in levels[position + 1 :]]
+        if "databases" in level and level["databases"] not in lower:
+            raise UserError(f"{path}: isa level {level['name']!r} takes databases {level['databases']!r}, "
+                            f"which is not a level below it ({', '.join(lower) or 'none'})")
     bench = data["bench"]
     return TargetConfig(
         name=path.stem,
@@ -210,6 +220,7 @@ def load_target(name_or_path: str | Path) -> TargetConfig:
                 mcpu=lv["mcpu"],
                 cpu_flags=tuple(lv["cpu_flags"]),
                 mattr=tuple(lv.get("mattr", ())),
+                databases=lv.get("databases", ""),
             )
             for lv in data.get("isa_levels", [])
         ),
@@ -281,7 +292,7 @@ def resolve(config: TargetConfig, isa_level: str | None = None, cpu_flags: set[s
     Levels are listed best first, each a superset of the ones after it.
     """
     attrs = dict(config.tvm)
-    chosen = ""
+    chosen = database_level = ""
     lower: tuple[str, ...] = ()
     if config.isa_levels:
         names = [lv.name for lv in config.isa_levels]
@@ -301,9 +312,10 @@ def resolve(config: TargetConfig, isa_level: str | None = None, cpu_flags: set[s
         attrs["mcpu"] = level.mcpu
         if level.mattr:
             attrs["mattr"] = list(level.mattr)
-        chosen = level.name
+        chosen, database_level = level.name, level.databases
         lower = tuple(names[names.index(chosen) + 1 :])
-    return ResolvedTarget(config=config, isa_level=chosen, tvm_target=_tvm_target(config, attrs), lower_levels=lower)
+    return ResolvedTarget(config=config, isa_level=chosen, tvm_target=_tvm_target(config, attrs), lower_levels=lower,
+                          database_level=database_level)
 
 
 def _tvm_target(config: TargetConfig, attrs: dict) -> tvm.target.Target:

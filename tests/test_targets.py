@@ -19,6 +19,7 @@ GOOD = HOST_TOML.read_text(encoding="utf-8")
 AVX2 = {"sse2", "sse4_2", "avx", "avx2", "fma", "bmi2", "movbe", "f16c"}
 AVX512_NO_VNNI = AVX2 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
 AVX512_VNNI = AVX512_NO_VNNI | {"avx512_vnni"}
+AMX = AVX512_VNNI | {"amx_tile", "amx_int8", "amx_bf16"}
 
 
 def test_host_config_matches_its_file():
@@ -109,6 +110,11 @@ BAD_CONFIGS = {
         ["'source'", "[power]", "allowed: " + ", ".join(POWER_SOURCES)],
     ),
     "tvm-kind-choice": (_replace('kind = "llvm"', 'kind = "verilog"'), ["'kind'", "allowed: llvm, c, opencl"]),
+    # A level shares the databases of a level below it, never its own name or one above.
+    "databases-not-below": (
+        _replace('databases = "avx512vnni"', 'databases = "amx"'),
+        ["isa level 'amx' takes databases 'amx'", "not a level below it (avx512vnni, avx2)"],
+    ),
 }
 # A table given as a scalar: append it at top level (before any table header).
 BAD_CONFIGS["scalar-for-table"] = (
@@ -150,7 +156,7 @@ def host():
     return targets.load_target("host")
 
 
-def test_avx512_vnni_cpu_chooses_the_top_level(host, monkeypatch):
+def test_avx512_vnni_cpu_without_amx_chooses_avx512vnni(host, monkeypatch):
     monkeypatch.setattr(config_module, "host_cpu_flags", lambda: pytest.fail("must not read /proc/cpuinfo"))
     tvm_before = dict(host.tvm)
     resolved = targets.resolve(host, cpu_flags=AVX512_VNNI)
@@ -165,6 +171,15 @@ def test_avx512_vnni_cpu_chooses_the_top_level(host, monkeypatch):
     assert [str(a) for a in attrs["mattr"]] == ["+avx512vnni"]
     assert '"mcpu":"x86-64-v4"' in str(resolved.tvm_target).replace(" ", "")
     assert host.tvm == tvm_before  # resolving never edits the config
+
+
+def test_amx_cpu_chooses_amx_and_shares_the_avx512vnni_databases(host):
+    resolved = targets.resolve(host, cpu_flags=AMX)
+    assert resolved.isa_level == "amx"
+    assert [str(a) for a in resolved.tvm_target.attrs["mattr"]] == ["+avx512vnni", "+amx-tile", "+amx-int8"]
+    # Only hand-scheduled int8 kernels differ, so the tuned databases are avx512vnni's, listed once.
+    assert resolved.db_key == "host-avx512vnni"
+    assert resolved.db_keys == ("host-avx512vnni", "host-avx2")
 
 
 def test_avx2_only_cpu_chooses_avx2(host):
@@ -195,7 +210,7 @@ def test_cpu_with_no_supported_level_is_an_error(host):
         targets.resolve(host, cpu_flags={"sse2", "avx"})
     message = str(info.value)
     assert str(host.path) in message and "\n" not in message
-    assert "none of the isa levels avx512vnni, avx2" in message
+    assert "none of the isa levels amx, avx512vnni, avx2" in message
 
 
 def test_explicit_level_overrides_the_cpu(host):
@@ -209,7 +224,7 @@ def test_explicit_unknown_level_lists_allowed_ones(host):
         targets.resolve(host, isa_level="avx9", cpu_flags=AVX512_VNNI)
     message = str(info.value)
     assert str(host.path) in message and "\n" not in message
-    assert "unknown isa level 'avx9'; allowed: avx512vnni, avx2" in message
+    assert "unknown isa level 'avx9'; allowed: amx, avx512vnni, avx2" in message
 
 
 def test_config_without_levels_uses_its_tvm_table(tmp_path):

@@ -1,0 +1,251 @@
+"""Integer convolutions on Intel AMX tiles (`tdpbsud`) for the CPUs that have them (Sapphire Rapids on).
+
+Why: an AVX-512 VNNI `vpdpbusd` retires 64 u8 x s8 multiply-adds, 4x an fp32 FMA, so a direct int8
+3x3 convolution can at best match the fp32 one that runs as Winograd (4x fewer multiplies), and a
+residual trunk gains nothing from int8. One AMX `tdpbsud` multiplies a 16 x 64 int8 tile by a
+64 x 16 uint8 tile into 16 x 16 int32 sums: 16384 multiply-adds, 1024 a cycle on one core.
+
+The kernel is a direct convolution as a sum of matrix products, one per kernel tap and block of
+up to 64 input channels:
+- A tile (int8): 16 output channels x the block's input channels, from weights packed at compile
+  time as [OC/16, C/64, KH, KW, 16, 64];
+- B tile (uint8): the block's input channels x 16 output pixels of a row, in the VNNI layout AMX
+  wants (rows of 4 channels x 16 pixels), which is the NCHW[4c] packing compile/int8.py makes for
+  VNNI: row r of the tile is channel group r, 16 consecutive pixels of 4 bytes;
+- C tiles (int32): 16 channels x 16 pixels, four of them (2 channel blocks x 2 pixel blocks)
+  accumulated in tile registers over the whole reduction, then stored to a small buffer whose rows
+  the requantizing epilogue reads as vectors of pixels.
+Unit stride only (a row of B is then 64 contiguous bytes) and whole 16-channel output blocks;
+other convolutions keep the VNNI kernels.
+
+Linux hands out AMX's 8 KB of tile state per process on request (arch_prctl ARCH_REQ_XCOMP_PERM);
+without it the first tile instruction kills the process with SIGILL. Each kernel asks first (a
+cheap system call when already granted) and raises a TVM error if refused, so any process that
+loads the library can run it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import tirx
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as T
+from tvm.target.codegen import target_has_features
+
+from compile.int8_intrinsics import REDUCTION
+
+CHANNELS = 16  # output channels per tile (the A tile's rows)
+PIXELS = 16  # output pixels per tile (the C tile's 64-byte rows of int32)
+MIN_PIXELS = 8  # narrower tiles (rows of odd widths) do too little per tile load: VNNI runs them
+BLOCK_BYTES = 64  # input channels per product: the A tile's row, in bytes
+# tile registers: 4 accumulators (2 channel blocks x 2 pixel blocks), 2 weight tiles, 2 input tiles
+ACCUMULATORS, WEIGHTS, INPUTS = (0, 1, 2, 3), (4, 5), (6, 7)
+SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 158, 0x1023, 18
+INTRINSIC = "amx_tdpbsud"  # the name lowering summaries list
+
+
+def available(target: tvm.target.Target) -> bool:
+    return target.kind.name == "llvm" and target_has_features(["amx-tile", "amx-int8"], target)
+
+
+def applies(conv, input_shape: tuple[int, ...]) -> bool:
+    """Whole 16-channel output blocks, and rows that split into tiles of at least `MIN_PIXELS`
+    pixels (or are one narrower tile)."""
+    _, out_channels, _, out_w = conv.output_shape(input_shape)
+    pixels = _tile_pixels(out_w)
+    return out_channels % CHANNELS == 0 and (pixels >= MIN_PIXELS or pixels == out_w)
+
+
+def _tile_pixels(out_w: int) -> int:
+    """Output pixels per tile: the widest that divides the row, so no tile runs past its end."""
+    return max(p for p in range(1, PIXELS + 1) if out_w % p == 0)
+
+
+def folds_columns(conv) -> bool:
+    """Whether the kernel's columns become input channels (C x KW of them, one kernel column).
+
+    A tile row holds 16 consecutive pixels, so a conv strided along the width needs it; and a
+    product always costs a whole tile instruction, so a stem of 3 channels would fill 4 of its
+    64 bytes, and 21 folded (3 x 7 columns) fill 24."""
+    return conv.strides[1] > 1 or conv.weight.shape[1] < BLOCK_BYTES
+
+
+def _block_channels(channels: int) -> int:
+    """Input channels per product: up to 64, whole 4-channel groups."""
+    return min(BLOCK_BYTES, -(-channels // REDUCTION) * REDUCTION)
+
+
+def pack_weight(conv) -> np.ndarray:
+    """OIHW int8 -> [OC/16, C/K, KH, KW, 16, K] (K = `_block_channels`), input channels
+    zero-filled; folded (`folds_columns`), input channel rx * C + c is column rx of channel c."""
+    weight = conv.weight
+    if folds_columns(conv):
+        oc, c, kh, kw = weight.shape
+        weight = weight.transpose(0, 3, 1, 2).reshape(oc, kw * c, kh, 1)
+    oc, c, kh, kw = weight.shape
+    block = _block_channels(c)
+    blocks = -(-c // block)
+    padded = np.zeros((oc, blocks * block, kh, kw), np.int8)
+    padded[:, :c] = weight
+    tiled = padded.reshape(oc // CHANNELS, CHANNELS, blocks, block, kh, kw)
+    return np.ascontiguousarray(tiled.transpose(0, 2, 4, 5, 1, 3))
+
+
+def _llvm(name: str, *args) -> None:
+    T.evaluate(T.call_llvm_intrin("void", f"llvm.x86.{name}", *args))
+
+
+def _tile(index: int):
+    return tirx.const(index, "uint8")
+
+
+def amx_kernel(conv, input_shape: tuple[int, ...]) -> tirx.PrimFunc:
+    """The PrimFunc (data, packed weight, correction, multiplier, offset) -> NCHW output for an
+    `IntegerConv` (compile/int8.py) that `applies`."""
+    n, channels, height, width = (int(d) for d in input_shape)
+    _, out_channels, out_h, out_w = conv.output_shape(input_shape)
+    _, _, kh, kw = conv.weight.shape
+    top, left = conv.padding[:2]
+    stride_h, stride_w = conv.strides
+    folded = folds_columns(conv)
+    # The packed input's channels, and the kernel columns the products still step over.
+    lanes, columns = (channels * kw, 1) if folded else (channels, kw)
+    block = _block_channels(lanes)
+    blocks = -(-lanes // block)
+    groups = blocks * block // REDUCTION  # 4-channel groups of the packed input
+    pixels = _tile_pixels(out_w)
+    pixel_tiles = 2 if out_w % (2 * pixels) == 0 else 1
+    row_block = pixels * pixel_tiles
+    channel_tiles = 2 if out_channels % (2 * CHANNELS) == 0 else 1
+    channel_pairs = out_channels // (CHANNELS * channel_tiles)
+    packed_h, packed_w = (out_h - 1) * stride_h + kh, out_w + columns - 1
+
+    with IRBuilder() as ib, T.prim_func(private=True):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        data = T.arg("data", T.buffer((n, channels, height, width), "uint8"))
+        weight = T.arg("weight", T.buffer((out_channels // CHANNELS, blocks, kh, columns, CHANNELS, block), "int8"))
+        correction = T.arg("correction", T.buffer((out_channels,), "int32"))
+        multiplier = T.arg("multiplier", T.buffer((out_channels,), "float32"))
+        offset = T.arg("offset", T.buffer((out_channels,), "float32"))
+        out = T.arg("out", T.buffer((n, out_channels, out_h, out_w), conv.out_dtype))
+        with T.sblock("root"):
+            granted = T.call_extern("int64", "syscall", tirx.const(SYS_ARCH_PRCTL, "int64"),
+                                    tirx.const(ARCH_REQ_XCOMP_PERM, "int64"), tirx.const(XFEATURE_XTILEDATA, "int64"))
+            with T.Assert(granted == tirx.const(0, "int64"), ["Linux refused this process AMX tile state"]):
+                # NCHW -> NCHW[4c] as one 32-bit word per 4 channels of a pixel, the zero point
+                # around the image and in missing channels
+                packed = T.alloc_buffer((n, groups, packed_h, packed_w), "uint32")
+                if folded:
+                    _pack_folded(data, packed, conv.input_zero_point, (top, left), stride_w, lanes)
+                else:
+                    _pack(data, packed, conv.input_zero_point, (top, left))
+                config = T.alloc_buffer((64,), "uint8")
+                _fill_config(config, pixels, block)
+                with T.parallel(0, n * channel_pairs * out_h) as task:
+                    b, pair, y = task // (channel_pairs * out_h), (task // out_h) % channel_pairs, task % out_h
+                    _llvm("ldtilecfg", T.address_of(config[0]))
+                    sums = T.alloc_buffer((channel_tiles * CHANNELS, row_block), "int32", scope="local")
+                    with T.serial(0, out_w // row_block) as column_block:
+                        x0 = column_block * row_block
+                        for index in ACCUMULATORS[: channel_tiles * pixel_tiles]:
+                            _llvm("tilezero", _tile(index))
+                        with T.serial(0, blocks) as cb, T.serial(0, kh) as ry, T.serial(0, columns) as rx:
+                            for i in range(channel_tiles):
+                                tile = weight[pair * channel_tiles + i, cb, ry, rx, 0, 0]
+                                _llvm("tileloadd64", _tile(WEIGHTS[i]), T.address_of(tile), tirx.const(block, "int64"))
+                            group = cb * (block // REDUCTION)
+                            for j in range(pixel_tiles):
+                                row = packed[b, group, y * stride_h + ry, x0 + j * pixels + rx]
+                                _llvm("tileloadd64", _tile(INPUTS[j]), T.address_of(row),
+                                      tirx.const(packed_h * packed_w * REDUCTION, "int64"))
+                            for i in range(channel_tiles):
+                                for j in range(pixel_tiles):
+                                    _llvm("tdpbsud", _tile(ACCUMULATORS[i * pixel_tiles + j]), _tile(WEIGHTS[i]),
+                                          _tile(INPUTS[j]))
+                        for i in range(channel_tiles):
+                            for j in range(pixel_tiles):
+                                _llvm("tilestored64", _tile(ACCUMULATORS[i * pixel_tiles + j]),
+                                      T.address_of(sums[i * CHANNELS, j * pixels]), tirx.const(row_block * 4, "int64"))
+                        _epilogue(conv, sums, out, (correction, multiplier, offset), b, pair * channel_tiles * CHANNELS,
+                                  y, x0)
+                    _llvm("tilerelease")
+    return ib.get()
+
+
+def _word(values) -> tirx.PrimExpr:
+    """Four uint8 values as one little-endian uint32: the 4 channels of a pixel in NCHW[4c]."""
+    word = None
+    for i, value in enumerate(values):
+        part = value.astype("uint32") if i == 0 else tirx.shift_left(value.astype("uint32"), tirx.const(8 * i, "uint32"))
+        word = part if word is None else tirx.bitwise_or(word, part)
+    return word
+
+
+def _pack(data, packed, zero_point: int, padding) -> None:
+    """Unfolded packing, vectorized along each row: border columns and rows are the zero point,
+    inner columns combine 4 channel rows into words (a byte at a time it was 40% of a 64-channel
+    3x3 conv)."""
+    n, channels, height, width = (int(d) for d in data.shape)
+    _, groups, packed_h, packed_w = (int(d) for d in packed.shape)
+    top, left = padding
+    border = tirx.const(zero_point * 0x01010101, "uint32")
+    vector = max(v for v in range(1, 17) if width % v == 0)
+    with T.parallel(0, n * groups) as bg, T.serial(0, packed_h) as y:
+        b, group = bg // groups, bg % groups
+        with T.If(tirx.all(y >= top, y < top + height)):
+            with T.Then():
+                for x in [*range(left), *range(left + width, packed_w)]:
+                    T.buffer_store(packed, border, [b, group, y, x])
+                with T.serial(0, width // vector) as chunk, T.vectorized(0, vector) as lane:
+                    x = chunk * vector + lane
+                    values = []
+                    for i in range(REDUCTION):
+                        c = group * REDUCTION + i
+                        values.append(tirx.if_then_else(c < channels, data[b, tirx.min(c, channels - 1), y - top, x],
+                                                        tirx.const(zero_point, "uint8")))
+                    T.buffer_store(packed, _word(values), [b, group, y, left + x])
+            with T.Else(), T.vectorized(0, packed_w) as x:
+                T.buffer_store(packed, border, [b, group, y, x])
+
+
+def _pack_folded(data, packed, zero_point: int, padding, stride_w: int, lanes: int) -> None:
+    """Folded packing (`folds_columns`): lane rx * C + c of output column x is input column
+    x * stride + rx of channel c, a byte at a time."""
+    n, channels, height, width = (int(d) for d in data.shape)
+    _, groups, packed_h, packed_w = (int(d) for d in packed.shape)
+    top, left = padding
+    with T.parallel(0, n * groups) as bg, T.serial(0, packed_h) as y, T.serial(0, packed_w) as x:
+        b, group = bg // groups, bg % groups
+        values = []
+        for i in range(REDUCTION):
+            lane = group * REDUCTION + i
+            c, rx = lane % channels, lane // channels
+            sy, sx = y - top, x * stride_w + rx - left
+            inside = tirx.all(lane < lanes, sy >= 0, sy < height, sx >= 0, sx < width)
+            value = data[b, c, tirx.max(tirx.min(sy, height - 1), 0), tirx.max(tirx.min(sx, width - 1), 0)]
+            values.append(tirx.if_then_else(inside, value, tirx.const(zero_point, "uint8")))
+        T.buffer_store(packed, _word(values), [b, group, y, x])
+
+
+def _fill_config(config, pixels: int, block: int) -> None:
+    """The 64-byte tile configuration (palette 1): rows and bytes per row of each tile register."""
+    with T.serial(0, 64) as i:
+        T.buffer_store(config, tirx.const(0, "uint8"), [i])
+    T.buffer_store(config, tirx.const(1, "uint8"), [0])
+    shapes = {index: (CHANNELS, pixels * 4) for index in ACCUMULATORS}
+    shapes.update({index: (CHANNELS, block) for index in WEIGHTS})
+    shapes.update({index: (block // REDUCTION, pixels * REDUCTION) for index in INPUTS})
+    for index, (rows, row_bytes) in shapes.items():
+        T.buffer_store(config, tirx.const(row_bytes, "uint8"), [16 + 2 * index])  # little-endian uint16, < 256
+        T.buffer_store(config, tirx.const(rows, "uint8"), [48 + index])
+
+
+def _epilogue(conv, sums, out, per_channel, b, channel0, y, x0) -> None:
+    """Requantize (or dequantize) the tile's sums into the NCHW output, a vector of pixels at a time."""
+    correction, multiplier, offset = per_channel
+    rows, row_block = (int(d) for d in sums.shape)
+    with T.serial(0, rows) as i, T.vectorized(0, row_block) as px:
+        channel = channel0 + i
+        value = conv.finish(sums[i, px] + correction[channel], channel, multiplier, offset)
+        T.buffer_store(out, value, [b, channel, y, x0 + px])
