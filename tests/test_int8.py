@@ -13,6 +13,7 @@ import tvm
 from torch import nn
 from tvm import relax
 
+from compile import int8_amx
 from compile.int8 import (
     IntegerConv,
     build_kernel,
@@ -38,6 +39,9 @@ AVX2 = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v3", "num-cores": 2})
 VNNI = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v4", "mattr": ["+avx512vnni"], "num-cores": 2})
 HOST_HAS_AVX2 = tvm.target.codegen.llvm_cpu_has_features("avx2", AVX2)
 HOST_HAS_VNNI = tvm.target.codegen.llvm_cpu_has_features(["avx512vnni", "avx512bw"], VNNI)
+AMX = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v4", "mattr": ["+avx512vnni", "+amx-tile", "+amx-int8"],
+                         "num-cores": 2})
+HOST_HAS_AMX = tvm.target.codegen.llvm_cpu_has_features(["amx-tile", "amx-int8"], AMX)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -179,6 +183,61 @@ def test_avx512_vnni_level_compiles_to_vpdpbusd():
     assert "vpdpbusd" in assembly and "vpmaddubsw" not in assembly
 
 
+AMX_SHAPES = [  # (C, OC, kernel, strides, padding, H, W, kernel columns folded into channels)
+    (64, 64, (3, 3), (1, 1), (1, 1, 1, 1), 10, 12, False),  # residual conv: one 64-channel block, 12-pixel tiles
+    (96, 32, (3, 3), (1, 1), (0, 0, 0, 0), 6, 34, False),  # 2 channel blocks (one part-filled), 2x2 output tiles
+    (3, 16, (7, 7), (1, 1), (3, 3, 3, 3), 13, 16, True),  # stem: 3 channels x 7 columns fill 24 of 64 bytes
+    (16, 32, (3, 3), (2, 2), (1, 1, 1, 1), 9, 32, True),  # strided downsampling
+    (128, 32, (2, 2), (1, 1), (1, 0, 0, 1), 8, 8, False),  # sub-pixel phase conv: asymmetric padding
+]
+
+
+@pytest.mark.skipif(not HOST_HAS_AMX, reason="this CPU has no AMX tiles to run the kernels")
+@pytest.mark.parametrize("channels, out_channels, kernel, strides, padding, height, width, folded", AMX_SHAPES)
+def test_amx_kernels_accumulate_exactly_in_int32(channels, out_channels, kernel, strides, padding, height, width,
+                                                 folded):
+    rng = np.random.default_rng(channels * 100 + out_channels)
+    conv = make_conv(rng, channels, out_channels, kernel, strides, padding, weight_limit=127)
+    x = rng.integers(0, 256, (1, channels, height, width), dtype=np.uint8)
+    got, plan, library = run_kernel(conv, x, AMX)
+    assert (plan.layout, plan.intrinsic) == ("amx", int8_amx.INTRINSIC)
+    assert int8_amx.folds_columns(conv) == folded
+    assert "tdpbsud" in library.mod.inspect_source("asm")
+    expected = exact_accumulators(x, conv) + conv.correction[None, :, None, None]
+    assert np.abs(expected).max() < 2**24
+    np.testing.assert_array_equal(got, expected.astype(np.float32))
+
+
+@pytest.mark.skipif(not HOST_HAS_AMX, reason="this CPU has no AMX tiles to run the kernel")
+def test_amx_requantizing_epilogue_matches_quantize_linear():
+    rng = np.random.default_rng(11)
+    conv = make_conv(rng, 64, 32, (3, 3), padding=(1, 1, 1, 1), requantize=True, multiplier=2.0**-10, offset=128.0)
+    x = rng.integers(0, 256, (1, 64, 8, 16), dtype=np.uint8)
+    got, plan, _ = run_kernel(conv, x, AMX)
+    assert plan.layout == "amx" and got.dtype == np.uint8
+    value = (exact_accumulators(x, conv) + conv.correction[None, :, None, None]) * 2.0**-10 + 128.0
+    expected = np.clip(np.rint(value), 0, 255).astype(np.uint8)
+    assert 0 < (expected == 0).sum() and 0 < (expected == 255).sum()
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_amx_level_plans_tiles_only_where_they_fit():
+    """Compiles anywhere (no AMX needed to build): tile kernels for whole 16-channel blocks and rows
+    of tiles of at least 8 pixels; VNNI for the rest."""
+    rng = np.random.default_rng(2)
+    trunk = make_conv(rng, 64, 64, (3, 3), padding=(1, 1, 1, 1), requantize=True, multiplier=1e-3)
+    plan = plan_kernel(trunk, (1, 64, 32, 32), AMX)
+    assert (plan.layout, plan.intrinsic) == ("amx", int8_amx.INTRINSIC)
+    kernel = build_kernel(trunk, (1, 64, 32, 32), plan).func.with_attr("global_symbol", "main")
+    assembly = tvm.compile(tvm.IRModule({"main": kernel}), AMX).mod.inspect_source("asm")
+    assert "tdpbsud" in assembly and "ldtilecfg" in assembly and "tilerelease" in assembly
+    rgb = make_conv(rng, 16, 3, (7, 7), requantize=True, multiplier=1e-3)  # 3 output channels
+    assert plan_kernel(rgb, (1, 16, 14, 38), AMX).layout == "pixels"
+    odd = make_conv(rng, 64, 64, (3, 3), padding=(1, 1, 1, 1))  # a 17-pixel row: tiles of 1 pixel
+    assert plan_kernel(odd, (1, 64, 17, 17), AMX).layout == "channels"
+    assert not int8_amx.available(VNNI) and int8_amx.available(AMX)
+
+
 class TinyGenerator(nn.Module):
     """Every construct the shipped generators quantize: reflection pad, stem, strided conv,
     transposed conv (exported as sub-pixel convs), instance norm, residual add, tanh."""
@@ -229,6 +288,20 @@ def test_qdq_model_runs_every_conv_as_an_integer_kernel_and_matches_the_qdq_refe
     x = (np.random.default_rng(0).random((1, 3, 16, 16), np.float32) * 2 - 1).astype(np.float32)
     vm = relax.VirtualMachine(tvm.compile(lowered, AVX2), tvm.cpu())
     got = vm["main"](tvm.runtime.tensor(x)).numpy()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    reference = ort.InferenceSession(str(qdq_file), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert psnr_db(torch.from_numpy(got), torch.from_numpy(reference)) >= 30.0
+
+
+@pytest.mark.skipif(not HOST_HAS_AMX, reason="this CPU has no AMX tiles to run the kernels")
+def test_qdq_model_on_amx_matches_the_qdq_reference(qdq_file):
+    lowered, summary = lower_quantized_convs(onnx_to_relax(qdq_file), AMX)
+    # 64-channel convs (the strided one and the residual one) on tiles; 8- and 3-channel ones, fewer
+    # than a tile's 16, with VNNI's pixel lanes
+    assert summary.intrinsics == tuple(sorted((int8_amx.INTRINSIC, VNNI_PIXELS_16X4)))
+    x = (np.random.default_rng(1).random((1, 3, 16, 16), np.float32) * 2 - 1).astype(np.float32)
+    got = relax.VirtualMachine(tvm.compile(lowered, AMX), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     reference = ort.InferenceSession(str(qdq_file), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
