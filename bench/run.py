@@ -34,6 +34,7 @@ from bench.runtimes import OnnxRuntime, TorchRuntime, TvmRuntime
 from compile.build import CompiledModel
 from compile.conv_schedule import PREPACKED
 from compile.database import TuningDatabase, trials_to_within
+from compile.int8 import MACS_ATTR
 from compile.pipeline import ModelUnderTest, compile_for_target, relax_for_target
 from compile.tuning import prepare
 from errors import UserError
@@ -264,8 +265,8 @@ INTEGER_CONV = "int8_conv2d"  # the name compile/int8.py gives its integer conv 
 def _kernel_flops(built: tvm.IRModule) -> tuple[dict[str, float], set[str]]:
     """FLOPs per kernel by TVM's estimate, integer convs' ops from their shapes; and the integer kernels' names.
 
-    The estimator cannot read the hand-scheduled integer kernels (tensorized dot-product intrinsics),
-    and a kernel it cannot read otherwise is left out of the profile rather than failing the run.
+    The estimator cannot read the hand-scheduled integer kernels (tensorized dot-product intrinsics,
+    AMX tiles), which carry their MACs instead (compile/int8.py), and a kernel it cannot read otherwise is left out of the profile rather than failing the run.
     Kernels whose weights the build packs (compile/conv_schedule.py) run under a suffixed name.
     """
     flops: dict[str, float] = {}
@@ -275,7 +276,7 @@ def _kernel_flops(built: tvm.IRModule) -> tuple[dict[str, float], set[str]]:
             continue
         name = gvar.name_hint
         if name.startswith(INTEGER_CONV):
-            flops[name] = 2.0 * _integer_conv_macs(func)
+            flops[name] = 2.0 * int(func.attrs[MACS_ATTR])
             integer.add(name)
             continue
         try:
@@ -284,16 +285,6 @@ def _kernel_flops(built: tvm.IRModule) -> tuple[dict[str, float], set[str]]:
             continue
         flops[name + PREPACKED] = flops[name]  # the same kernel once the build packed its weights
     return flops, integer
-
-
-def _integer_conv_macs(func: tvm.tirx.PrimFunc) -> int:
-    """A compile/int8.py kernel (data u8 NCHW, weight, correction, multiplier, offset, output NCHW): the
-    convolution's MACs, N*OC*OH*OW * C*KH*KW. Direct kernels' int8 weights keep KH, KW at dims 2-3;
-    Winograd's int16 transform-domain weights are F(2x2, 3x3), counted as the 3x3 conv they compute."""
-    data, weight, *_, out = (param.ty for param in func.params)
-    channels = int(data.shape[1])
-    window = (3, 3) if str(weight.dtype) == "int16" else tuple(int(d) for d in weight.shape[2:4])
-    return math.prod(int(d) for d in out.shape) * channels * math.prod(window)
 
 
 def _peak_memory(model: ModelUnderTest, runtime: str, artifact: Path | None, threads: int) -> int:

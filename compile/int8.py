@@ -75,6 +75,7 @@ OUTPUT_TILE = 8  # output pixels per micro-kernel: 8 accumulators + weights fit 
 # vectorized with a predicated tail (see _schedule_injective).
 INJECTIVE_LANES = 8
 SHORT_ROW = 8
+MACS_ATTR = "lwgan.conv_macs"  # each integer conv kernel's multiply-adds, for the roofline profile
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,11 @@ class IntegerConv:
             return quantized.astype("uint8")
         scale, zero_point = self.dequantize
         return (quantized - tirx.const(zero_point, "float32")) * tirx.const(scale, "float32")
+
+    def macs(self, input_shape: tuple[int, ...]) -> int:
+        """Multiply-adds of the convolution (whatever transform or layout its kernel uses)."""
+        _, channels, kh, kw = self.weight.shape
+        return int(np.prod(self.output_shape(input_shape))) * channels * kh * kw
 
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, int, int, int]:
         n, _, h, w = input_shape
@@ -206,7 +212,7 @@ def build_kernel(conv: IntegerConv, input_shape: tuple[int, ...], plan: KernelPl
     else:
         func, weights = _direct_kernel(conv, input_shape, plan), pack_weight(conv.weight, plan.lanes)
     # Private (no global symbol): the module gives each kernel its own name.
-    func = func.without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
+    func = func.without_attr("global_symbol").with_attr({"tirx.is_scheduled": True, MACS_ATTR: conv.macs(input_shape)})
     return Kernel(func, [weights, *per_channel])
 
 
