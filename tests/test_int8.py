@@ -71,6 +71,17 @@ def run_kernel(conv: IntegerConv, x: np.ndarray, target: tvm.target.Target = AVX
     return tensors[-1].numpy(), plan, library
 
 
+def run_exactly(conv: IntegerConv, x: np.ndarray, target: tvm.target.Target, instruction: str):
+    """Run `conv` (dequantizing epilogue, scale 1), check that `instruction` is in its code and
+    that it returns the exact int32 accumulators; returns the plan."""
+    got, plan, library = run_kernel(conv, x, target)
+    assert instruction in library.mod.inspect_source("asm")  # really tensorized
+    expected = exact_accumulators(x, conv) + conv.correction[None, :, None, None]
+    assert np.abs(expected).max() < 2**24  # so float32 holds every accumulator exactly
+    np.testing.assert_array_equal(got, expected.astype(np.float32))
+    return plan
+
+
 def make_conv(rng, channels, out_channels, kernel, strides=(1, 1), padding=(0, 0, 0, 0), weight_limit=63,
               requantize=False, multiplier=1.0, offset=0.0):
     weight = rng.integers(-weight_limit, weight_limit + 1, (out_channels, channels, *kernel)).astype(np.int8)
@@ -103,12 +114,8 @@ def test_tensorized_kernels_accumulate_exactly_in_int32(channels, out_channels, 
     rng = np.random.default_rng(channels * 100 + out_channels)
     conv = make_conv(rng, channels, out_channels, kernel, strides, padding)  # dequantizing epilogue, scale 1
     x = rng.integers(0, 256, (1, channels, height, width), dtype=np.uint8)
-    got, plan, library = run_kernel(conv, x)
+    plan = run_exactly(conv, x, AVX2, INSTRUCTION_OF[layout])
     assert (plan.layout, plan.intrinsic) == (layout, INTRINSIC_OF[layout])
-    assert INSTRUCTION_OF[layout] in library.mod.inspect_source("asm")  # really tensorized
-    expected = exact_accumulators(x, conv) + conv.correction[None, :, None, None]
-    assert np.abs(expected).max() < 2**24  # so float32 holds every accumulator exactly
-    np.testing.assert_array_equal(got, expected.astype(np.float32))
 
 
 def test_weights_that_would_saturate_vpmaddubsw_run_as_exact_portable_integer_code():
@@ -159,12 +166,8 @@ def test_vnni_kernels_accumulate_exactly_in_int32(channels, out_channels, kernel
     # Full-range 8-bit weights: vpdpbusd adds in int32, so nothing can saturate.
     conv = make_conv(rng, channels, out_channels, kernel, strides, padding, weight_limit=127)
     x = rng.integers(0, 256, (1, channels, height, width), dtype=np.uint8)
-    got, plan, library = run_kernel(conv, x, VNNI)
+    plan = run_exactly(conv, x, VNNI, "vpdpbusd")
     assert (plan.layout, plan.intrinsic) == (layout, VNNI_INTRINSIC_OF[layout])
-    assert "vpdpbusd" in library.mod.inspect_source("asm")
-    expected = exact_accumulators(x, conv) + conv.correction[None, :, None, None]
-    assert np.abs(expected).max() < 2**24
-    np.testing.assert_array_equal(got, expected.astype(np.float32))
 
 
 def test_avx512_vnni_level_compiles_to_vpdpbusd():
@@ -199,13 +202,9 @@ def test_amx_kernels_accumulate_exactly_in_int32(channels, out_channels, kernel,
     rng = np.random.default_rng(channels * 100 + out_channels)
     conv = make_conv(rng, channels, out_channels, kernel, strides, padding, weight_limit=127)
     x = rng.integers(0, 256, (1, channels, height, width), dtype=np.uint8)
-    got, plan, library = run_kernel(conv, x, AMX)
+    plan = run_exactly(conv, x, AMX, "tdpbsud")
     assert (plan.layout, plan.intrinsic) == ("amx", int8_amx.INTRINSIC)
     assert int8_amx.folds_columns(conv) == folded
-    assert "tdpbsud" in library.mod.inspect_source("asm")
-    expected = exact_accumulators(x, conv) + conv.correction[None, :, None, None]
-    assert np.abs(expected).max() < 2**24
-    np.testing.assert_array_equal(got, expected.astype(np.float32))
 
 
 @pytest.mark.skipif(not HOST_HAS_AMX, reason="this CPU has no AMX tiles to run the kernel")
