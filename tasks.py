@@ -169,6 +169,8 @@ def bench(c, target="host", model=None, onnx=None, runtimes="tvm,torch,onnxrunti
     run_id = new_run_id()
     out = (Path(results) if results else RESULTS_DIR) / f"{run_id}.jsonl"
     say(f"run {run_id}: {len(subjects)} model(s) on {resolved.config.label} [{resolved.db_key}], {rules.threads} threads")
+    # a compressed variant is timed beside its fp32 base (same input shape), if the run has it
+    bases = {(s.name, s.input_shape): s for s in subjects if s.variant == "fp32"}
     failed = []
     for index, subject in enumerate(subjects, 1):
         say(f"[{index}/{len(subjects)}] {subject.name}")
@@ -182,8 +184,9 @@ def bench(c, target="host", model=None, onnx=None, runtimes="tvm,torch,onnxrunti
 
             records = bench_firmware(subject, resolved, run_id, say, samples_dir=samples_dir)
         else:
+            base = bases.get((subject.base_model, subject.input_shape)) if subject.variant != "fp32" else None
             records = bench_model(subject, resolved, run_id, tuple(r.strip() for r in runtimes.split(",")), rules, say,
-                                  samples_dir=samples_dir, roofline=roofline)
+                                  samples_dir=samples_dir, roofline=roofline, base=base)
         append_records(records, out)  # per model, so an interruption keeps what was measured
         failed += [r for r in records if not r.valid]
     say(f"records: {out}")

@@ -67,6 +67,9 @@ class Record:
     latency_p90_ms: float = 0.0
     latency_p99_ms: float = 0.0
     latency_max_ms: float = 0.0
+    # A compressed variant's TVM record: its fp32 base's TVM p50, timed in the same interleaved rounds
+    # (so variant ÷ base is free of the drift between two models' timing windows).
+    base_latency_p50_ms: float | None = None
     valid: bool = True
     invalid_reason: str = ""
     # Correctness against the torch fp32 reference on the same input.

@@ -9,7 +9,6 @@ optimisations off (the ONNX semantics, no fused kernels) for a user's ONNX file.
 from __future__ import annotations
 
 import datetime
-import math
 import os
 import tempfile
 import uuid
@@ -87,9 +86,11 @@ def bench_model(
     report: Callable[[str], None] = print,
     samples_dir: Path | None = None,
     roofline: bool = False,
+    base: ModelUnderTest | None = None,
 ) -> list[Record]:
     """Time `model` on every runtime; with `samples_dir`, also save its reference output there as a PNG;
-    with `roofline`, profile TVM's kernels against the measured FMA peak."""
+    with `roofline`, profile TVM's kernels against the measured FMA peak; with `base` (the fp32 model a
+    compressed variant was made from), time the base on TVM in the same rounds as the variant."""
     unknown = set(runtimes) - set(RUNTIMES)
     if unknown:
         raise UserError(f"unknown runtime(s) {sorted(unknown)}; allowed: {', '.join(RUNTIMES)}")
@@ -98,7 +99,7 @@ def bench_model(
         runtimes = tuple(r for r in runtimes if r != "torch")
     with open_target_probe(target.config) as probe:  # a board's probe holds an SSH connection
         return _bench_with_probe(model, target, run_id, runtimes, rules or target.config.bench, report, samples_dir,
-                                 probe, roofline)
+                                 probe, roofline, base)
 
 
 def _bench_with_probe(
@@ -111,6 +112,7 @@ def _bench_with_probe(
     samples_dir: Path | None,
     probe: PowerProbe,
     roofline: bool,
+    base: ModelUnderTest | None,
 ) -> list[Record]:
     x = test_image(model.input_shape)
     reference = reference_output(model, x)
@@ -138,9 +140,15 @@ def _bench_with_probe(
     for adapter in adapters:
         checks[adapter.name] = check_output(model, adapter.name, adapter.run(x), reference)
         adapter.prepare(x)
-    report(f"  {model.name}: timing {', '.join(a.name for a in adapters)} ({rules.samples}+ samples each, interleaved)")
+    timed = list(adapters)
+    if base is not None and "tvm" in runtimes:
+        timed.append(TvmRuntime(compile_for_target(base, target).load(), tvm.cpu(), rules.threads))
+        timed[-1].prepare(x)
+    report(f"  {model.name}: timing {', '.join(a.name for a in adapters)}"
+           f"{f' and {base.name} on tvm' if len(timed) > len(adapters) else ''} ({rules.samples}+ samples each, interleaved)")
     env = {**host_fingerprint(), "load_1m_at_start": round(os.getloadavg()[0], 2)}
-    timings = time_runtimes(adapters, rules)
+    timings = time_runtimes(timed, rules)
+    base_p50 = timings.pop().stats_ms()["latency_p50_ms"] if len(timed) > len(adapters) else None
 
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     records = []
@@ -163,6 +171,7 @@ def _bench_with_probe(
                 peak_rss_bytes=peak_rss,
                 **(tvm_build_fields(tvm_build) if tvm_build else {}),
                 **measurement_fields(timing, checks[adapter.name]),
+                base_latency_p50_ms=base_p50 if adapter.name == "tvm" else None,
                 sample_png=sample and sample.relative_to(samples_dir.parent).as_posix(),
                 env=env,
                 timestamp=stamp,

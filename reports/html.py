@@ -470,7 +470,8 @@ def _device_compression(records: pd.DataFrame) -> list[dict]:
     """Each compressed variant timed on TVM in the same run as its fp32 base, on one device: TVM p50, that
     ÷ the base's TVM p50 and ÷ ONNX Runtime's on the variant's own file (for int8 the same QDQ file), and
     the card's PSNR against the fp32 teacher. Ratios never cross runs: timings here are noisy, so only
-    records measured side by side are divided. Variants without their base in the run are left out."""
+    records measured side by side are divided, and the base's p50 is the one timed in the variant's own
+    interleaved rounds where the record carries it. Variants without their base in the run are left out."""
     rows = []
     for run_id, run in records.groupby("run_id", sort=False):
         timed = {(r["model"], r["runtime"]): r for r in run.to_dict("records")
@@ -487,11 +488,18 @@ def _device_compression(records: pd.DataFrame) -> list[dict]:
                 "variant": r["variant"],
                 "precision": r["precision"],
                 "p50": format_ms(r["latency_p50_ms"]),
-                "vs_base": ratio_cell(r["latency_p50_ms"], timed[(r["base_model"], "tvm")]["latency_p50_ms"]),
+                "vs_base": ratio_cell(r["latency_p50_ms"], _base_p50(r, timed[(r["base_model"], "tvm")])),
                 "vs_ort": ratio_cell(r["latency_p50_ms"], ort and ort["latency_p50_ms"]),
                 "psnr": "—" if is_missing(r["psnr_db"]) else f"{r['psnr_db']:.2f}",
             })
     return rows
+
+
+def _base_p50(variant: dict, base: dict) -> float:
+    """The base's TVM p50 timed in the variant's own rounds where the record has it (older records: the
+    base's record in the same run)."""
+    same_rounds = variant.get("base_latency_p50_ms")
+    return base["latency_p50_ms"] if is_missing(same_rounds) else same_rounds
 
 
 def _warnings(record: dict) -> list[dict]:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from bench.record import load_records
@@ -208,6 +209,20 @@ def test_bench_a_shipped_int8_variant_carries_its_card(tmp_path):
     assert row["weights"] == f"lwgan_models/checkpoints/{variant}.onnx@sha256:{card['sha256']}"
     assert row["psnr_db"] == card["quality"]["psnr_db"] and row["seed_metric"] == card["seed_metric"]["value"]
     assert row["onnx_bytes"] == card["onnx_bytes"] and row["output_psnr_db"] >= row["min_output_psnr_db"]
+
+
+def test_a_variant_is_timed_in_the_same_rounds_as_its_base(tmp_path):
+    """With its fp32 base in the run, a compressed variant's TVM record carries the base's p50 from the
+    variant's own interleaved rounds; the base's records, and runtimes other than TVM, do not."""
+    base, variant = "cyclegan-resnet6-ngf16", "cyclegan-resnet6-ngf16+kd"
+    result = invoke("bench", "--model", f"{base},{variant}", "--runtimes", "tvm,onnxruntime", "--shape", "1x3x32x32",
+                    "--samples", "3", "--results", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"timing tvm, onnxruntime and {base} on tvm" in result.stdout
+    rows = {(r["model"], r["runtime"]): r for r in load_records(tmp_path).to_dict("records")}
+    assert rows[(variant, "tvm")]["base_latency_p50_ms"] > 0
+    for key in [(base, "tvm"), (base, "onnxruntime"), (variant, "onnxruntime")]:
+        assert pd.isna(rows[key]["base_latency_p50_ms"])
 
 
 @pytest.mark.slow

@@ -520,6 +520,15 @@ def test_device_page_sets_each_variant_beside_its_base_in_the_same_run(tmp_path)
         ("run-A", BASE, "onnxruntime")].latency_p50_ms)
 
 
+def test_device_compression_divides_by_the_base_timed_in_the_variants_own_rounds(tmp_path):
+    """A variant's record that carries its base's p50 from the same interleaved rounds is divided by
+    that, not by the base's own record (timed in another window of the run)."""
+    variant = timed_variant("ptq", "tvm", 4.0, "run-A", base_latency_p50_ms=8.0)
+    _, pages = render_with_pages([timed_variant("fp32", "tvm", 10.0, "run-A"), variant], tmp_path)
+    [row] = table_rows(parsed(pages["host-avx2.html"]), "device-compression")
+    assert row["÷ fp32 TVM"] == format_ratio(4.0 / 8.0) != format_ratio(4.0 / 10.0)
+
+
 def test_device_compression_leaves_out_invalid_bases(tmp_path):
     _, pages = render_with_pages([
         timed_variant("fp32", "tvm", 10.0, "run-A", valid=False, invalid_reason=INVALID_REASON),
