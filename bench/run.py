@@ -140,15 +140,16 @@ def _bench_with_probe(
     for adapter in adapters:
         checks[adapter.name] = check_output(model, adapter.name, adapter.run(x), reference)
         adapter.prepare(x)
-    timed = list(adapters)
-    if base is not None and "tvm" in runtimes:
+    timed, alongside = list(adapters), ""
+    if base is not None and "tvm" in runtimes:  # the base in the same rounds: variant ÷ base without drift
         timed.append(TvmRuntime(compile_for_target(base, target).load(), tvm.cpu(), rules.threads))
         timed[-1].prepare(x)
-    report(f"  {model.name}: timing {', '.join(a.name for a in adapters)}"
-           f"{f' and {base.name} on tvm' if len(timed) > len(adapters) else ''} ({rules.samples}+ samples each, interleaved)")
+        alongside = f" and {base.name} on tvm"
+    report(f"  {model.name}: timing {', '.join(a.name for a in adapters)}{alongside} "
+           f"({rules.samples}+ samples each, interleaved)")
     env = {**host_fingerprint(), "load_1m_at_start": round(os.getloadavg()[0], 2)}
     timings = time_runtimes(timed, rules)
-    base_p50 = timings.pop().stats_ms()["latency_p50_ms"] if len(timed) > len(adapters) else None
+    base_p50 = timings.pop().stats_ms()["latency_p50_ms"] if alongside else None
 
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     records = []
@@ -275,7 +276,8 @@ def _kernel_flops(built: tvm.IRModule) -> tuple[dict[str, float], set[str]]:
     """FLOPs per kernel by TVM's estimate, integer convs' ops from their shapes; and the integer kernels' names.
 
     The estimator cannot read the hand-scheduled integer kernels (tensorized dot-product intrinsics,
-    AMX tiles), which carry their MACs instead (compile/int8.py), and a kernel it cannot read otherwise is left out of the profile rather than failing the run.
+    AMX tiles), which carry their MACs instead (compile/int8.py); a kernel it cannot read otherwise
+    is left out of the profile rather than failing the run.
     Kernels whose weights the build packs (compile/conv_schedule.py) run under a suffixed name.
     """
     flops: dict[str, float] = {}

@@ -96,20 +96,26 @@ class TuningDatabase:
         appended them: each workload's best mean run time so far, weighted by its calls in the model.
 
         Points start once every weighted workload has a measurement (before that the sum is only a lower
-        bound), and are thinned to about CURVE_POINTS. Empty without records or task weights.
+        bound), and are thinned to about CURVE_POINTS. A weighted workload that no record ever measured
+        (every candidate failed, or the search never committed it) is left out of the sum: it would
+        hold the curve back forever, and it runs the same default code at every trial. Empty without
+        records or task weights.
         """
         if not (self.exists() and self.weights_file.exists()):
             return []
         weights = json.loads(self.weights_file.read_text(encoding="utf-8"))
         hashes = [json.loads(line)[0] for line in self.workload_file.read_text(encoding="utf-8").splitlines()
                   if line.strip()]
-        best: dict[str, float] = {}
-        curve = []
+        measured = []  # (trials, workload hash, mean run seconds) of the successful records, in order
         for trials, (workload, (_, run_secs, *_)) in enumerate(self._record_rows(), 1):
             shash = hashes[workload] if workload < len(hashes) else None
-            if shash not in weights or not run_secs or max(run_secs) >= FAILED_RUN_S:
-                continue
-            best[shash] = min(best.get(shash, float("inf")), sum(run_secs) / len(run_secs))
+            if shash in weights and run_secs and max(run_secs) < FAILED_RUN_S:
+                measured.append((trials, shash, sum(run_secs) / len(run_secs)))
+        weights = {shash: weights[shash] for shash in {shash for _, shash, _ in measured}}
+        best: dict[str, float] = {}
+        curve = []
+        for trials, shash, seconds in measured:
+            best[shash] = min(best.get(shash, float("inf")), seconds)
             if len(best) == len(weights):
                 curve.append((trials, 1e3 * sum(weights[h] * best[h] for h in weights)))
         step = max(1, -(-len(curve) // CURVE_POINTS))

@@ -9,11 +9,10 @@ slower than the fp32 model, for the extra rounding passes). This pass finds
 and replaces it with one hand-scheduled TIR kernel: u8 x s8 products summed exactly in int32,
 tensorized with a dot-product intrinsic (compile/int8_intrinsics.py: AVX2 `vpmaddubsw` or AVX-512
 VNNI `vpdpbusd`) or run on AMX tiles (compile/int8_amx.py), with the requantization to uint8
-fused into its epilogue. A conv whose output
-stays float (no quantize after it) gets the same kernel with a dequantizing epilogue. The float
-ops between convolutions (instance norm, ReLU, padding, tanh) stay float and fuse with the
-dequantize/quantize around them; the frontend's decomposed instance norm is first put back into
-one op so that it can (`fold_instance_norms`).
+fused into its epilogue. A conv whose output stays float (no quantize after it) gets the same
+kernel with a dequantizing epilogue. The float ops between convolutions (instance norm, ReLU,
+padding, tanh) stay float and fuse with the dequantize/quantize around them; the frontend's
+decomposed instance norm is first put back into one op so that it can (`fold_instance_norms`).
 
 Integer arithmetic, per output channel c (x: uint8 input with zero point z_x and scale s_x;
 w: int8 weights, symmetric, scale s_w[c]; b: int32 bias with scale s_b[c]):
@@ -35,8 +34,8 @@ Kernels (`plan_kernel` picks one per conv and target):
   pixels of one channel (8 on AVX2, 16 on VNNI) and the weights are broadcast, so no lane is wasted.
 - "winograd": 3x3 stride-1 convs with >= 64 channels on AVX2 run as exact integer Winograd
   F(2x2, 3x3) (compile/int8_winograd.py), since there an integer multiply costs as much as a float one.
-- "amx": on CPUs with Intel AMX, unit-stride convs with whole 16-channel output blocks run as
-  int8 matrix products on its tiles (compile/int8_amx.py), 3x a VNNI kernel's rate.
+- "amx": on CPUs with Intel AMX, convs with whole 16-channel output blocks run as int8 matrix
+  products on its tiles (compile/int8_amx.py), up to 3x a VNNI kernel's rate.
 Without a usable intrinsic (another ISA, or 8-bit weights whose int16 pair sums could saturate
 `vpmaddubsw`) the "channels" kernel runs as portable integer code that LLVM vectorizes.
 """

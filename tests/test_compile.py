@@ -85,6 +85,11 @@ def test_curve_replays_records_in_order_weighted_by_calls(tmp_path):
     assert latency_ms == pytest.approx((3 + 3 * 2, 1 + 3 * 2, 1 + 3 * 1.5))
     assert trials_to_within(database.curve(), 0.1) == 6
     assert trials_to_within(database.curve(), 0.6) == 5
+    # A weighted task no record measured (every candidate failed, or never committed) does not hold
+    # the curve back: the committed resnet6 and U-Net databases had lost their curves to one.
+    curve = database.curve()
+    database.write_task_weights({"111": 1, "222": 3, "333": 12})
+    assert database.curve() == curve
 
 
 def test_tune_then_compile_from_database_without_tuning(host, tmp_path, monkeypatch):
