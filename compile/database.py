@@ -111,7 +111,8 @@ class TuningDatabase:
             shash = hashes[workload] if workload < len(hashes) else None
             if shash in weights and run_secs and max(run_secs) < FAILED_RUN_S:
                 measured.append((trials, shash, sum(run_secs) / len(run_secs)))
-        weights = {shash: weights[shash] for shash in {shash for _, shash, _ in measured}}
+        measured_hashes = {shash for _, shash, _ in measured}
+        weights = {shash: weight for shash, weight in weights.items() if shash in measured_hashes}
         best: dict[str, float] = {}
         curve = []
         for trials, shash, seconds in measured:
