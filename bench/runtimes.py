@@ -17,7 +17,7 @@ import torch
 import tvm
 
 from errors import UserError
-from targets.threads import ENV, size_tvm_thread_pool
+from targets.threads import ENV, size_tvm_thread_pool, usable_cpus
 
 
 class TorchRuntime:
@@ -109,7 +109,7 @@ class TvmRuntime:
             running = runtime_function("runtime.NumThreads")()
         if running != threads:
             raise UserError(f"TVM's thread pool runs {running} threads where the target asks for {threads} "
-                            f"(this process may use {len(os.sched_getaffinity(0))} CPUs; {ENV}="
+                            f"(this process may use {usable_cpus()} CPUs; {ENV}="
                             f"{os.environ.get(ENV, 'unset')})")
         self.vm = vm
         self.device = device

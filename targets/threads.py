@@ -15,6 +15,11 @@ from errors import UserError
 ENV = "TVM_NUM_THREADS"
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, not the machine's count)."""
+    return len(os.sched_getaffinity(0))
+
+
 def size_tvm_thread_pool() -> int:
     """Set TVM_NUM_THREADS to this process's CPUs unless the user set it; returns the pool size.
 
@@ -22,7 +27,7 @@ def size_tvm_thread_pool() -> int:
     machine where TVM's guess is more than one thread). Child processes, such as MetaSchedule's
     measuring workers and the peak-memory probe, inherit it.
     """
-    value = os.environ.setdefault(ENV, str(len(os.sched_getaffinity(0))))
+    value = os.environ.setdefault(ENV, str(usable_cpus()))
     if not value.isdigit() or int(value) < 1:
         raise UserError(f"{ENV}={value!r}: expected a positive whole number of threads")
     return int(value)
