@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 python -m pip install -r requirements.txt
+python -m pip install -r requirements-converter.txt  # see that file: it cannot resolve with the line above
+python -m pip install "typing-extensions>=4.13"      # TVM's FFI floor, which the converter's xdsl pin lowered
 # Debian packages: Chromium renders the HTML report in the browser test; the cross compilers build
 # for aarch64 boards and Cortex-M parts; qemu runs the emulated aarch64 board (user mode) and the
 # microcontroller firmware (system mode); OpenSSH's server lets the tests bring a "board" up over SSH.

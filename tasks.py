@@ -135,7 +135,7 @@ def tune(c, model=None, onnx=None, target="host", shape=None, trials=None, trial
         "target": "device config name under targets/ (e.g. host)",
         "model": "registry model name(s), comma separated (default: the target's bench models, else the demo set)",
         "onnx": "an ONNX generator file (one image input) to benchmark instead (TVM vs ONNX Runtime)",
-        "runtimes": "comma-separated runtimes: tvm,torch,onnxruntime",
+        "runtimes": "comma-separated runtimes (default: every installed one the target runs; see `invoke runtimes`)",
         "samples": "timed samples per runtime (default: the target's rule)",
         "threads": "threads for every runtime (default: the target's)",
         "isa": "ISA level (default: detected)",
@@ -148,13 +148,14 @@ def tune(c, model=None, onnx=None, target="host", shape=None, trials=None, trial
     }
 )
 @cli
-def bench(c, target="host", model=None, onnx=None, runtimes="tvm,torch,onnxruntime", samples=None, threads=None, isa=None,
+def bench(c, target="host", model=None, onnx=None, runtimes=None, samples=None, threads=None, isa=None,
           all_models=False, shape=None, results=None, checkpoint=None, roofline=False, debug=False):
     """Benchmark models side by side; appends records to reports/results/<run-id>.jsonl."""
     import dataclasses
 
     from bench.record import RESULTS_DIR, append_records
     from bench.run import bench_model, new_run_id
+    from bench.runtimes import parse as parse_runtimes
 
     resolved = _target(target, isa)
     config = resolved.config
@@ -166,6 +167,7 @@ def bench(c, target="host", model=None, onnx=None, runtimes="tvm,torch,onnxrunti
         model = model or ",".join(config.default_models) or None
         shape = shape or (config.default_input_shape and "x".join(map(str, config.default_input_shape)))
     subjects = _models_under_test(model, onnx, shape, checkpoint, demo_only=not all_models)
+    chosen = tuple(spec.name for spec in parse_runtimes(runtimes, config.place)) if runtimes else None
     run_id = new_run_id()
     out = (Path(results) if results else RESULTS_DIR) / f"{run_id}.jsonl"
     say(f"run {run_id}: {len(subjects)} model(s) on {resolved.config.label} [{resolved.db_key}], {rules.threads} threads")
@@ -175,18 +177,9 @@ def bench(c, target="host", model=None, onnx=None, runtimes="tvm,torch,onnxrunti
     for index, subject in enumerate(subjects, 1):
         say(f"[{index}/{len(subjects)}] {subject.name}")
         samples_dir = out.parent / f"{run_id}.samples"
-        if resolved.config.connection == "rpc":  # TVM on the board; torch and ORT do not run there
-            from bench.remote import bench_remote
-
-            records = bench_remote(subject, resolved, run_id, rules, say, samples_dir=samples_dir)
-        elif config.connection == "qemu-system":  # generated C firmware under qemu
-            from bench.firmware import bench_firmware
-
-            records = bench_firmware(subject, resolved, run_id, say, samples_dir=samples_dir)
-        else:
-            base = bases.get((subject.base_model, subject.input_shape)) if subject.variant != "fp32" else None
-            records = bench_model(subject, resolved, run_id, tuple(r.strip() for r in runtimes.split(",")), rules, say,
-                                  samples_dir=samples_dir, roofline=roofline, base=base)
+        base = bases.get((subject.base_model, subject.input_shape)) if subject.variant != "fp32" else None
+        records = bench_model(subject, resolved, run_id, chosen, rules, say,
+                              samples_dir=samples_dir, roofline=roofline, base=base)
         append_records(records, out)  # per model, so an interruption keeps what was measured
         failed += [r for r in records if not r.valid]
     say(f"records: {out}")
@@ -377,7 +370,7 @@ def _rpc_target(target: str):
     import targets
 
     config = targets.load_target(target)
-    if config.connection != "rpc":
+    if config.place != "board":
         raise UserError(f"target {target!r} is not an RPC board (connection {config.connection!r}); "
                         "try --target aarch64-emu")
     return config

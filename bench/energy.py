@@ -7,7 +7,7 @@ minimum duration and sample count. A sensor failing mid-run keeps the timing rec
 
 from __future__ import annotations
 
-from bench.harness import Runtime
+from bench.runtimes import Runtime
 from targets import BenchRules
 from targets.power import (
     PowerProbe,

@@ -35,10 +35,11 @@ def _git_sha() -> str:
 
 @functools.cache
 def host_fingerprint() -> dict:
+    """This machine and the version of every installed runtime package (bench/runtimes/)."""
     import numpy
-    import onnxruntime
-    import torch
     import tvm
+
+    from bench.runtimes import installed
 
     return {
         "cpu": _cpu_model(),
@@ -48,8 +49,6 @@ def host_fingerprint() -> dict:
         "machine": platform.machine(),
         "python": platform.python_version(),
         "numpy": numpy.__version__,
-        "torch": torch.__version__,
-        "tvm": tvm.__version__,
-        "onnxruntime": onnxruntime.__version__,
+        **{spec.package: spec.version() for spec in installed()},
         "git_sha": _git_sha(),
     }

@@ -11,22 +11,11 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
+from bench.runtimes import Runtime
 from targets import BenchRules
-
-
-class Runtime(Protocol):
-    name: str
-    threads: int
-
-    def prepare(self, x: np.ndarray) -> None: ...
-
-    def run(self, x: np.ndarray) -> np.ndarray: ...
-
-    def measure(self, n: int) -> list[float]: ...
 
 
 @dataclass(frozen=True)

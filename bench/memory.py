@@ -1,9 +1,10 @@
 """Peak resident memory of one runtime, measured in a process of its own.
 
 Every runtime of a benchmark shares one Python process, so their memory cannot be told apart
-there. Here a fresh interpreter imports only the runtime at hand, loads the artifact (TVM library,
-ONNX file or pickled torch module), runs a few inferences and reports its peak resident set
-(VmHWM): what a process serving that model on the device would need.
+there. Here a fresh interpreter imports only the runtime at hand, loads the artifact its plug-in
+names (bench/runtimes/: a TVM library, an ONNX or .tflite file, a pickled torch module) the way the
+plug-in loads it, runs a few inferences and reports its peak resident set (VmHWM): what a process
+serving that model on the device would need.
 
     python -m bench.memory RUNTIME ARTIFACT NxCxHxW THREADS
 """
@@ -45,36 +46,12 @@ def _vm_hwm_bytes() -> int:
 def _run(runtime: str, artifact: str, shape: tuple[int, ...], threads: int) -> None:
     import numpy as np
 
+    from bench.runtimes import get
+
     x = np.random.default_rng(0).uniform(-1, 1, shape).astype("float32")
-    if runtime == "tvm":
-        import tvm
-        from tvm import relax
-
-        from targets.threads import size_tvm_thread_pool
-
-        size_tvm_thread_pool()
-        tvm.get_global_func("runtime.config_threadpool")(1, threads)
-        vm = relax.VirtualMachine(tvm.runtime.load_module(artifact), tvm.cpu())
-        for _ in range(INFERENCES):
-            vm["main"](tvm.runtime.tensor(x, tvm.cpu()))
-    elif runtime == "onnxruntime":
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        session = ort.InferenceSession(artifact, options, providers=["CPUExecutionProvider"])
-        for _ in range(INFERENCES):
-            session.run(None, {session.get_inputs()[0].name: x})
-    elif runtime == "torch":
-        import torch
-
-        torch.set_num_threads(threads)
-        module = torch.load(artifact, weights_only=False).eval()
-        with torch.inference_mode():
-            for _ in range(INFERENCES):
-                module(torch.from_numpy(x))
-    else:
-        raise SystemExit(f"unknown runtime {runtime!r}")
+    adapter = get(runtime).load(Path(artifact), threads)
+    for _ in range(INFERENCES):
+        adapter.run(x)
 
 
 if __name__ == "__main__":

@@ -36,11 +36,14 @@ class Record:
     target: str  # target config name, e.g. "host"
     device: str  # human label from the target config
     isa_level: str  # e.g. "avx2"; "" where the target has no levels
-    runtime: str  # "tvm" | "torch" | "onnxruntime"
+    runtime: str  # a registered runtime (bench/runtimes/): "tvm", "torch", "onnxruntime", "openvino", ...
     threads: int
     artifact_bytes: int | None = None  # compiled library / ONNX file size
     base_model: str | None = None  # the registry model a compressed variant was made from
-    precision: str = "fp32"  # "fp32" | "int8"
+    precision: str = "fp32"  # the model's: "fp32" | "int8"
+    # What the runtime actually executed: "fp32", "bf16" (OpenVINO's default on CPUs with bf16 units),
+    # "fp16", or "int8"; the output is judged by this precision's rule. None in older records (= precision).
+    executed_precision: str | None = None
     onnx_bytes: int | None = None  # the model as an ONNX file (int8 weights for int8): its size on disk
     # Quality, from the checkpoint card: fidelity to the fp32 teacher on held-out images, and the
     # seed report's metric (CycleGAN generator loss, style-transfer TV loss) under one protocol.
@@ -76,7 +79,7 @@ class Record:
     max_abs_err: float | None = None
     tolerance: float | None = None  # fp32 rule: max_abs_err <= tolerance
     output_psnr_db: float | None = None  # output vs reference over the whole image
-    min_output_psnr_db: float | None = None  # int8 rule: a rounding step may flip anywhere, so judge the image
+    min_output_psnr_db: float | None = None  # bf16/fp16/int8 rule: a rounding step may flip anywhere, so judge the image
     # Roofline (`invoke bench --roofline`, TVM only): the FMA peak measured in the same run, and per
     # kernel [{kernel, calls, ms, gflop, gflops, peak_fraction}] per inference, slowest first.
     fma_peak_gflops: float | None = None

@@ -204,7 +204,7 @@ def tune_for_target(
         trials_per_task,
         report,
         population=target.config.tuning_population,
-        board=target.config if target.config.connection == "rpc" else None,
+        board=target.config if target.config.link.tuning_runner == "rpc" else None,
         focus=focus,
     )
 

@@ -29,7 +29,10 @@ from reports.charts import (
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 NOISY_COV = 0.1  # coefficient of variation above which a timing is flagged as noisy
-BASELINES = {"onnxruntime": "ORT", "torch": "torch"}  # runtimes TVM's speed-up is measured against
+COMPILER = "tvm"  # the runtime under study; every other runtime in a record is a peer
+# Output PSNR against the reference above which two runtimes count as equally exact: fp32 reorderings
+# land at 120-140 dB, bf16 at 45-67 dB, int8 at 30-40 dB.
+EXACT_DB = 60.0
 # Row order of a compression table: the base, then lwgan_models.compression.METHODS (not imported: it pulls in torch).
 VARIANT_ORDER = ("fp32", "ptq", "qat", "kd", "prune", "prune+kd+ptq")
 SEED_METRIC_LABELS = {"generator_loss": "generator loss", "tv_loss": "TV loss"}  # as the seed report names them
@@ -93,7 +96,7 @@ def render_report(records: pd.DataFrame, out_path: Path, source: str | Path = "r
     out_path = Path(out_path)
     pages_dir = out_path.with_name(f"{out_path.stem}-devices")
     compression = _compression(records, Path(source))
-    shared = {"source": str(source), "noisy_cov": NOISY_COV, "compression": compression,
+    shared = {"source": str(source), "noisy_cov": NOISY_COV, "exact_db": EXACT_DB, "compression": compression,
               "seed_rows": _seed_rows(), "seed_source": SEED_REPORT_SOURCE}
     devices = []
     for (target, isa_level), group in records.groupby(["target", "isa_level"], sort=True):
@@ -107,7 +110,6 @@ def render_report(records: pd.DataFrame, out_path: Path, source: str | Path = "r
             runs=_runs(group),
             environments=_environments(group),
             sections=_sections(group, runtimes),
-            baselines=list(BASELINES.values()),
             device_compression=_device_compression(group),
             warnings=[w for r in group.to_dict("records") for w in _warnings(r)],
             pareto=_pareto_charts(group),
@@ -155,8 +157,8 @@ def _device_summary(group: pd.DataFrame, target: str, isa_level: str, href: str)
     latest_run = group[group["timestamp"] == group["timestamp"].max()]["run_id"].iloc[0]
     latest = {(r["model"], r["variant"], r["runtime"]): r
               for r in group[group["run_id"] == latest_run].to_dict("records") if r["valid"]}
-    ratios = [r["latency_p50_ms"] / ort["latency_p50_ms"] for (m, v, rt), r in latest.items()
-              if rt == "tvm" and (ort := latest.get((m, v, "onnxruntime"))) and ort["latency_p50_ms"] > 0]
+    ratios = [r["latency_p50_ms"] / peer["latency_p50_ms"] for (m, v, rt), r in latest.items()
+              if rt == COMPILER and (peer := best_peer(r, latest.values()))]
     return {
         "label": group["device"].iloc[-1],
         "target": target,
@@ -166,7 +168,7 @@ def _device_summary(group: pd.DataFrame, target: str, isa_level: str, href: str)
         "records": len(group),
         "models": group["model"].nunique(),
         "power": _power_summary(group),
-        "tvm_vs_ort": format_ratio(statistics.median(ratios)) if ratios else "—",
+        "tvm_vs_best_peer": format_ratio(statistics.median(ratios)) if ratios else "—",
         "latest_run": latest_run,
     }
 
@@ -290,38 +292,57 @@ def _firmware_tables(records: pd.DataFrame) -> dict | None:
 
 
 def _pareto_charts(records: pd.DataFrame) -> list[dict]:
-    """Per base model on one device: latency-PSNR and size-PSNR fronts over its variants.
-
-    Each variant is placed by its fastest valid runtime in its latest record; the fp32 base is the
-    quality reference (infinite PSNR to itself).
-    """
+    """Per base model on one device: latency-PSNR and size-PSNR fronts (see `quality_points`)."""
     charts = []
-    latest: dict[str, dict] = {}
-    for r in records.to_dict("records"):
-        if r["valid"] and not is_missing(r["base_model"]) and r["latency_p50_ms"] > 0:
-            known = latest.get(r["model"])
-            if known is None or known["timestamp"] < r["timestamp"] or (
-                    known["timestamp"] == r["timestamp"] and r["latency_p50_ms"] < known["latency_p50_ms"]):
-                latest[r["model"]] = r
-    by_base: dict[str, list[dict]] = {}
-    for r in latest.values():
-        by_base.setdefault(r["base_model"], []).append(r)
-    for base_model, models in sorted(by_base.items()):
-        def psnr(r: dict) -> float | None:
-            return float("inf") if r["model"] == base_model else (None if is_missing(r["psnr_db"]) else r["psnr_db"])
-
-        rated = [r for r in models if psnr(r) is not None]
-        if len(rated) < 2:
-            continue
-        latency = [QualityPoint(f"{r['variant']} ({r['runtime']})", r["latency_p50_ms"], psnr(r)) for r in rated]
-        size = [QualityPoint(r["variant"], r["onnx_bytes"] / 1e6, psnr(r)) for r in rated
-                if not is_missing(r["onnx_bytes"])]
+    for base_model, (latency, size) in sorted(quality_points(records).items()):
         charts.append({
             "base_model": base_model,
             "latency": pareto_chart(latency, base_model, "latency p50 (ms, log scale)"),
             "size": pareto_chart(size, base_model, "ONNX size (MB, log scale)") if len(size) >= 2 else None,
         })
     return charts
+
+
+def quality_points(records: pd.DataFrame) -> dict[str, tuple[list[QualityPoint], list[QualityPoint]]]:
+    """Per base model with two or more rated points: (latency points, size points).
+
+    Every (variant, runtime) pair is a latency point from its latest valid record, peers included. Its
+    quality is the variant's PSNR to the fp32 teacher (the card; the base is the reference, infinite)
+    combined with the runtime's own output error against the reference (bf16 and int8 runtimes add
+    theirs). Size belongs to the model, so each variant is one size point.
+    """
+    latest: dict[tuple[str, str], dict] = {}
+    for r in records.to_dict("records"):
+        if r["valid"] and not is_missing(r["base_model"]) and r["latency_p50_ms"] > 0:
+            known = latest.get((r["model"], r["runtime"]))
+            if known is None or known["timestamp"] <= r["timestamp"]:
+                latest[(r["model"], r["runtime"])] = r
+    by_base: dict[str, list[dict]] = {}
+    for r in latest.values():
+        by_base.setdefault(r["base_model"], []).append(r)
+    points = {}
+    for base_model, candidates in by_base.items():
+        def card_psnr(r: dict) -> float | None:
+            return float("inf") if r["model"] == base_model else (None if is_missing(r["psnr_db"]) else r["psnr_db"])
+
+        rated = [r for r in candidates if card_psnr(r) is not None]
+        if len(rated) < 2:
+            continue
+        latency = [QualityPoint(f"{r['variant']} ({r['runtime']})", r["latency_p50_ms"],
+                                combined_psnr(card_psnr(r), r.get("output_psnr_db"))) for r in rated]
+        per_model = {r["model"]: r for r in rated}
+        size = [QualityPoint(r["variant"], r["onnx_bytes"] / 1e6, card_psnr(r)) for r in per_model.values()
+                if not is_missing(r["onnx_bytes"])]
+        points[base_model] = (latency, size)
+    return points
+
+
+def combined_psnr(model_db: float, runtime_db: float | None) -> float:
+    """PSNR of a model's output as a runtime computes it: the model's and the runtime's errors added in MSE.
+    A runtime at EXACT_DB or above adds nothing (fp32 reordering)."""
+    runtime_db = None if is_missing(runtime_db) or runtime_db >= EXACT_DB else runtime_db
+    mse = sum(10 ** (-db / 10) for db in (model_db, runtime_db) if db is not None and db != float("inf"))
+    return float("inf") if mse == 0 else -10 * math.log10(mse)
 
 
 ROOFLINE_KERNELS = 8  # the slowest kernels shown per model
@@ -392,7 +413,8 @@ def _row(record: dict, latest: dict) -> dict:
         "err": "—" if is_missing(err) else f"{err:.1e}" + _psnr_suffix(record),
         "tol": _tolerance(record),
         "err_high": _over_tolerance(record),
-        "vs_baselines": _vs_baselines(record, latest),
+        "vs_best_peer": _vs_best_peer(record, latest),
+        "ran": _executed_precision(record),
         "energy": _energy(record),
         "estimated": bool(record.get("power_estimated")) and not is_missing(record.get("energy_mj")),
         "active_w": "—" if is_missing(record.get("active_w")) else f"{record['active_w']:.2f}",
@@ -406,6 +428,12 @@ def _row(record: dict, latest: dict) -> dict:
         "valid": record["valid"],
         "reason": record["invalid_reason"],
     }
+
+
+def _executed_precision(record: dict) -> str:
+    """The precision the runtime executed; older records did not say, and ran the model's."""
+    ran = record.get("executed_precision")
+    return record["precision"] if is_missing(ran) else ran
 
 
 def _energy(record: dict) -> str:
@@ -457,18 +485,34 @@ def _over_tolerance(record: dict) -> bool:
     return outside_tolerance(record)
 
 
-def _vs_baselines(record: dict, latest: dict) -> list[str]:
-    """A valid TVM row's p50 ÷ each baseline's (BASELINES order), the latest valid one of the same model and
-    variant in the run; "—" without one. Other rows get empty cells: the ratios are TVM's."""
-    if record["runtime"] != "tvm" or not record["valid"]:
-        return [""] * len(BASELINES)
-    return [ratio_cell(record["latency_p50_ms"], (latest.get((record["model"], record["variant"], runtime)) or {})
-                       .get("latency_p50_ms")) for runtime in BASELINES]
+def best_peer(record: dict, candidates) -> dict | None:
+    """The fastest valid peer record of the same model and variant at the same or better output quality.
+
+    Quality is the output's PSNR against the reference, capped at EXACT_DB (fp32 runtimes differ only
+    by reordering there): a bf16 peer is no match for an fp32 TVM row, an fp32 peer is for a bf16 one.
+    """
+    def quality(r: dict) -> float:
+        psnr = r.get("output_psnr_db")
+        return EXACT_DB if is_missing(psnr) else min(psnr, EXACT_DB)
+
+    peers = [r for r in candidates if r["runtime"] != COMPILER and r["valid"] and r["latency_p50_ms"] > 0
+             and r["model"] == record["model"] and r["variant"] == record["variant"]
+             and quality(r) >= quality(record)]
+    return min(peers, key=lambda r: r["latency_p50_ms"], default=None)
+
+
+def _vs_best_peer(record: dict, latest: dict) -> str:
+    """A valid TVM row's p50 ÷ its best peer's in the same run, naming the peer; "—" without one.
+    Other rows get an empty cell: the ratio is TVM's."""
+    if record["runtime"] != COMPILER or not record["valid"]:
+        return ""
+    peer = best_peer(record, latest.values())
+    return "—" if peer is None else f"{ratio_cell(record['latency_p50_ms'], peer['latency_p50_ms'])} {peer['runtime']}"
 
 
 def _device_compression(records: pd.DataFrame) -> list[dict]:
     """Each compressed variant timed on TVM in the same run as its fp32 base, on one device: TVM p50, that
-    ÷ the base's TVM p50 and ÷ ONNX Runtime's on the variant's own file (for int8 the same QDQ file), and
+    ÷ the base's TVM p50 and ÷ its best peer's on the variant's own artifact (for int8 the same QDQ file), and
     the card's PSNR against the fp32 teacher. Ratios never cross runs: timings here are noisy, so only
     records measured side by side are divided, and the base's p50 is the one timed in the variant's own
     interleaved rounds where the record carries it. Variants without their base in the run are left out."""
@@ -480,7 +524,7 @@ def _device_compression(records: pd.DataFrame) -> list[dict]:
                     if runtime == "tvm" and not is_missing(r["base_model"]) and model != r["base_model"]
                     and (r["base_model"], "tvm") in timed]
         for r in sorted(variants, key=lambda r: (r["base_model"], _variant_rank(r, r["base_model"]))):
-            ort = timed.get((r["model"], "onnxruntime"))
+            peer = best_peer(r, timed.values())
             rows.append({
                 "run_id": run_id,
                 "base_model": r["base_model"],
@@ -489,7 +533,8 @@ def _device_compression(records: pd.DataFrame) -> list[dict]:
                 "precision": r["precision"],
                 "p50": format_ms(r["latency_p50_ms"]),
                 "vs_base": ratio_cell(r["latency_p50_ms"], _base_p50(r, timed[(r["base_model"], "tvm")])),
-                "vs_ort": ratio_cell(r["latency_p50_ms"], ort and ort["latency_p50_ms"]),
+                "vs_peer": "—" if peer is None else
+                f"{ratio_cell(r['latency_p50_ms'], peer['latency_p50_ms'])} {peer['runtime']}",
                 "psnr": "—" if is_missing(r["psnr_db"]) else f"{r['psnr_db']:.2f}",
             })
     return rows

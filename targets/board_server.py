@@ -1,9 +1,10 @@
-"""TVM's RPC server plus one function that tells the host what the board is.
+"""TVM's RPC server plus functions that tell the host what the board is and run the peer runtimes there.
 
-Runs *on the board* (copied into the emulated board's rootfs; a real board can run it the same way
-instead of `python -m tvm.exec.rpc_server`), so it imports only what a board has: TVM and the
-standard library. The fingerprint is read where the code runs, so records describe the board,
-never the host that drives it.
+Runs *on the board* (copied into the emulated board's rootfs with the runtime plug-ins,
+bench/runtimes/, beside it; a real board can run it the same way instead of `python -m
+tvm.exec.rpc_server`), so it imports only what a board has: TVM, numpy, the standard library and
+the peer runtimes installed there. The fingerprint is read where the code runs, so records describe
+the board, never the host that drives it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import argparse
 import logging
 
 FINGERPRINT_FUNC = "lwgan.board.fingerprint"
+LOAD_FUNC = "lwgan.runtime.load"  # (runtime, uploaded file, threads) -> {"precision", "versions"} as JSON
+RUN_FUNC = "lwgan.runtime.run"  # (runtime, input tensor) -> output tensor
+MEASURE_FUNC = "lwgan.runtime.measure"  # (runtime, input tensor, n) -> n inference times in seconds, JSON
 
 
 def register_fingerprint() -> None:
@@ -55,7 +59,14 @@ def register_fingerprint() -> None:
             numpy_version = numpy.__version__
         except ImportError:
             pass
+        try:  # the runtime plug-ins copied beside this script: the peers' versions on this board
+            from bench.runtimes import installed
+
+            runtimes = {spec.package: spec.version() for spec in installed("board")}
+        except ImportError:
+            runtimes = {}
         return json.dumps({
+            **runtimes,
             "cpu": cpu,
             "llvm_cpu": tvm.get_global_func("tvm.codegen.llvm.GetHostCPUName")(),
             "cores": os.cpu_count(),
@@ -67,6 +78,36 @@ def register_fingerprint() -> None:
             # Set by whoever starts an emulated board (targets/emulated.py); absent on real hardware.
             "emulator": os.environ.get("LWGAN_BOARD_EMULATOR", ""),
         })
+
+
+def register_runtimes() -> None:
+    """A peer runtime on the board, loaded by the same plug-in module the host uses; one loaded model per runtime."""
+    import json
+
+    import tvm
+    import tvm_ffi
+
+    loaded: dict = {}
+
+    @tvm_ffi.register_global_func(LOAD_FUNC, override=True)
+    def load(name: str, file_name: str, threads: int) -> str:
+        from pathlib import Path
+
+        from bench.runtimes import get
+
+        spec = get(name)
+        path = Path(tvm.get_global_func("tvm.rpc.server.workpath")(file_name))
+        loaded[name] = spec.load(path, threads)
+        return json.dumps({"precision": loaded[name].precision, "versions": {spec.package: spec.version()}})
+
+    @tvm_ffi.register_global_func(RUN_FUNC, override=True)
+    def run(name: str, x):
+        return tvm.runtime.tensor(loaded[name].run(x.numpy()))
+
+    @tvm_ffi.register_global_func(MEASURE_FUNC, override=True)
+    def measure(name: str, x, n: int) -> str:
+        loaded[name].prepare(x.numpy())
+        return json.dumps(loaded[name].measure(n))
 
 
 def main() -> None:
@@ -85,6 +126,7 @@ def main() -> None:
     from tvm.rpc.server import PopenRPCServerState
 
     register_fingerprint()
+    register_runtimes()
     tracker_host, tracker_port = args.tracker.rsplit(":", 1)
     server = PopenRPCServerState(
         args.host, args.port, args.port_end, tracker_addr=(tracker_host, int(tracker_port)), key=args.key,

@@ -13,13 +13,11 @@ from pathlib import Path
 import tvm
 
 from errors import UserError
+from targets.connections import CONNECTIONS, Connection
 from targets.power import POWER_SOURCES
 
 TARGETS_DIR = Path(__file__).resolve().parent
 
-# local: in this process; rpc: a board registered at a TVM RPC tracker; qemu-system: a microcontroller
-# firmware run under qemu-system-arm on this machine.
-CONNECTIONS = ("local", "rpc", "qemu-system")
 TVM_KINDS = ("llvm", "c", "opencl")
 # [tvm] device of an opencl target: the GPUs this suite builds and checks kernels for (TVM takes any name).
 OPENCL_DEVICES = ("mali",)
@@ -89,7 +87,7 @@ SCHEMA = {
     "power": {"source": (str, True), "options": (dict, False)},  # options: keyword arguments of the probe
 }
 CHOICES = {
-    ("", "connection"): CONNECTIONS,
+    ("", "connection"): tuple(CONNECTIONS),
     ("power", "source"): POWER_SOURCES,
     ("tvm", "kind"): TVM_KINDS,
     ("tvm", "device"): OPENCL_DEVICES,
@@ -135,6 +133,16 @@ class TargetConfig:
     mcu: dict = field(default_factory=dict)
     default_models: tuple[str, ...] = ()
     default_input_shape: tuple[int, ...] | None = None
+
+    @property
+    def link(self) -> Connection:
+        """What the `connection` name means (targets/connections.py): place, power, tuning runner."""
+        return CONNECTIONS[self.connection]
+
+    @property
+    def place(self) -> str:
+        """Where this device runs models: "host", "board" or "mcu"."""
+        return self.link.place
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,15 @@ def board_python_packages() -> tuple[str, ...]:
         "psutil",
         "cloudpickle",
         "tornado",
+        # the peers timed beside TVM on the board, at the host's versions so both machines run the same
+        *(f"{package}=={importlib.metadata.version(package)}" for package in PEER_RUNTIME_PACKAGES),
     )
+
+
+# The peer runtimes timed on the board beside TVM (bench/runtimes/: those whose places include "board").
+PEER_RUNTIME_PACKAGES = ("onnxruntime", "ai-edge-litert")
+# What targets/board_server.py imports beside it on the board: the runtime plug-ins and their error type.
+BOARD_SIDE_SOURCES = ("errors.py", "bench/runtimes/*.py")
 
 
 def rootfs_ready(root: Path = ROOTFS_DIR) -> bool:
@@ -212,6 +220,17 @@ def qemu_version() -> str:
     return result.stdout.splitlines()[0].strip() if result.returncode == 0 and result.stdout else "qemu-aarch64"
 
 
+def install_board_sources(folder: Path) -> None:
+    """Copy board_server.py and the runtime plug-ins it loads into `folder` on the board (fresh each start)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(__file__).with_name("board_server.py"), folder / "board_server.py")
+    for pattern in BOARD_SIDE_SOURCES:
+        for source in REPO_ROOT.glob(pattern):
+            destination = folder / source.relative_to(REPO_ROOT)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, destination)
+
+
 def start_board(config: TargetConfig, root: Path = ROOTFS_DIR, state_dir: Path = rpc.STATE_DIR,
                 report: Callable[[str], None] = print) -> dict:
     """Start TVM's RPC server in the rootfs under qemu-user, registered under the target's key.
@@ -235,8 +254,7 @@ def start_board(config: TargetConfig, root: Path = ROOTFS_DIR, state_dir: Path =
     _require_tools(("qemu-aarch64-static", "chroot"))
     ensure_binfmt(report)
     script = root / SERVER_SCRIPT.lstrip("/")
-    script.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(Path(__file__).with_name("board_server.py"), script)
+    install_board_sources(script.parent)
     arguments = [SERVER_SCRIPT, "--tracker", f"{host}:{port}", "--key", key, "--host", "127.0.0.1"]
     env = {**_chroot_env(), "LWGAN_BOARD_EMULATOR": f"{qemu_version()} (user mode, chroot {root})"}
     started = time.time()

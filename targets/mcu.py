@@ -58,7 +58,7 @@ class McuPart:
 
 def mcu_part(config: TargetConfig) -> McuPart:
     """The [mcu] table of a qemu-system target, checked against the qemu machine it names."""
-    if config.connection != "qemu-system" or not config.mcu:
+    if config.place != "mcu" or not config.mcu:
         raise UserError(f"{config.path}: target {config.name!r} is not a microcontroller "
                         "(expected connection = \"qemu-system\" and an [mcu] table)")
     mcu = config.mcu

@@ -550,10 +550,6 @@ def open_probe(source: str, **options) -> PowerProbe:
     return _open_on(LOCAL, source, options)
 
 
-# Connections whose device is this machine (a qemu-system MCU runs here too); any other is a board.
-LOCAL_CONNECTIONS = ("local", "qemu-system")
-
-
 def open_target_probe(config: TargetConfig, ssh_destination: str | None = None) -> PowerProbe:
     """The target's `[power]` probe, reading the sensor where the device is.
 
@@ -562,7 +558,7 @@ def open_target_probe(config: TargetConfig, ssh_destination: str | None = None) 
     (or use it in a `with` block) when the benchmark ends.
     """
     source, options = config.power_source, config.power_options
-    measured_here = config.connection in LOCAL_CONNECTIONS or source in (NoProbe.source, EstimateProbe.source)
+    measured_here = config.link.power_read_here or source in (NoProbe.source, EstimateProbe.source)
     if measured_here:
         return _open_on(LOCAL, source, options)
     if not (config.ssh or ssh_destination):

@@ -267,7 +267,7 @@ def wait_for_board(host: str, port: int, key: str, timeout_s: float, alive: Call
 
 
 def tracker_address(config: TargetConfig) -> tuple[str, int, str]:
-    if config.connection != "rpc" or not config.rpc:
+    if config.place != "board" or not config.rpc:
         raise UserError(f"target {config.name!r} is not an RPC board (connection {config.connection!r}, "
                         "needs connection = \"rpc\" and an [rpc] table)")
     return config.rpc["tracker_host"], config.rpc["tracker_port"], config.rpc["key"]

@@ -150,7 +150,7 @@ def test_setting_up_tvm_threads_leaves_the_process_on_all_its_cores():
     """TVM pins the calling thread to core 0; ONNX Runtime's and torch's threads started later would inherit that."""
     import tvm
 
-    from bench.runtimes import TvmRuntime
+    from bench.runtimes.tvm_vm import TvmRuntime
 
     before = os.sched_getaffinity(0)
     TvmRuntime(vm=None, device=tvm.cpu(), threads=2)
@@ -162,7 +162,7 @@ def test_tvm_runs_the_threads_the_target_asks_for():
     """On x86 TVM's own guess is half the CPUs: on a 2-vCPU machine without SMT it ran one thread."""
     import tvm
 
-    from bench.runtimes import TvmRuntime
+    from bench.runtimes.tvm_vm import TvmRuntime
 
     TvmRuntime(vm=None, device=tvm.cpu(), threads=2)
     assert tvm.get_global_func("runtime.NumThreads")() == 2
@@ -171,7 +171,7 @@ def test_tvm_runs_the_threads_the_target_asks_for():
 def test_more_tvm_threads_than_cpus_is_a_clear_error():
     import tvm
 
-    from bench.runtimes import TvmRuntime
+    from bench.runtimes.tvm_vm import TvmRuntime
     from errors import UserError
 
     with pytest.raises(UserError, match="thread pool runs .* threads where the target asks for"):

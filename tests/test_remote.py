@@ -8,7 +8,10 @@ machine); the last tests stop them and check that their process groups are gone.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
+import os
+import signal
 import socket
 import subprocess
 import time
@@ -17,8 +20,9 @@ import pytest
 import torch
 
 import targets
-from bench.remote import bench_remote
-from bench.run import TOLERANCE
+from bench.places import BoardRuntime
+from bench.record import append_records, read_records
+from bench.run import TOLERANCE, bench_model
 from compile.database import TuningDatabase
 from compile.pipeline import ModelUnderTest, export_onnx, from_variant, source_digest
 from compile.torch_import import torch_to_relax
@@ -148,7 +152,7 @@ def test_no_board_or_no_tracker_fails_fast(tracker):
     with pytest.raises(UserError, match="no board with key 'nobody-here'"):
         board_measurement(nobody)  # tuning checks before building anything
     with pytest.raises(UserError, match="no board with key 'nobody-here'"):
-        bench_remote(tiny_generator(), targets.resolve(nobody), "run", **QUIET)  # ... and so does benchmarking
+        bench_model(tiny_generator(), targets.resolve(nobody), "run", **QUIET)  # ... and so does benchmarking
     nobody_listens = free_port()
     with pytest.raises(UserError, match=f"no RPC tracker answers at 127.0.0.1:{nobody_listens}.*invoke tracker.start"):
         rpc.connect(board_config("rpi4", nobody_listens))
@@ -165,8 +169,8 @@ def test_emulated_board_runs_a_generator_against_torch(board, tmp_path):
     assert fingerprint["tvm"] == __import__("tvm").__version__ and "bookworm" in fingerprint["os"]
     assert emulated.start_board(config, state_dir=state_dir, **QUIET) == fingerprint  # reused, not restarted
     rules = targets.BenchRules(threads=2, warmup=1, samples=3, min_duration_s=0.0)
-    [record] = bench_remote(tiny_generator(), targets.resolve(config), "test-run", rules,
-                            samples_dir=tmp_path / "samples", **QUIET)
+    [record] = bench_model(tiny_generator(), targets.resolve(config), "test-run", ("tvm",), rules,
+                           samples_dir=tmp_path / "samples", **QUIET)
     assert record.valid, record.invalid_reason
     assert record.max_abs_err <= TOLERANCE["fp32"] == record.tolerance
     assert record.target == "aarch64-emu" and record.runtime == "tvm" and record.threads == 2
@@ -179,13 +183,30 @@ def test_emulated_board_runs_a_generator_against_torch(board, tmp_path):
     assert status.running and status.registered == 1 and status.free == 1
 
 
+@needs_rootfs
+def test_the_board_times_onnx_runtime_and_litert_beside_tvm(board):
+    """The peers run on the board (loaded there by the same plug-ins), in the same rounds, under the same rules."""
+    config, fingerprint, _ = board
+    assert fingerprint["onnxruntime"] == importlib.metadata.version("onnxruntime")  # read on the board
+    rules = targets.BenchRules(threads=2, warmup=1, samples=3, min_duration_s=0.0)
+    records = bench_model(tiny_generator(), targets.resolve(config), "peers", ("tvm", "onnxruntime", "litert"),
+                          rules, **QUIET)
+    assert [r.runtime for r in records] == ["tvm", "onnxruntime", "litert"]
+    for record in records:
+        assert record.valid, (record.runtime, record.invalid_reason)
+        assert record.max_abs_err <= TOLERANCE["fp32"] and record.executed_precision == "fp32"
+        assert record.env["machine"] == "aarch64" and record.env["emulator"] == fingerprint["emulator"]
+        assert record.samples == 3 and record.latency_p50_ms > 0 and record.peak_rss_bytes is None
+    assert records[2].artifact_bytes > 0 and records[2].target == "aarch64-emu"
+
+
 @pytest.mark.slow
 @needs_rootfs
 def test_emulated_board_runs_a_trained_cyclegan_variant(board):
     config, _, _ = board
     model = from_variant(find_variant(TINY_VARIANT), TINY_SHAPE)
     rules = targets.BenchRules(threads=2, warmup=1, samples=3, min_duration_s=0.0)
-    [record] = bench_remote(model, targets.resolve(config), "test-run", rules, **QUIET)
+    [record] = bench_model(model, targets.resolve(config), "test-run", ("tvm",), rules, **QUIET)
     assert record.valid, record.invalid_reason
     assert record.max_abs_err <= TOLERANCE["fp32"] and record.model == TINY_VARIANT
 
@@ -213,6 +234,28 @@ def test_stopping_the_board_ends_its_process_group(board):
     assert running is not None and rpc.group_members(running.pid)
     assert emulated.stop_board(config, state_dir=state_dir, **QUIET)
     assert rpc.group_members(running.pid) == []
+
+
+@needs_rootfs
+def test_a_board_killed_mid_run_keeps_earlier_records_and_names_the_board(board, tmp_path, monkeypatch):
+    config, _, state_dir = board
+    emulated.start_board(config, state_dir=state_dir, **QUIET)  # the test before stopped it
+    rules = targets.BenchRules(threads=1, warmup=1, samples=3, min_duration_s=0.0)
+    out = append_records(bench_model(tiny_generator(), targets.resolve(config), "killed", ("onnxruntime",), rules,
+                                     **QUIET), tmp_path / "killed.jsonl")
+    server = rpc.Background.read(emulated.board_state_file(config.rpc["key"], state_dir))
+    measure = BoardRuntime.measure
+
+    def killed_while_timing(runtime, n):
+        os.killpg(server.pid, signal.SIGKILL)
+        return measure(runtime, n)
+
+    monkeypatch.setattr(BoardRuntime, "measure", killed_while_timing)
+    with pytest.raises(UserError, match="board 'aarch64-emu': onnxruntime failed on the board"):
+        bench_model(tiny_generator((1, 3, 24, 24)), targets.resolve(config), "killed", ("onnxruntime",), rules,
+                    **QUIET)
+    [kept] = read_records(out)
+    assert kept.valid and kept.runtime == "onnxruntime"
     assert not emulated.board_status(config, state_dir=state_dir).running
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import math
 import re
+import statistics
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -12,7 +14,8 @@ import pytest
 from bench.record import Record, append_records, load_records
 from errors import UserError
 from reports import render_report
-from reports.html import VARIANT_ORDER, format_ms, format_ratio
+from reports.charts import pareto_front
+from reports.html import VARIANT_ORDER, format_ms, format_ratio, quality_points
 
 DEVICE = "x86-64 host (this machine)"
 ENV = {"cpu": "Test CPU", "cores": 2, "python": "3.11.7", "torch": "2.13.0", "tvm": "0.27.0", "git": "abc1234"}
@@ -196,7 +199,9 @@ def test_index_lists_each_device_with_its_page(report):
     [row] = table_rows(parser, "devices")
     assert row["device"] == DEVICE and row["target"] == "host" and row["ISA level"] == "avx2"
     assert row["records"] == str(len(RECORDS)) and row["models"] == "2"
-    assert row["TVM ÷ ORT (median, latest run)"] == format_ratio(12.3456 / 17.5)  # nst-tiny's ORT is invalid
+    # best peers: ORT for cyclegan-mobile, torch for nst-tiny (its ORT record is invalid)
+    assert row["TVM ÷ best peer (median, latest run)"] == format_ratio(statistics.median([12.3456 / 17.5,
+                                                                                         0.8123 / 2.5]))
     assert [p.name for p in device_pages(path)] == ["host-avx2.html"]
 
 
@@ -207,14 +212,38 @@ def test_table_shows_every_record_p50(report):
         assert rows[(r.model, r.runtime)]["p50 ms"] == format_ms(r.latency_p50_ms)
 
 
-def test_tvm_divided_by_each_baseline_per_model(report):
+def test_tvm_divided_by_its_fastest_valid_peer_per_model(report):
     rows = record_rows(report[1])
-    assert rows[("cyclegan-mobile", "tvm")]["TVM ÷ ORT"] == format_ratio(12.3456 / 17.5)
-    assert rows[("cyclegan-mobile", "tvm")]["TVM ÷ torch"] == format_ratio(12.3456 / 41.02)
-    # The only ORT record of nst-tiny is invalid, so there is no ORT ratio to show.
-    assert rows[("nst-tiny", "tvm")]["TVM ÷ ORT"] == "—"
-    assert rows[("nst-tiny", "tvm")]["TVM ÷ torch"] == format_ratio(0.8123 / 2.5)
-    assert rows[("cyclegan-mobile", "onnxruntime")]["TVM ÷ ORT"] == ""  # the ratios are TVM's
+    assert rows[("cyclegan-mobile", "tvm")]["TVM ÷ best peer"] == f"{format_ratio(12.3456 / 17.5)} onnxruntime"
+    # The only ORT record of nst-tiny is invalid, so torch is its best peer.
+    assert rows[("nst-tiny", "tvm")]["TVM ÷ best peer"] == f"{format_ratio(0.8123 / 2.5)} torch"
+    assert rows[("cyclegan-mobile", "onnxruntime")]["TVM ÷ best peer"] == ""  # the ratios are TVM's
+
+
+def test_a_faster_peer_of_lower_quality_is_not_the_best_peer(tmp_path):
+    """OpenVINO's bf16 default beats fp32 TVM on time but not on output quality: fp32 TVM is measured
+    against the fastest fp32 peer, and the bf16 run appears on the latency-quality front."""
+    runs = [
+        record("cyclegan-mobile", "tvm", 10.0, output_psnr_db=135.0, base_model="cyclegan-mobile"),
+        record("cyclegan-mobile", "openvino", 5.0, output_psnr_db=45.0, min_output_psnr_db=40.0, tolerance=None,
+               executed_precision="bf16", base_model="cyclegan-mobile"),
+        record("cyclegan-mobile", "openvino-f32", 12.5, output_psnr_db=131.0, base_model="cyclegan-mobile"),
+    ]
+    _, pages = render_with_pages(runs, tmp_path)
+    rows = {(r["model"], r["runtime"]): r for r in table_rows(parsed(pages["host-avx2.html"]), "records")}
+    assert rows[("cyclegan-mobile", "tvm")]["TVM ÷ best peer"] == f"{format_ratio(10.0 / 12.5)} openvino-f32"
+    assert rows[("cyclegan-mobile", "openvino")]["ran"] == "bf16" and rows[("cyclegan-mobile", "tvm")]["ran"] == "fp32"
+    [(base, (latency, _))] = quality_points(load_records(tmp_path / "results")).items()
+    assert base == "cyclegan-mobile"
+    assert {(p.label, p.psnr_db) for p in pareto_front(latency)} == {("fp32 (openvino)", 45.0), ("fp32 (tvm)", math.inf)}
+
+
+def test_combined_psnr_adds_model_and_runtime_errors():
+    from reports.html import EXACT_DB, combined_psnr
+
+    assert combined_psnr(float("inf"), EXACT_DB + 70) == float("inf")  # an fp32 runtime adds nothing
+    assert combined_psnr(30.0, 30.0) == pytest.approx(30.0 - 10 * math.log10(2))
+    assert combined_psnr(float("inf"), 45.0) == 45.0 and combined_psnr(27.0, None) == 27.0
 
 
 def test_invalid_record_is_kept_with_reason(report):
@@ -511,13 +540,13 @@ def test_device_page_sets_each_variant_beside_its_base_in_the_same_run(tmp_path)
         assert row["÷ fp32 TVM"] == format_ratio(tvm.latency_p50_ms / base.latency_p50_ms)
         assert number(row["PSNR to fp32 dB"]) == pytest.approx(tvm.psnr_db, abs=5e-3)
     ptq_ort = by_key[("run-A", f"{BASE}+ptq", "onnxruntime")]
-    assert rows[0]["TVM ÷ ORT"] == format_ratio(by_key[("run-A", f"{BASE}+ptq", "tvm")].latency_p50_ms
-                                               / ptq_ort.latency_p50_ms)
-    assert rows[1]["TVM ÷ ORT"] == "—"
-    # the base model's own TVM ÷ ORT is on its row of the run's main table
-    main = {(r["model"], r["runtime"]): r for r in table_rows(parser, "records") if r["TVM ÷ ORT"]}
-    assert main[(BASE, "tvm")]["TVM ÷ ORT"] == format_ratio(base.latency_p50_ms / by_key[
-        ("run-A", BASE, "onnxruntime")].latency_p50_ms)
+    assert rows[0]["TVM ÷ best peer"] == format_ratio(by_key[("run-A", f"{BASE}+ptq", "tvm")].latency_p50_ms
+                                                     / ptq_ort.latency_p50_ms) + " onnxruntime"
+    assert rows[1]["TVM ÷ best peer"] == "—"
+    # the base model's own TVM ÷ best peer is on its row of the run's main table
+    main = {(r["model"], r["runtime"]): r for r in table_rows(parser, "records") if r["TVM ÷ best peer"]}
+    assert main[(BASE, "tvm")]["TVM ÷ best peer"] == format_ratio(base.latency_p50_ms / by_key[
+        ("run-A", BASE, "onnxruntime")].latency_p50_ms) + " onnxruntime"
 
 
 def test_device_compression_divides_by_the_base_timed_in_the_variants_own_rounds(tmp_path):

@@ -1,76 +1,15 @@
-"""Runtime adapters for the harness: torch eager, ONNX Runtime and a TVM Relax VM.
-
-Each sets its thread count explicitly (recorded with the result) and times inferences on an input
-prepared once, so only inference is measured.
-"""
+"""TVM: a compiled Relax VM, in this process or on a board over RPC, timed by TVM's own evaluator."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
-import torch
-import tvm
 
+from bench.runtimes import RuntimeSpec, register
 from errors import UserError
-from targets.threads import ENV, size_tvm_thread_pool, usable_cpus
-
-
-class TorchRuntime:
-    name = "torch"
-
-    def __init__(self, module: torch.nn.Module, threads: int) -> None:
-        self.module = module.eval()
-        self.threads = threads
-        torch.set_num_threads(threads)
-
-    def prepare(self, x: np.ndarray) -> None:
-        self.x = torch.from_numpy(x)
-
-    def run(self, x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return self.module(torch.from_numpy(x)).numpy()
-
-    def measure(self, n: int) -> list[float]:
-        samples = []
-        with torch.inference_mode():
-            for _ in range(n):
-                start = time.perf_counter()
-                self.module(self.x)
-                samples.append(time.perf_counter() - start)
-        return samples
-
-
-class OnnxRuntime:
-    name = "onnxruntime"
-
-    def __init__(self, onnx_path: Path, threads: int) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        # Spinning threads would steal the cores from the runtimes timed after this one.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
-        self.threads = threads
-
-    def prepare(self, x: np.ndarray) -> None:
-        self.feed = {self.input_name: x}
-
-    def run(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: x})[0]
-
-    def measure(self, n: int) -> list[float]:
-        samples = []
-        for _ in range(n):
-            start = time.perf_counter()
-            self.session.run(None, self.feed)
-            samples.append(time.perf_counter() - start)
-        return samples
 
 
 @contextlib.contextmanager
@@ -92,6 +31,7 @@ class TvmRuntime:
     """A compiled Relax VM; timed by TVM's own evaluator, which also works over RPC."""
 
     name = "tvm"
+    precision = "fp32"  # int8 models run integer kernels; the record takes that from the model
 
     def __init__(self, vm: tvm.relax.VirtualMachine, device: tvm.runtime.Device, threads: int,
                  runtime_function=None) -> None:
@@ -99,6 +39,10 @@ class TvmRuntime:
 
         A pool that cannot run `threads` threads is an error, not a slower record.
         """
+        import tvm
+
+        from targets.threads import ENV, size_tvm_thread_pool, usable_cpus
+
         if runtime_function is None:
             size_tvm_thread_pool()
             with kept_cpu_affinity():
@@ -116,9 +60,13 @@ class TvmRuntime:
         self.threads = threads
 
     def prepare(self, x: np.ndarray) -> None:
+        import tvm
+
         self.x = tvm.runtime.tensor(x, self.device)
 
     def run(self, x: np.ndarray) -> np.ndarray:
+        import tvm
+
         return self.vm["main"](tvm.runtime.tensor(x, self.device)).numpy()
 
     def measure(self, n: int) -> list[float]:
@@ -126,3 +74,47 @@ class TvmRuntime:
             return []
         evaluator = self.vm.time_evaluator("main", self.device, number=1, repeat=n)
         return [float(s) for s in evaluator(self.x).results]
+
+
+class RemoteTvmRuntime(TvmRuntime):
+    """A Relax VM on a board: the library uploaded through an RPC session, the board's thread pool.
+
+    A board that goes away mid-run (killed, rebooted, unplugged) is a one-line error naming it."""
+
+    def __init__(self, session, library: Path, threads: int, board: str) -> None:
+        from tvm import relax
+
+        self.session = session  # keeps the board's session (and what it loaded) open
+        self.board = board
+        session.upload(str(library), library.name)
+        device = session.cpu()
+        super().__init__(relax.VirtualMachine(session.load_module(library.name), device), device, threads,
+                         runtime_function=session.get_function)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        try:
+            return super().run(x)
+        except RuntimeError as exc:
+            raise board_lost(self.board, self.name, exc) from exc
+
+    def measure(self, n: int) -> list[float]:
+        try:
+            return super().measure(n)
+        except RuntimeError as exc:
+            raise board_lost(self.board, self.name, exc) from exc
+
+
+def board_lost(board: str, runtime: str, exc: Exception) -> UserError:
+    detail = str(exc).strip().splitlines()
+    return UserError(f"board {board!r}: {runtime} failed on the board ({detail[-1] if detail else type(exc).__name__})")
+
+
+def load(library: Path, threads: int) -> TvmRuntime:
+    import tvm
+    from tvm import relax
+
+    return TvmRuntime(relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu()), tvm.cpu(), threads)
+
+
+SPEC = register(RuntimeSpec(name="tvm", label="TVM", artifact="tvm", load=load, package="apache-tvm",
+                            places=("host", "board"), peer=False))

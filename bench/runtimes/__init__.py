@@ -1,0 +1,101 @@
+"""The runtimes a model is timed on, as plug-ins: one module each, registered by name.
+
+A runtime declares the artifact it loads (a kind compile/artifacts.py builds: a pickled torch
+module, an ONNX file, a .tflite file, a TVM library), how it loads that file with a thread count
+into an adapter the harness can time, its version, and where it can run ("host": in the process
+driving the benchmark; "board": on an RPC board, through the functions targets/board_server.py
+registers). Everything else (the bench loop, the peak-memory child, the fingerprint, the report,
+`--runtimes`) iterates over this registry, so adding a runtime is one module plus its requirement.
+
+This package imports only the standard library at module level, because a board imports it too:
+each plug-in imports its runtime when it loads a model.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+
+from errors import UserError
+
+
+class Runtime(Protocol):
+    """What the harness times: `run` for the correctness check, `measure` for n timed inferences."""
+
+    name: str
+    threads: int
+    precision: str  # the float precision it actually executes: "fp32", "bf16", "fp16"
+
+    def prepare(self, x: np.ndarray) -> None: ...
+
+    def run(self, x: np.ndarray) -> np.ndarray: ...
+
+    def measure(self, n: int) -> list[float]: ...
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    name: str  # what `--runtimes` and records call it
+    label: str  # how the report names it
+    artifact: str  # the kind of file it loads (compile/artifacts.py)
+    load: Callable[[Path, int], Runtime]  # (artifact, threads) -> adapter
+    package: str  # the distribution whose version the fingerprint records
+    places: tuple[str, ...] = ("host",)  # "host" and/or "board"
+    peer: bool = True  # a baseline TVM is measured against
+
+    def version(self) -> str | None:
+        """The installed version of its package, or None where it is not installed."""
+        try:
+            return importlib.metadata.version(self.package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+
+_REGISTRY: dict[str, RuntimeSpec] = {}
+
+
+def register(spec: RuntimeSpec) -> RuntimeSpec:
+    """Add a runtime (a plug-in module calls this when imported); a second spec under one name replaces the first."""
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def unregister(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def get(name: str) -> RuntimeSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UserError(f"unknown runtime {name!r}; registered: {', '.join(_REGISTRY)}") from None
+
+
+def registered(place: str | None = None) -> list[RuntimeSpec]:
+    """Every registered runtime, in registration order; with `place`, those that can run there."""
+    return [spec for spec in _REGISTRY.values() if place is None or place in spec.places]
+
+
+def installed(place: str | None = None) -> list[RuntimeSpec]:
+    """The registered runtimes whose package is installed here (the default set of a run)."""
+    return [spec for spec in registered(place) if spec.version() is not None]
+
+
+def parse(names: str, place: str) -> tuple[RuntimeSpec, ...]:
+    """`--runtimes a,b` as specs; an unknown name, or one that cannot run at `place`, is a one-line error."""
+    specs = tuple(get(name.strip()) for name in names.split(",") if name.strip())
+    elsewhere = [spec.name for spec in specs if place not in spec.places]
+    if elsewhere:
+        raise UserError(f"runtime(s) {', '.join(elsewhere)} cannot run on a {place}; there: "
+                        f"{', '.join(spec.name for spec in registered(place))}")
+    return specs
+
+
+BUILT_IN = ("tvm_vm", "torch_eager", "onnxruntime_cpu", "openvino_cpu", "litert_xnnpack")
+for _module in BUILT_IN:
+    importlib.import_module(f"{__name__}.{_module}")

@@ -1,0 +1,61 @@
+"""OpenVINO on the CPU: its default setting, and its inference precision forced to f32.
+
+OpenVINO's default inference precision follows the CPU: bf16 where the CPU has AMX or AVX-512
+BF16, f32 elsewhere, without saying so. `openvino` keeps that default (what a user who installs
+it gets) and reports the precision the compiled model actually uses; `openvino-f32` forces f32
+for a like-for-like comparison with fp32 TVM. QDQ int8 files run OpenVINO's int8 path (its
+low-precision transformations fold the QuantizeLinear/DequantizeLinear pairs into int8 kernels).
+Threads are set explicitly and the latency hint keeps one stream, as every other runtime here.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.runtimes import RuntimeSpec, register
+
+PRECISIONS = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}  # OpenVINO's element type names -> the suite's
+
+
+class OpenVinoRuntime:
+    def __init__(self, onnx_path: Path, threads: int, name: str, inference_precision: str | None,
+                 profile: bool = False) -> None:
+        import openvino as ov
+
+        config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "INFERENCE_NUM_THREADS": threads,
+                  "PERF_COUNT": profile}
+        if inference_precision:
+            config["INFERENCE_PRECISION_HINT"] = inference_precision
+        self.compiled = ov.Core().compile_model(str(onnx_path), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.name = name
+        self.threads = int(self.compiled.get_property("INFERENCE_NUM_THREADS"))
+        used = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        self.precision = PRECISIONS.get(used, used)
+
+    def prepare(self, x: np.ndarray) -> None:
+        import openvino as ov
+
+        self.request.set_input_tensor(ov.Tensor(np.ascontiguousarray(x)))
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return self.compiled(np.ascontiguousarray(x))[0].copy()
+
+    def measure(self, n: int) -> list[float]:
+        samples = []
+        for _ in range(n):
+            start = time.perf_counter()
+            self.request.infer()
+            samples.append(time.perf_counter() - start)
+        return samples
+
+
+SPEC = register(RuntimeSpec(
+    name="openvino", label="OpenVINO", artifact="onnx", package="openvino",
+    load=lambda onnx_path, threads: OpenVinoRuntime(onnx_path, threads, "openvino", None)))
+SPEC_F32 = register(RuntimeSpec(
+    name="openvino-f32", label="OpenVINO f32", artifact="onnx", package="openvino",
+    load=lambda onnx_path, threads: OpenVinoRuntime(onnx_path, threads, "openvino-f32", "f32")))

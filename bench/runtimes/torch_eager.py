@@ -1,0 +1,54 @@
+"""torch eager: the model as written, the reference every generator's output is checked against."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.runtimes import RuntimeSpec, register
+
+
+class TorchRuntime:
+    name = "torch"
+    precision = "fp32"
+
+    def __init__(self, module, threads: int) -> None:
+        import torch
+
+        self.module = module.eval()
+        self.threads = threads
+        torch.set_num_threads(threads)
+
+    def prepare(self, x: np.ndarray) -> None:
+        import torch
+
+        self.x = torch.from_numpy(x)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return self.module(torch.from_numpy(x)).numpy()
+
+    def measure(self, n: int) -> list[float]:
+        import torch
+
+        samples = []
+        with torch.inference_mode():
+            for _ in range(n):
+                start = time.perf_counter()
+                self.module(self.x)
+                samples.append(time.perf_counter() - start)
+        return samples
+
+
+def load(pickled_module: Path, threads: int) -> TorchRuntime:
+    """The suite's own pickle of the module (compile/artifacts.py writes it), never a user's file."""
+    import torch
+
+    return TorchRuntime(torch.load(pickled_module, weights_only=False), threads)
+
+
+SPEC = register(RuntimeSpec(name="torch", label="torch", artifact="torch", load=load, package="torch"))
