@@ -6,7 +6,7 @@ names (bench/runtimes/: a TVM library, an ONNX or .tflite file, a pickled torch 
 plug-in loads it, runs a few inferences and reports its peak resident set (VmHWM): what a process
 serving that model on the device would need.
 
-    python -m bench.memory RUNTIME ARTIFACT NxCxHxW THREADS
+    python -m bench.memory RUNTIME ARTIFACT NxCxHxW THREADS PLUGIN_FILE
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ TIMEOUT_S = 600
 
 def peak_rss_bytes(runtime: str, artifact: Path, input_shape: tuple[int, ...], threads: int) -> int:
     """Run the child below and return its VmHWM in bytes; a failing child is a UserError with its last line."""
+    from bench.runtimes import get
+
     shape = "x".join(str(d) for d in input_shape)
     child = subprocess.run(
-        [sys.executable, "-m", "bench.memory", runtime, str(artifact), shape, str(threads)],
+        [sys.executable, "-m", "bench.memory", runtime, str(artifact), shape, str(threads), get(runtime).source],
         capture_output=True, text=True, cwd=REPO_ROOT, timeout=TIMEOUT_S,
     )
     lines = child.stdout.strip().splitlines()
@@ -43,10 +45,13 @@ def _vm_hwm_bytes() -> int:
     raise RuntimeError("/proc/self/status has no VmHWM")
 
 
-def _run(runtime: str, artifact: str, shape: tuple[int, ...], threads: int) -> None:
+def _run(runtime: str, artifact: str, shape: tuple[int, ...], threads: int, plugin: str) -> None:
     import numpy as np
 
-    from bench.runtimes import get
+    from bench.runtimes import get, load_plugin, registered
+
+    if runtime not in {spec.name for spec in registered()}:  # a plug-in from outside bench/runtimes/
+        load_plugin(plugin)
 
     x = np.random.default_rng(0).uniform(-1, 1, shape).astype("float32")
     adapter = get(runtime).load(Path(artifact), threads)
@@ -55,6 +60,6 @@ def _run(runtime: str, artifact: str, shape: tuple[int, ...], threads: int) -> N
 
 
 if __name__ == "__main__":
-    runtime_name, artifact_path, shape_text, thread_count = sys.argv[1:5]
-    _run(runtime_name, artifact_path, tuple(int(d) for d in shape_text.split("x")), int(thread_count))
+    runtime_name, artifact_path, shape_text, thread_count, plugin_file = sys.argv[1:6]
+    _run(runtime_name, artifact_path, tuple(int(d) for d in shape_text.split("x")), int(thread_count), plugin_file)
     print(_vm_hwm_bytes())

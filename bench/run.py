@@ -32,6 +32,7 @@ from bench.places import PLACES
 from bench.record import Record
 from bench.roofline import fma_peak_gflops, kernel_flops, kernel_profile
 from bench.runtimes import Runtime, RuntimeSpec
+from bench.runtimes.tvm_vm import TvmRuntime
 from compile.artifacts import Artifact, NotBuildable, build_artifact
 from compile.build import CompiledModel
 from compile.conv_schedule import PREPACKED

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 import targets
+from compile.build import CACHE_DIR
+from compile.pipeline import ModelUnderTest, export_onnx, source_digest
+from compile.torch_import import torch_to_relax
 
 
 @pytest.fixture(scope="module")
@@ -33,3 +38,14 @@ def sshd(tmp_path_factory):
 def host_target():
     """The host's TVM target at the best ISA level this machine runs."""
     return targets.resolve(targets.load_target("host")).tvm_target
+
+
+def model_under_test(module: torch.nn.Module, shape: tuple[int, ...], name: str = "tiny",
+                     cache: Path = CACHE_DIR) -> ModelUnderTest:
+    """A test's own torch generator as the stages see a registry model (fp32, random weights)."""
+    digest = source_digest(name, module, shape)
+    params = sum(p.numel() for p in module.parameters())
+    return ModelUnderTest(name=name, family="cyclegan", variant="fp32", precision="fp32", weights="random",
+                          params=params, macs=0, size_fp32_bytes=4 * params, input_shape=shape, digest=digest,
+                          make_relax=lambda fused_subpixel=False: torch_to_relax(module, shape, name, fused_subpixel),
+                          onnx_file=lambda: export_onnx(module, shape, digest, cache), torch_module=module)

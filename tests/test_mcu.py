@@ -21,19 +21,13 @@ import targets
 from bench.run import MIN_OUTPUT_PSNR_DB, TOLERANCE, check_output, reference_output
 from bench.run import test_image as photo  # (not a test)
 from compile.c_export import Lifetime, export_c, plan_memory
-from compile.pipeline import (
-    ModelUnderTest,
-    export_onnx,
-    from_onnx_file,
-    from_variant,
-    source_digest,
-)
+from compile.pipeline import ModelUnderTest, from_onnx_file, from_variant
 from compile.qdq_integer import (
     fixed_point,
     onnx_at_input_shape,
     quantize_before_padding,
 )
-from compile.torch_import import torch_to_relax
+from conftest import model_under_test
 from errors import UserError
 from lwgan_models.compression import quantize
 from lwgan_models.cyclegan import ResnetGenerator, init_weights
@@ -65,12 +59,7 @@ def tiny_generator() -> torch.nn.Module:
 
 
 def tiny_model(module: torch.nn.Module, cache: Path) -> ModelUnderTest:
-    digest = source_digest("tiny", module, SHAPE)
-    params = sum(p.numel() for p in module.parameters())
-    return ModelUnderTest(name="tiny", family="cyclegan", variant="fp32", precision="fp32", weights="random",
-                          params=params, macs=0, size_fp32_bytes=4 * params, input_shape=SHAPE, digest=digest,
-                          make_relax=lambda fused_subpixel=False: torch_to_relax(module, SHAPE, "tiny", fused_subpixel),
-                          onnx_file=lambda: export_onnx(module, SHAPE, digest, cache), torch_module=module)
+    return model_under_test(module, SHAPE, "tiny", cache)
 
 
 def run_on_host(export, x: np.ndarray) -> np.ndarray:

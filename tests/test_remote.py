@@ -21,11 +21,11 @@ import torch
 
 import targets
 from bench.places import BoardRuntime
+from conftest import model_under_test
 from bench.record import append_records, read_records
 from bench.run import TOLERANCE, bench_model
 from compile.database import TuningDatabase
-from compile.pipeline import ModelUnderTest, export_onnx, from_variant, source_digest
-from compile.torch_import import torch_to_relax
+from compile.pipeline import ModelUnderTest, from_variant
 from compile.tuning import CURVE_FILE, board_measurement, tune
 from errors import UserError
 from lwgan_models.registry import find_variant
@@ -68,15 +68,7 @@ class TinyGenerator(torch.nn.Module):
 
 def tiny_generator(shape: tuple[int, ...] = (1, 3, 16, 16)) -> ModelUnderTest:
     torch.manual_seed(0)
-    module = TinyGenerator().eval()
-    digest = source_digest("tiny-generator", module, shape)
-    params = sum(p.numel() for p in module.parameters())
-    return ModelUnderTest(
-        name="tiny-generator", family="cyclegan", variant="fp32", precision="fp32", weights="random",
-        params=params, macs=0, size_fp32_bytes=4 * params, input_shape=shape, digest=digest,
-        make_relax=lambda fused_subpixel=False: torch_to_relax(module, shape, "tiny-generator", fused_subpixel),
-        onnx_file=lambda: export_onnx(module, shape, digest), torch_module=module,
-    )
+    return model_under_test(TinyGenerator().eval(), shape, "tiny-generator")
 
 
 @pytest.fixture(scope="module")

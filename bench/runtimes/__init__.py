@@ -13,8 +13,11 @@ each plug-in imports its runtime when it loads a model.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.metadata
+import importlib.util
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -47,6 +50,7 @@ class RuntimeSpec:
     package: str  # the distribution whose version the fingerprint records
     places: tuple[str, ...] = ("host",)  # "host" and/or "board"
     peer: bool = True  # a baseline TVM is measured against
+    source: str = ""  # the plug-in's file (`register` fills it in), so another process can load it too
 
     def version(self) -> str | None:
         """The installed version of its package, or None where it is not installed."""
@@ -60,7 +64,13 @@ _REGISTRY: dict[str, RuntimeSpec] = {}
 
 
 def register(spec: RuntimeSpec) -> RuntimeSpec:
-    """Add a runtime (a plug-in module calls this when imported); a second spec under one name replaces the first."""
+    """Add a runtime (a plug-in module calls this when imported); a second spec under one name replaces the first.
+
+    The calling module's file becomes the spec's `source`: the peak-memory child (bench/memory.py)
+    imports it from there, so a plug-in living outside this package works in that process too.
+    """
+    if not spec.source:
+        spec = dataclasses.replace(spec, source=sys._getframe(1).f_globals.get("__file__", ""))
     _REGISTRY[spec.name] = spec
     return spec
 
@@ -84,6 +94,15 @@ def registered(place: str | None = None) -> list[RuntimeSpec]:
 def installed(place: str | None = None) -> list[RuntimeSpec]:
     """The registered runtimes whose package is installed here (the default set of a run)."""
     return [spec for spec in registered(place) if spec.version() is not None]
+
+
+def load_plugin(path: str | Path) -> None:
+    """Import a plug-in module from its file (one outside this package: a user's, a test's)."""
+    spec = importlib.util.spec_from_file_location(f"lwgan_runtime_plugin_{Path(path).stem}", path)
+    if spec is None or spec.loader is None:
+        raise UserError(f"{path}: not a Python runtime plug-in")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
 
 
 def parse(names: str, place: str) -> tuple[RuntimeSpec, ...]:

@@ -5,11 +5,15 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from bench.runtimes import RuntimeSpec, register
 from errors import UserError
+
+if TYPE_CHECKING:
+    import tvm
 
 
 @contextlib.contextmanager
@@ -33,7 +37,7 @@ class TvmRuntime:
     name = "tvm"
     precision = "fp32"  # int8 models run integer kernels; the record takes that from the model
 
-    def __init__(self, vm: tvm.relax.VirtualMachine, device: tvm.runtime.Device, threads: int,
+    def __init__(self, vm: "tvm.relax.VirtualMachine", device: "tvm.runtime.Device", threads: int,
                  runtime_function=None) -> None:
         """`runtime_function` looks up the runtime's own functions (a board's, over RPC); default this process's.
 
