@@ -327,6 +327,17 @@ def demo(c, target="host", debug=False):
     report(c, debug=debug)
 
 
+@task(help={"debug": "show tracebacks"})
+@cli
+def runtimes(c, debug=False):
+    """The registered runtimes (bench/runtimes/): what each loads, where it runs, its installed version."""
+    from bench.runtimes import registered
+
+    for spec in registered():
+        say(f"{spec.name:14s} {spec.label:14s} loads {spec.artifact:7s} runs on {'+'.join(spec.places):11s} "
+            f"{spec.package} {spec.version() or 'not installed'}")
+
+
 @task(
     help={
         "host": "address to listen on (default 127.0.0.1; any other exposes TVM RPC, which has no authentication)",
@@ -563,6 +574,6 @@ def _build_opencl(subject, resolved, directory: Path) -> None:
         raise Exit(f"error: {subject.name}: OpenCL output differs from the reference beyond tolerance", code=2)
 
 
-namespace = Collection(train, compress, tune, bench, report, demo, build)
+namespace = Collection(train, compress, tune, bench, report, demo, build, runtimes)
 namespace.add_collection(tracker)
 namespace.add_collection(board)
