@@ -327,6 +327,35 @@ def demo(c, target="host", debug=False):
     report(c, debug=debug)
 
 
+@task(
+    help={
+        "model": "registry model or variant name",
+        "onnx": "an ONNX generator file to profile instead",
+        "target": "device config name (default host; profiles run on the host)",
+        "runtimes": "comma-separated runtimes (default: every installed one with a profiler)",
+        "shape": "input shape NxCxHxW instead of the model's default",
+        "threads": "threads for every runtime (default: the target's)",
+        "out": "file to write, .csv or .json (default build/profiles/<model>.csv)",
+        "isa": "ISA level (default: detected)",
+        "debug": "show tracebacks",
+    }
+)
+@cli
+def profile(c, model=None, onnx=None, target="host", runtimes=None, shape=None, threads=None, out=None, isa=None,
+            debug=False):
+    """Per-op profile of each runtime (TVM kernels, OpenVINO nodes, ORT nodes, torch ops) as CSV or JSON."""
+    from bench.profile import profile_model, write_profile
+    from bench.runtimes import installed
+
+    resolved = _target(target, isa)
+    chosen = runtimes or ",".join(spec.name for spec in installed("host"))
+    threads = _count(threads, "threads", resolved.config.bench.threads)
+    for subject in _models_under_test(model, onnx, shape, None, demo_only=True):
+        rows, skipped = profile_model(subject, resolved, tuple(chosen.split(",")), threads, report=say)
+        path = write_profile(rows, skipped, Path(out) if out else Path("build") / "profiles" / f"{subject.name}.csv")
+        say(f"{subject.name}: {len(rows)} op rows written to {path}")
+
+
 @task(help={"debug": "show tracebacks"})
 @cli
 def runtimes(c, debug=False):
@@ -574,6 +603,6 @@ def _build_opencl(subject, resolved, directory: Path) -> None:
         raise Exit(f"error: {subject.name}: OpenCL output differs from the reference beyond tolerance", code=2)
 
 
-namespace = Collection(train, compress, tune, bench, report, demo, build, runtimes)
+namespace = Collection(train, compress, tune, bench, report, demo, build, runtimes, profile)
 namespace.add_collection(tracker)
 namespace.add_collection(board)

@@ -11,13 +11,13 @@ from __future__ import annotations
 import functools
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import tvm
 from tvm import relax
 from tvm.s_tir.analysis import estimate_tir_flops
 
+from bench.runtimes.tvm_vm import kernel_times
 from errors import UserError
 
 PEAK_SOURCE = r"""
@@ -84,31 +84,8 @@ def kernel_flops(lowered: tvm.IRModule) -> dict[str, float]:
 
 def kernel_profile(vm: relax.VirtualMachine, x: tvm.runtime.Tensor, flops: dict[str, float], peak_gflops: float,
                    runs: int = PROFILE_RUNS) -> list[dict]:
-    """Per kernel: calls and milliseconds per inference, GFLOP/s and fraction of peak, slowest first.
-
-    Each call is timed on the host around the VM's call instruction; CPU kernels run synchronously,
-    so that is the kernel's time (plus a few microseconds of hook overhead).
-    """
-    totals: dict[str, list[float]] = {}
-    started: dict[str, float] = {}
-
-    def instrument(func, name, before_run, ret_value, *args):
-        if name not in flops:
-            return 0
-        if before_run:
-            started[name] = time.perf_counter()
-        else:
-            totals.setdefault(name, []).append(time.perf_counter() - started.pop(name))
-        return 0
-
-    vm.set_instrument(instrument)
-    try:
-        vm["main"](x)  # warm-up
-        totals.clear()
-        for _ in range(runs):
-            vm["main"](x)
-    finally:
-        vm.set_instrument(lambda *args: 0)
+    """Per kernel with a FLOP count: calls and milliseconds per inference, GFLOP/s and fraction of peak, slowest first."""
+    totals = kernel_times(vm, x, runs, keep=lambda name: name in flops)
     rows = []
     for name, seconds in totals.items():
         calls = len(seconds) / runs

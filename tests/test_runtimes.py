@@ -3,6 +3,8 @@ precision's rule, a plug-in from outside the package reaching records and report
 
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -123,3 +125,27 @@ def test_an_unknown_runtime_is_a_one_line_error_listing_the_registry():
     with pytest.raises(UserError, match=r"runtime\(s\) torch, openvino cannot run on a board; there: tvm, "
                                         r"onnxruntime, litert"):
         runtimes.parse("tvm,torch,openvino", "board")
+
+
+def test_per_op_profiles_export_as_csv_and_json(generator, host, tmp_path):
+    from bench.profile import COLUMNS, profile_model, write_profile
+
+    rows, skipped = profile_model(generator, host, ("tvm", "onnxruntime", "openvino-f32", "litert"), threads=1,
+                                  runs=2, **QUIET)
+    assert skipped == {"litert": "its Python API has no per-op profiler"}
+    by_runtime = {}
+    for row in rows:
+        by_runtime.setdefault(row["runtime"], []).append(row)
+    assert set(by_runtime) == {"tvm", "onnxruntime", "openvino-f32"}
+    for ops in by_runtime.values():
+        assert sum(op["share"] for op in ops) == pytest.approx(1.0) and all(op["ms"] >= 0 for op in ops)
+        assert [op["ms"] for op in ops] == sorted((op["ms"] for op in ops), reverse=True)
+    assert any(op["type"] == "Conv" for op in by_runtime["onnxruntime"])  # ONNX op types, from ORT's trace
+    assert any(op["type"].startswith("Convolution") for op in by_runtime["openvino-f32"])
+    with open(write_profile(rows, skipped, tmp_path / "p.csv"), encoding="utf-8") as f:
+        read = list(csv.DictReader(f))
+    assert len(read) == len(rows) and tuple(read[0]) == COLUMNS
+    exported = json.loads(write_profile(rows, skipped, tmp_path / "p.json").read_text())
+    assert exported["not_profiled"] == skipped and len(exported["ops"]) == len(rows)
+    with pytest.raises(UserError, match=r"p\.txt: a profile is written as \.csv or \.json"):
+        write_profile(rows, skipped, tmp_path / "p.txt")

@@ -23,6 +23,7 @@ PRECISIONS = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}  # OpenVINO's elemen
 class OpenVinoRuntime:
     def __init__(self, onnx_path: Path, threads: int, name: str, inference_precision: str | None,
                  profile: bool = False) -> None:
+        self.onnx_path, self.inference_precision = onnx_path, inference_precision
         import openvino as ov
 
         config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "INFERENCE_NUM_THREADS": threads,
@@ -51,6 +52,23 @@ class OpenVinoRuntime:
             self.request.infer()
             samples.append(time.perf_counter() - start)
         return samples
+
+    def op_profile(self, runs: int) -> list[dict]:
+        """OpenVINO's own per-node counters (what benchmark_app's -report_type prints), its kernel as the type."""
+        profiled = OpenVinoRuntime(self.onnx_path, self.threads, self.name, self.inference_precision, profile=True)
+        profiled.request.set_input_tensor(self.request.get_input_tensor())
+        profiled.request.infer()  # warm-up
+        totals: dict[str, dict] = {}
+        for _ in range(runs):
+            profiled.request.infer()
+            for node in profiled.request.get_profiling_info():
+                if node.status.name != "EXECUTED":
+                    continue
+                row = totals.setdefault(node.node_name, {"op": node.node_name, "type": f"{node.node_type} "
+                                                         f"({node.exec_type})", "calls": 0.0, "ms": 0.0})
+                row["calls"] += 1 / runs
+                row["ms"] += node.real_time.total_seconds() * 1e3 / runs
+        return list(totals.values())
 
 
 SPEC = register(RuntimeSpec(

@@ -44,6 +44,20 @@ class TorchRuntime:
         return samples
 
 
+    def op_profile(self, runs: int) -> list[dict]:
+        """torch.profiler's per-operator CPU time (self time, so nested ops are not counted twice)."""
+        import torch
+
+        with torch.inference_mode():
+            self.module(self.x)  # warm-up
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+                for _ in range(runs):
+                    self.module(self.x)
+        return [{"op": event.key, "type": "aten op", "calls": event.count / runs,
+                 "ms": event.self_cpu_time_total / 1e3 / runs}
+                for event in profiler.key_averages() if event.self_cpu_time_total > 0]
+
+
 def load(pickled_module: Path, threads: int) -> TorchRuntime:
     """The suite's own pickle of the module (compile/artifacts.py writes it), never a user's file."""
     import torch

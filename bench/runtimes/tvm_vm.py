@@ -79,6 +79,42 @@ class TvmRuntime:
         evaluator = self.vm.time_evaluator("main", self.device, number=1, repeat=n)
         return [float(s) for s in evaluator(self.x).results]
 
+    def op_profile(self, runs: int) -> list[dict]:
+        """Per kernel the VM calls: calls and ms per inference (the input given to `prepare`)."""
+        return [{"op": name, "type": "tir kernel", "calls": len(seconds) / runs, "ms": 1e3 * sum(seconds) / runs}
+                for name, seconds in kernel_times(self.vm, self.x, runs).items()]
+
+
+def kernel_times(vm, x, runs: int, keep=lambda name: True) -> dict[str, list[float]]:
+    """Seconds of every call of each kernel `keep` accepts over `runs` inferences, after one warm-up.
+
+    Each call is timed on the host around the VM's call instruction; CPU kernels run synchronously,
+    so that is the kernel's time (plus a few microseconds of hook overhead).
+    """
+    import time
+
+    totals: dict[str, list[float]] = {}
+    started: dict[str, float] = {}
+
+    def instrument(func, name, before_run, ret_value, *args):
+        if not keep(name):
+            return 0
+        if before_run:
+            started[name] = time.perf_counter()
+        else:
+            totals.setdefault(name, []).append(time.perf_counter() - started.pop(name))
+        return 0
+
+    vm.set_instrument(instrument)
+    try:
+        vm["main"](x)  # warm-up
+        totals.clear()
+        for _ in range(runs):
+            vm["main"](x)
+    finally:
+        vm.set_instrument(lambda *args: 0)
+    return totals
+
 
 class RemoteTvmRuntime(TvmRuntime):
     """A Relax VM on a board: the library uploaded through an RPC session, the board's thread pool.
