@@ -1,9 +1,9 @@
 """Bring a real board up as a TVM RPC server registered at the tracker, over SSH, and down again.
 
 `bring_up` checks the board's Python and CPU against the target, installs the host's exact TVM
-runtime into a venv on the board when the board lacks it, and starts `python -m
-tvm.exec.rpc_server` detached (its own session, a pid file on the board), so it outlives the SSH
-connection. A tracker on this machine's loopback is reached through a reverse SSH tunnel: the
+runtime and peer runtimes (ONNX Runtime, LiteRT) into a venv on the board when the board lacks them,
+copies targets/board_server.py and the runtime plug-ins there (SFTP), and starts that server detached
+(its own session, a pid file on the board), so it outlives the SSH connection. A tracker on this machine's loopback is reached through a reverse SSH tunnel: the
 board dials its own 127.0.0.1:<forwarded port> and nothing listens on a public port here. That
 tunnel lives as long as the SSH connection, so `invoke board.up` then stays in the foreground
 holding it, like the tracker itself: Ctrl-C stops the board's server and closes the tunnel, and
@@ -26,6 +26,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Callable
 
 from packaging.specifiers import SpecifierSet
@@ -33,9 +34,13 @@ from packaging.version import Version
 
 from errors import UserError
 from targets import rpc, ssh
+from targets.board_server import PEER_RUNTIME_PACKAGES, board_side_files, peer_versions
 from targets.config import TargetConfig
 
-SERVER_MODULE = "tvm.exec.rpc_server"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+SERVER_DIR = "server"  # under the board's folder: board_server.py and the plug-ins it imports
+SERVER_SCRIPT = "board_server.py"
 DEFAULT_BOARD_DIR = "~/.cache/lwgan-board"
 PID_FILE = "server.pid"
 LOG_FILE = "server.log"
@@ -53,22 +58,25 @@ _FACTS = (
     "    except metadata.PackageNotFoundError:\n"
     "        return None\n"
     "print(json.dumps({'machine': platform.machine(), 'python': '%d.%d.%d' % sys.version_info[:3],\n"
-    "                  'executable': sys.executable, 'tvm': version('apache-tvm'), 'tvm_ffi': version('apache-tvm-ffi')}))\n"
+    "                  'executable': sys.executable, 'tvm': version('apache-tvm'), 'tvm_ffi': version('apache-tvm-ffi'),\n"
+    f"                  'peers': {{name: version(name) for name in {PEER_RUNTIME_PACKAGES!r}}}}}))\n"
 )
 
 
 @dataclass(frozen=True)
 class RuntimeVersions:
-    """The host's TVM: the board must run exactly these, or RPC calls fail in confusing ways."""
+    """The host's TVM and peer runtimes: the board must run exactly these TVM versions, or RPC calls fail
+    in confusing ways, and the same peers, so a board's ORT or LiteRT record compares with the host's."""
 
     tvm: str
     tvm_ffi: str
     requires_python: str
+    peers: tuple[tuple[str, str], ...] = ()  # (package, version)
 
     @classmethod
     def of_host(cls) -> RuntimeVersions:
         return cls(metadata.version("apache-tvm"), metadata.version("apache-tvm-ffi"),
-                   metadata.metadata("apache-tvm")["Requires-Python"] or "")
+                   metadata.metadata("apache-tvm")["Requires-Python"] or "", tuple(peer_versions().items()))
 
 
 @dataclass(frozen=True)
@@ -78,9 +86,10 @@ class BoardPython:
     python: str
     tvm: str | None
     tvm_ffi: str | None
+    peers: tuple[tuple[str, str | None], ...] = ()
 
     def runs(self, versions: RuntimeVersions) -> bool:
-        return (self.tvm, self.tvm_ffi) == (versions.tvm, versions.tvm_ffi)
+        return (self.tvm, self.tvm_ffi) == (versions.tvm, versions.tvm_ffi) and set(versions.peers) <= set(self.peers)
 
 
 def board_python(session: ssh.SshSession, python: str) -> BoardPython | None:
@@ -93,7 +102,8 @@ def board_python(session: ssh.SshSession, python: str) -> BoardPython | None:
         raise UserError(f"ssh {session.destination}: `{python}` cannot run the version check "
                         f"({detail[-1] if detail else f'exit {result.exit_status}'}); set [ssh] python to a Python 3")
     facts = json.loads(result.stdout)
-    return BoardPython(facts["executable"], facts["machine"], facts["python"], facts["tvm"], facts["tvm_ffi"])
+    return BoardPython(facts["executable"], facts["machine"], facts["python"], facts["tvm"], facts["tvm_ffi"],
+                       tuple(facts.get("peers", {}).items()))
 
 
 def normal_arch(name: str) -> str:
@@ -120,7 +130,7 @@ def check_board(config: TargetConfig, found: BoardPython, versions: RuntimeVersi
 
 
 def install_command(base_python: str, venv: str, versions: RuntimeVersions) -> str:
-    """Shell command making `venv` on the board and installing the host's TVM runtime into it.
+    """Shell command making `venv` on the board and installing the host's TVM runtime and peers into it.
 
     The venv sees the board's system packages, so distribution builds (apt's numpy on boards PyPI
     has no wheel for) stay usable, while the pins install into the venv whatever the system has.
@@ -130,8 +140,9 @@ def install_command(base_python: str, venv: str, versions: RuntimeVersions) -> s
     return (
         f"{q(base_python)} -m venv --system-site-packages {q(venv)} && "
         f"{q(venv + '/bin/python')} -m pip install --disable-pip-version-check --progress-bar off "
-        f"--only-binary apache-tvm,apache-tvm-ffi "
-        f"{q(f'apache-tvm[rpc]=={versions.tvm}')} {q(f'apache-tvm-ffi=={versions.tvm_ffi}')}"
+        f"--only-binary {','.join(['apache-tvm', 'apache-tvm-ffi', *(package for package, _ in versions.peers)])} "
+        f"{q(f'apache-tvm[rpc]=={versions.tvm}')} {q(f'apache-tvm-ffi=={versions.tvm_ffi}')} "
+        + " ".join(q(f"{package}=={version}") for package, version in versions.peers)
     )
 
 
@@ -149,7 +160,8 @@ def install_runtime(session: ssh.SshSession, base_python: str, venv: str, versio
                         f"{' | '.join(last_lines) or 'no output'}") from None
     installed = board_python(session, f"{venv}/bin/python")
     if installed is None or not installed.runs(versions):
-        raise UserError(f"ssh {session.destination}: {venv} still lacks apache-tvm {versions.tvm} after installing")
+        raise UserError(f"ssh {session.destination}: {venv} still lacks apache-tvm {versions.tvm} or the peer "
+                        "runtimes after installing")
     return installed
 
 
@@ -169,7 +181,8 @@ def ensure_runtime(session: ssh.SshSession, config: TargetConfig, board_dir: str
         return in_venv
     have = f"apache-tvm {found.tvm}" if found.tvm else "no apache-tvm"
     report(f"board: {found.executable} (Python {found.python}, {found.machine}) has {have}; installing "
-           f"apache-tvm {versions.tvm} with apache-tvm-ffi {versions.tvm_ffi} into {venv}")
+           f"apache-tvm {versions.tvm} with apache-tvm-ffi {versions.tvm_ffi} and "
+           f"{', '.join(f'{package} {version}' for package, version in versions.peers)} into {venv}")
     return install_runtime(session, base, venv, versions, report)
 
 
@@ -193,7 +206,7 @@ def server_command(python: str, board_dir: str, tracker: str, key: str, listen: 
     the pid file names the process group board.down signals.
     """
     q = shlex.quote
-    server = (f"exec {q(python)} -m {SERVER_MODULE} --tracker {q(tracker)} --key {q(key)} "
+    server = (f"exec {q(python)} {SERVER_DIR}/{SERVER_SCRIPT} --tracker {q(tracker)} --key {q(key)} "
               f"--host {q(listen)} --custom-addr {q(advertise)}")
     return (
         f"cd {q(board_dir)} || exit 1\n"
@@ -214,7 +227,7 @@ def stop_command(board_dir: str) -> str:
         f"cd {shlex.quote(board_dir)} 2>/dev/null || {{ echo none; exit 0; }}\n"
         f"[ -s {PID_FILE} ] || {{ echo none; exit 0; }}\n"
         f"pid=$(cat {PID_FILE})\n"
-        f"if tr '\\0' ' ' < /proc/$pid/cmdline 2>/dev/null | grep -q {SERVER_MODULE}; then\n"
+        f"if tr '\\0' ' ' < /proc/$pid/cmdline 2>/dev/null | grep -q {SERVER_SCRIPT}; then\n"
         f"  kill -TERM -$pid\n"
         f"  i=0; while kill -0 -$pid 2>/dev/null && [ $i -lt {wait_tenths} ]; do sleep 0.1; i=$((i+1)); done\n"
         f"  kill -KILL -$pid 2>/dev/null\n"
@@ -304,6 +317,7 @@ def bring_up(config: TargetConfig, destination: str | None = None, report: Calla
         board_dir = resolve_board_dir(session, settings.board_dir, create=True)
         python = ensure_runtime(session, config, board_dir, versions, report)
         report(f"board: {python.executable} (Python {python.python}, {python.machine}, apache-tvm {python.tvm})")
+        session.put_files(board_side_files(REPO_ROOT), f"{board_dir}/{SERVER_DIR}")
         state, old_pid = stop_server(session, board_dir)
         if state == "stopped":
             report(f"board: stopped the previous RPC server (pid {old_pid})")

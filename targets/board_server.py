@@ -11,11 +11,33 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
+# What runs on the board, relative to the repository: this script and the runtime plug-ins it loads.
+BOARD_SIDE_SOURCES = ("targets/board_server.py", "errors.py", "bench/runtimes/*.py")
+# The peer runtimes' packages a board needs (bench/runtimes/ plug-ins whose places include "board").
+PEER_RUNTIME_PACKAGES = ("onnxruntime", "ai-edge-litert")
 FINGERPRINT_FUNC = "lwgan.board.fingerprint"
 LOAD_FUNC = "lwgan.runtime.load"  # (runtime, uploaded file, threads) -> {"precision", "versions"} as JSON
 RUN_FUNC = "lwgan.runtime.run"  # (runtime, input tensor) -> output tensor
 MEASURE_FUNC = "lwgan.runtime.measure"  # (runtime, input tensor, n) -> n inference times in seconds, JSON
+
+
+def board_side_files(repo_root: Path) -> list[tuple[Path, str]]:
+    """(source, path on the board relative to the server's folder): the script at the top, plug-ins beneath."""
+    files = []
+    for pattern in BOARD_SIDE_SOURCES:
+        for source in sorted(repo_root.glob(pattern)):
+            relative = source.relative_to(repo_root)
+            files.append((source, source.name if source.name == "board_server.py" else relative.as_posix()))
+    return files
+
+
+def peer_versions() -> dict[str, str]:
+    """The host's versions of the peers: a board installs exactly these, so both sides run the same."""
+    from importlib import metadata
+
+    return {package: metadata.version(package) for package in PEER_RUNTIME_PACKAGES}
 
 
 def register_fingerprint() -> None:

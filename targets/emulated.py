@@ -22,6 +22,7 @@ from typing import Callable
 
 from errors import UserError
 from targets import rpc
+from targets.board_server import board_side_files, peer_versions
 from targets.config import TargetConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -53,14 +54,9 @@ def board_python_packages() -> tuple[str, ...]:
         "cloudpickle",
         "tornado",
         # the peers timed beside TVM on the board, at the host's versions so both machines run the same
-        *(f"{package}=={importlib.metadata.version(package)}" for package in PEER_RUNTIME_PACKAGES),
+        *(f"{package}=={version}" for package, version in peer_versions().items()),
     )
 
-
-# The peer runtimes timed on the board beside TVM (bench/runtimes/: those whose places include "board").
-PEER_RUNTIME_PACKAGES = ("onnxruntime", "ai-edge-litert")
-# What targets/board_server.py imports beside it on the board: the runtime plug-ins and their error type.
-BOARD_SIDE_SOURCES = ("errors.py", "bench/runtimes/*.py")
 
 
 def rootfs_ready(root: Path = ROOTFS_DIR) -> bool:
@@ -222,13 +218,10 @@ def qemu_version() -> str:
 
 def install_board_sources(folder: Path) -> None:
     """Copy board_server.py and the runtime plug-ins it loads into `folder` on the board (fresh each start)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(Path(__file__).with_name("board_server.py"), folder / "board_server.py")
-    for pattern in BOARD_SIDE_SOURCES:
-        for source in REPO_ROOT.glob(pattern):
-            destination = folder / source.relative_to(REPO_ROOT)
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, destination)
+    for source, relative in board_side_files(REPO_ROOT):
+        destination = folder / relative
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, destination)
 
 
 def start_board(config: TargetConfig, root: Path = ROOTFS_DIR, state_dir: Path = rpc.STATE_DIR,

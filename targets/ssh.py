@@ -11,6 +11,7 @@ from __future__ import annotations
 import getpass
 import re
 import select
+import shlex
 import socket
 import threading
 import time
@@ -308,6 +309,20 @@ class SshSession:
                 raise UserError(f"ssh {self.destination}: `{command}` exited with status {status}")
         finally:
             process.close()
+
+    def put_files(self, files: list[tuple[Path, str]], remote_dir: str) -> None:
+        """Copy (local text file, path relative to `remote_dir`) pairs to the board, making folders.
+
+        Through `cat` on the command channel rather than SFTP: a board's SSH server may have no SFTP
+        subsystem (dropbear, minimal images), but every one runs commands.
+        """
+        for local, relative in files:
+            target = shlex.quote(f"{remote_dir}/{relative}")
+            result = self.run(f"mkdir -p \"$(dirname {target})\" && cat > {target}",
+                              stdin=Path(local).read_text(encoding="utf-8"))
+            if result.exit_status != 0:
+                raise UserError(f"ssh {self.destination}: copying {relative} to {remote_dir} failed: "
+                                f"{result.stderr.strip() or f'exit {result.exit_status}'}")
 
     def reverse_tunnel(self, local_host: str, local_port: int, remote_port: int = 0,
                        remote_host: str = "127.0.0.1") -> ReverseTunnel:

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from bench.record import load_records
+from bench.runtimes import installed
 
 REPO = Path(__file__).resolve().parent.parent
 SMALLEST_DEMO_MODEL = "cyclegan-unet128-ngf16"
@@ -110,9 +111,10 @@ def test_bench_then_report(tmp_path):
 
     frame = load_records(results)
     run = frame[frame.run_id != "earlier"]
-    assert set(run.runtime) == {"tvm", "torch", "onnxruntime"}
-    assert (run.samples >= 5).all() and (run.threads == 2).all()
-    assert (run.max_abs_err < run.tolerance).all()
+    assert set(run.runtime) == {spec.name for spec in installed("host")}  # the default: every installed runtime
+    assert run.valid.all() and (run.samples >= 5).all() and (run.threads == 2).all()
+    fp32 = run[run.executed_precision == "fp32"]
+    assert (fp32.max_abs_err < fp32.tolerance).all() and {"tvm", "torch", "onnxruntime"} <= set(fp32.runtime)
     assert set(run.weights) == {"random"}
     (sample,) = set(run.sample_png)
     from PIL import Image
@@ -162,10 +164,15 @@ def test_bench_onnx_file(tmp_path):
     result = invoke("bench", "--onnx", str(model), "--shape", "1x32x32x3", "--samples", "3", "--results", str(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
     frame = load_records(tmp_path)
-    assert set(frame.runtime) == {"tvm", "onnxruntime"}
+    # a user's ONNX file has no torch module: torch eager and litert-torch cannot run it, and say so
+    skipped = frame.invalid_reason.str.startswith("not run: ")
+    assert set(frame[skipped].runtime) == {"torch", "litert"} and not frame[skipped].valid.any()
+    ran = frame[~skipped]
+    assert {"tvm", "onnxruntime", "openvino-f32"} <= set(ran.runtime)
     assert (frame.family == "onnx").all() and (frame.model == "third_party").all()
     assert (frame.macs == 32 * 32 * 3 * 27).all()
-    assert (frame.max_abs_err < frame.tolerance).all()
+    fp32 = ran[ran.executed_precision == "fp32"]
+    assert (fp32.max_abs_err < fp32.tolerance).all()
     assert frame.weights.iloc[0].startswith(f"{model}@sha256:")
 
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -188,14 +189,16 @@ def test_board_of_another_architecture_is_refused_before_installing(sshd, tmp_pa
         assert not any(tmp_path.glob("tvm-*"))
 
 
-def test_install_command_pins_the_host_runtime():
-    versions = RuntimeVersions("0.27.0.post1", "0.1.14.post0", ">=3.10")
+def test_install_command_pins_the_host_runtime_and_peers():
+    versions = RuntimeVersions("0.27.0.post1", "0.1.14.post0", ">=3.10",
+                               (("onnxruntime", "1.32.0"), ("ai-edge-litert", "2.3.0")))
     command = install_command("/usr/bin/python3", "/home/pi/.cache/lwgan board/tvm-0.27.0.post1", versions)
     assert shlex.split(command) == [
         "/usr/bin/python3", "-m", "venv", "--system-site-packages", "/home/pi/.cache/lwgan board/tvm-0.27.0.post1",
         "&&", "/home/pi/.cache/lwgan board/tvm-0.27.0.post1/bin/python", "-m", "pip", "install",
-        "--disable-pip-version-check", "--progress-bar", "off", "--only-binary", "apache-tvm,apache-tvm-ffi",
-        "apache-tvm[rpc]==0.27.0.post1", "apache-tvm-ffi==0.1.14.post0",
+        "--disable-pip-version-check", "--progress-bar", "off", "--only-binary",
+        "apache-tvm,apache-tvm-ffi,onnxruntime,ai-edge-litert",
+        "apache-tvm[rpc]==0.27.0.post1", "apache-tvm-ffi==0.1.14.post0", "onnxruntime==1.32.0", "ai-edge-litert==2.3.0",
     ]
     subprocess.run(["sh", "-n", "-c", command], check=True)
 
@@ -294,6 +297,9 @@ def test_board_up_registers_at_the_tracker_and_board_down_removes_it(sshd, tmp_p
         import tvm
 
         assert (tvm.runtime.tensor(on_board, remote.cpu(0)).numpy() == on_board).all()
+        # the board runs board_server.py, copied over SFTP with the plug-ins: the peers answer there
+        assert (tmp_path / "board" / "server" / "bench" / "runtimes" / "litert_xnnpack.py").exists()
+        assert rpc.board_fingerprint(remote)["onnxruntime"] == metadata.version("onnxruntime")
         del remote
 
         assert bring_down(config) == ("stopped", pid)

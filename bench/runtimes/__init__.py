@@ -18,6 +18,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -58,6 +59,16 @@ class RuntimeSpec:
             return importlib.metadata.version(self.package)
         except importlib.metadata.PackageNotFoundError:
             return None
+
+
+def time_calls(call: Callable[[], object], n: int) -> list[float]:
+    """Seconds of each of `n` calls: the timing loop of every runtime driven through its Python API."""
+    samples = []
+    for _ in range(n):
+        start = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - start)
+    return samples
 
 
 _REGISTRY: dict[str, RuntimeSpec] = {}

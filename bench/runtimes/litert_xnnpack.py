@@ -8,12 +8,11 @@ drops to fp16 when a model asks for it).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 
-from bench.runtimes import RuntimeSpec, register
+from bench.runtimes import RuntimeSpec, register, time_calls
 
 
 class LiteRtRuntime:
@@ -38,12 +37,7 @@ class LiteRtRuntime:
         return self.interpreter.get_tensor(self.output_index).copy()
 
     def measure(self, n: int) -> list[float]:
-        samples = []
-        for _ in range(n):
-            start = time.perf_counter()
-            self.interpreter.invoke()
-            samples.append(time.perf_counter() - start)
-        return samples
+        return time_calls(self.interpreter.invoke, n)
 
 
 SPEC = register(RuntimeSpec(name="litert", label="LiteRT", artifact="tflite", load=LiteRtRuntime,

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 
-from bench.runtimes import RuntimeSpec, register
+from bench.runtimes import RuntimeSpec, register, time_calls
 
 
 class OnnxRuntime:
@@ -36,12 +35,7 @@ class OnnxRuntime:
         return self.session.run(None, {self.input_name: x})[0]
 
     def measure(self, n: int) -> list[float]:
-        samples = []
-        for _ in range(n):
-            start = time.perf_counter()
-            self.session.run(None, self.feed)
-            samples.append(time.perf_counter() - start)
-        return samples
+        return time_calls(lambda: self.session.run(None, self.feed), n)
 
     def op_profile(self, runs: int) -> list[dict]:
         """ONNX Runtime's profiler trace (SessionOptions.enable_profiling): each node's kernel time."""

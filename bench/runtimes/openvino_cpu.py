@@ -10,12 +10,11 @@ Threads are set explicitly and the latency hint keeps one stream, as every other
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 
-from bench.runtimes import RuntimeSpec, register
+from bench.runtimes import RuntimeSpec, register, time_calls
 
 PRECISIONS = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}  # OpenVINO's element type names -> the suite's
 
@@ -46,12 +45,7 @@ class OpenVinoRuntime:
         return self.compiled(np.ascontiguousarray(x))[0].copy()
 
     def measure(self, n: int) -> list[float]:
-        samples = []
-        for _ in range(n):
-            start = time.perf_counter()
-            self.request.infer()
-            samples.append(time.perf_counter() - start)
-        return samples
+        return time_calls(self.request.infer, n)
 
     def op_profile(self, runs: int) -> list[dict]:
         """OpenVINO's own per-node counters (what benchmark_app's -report_type prints), its kernel as the type."""

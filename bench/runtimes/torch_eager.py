@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 
-from bench.runtimes import RuntimeSpec, register
+from bench.runtimes import RuntimeSpec, register, time_calls
 
 
 class TorchRuntime:
@@ -35,13 +34,8 @@ class TorchRuntime:
     def measure(self, n: int) -> list[float]:
         import torch
 
-        samples = []
         with torch.inference_mode():
-            for _ in range(n):
-                start = time.perf_counter()
-                self.module(self.x)
-                samples.append(time.perf_counter() - start)
-        return samples
+            return time_calls(lambda: self.module(self.x), n)
 
 
     def op_profile(self, runs: int) -> list[dict]:

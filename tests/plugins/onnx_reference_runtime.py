@@ -6,12 +6,11 @@ records, the peak-memory child and the report with no other module edited.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 
-from bench.runtimes import RuntimeSpec, register
+from bench.runtimes import RuntimeSpec, register, time_calls
 
 
 class OnnxReference:
@@ -32,12 +31,7 @@ class OnnxReference:
         return self.evaluator.run(None, {self.input_name: x})[0]
 
     def measure(self, n: int) -> list[float]:
-        samples = []
-        for _ in range(n):
-            start = time.perf_counter()
-            self.evaluator.run(None, {self.input_name: self.x})
-            samples.append(time.perf_counter() - start)
-        return samples
+        return time_calls(lambda: self.evaluator.run(None, {self.input_name: self.x}), n)
 
 
 SPEC = register(RuntimeSpec(name="onnx-reference", label="ONNX reference", artifact="onnx", load=OnnxReference,
