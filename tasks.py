@@ -36,6 +36,9 @@ def cli(func):
                 traceback.print_exc()
             print(f"error: {exc}", file=sys.stderr, flush=True)
             raise Exit(code=1) from None
+        except KeyboardInterrupt:  # Ctrl-C: the shell's convention, 128 + SIGINT
+            print("interrupted", file=sys.stderr, flush=True)
+            raise Exit(code=130) from None
 
     return wrapper
 
@@ -153,7 +156,7 @@ def bench(c, target="host", model=None, onnx=None, runtimes=None, samples=None, 
     """Benchmark models side by side; appends records to reports/results/<run-id>.jsonl."""
     import dataclasses
 
-    from bench.record import RESULTS_DIR, append_records
+    from bench.record import RESULTS_DIR, append_records, drop_unrecorded_samples
     from bench.run import bench_model, new_run_id
     from bench.runtimes import parse as parse_runtimes
 
@@ -174,14 +177,20 @@ def bench(c, target="host", model=None, onnx=None, runtimes=None, samples=None, 
     # a compressed variant is timed beside its fp32 base (same input shape), if the run has it
     bases = {(s.name, s.input_shape): s for s in subjects if s.variant == "fp32"}
     failed = []
-    for index, subject in enumerate(subjects, 1):
-        say(f"[{index}/{len(subjects)}] {subject.name}")
-        samples_dir = out.parent / f"{run_id}.samples"
-        base = bases.get((subject.base_model, subject.input_shape)) if subject.variant != "fp32" else None
-        records = bench_model(subject, resolved, run_id, chosen, rules, say,
-                              samples_dir=samples_dir, roofline=roofline, base=base)
-        append_records(records, out)  # per model, so an interruption keeps what was measured
-        failed += [r for r in records if not r.valid]
+    samples_dir = out.parent / f"{run_id}.samples"
+    try:
+        for index, subject in enumerate(subjects, 1):
+            say(f"[{index}/{len(subjects)}] {subject.name}")
+            base = bases.get((subject.base_model, subject.input_shape)) if subject.variant != "fp32" else None
+            records = bench_model(subject, resolved, run_id, chosen, rules, say,
+                                  samples_dir=samples_dir, roofline=roofline, base=base)
+            append_records(records, out)  # per model, so an interruption keeps what was measured
+            failed += [r for r in records if not r.valid]
+    except BaseException as exc:
+        kept = drop_unrecorded_samples(out, samples_dir)
+        if isinstance(exc, KeyboardInterrupt):
+            raise Exit(f"interrupted; {kept} records kept in {out}", code=130) from None
+        raise
     say(f"records: {out}")
     if any(r.beyond_tolerance() for r in failed):
         raise Exit("error: some outputs differ from the reference beyond tolerance (records kept, marked invalid)", code=2)
@@ -300,6 +309,8 @@ def report(c, results=None, out=None, compare=None, debug=False):
 
     source = Path(results) if results else RESULTS_DIR
     records = load_records(source)
+    for line in records.attrs["skipped"]:  # torn or foreign lines: the rest still renders
+        print(f"warning: {line}", file=sys.stderr)
     if compare:
         runs = [run.strip() for item in compare for run in item.split(",") if run.strip()]
         if len(runs) != 2:
@@ -399,6 +410,43 @@ def tracker_status(c, host="127.0.0.1", port=None, debug=False):
 
     say(rpc.tracker_status(host, _count(port, "port", rpc.DEFAULT_PORT)))
 
+
+@task(
+    help={
+        "model": "registry model (or variant) whose database to check, comma separated",
+        "target": "device config name (default host)",
+        "isa": "ISA level (default: detected)",
+        "path": "a database folder to check instead (holding database_workload.json and database_tuning_record.json)",
+        "debug": "show tracebacks",
+    }
+)
+@cli
+def db_check(c, model=None, target="host", isa=None, path=None, debug=False):
+    """Validate tuning databases line by line (fsck-style): which lines are unusable, and why."""
+    from compile.database import TuningDatabase, database_for
+
+    if path:
+        databases = [TuningDatabase(Path(path))]
+    else:
+        resolved = _target(target, isa)
+        names = [m.strip() for m in (model or "").split(",") if m.strip()]
+        if not names:
+            raise UserError("db.check needs --model (or --path)")
+        databases = [database_for(resolved.db_key, name) for name in names]
+    unusable = 0
+    for database in databases:
+        problems = database.check()
+        unusable += len(problems)
+        for problem in problems:
+            say(problem)
+        say(f"{database.path}: {'sound' if not problems else f'{len(problems)} unusable line(s)'} "
+            f"({database.record_count()} records)")
+    if unusable:
+        raise Exit(code=1)
+
+
+db = Collection("db")
+db.add_task(db_check, name="check")
 
 tracker = Collection("tracker")
 tracker.add_task(tracker_start, name="start")
@@ -605,4 +653,5 @@ def _build_opencl(subject, resolved, directory: Path) -> None:
 
 namespace = Collection(train, compress, tune, bench, report, demo, build, runtimes, profile)
 namespace.add_collection(tracker)
+namespace.add_collection(db)
 namespace.add_collection(board)

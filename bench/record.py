@@ -1,13 +1,17 @@
 """The one measurement record: every benchmark writes these, the report reads only these.
 
 A record is one JSON line under `reports/results/<run_id>.jsonl`. Files are append-only: a run
-never rewrites or truncates an earlier line. `load_records` gives pandas one flat table.
+never rewrites or truncates an earlier line, and each line is written whole under a lock and synced.
+`load_records` gives pandas one flat table, skipping (and listing) any line that is not a record.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import json
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,37 +137,97 @@ def outside_tolerance(record: dict) -> bool:
 
 
 def append_records(records: list[Record], path: Path) -> Path:
-    """Append records as JSON lines; earlier lines are never touched."""
+    """Append records as JSON lines; earlier lines are never touched.
+
+    Each line goes out in one write under an exclusive advisory lock on the file, then is flushed
+    to disk (fsync), so two writers never interleave and a crash leaves at most the line being written.
+    A write that fails (a full disk) is cut back to where it started: the file keeps every earlier
+    record and no torn line, and the error says how many records it holds. A torn last line left by
+    a crash is ended first, so the next record is not glued onto it.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":  # a line torn by an earlier crash: start a fresh one
+            os.write(fd, b"\n")
         for record in records:
-            f.write(record.to_json() + "\n")
+            line = (record.to_json() + "\n").encode("utf-8")
+            start = os.fstat(fd).st_size
+            try:
+                written = os.write(fd, line)
+                if written != len(line):
+                    raise OSError(errno.ENOSPC, f"wrote {written} of {len(line)} bytes")
+                os.fsync(fd)
+            except OSError as exc:
+                os.ftruncate(fd, start)
+                kept = sum(1 for raw in path.read_bytes().splitlines() if raw.strip())
+                raise UserError(f"{path}: could not append a record ({exc.strerror or exc}); "
+                                f"the file keeps its {kept} earlier records") from exc
+    finally:
+        os.close(fd)  # releases the lock
     return path
 
 
-def read_records(path: Path) -> list[Record]:
+def drop_unrecorded_samples(path: Path, samples_dir: Path) -> int:
+    """After a failed or interrupted run: delete the sample PNGs no record in `path` points to (and the
+    folder once empty), so a run leaves no orphan files; returns how many records `path` keeps."""
+    records = read_records(path, skipped=[]) if path.exists() else []
+    referenced = {path.parent / r.sample_png for r in records if r.sample_png}
+    if samples_dir.is_dir():
+        for png in samples_dir.glob("*.png"):
+            if png not in referenced:
+                png.unlink()
+        if not any(samples_dir.iterdir()):
+            samples_dir.rmdir()
+    return len(records)
+
+
+@dataclass(frozen=True)
+class SkippedLine:
+    """A line of a records file that is not a record (torn by a crash, edited, another tool's)."""
+
+    path: Path
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: skipped, not a benchmark record ({self.reason})"
+
+
+def read_records(path: Path, skipped: list[SkippedLine] | None = None) -> list[Record]:
+    """Every record in `path`. A line that is not one is skipped and described in `skipped` (given a
+    list), so one torn line never hides the rest; without a list it is an error naming file:line."""
     records = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 records.append(Record.from_dict(json.loads(line)))
-            except (json.JSONDecodeError, TypeError) as exc:
-                raise UserError(f"{path}:{number}: not a benchmark record ({exc})") from exc
-            except UserError as exc:
-                raise UserError(f"{path}:{number}: {exc}") from exc
+            except (json.JSONDecodeError, TypeError, AttributeError, UserError) as exc:
+                bad = SkippedLine(Path(path), number, str(exc))
+                if skipped is None:
+                    raise UserError(str(bad)) from exc
+                skipped.append(bad)
     return records
 
 
 def load_records(results_dir: Path = RESULTS_DIR) -> pd.DataFrame:
-    """All records below `results_dir` as one DataFrame, one row per record."""
+    """All records below `results_dir` as one DataFrame, one row per record.
+
+    Lines that are not records are skipped; the frame's `attrs["skipped"]` lists them (file:line and
+    why) for whoever shows the table: the report prints them as warnings.
+    """
     paths = sorted(Path(results_dir).glob("*.jsonl"))
-    rows = [dataclasses.asdict(r) for p in paths for r in read_records(p)]
+    skipped: list[SkippedLine] = []
+    rows = [dataclasses.asdict(r) for p in paths for r in read_records(p, skipped)]
     columns = [f.name for f in dataclasses.fields(Record)]
     frame = pd.DataFrame(rows, columns=columns)
     for name in _OPTIONAL_NUMBERS:  # all-None columns would otherwise be object dtype
         frame[name] = pd.to_numeric(frame[name]).astype("Int64" if _OPTIONAL_NUMBERS[name] is int else "float64")
+    frame.attrs["skipped"] = [str(line) for line in skipped]
     return frame
 
 

@@ -6,6 +6,7 @@ Records are append-only: tuning adds lines, nothing here rewrites or deletes the
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -27,6 +28,7 @@ FAILED_RUN_S = 1e9  # MetaSchedule stores a failed measurement as 1e10 s
 WEIGHTS_FILE = "task_weights.json"  # workload structural hash -> calls per inference, written by tuning
 CURVE_POINTS = 60  # a record keeps this many points of the curve, enough to plot it
 THREADS_FILE = "measured_threads.json"  # {"threads": N}: the thread count every record was measured with
+LOCK_FILE = ".lock"  # held (flock) by the one process appending; holds its pid (not committed)
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,62 @@ class TuningDatabase:
         step = max(1, -(-len(curve) // CURVE_POINTS))
         thinned = curve[::step]
         return thinned + curve[-1:] if curve and thinned[-1] != curve[-1] else thinned
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the database's advisory lock for a whole append: a second writer is refused, naming the holder.
+
+        Two `invoke tune` runs appending workloads to one database would interleave the workload file,
+        and a record's workload index could then point into the other run's view of it.
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                raise UserError(f"{self.path}: another process (pid {holder}) is appending to this tuning "
+                                "database; wait for it to finish or stop it") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def check(self) -> list[str]:
+        """Every unusable line of the two files, as "file:line: why"; empty when the database is sound.
+
+        A line is unusable when it is not JSON, not a MetaSchedule row, names a workload that does
+        not exist or does not parse, or holds a trace that no longer replays on its workload.
+        """
+        if not self.exists():
+            return [f"{self.path}: no tuning database ({WORKLOAD_FILE} and {RECORD_FILE} expected)"]
+        problems = []
+        workloads = []  # by index, None where the line is unusable
+        for number, row in _json_rows(self.workload_file, problems):
+            if row is None:
+                workloads.append(None)
+                continue
+            try:
+                workloads.append(ms.database.Workload.from_json(row))
+            except Exception as exc:  # noqa: BLE001  (TVM's parser raises several types)
+                workloads.append(None)
+                problems.append(f"{self.workload_file}:{number}: workload does not parse ({_first_line(exc)})")
+        for number, row in _json_rows(self.record_file, problems):
+            if row is None:
+                continue
+            index = row[0]
+            if not isinstance(index, int) or not 0 <= index < len(workloads) or workloads[index] is None:
+                problems.append(f"{self.record_file}:{number}: names workload {index!r}, which is not a usable line "
+                                f"of {WORKLOAD_FILE}")
+                continue
+            try:
+                ms.database.TuningRecord.from_json(row[1], workloads[index])
+            except Exception as exc:  # noqa: BLE001
+                problems.append(f"{self.record_file}:{number}: trace does not replay on workload {index} "
+                                f"({_first_line(exc)})")
+        return problems
 
     def validate(self) -> None:
         """Fail with the offending file and line before MetaSchedule meets a corrupt file."""
@@ -230,6 +288,29 @@ def trials_to_within(curve: list[tuple[int, float]], fraction: float = 0.1) -> i
         return None
     final = curve[-1][1]
     return next(trials for trials, latency in curve if latency <= final * (1 + fraction))
+
+
+def _json_rows(path: Path, problems: list[str]) -> Iterator[tuple[int, list | None]]:
+    """(file line number, row) for every non-blank line; a line that is not a JSON list of two or more
+    is described in `problems` and comes as None (a workload line keeps its index even so)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                problems.append(f"{path}:{number}: not JSON ({exc.msg})")
+                row = None
+            if row is not None and not (isinstance(row, list) and len(row) >= 2):
+                problems.append(f"{path}:{number}: not a MetaSchedule database row (expected a JSON list)")
+                row = None
+            yield number, row
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1][:200] if lines else type(exc).__name__
 
 
 def _line_count(path: Path) -> int:

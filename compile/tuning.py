@@ -249,7 +249,7 @@ def seed_default_schedules(
     seeds = []
     for task in tasks:
         sch = direct_conv_schedule(task.dispatched[0], lanes)
-        if sch is not None:
+        if sch is not None and not _has_trace(db, task.dispatched[0], sch.trace):  # a rerun adds no duplicate
             seeds.append((task, sch, ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)))
     built = builder.build([ms.builder.BuilderInput(sch.mod, target) for _, sch, _ in seeds]) if seeds else []
     ready = [(build, seed) for build, seed in zip(built, seeds) if build.error_msg is None]
@@ -265,6 +265,15 @@ def seed_default_schedules(
         db.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, run_secs, target, args))
         committed += 1
     return committed
+
+
+def _has_trace(db: ms.database.Database, mod: tvm.IRModule, trace) -> bool:
+    """Whether `db` already holds a record of `trace` on the workload `mod`."""
+    if not db.has_workload(mod):
+        return False
+    wanted = tvm.ir.save_json(trace.as_json(remove_postproc=True))
+    records = db.get_top_k(db.commit_workload(mod), 1 << 30)
+    return any(tvm.ir.save_json(record.trace.as_json(remove_postproc=True)) == wanted for record in records)
 
 
 def tune(
@@ -293,65 +302,65 @@ def tune(
         raise UserError(f"--trials must be positive, got {trials}")
     if focus is not None and focus <= 0:
         raise UserError(f"--focus must be positive, got {focus}")
-    builder = local_builder()
-    if board is not None:
-        builder, runner = board_measurement(board)
-    else:  # the local runner's workers measure on every CPU, as the benchmark runs
-        database.claim_threads(size_tvm_thread_pool())
-    register_cpu_tensor_intrinsics()
-    prepared = prepare(mod, target)
-    extracted = [
-        t for t in ms.relax_integration.extract_tasks(prepared, target) if not (_takes_indices(t) or hand_scheduled(t))
-    ]
-    if not extracted:
-        raise UserError("the model has no tunable operators")
-    database.write_task_weights(task_weights(extracted))
-    with database.open_for_tuning() as (db, left_out):
-        if left_out:
-            report(f"{database.path}: {left_out} records no longer replay; tuning continues without them "
-                   "(the files keep them)")
-        if focus is not None:
-            extracted = heaviest_tasks(extracted, db, focus)
-            report(f"focusing on {len(extracted)} tasks: {', '.join(t.task_name for t in extracted)}")
-        if target.kind.name == "llvm":
-            seeded = seed_default_schedules(extracted, db, target, builder, runner or ms.runner.LocalRunner())
-            report(f"measured {seeded} default conv schedules as the records to beat")
-        # MetaSchedule's per-task logs go to files; the console gets our one-line progress instead.
-        logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
-        work_dir = LOG_DIR / database.path.parent.name / database.path.name
-        work_dir.mkdir(parents=True, exist_ok=True)
-        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            extracted_tasks=extracted,
-            work_dir=str(work_dir),
-            seed=seed,
-            strategy=ms.search_strategy.EvolutionarySearch(
-                population_size=population, init_min_unmeasured=min(50, population // 4)
-            ),
-        )
-        progress = TuningProgress(
-            task_names=[t.task_name for t in extracted],
-            task_weights=[float(w) for w in weights],
-            curve_path=database.path / CURVE_FILE,
-            report=report,
-        )
-        # MetaSchedule's first round gives every task one batch; keep it within half the budget so
-        # every task gets measured and the rest goes where the gradient scheduler sees gains.
-        per_iter = max(8, min(64, trials // (2 * len(extracted))))
-        report(
-            f"tuning {len(extracted)} tasks, {trials} trials (≤ {trials_per_task} per task) into {database.path}; "
-            f"MetaSchedule logs in {work_dir}"
-        )
-        ms.tune_tasks(
-            tasks=contexts,
-            task_weights=weights,
-            work_dir=str(work_dir),
-            max_trials_global=trials,
-            max_trials_per_task=trials_per_task,
-            num_trials_per_iter=per_iter,
-            database=db,
-            cost_model="xgb",
-            builder=builder,
-            runner=_ReportingRunner(runner or ms.runner.LocalRunner(), trials, report),
-            measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), _ProgressCallback(progress)],
-        )
-    return progress.trials_done
+    with database.locked():  # one writer at a time, from the thread claim to the last appended record
+        builder = local_builder()
+        if board is not None:
+            builder, runner = board_measurement(board)
+        else:  # the local runner's workers measure on every CPU, as the benchmark runs
+            database.claim_threads(size_tvm_thread_pool())
+        register_cpu_tensor_intrinsics()
+        prepared = prepare(mod, target)
+        extracted = [t for t in ms.relax_integration.extract_tasks(prepared, target)
+                     if not (_takes_indices(t) or hand_scheduled(t))]
+        if not extracted:
+            raise UserError("the model has no tunable operators")
+        database.write_task_weights(task_weights(extracted))
+        with database.open_for_tuning() as (db, left_out):
+            if left_out:
+                report(f"{database.path}: {left_out} records no longer replay; tuning continues without them "
+                       "(the files keep them)")
+            if focus is not None:
+                extracted = heaviest_tasks(extracted, db, focus)
+                report(f"focusing on {len(extracted)} tasks: {', '.join(t.task_name for t in extracted)}")
+            if target.kind.name == "llvm":
+                seeded = seed_default_schedules(extracted, db, target, builder, runner or ms.runner.LocalRunner())
+                report(f"measured {seeded} default conv schedules as the records to beat")
+            # MetaSchedule's per-task logs go to files; the console gets our one-line progress instead.
+            logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+            work_dir = LOG_DIR / database.path.parent.name / database.path.name
+            work_dir.mkdir(parents=True, exist_ok=True)
+            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                extracted_tasks=extracted,
+                work_dir=str(work_dir),
+                seed=seed,
+                strategy=ms.search_strategy.EvolutionarySearch(
+                    population_size=population, init_min_unmeasured=min(50, population // 4)
+                ),
+            )
+            progress = TuningProgress(
+                task_names=[t.task_name for t in extracted],
+                task_weights=[float(w) for w in weights],
+                curve_path=database.path / CURVE_FILE,
+                report=report,
+            )
+            # MetaSchedule's first round gives every task one batch; keep it within half the budget so
+            # every task gets measured and the rest goes where the gradient scheduler sees gains.
+            per_iter = max(8, min(64, trials // (2 * len(extracted))))
+            report(
+                f"tuning {len(extracted)} tasks, {trials} trials (≤ {trials_per_task} per task) into {database.path}; "
+                f"MetaSchedule logs in {work_dir}"
+            )
+            ms.tune_tasks(
+                tasks=contexts,
+                task_weights=weights,
+                work_dir=str(work_dir),
+                max_trials_global=trials,
+                max_trials_per_task=trials_per_task,
+                num_trials_per_iter=per_iter,
+                database=db,
+                cost_model="xgb",
+                builder=builder,
+                runner=_ReportingRunner(runner or ms.runner.LocalRunner(), trials, report),
+                measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), _ProgressCallback(progress)],
+            )
+        return progress.trials_done

@@ -153,7 +153,9 @@ def names() -> list[str]:
 
 def get(name: str) -> ModelSpec:
     if name not in _REGISTRY:
-        raise UserError(f"model {name!r} is unknown; expected one of {', '.join(_REGISTRY)}")
+        shipped = [variant for base in _REGISTRY for variant in variants(base)]
+        raise UserError(f"model {name!r} is unknown; expected one of {', '.join(_REGISTRY)}"
+                        + (f", or a variant: {', '.join(shipped)}" if shipped else ""))
     return _REGISTRY[name]
 
 

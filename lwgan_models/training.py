@@ -15,12 +15,42 @@ import platform
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from errors import UserError
 from lwgan_models.registry import REPO_ROOT
 
 RUNS_DIR = REPO_ROOT / "build" / "runs"
+
+
+_ARRAY = "__numpy_array__"
+
+
+def to_plain(value):
+    """`value` with numpy arrays and scalars (numpy's RNG state, say) as tensors and Python numbers, so
+    that `torch.load(weights_only=True)`, which unpickles no arbitrary objects, can read it back."""
+    if isinstance(value, np.ndarray):
+        wide = value.astype(np.int64 if value.dtype.kind in "uib" else np.float64)
+        return {_ARRAY: torch.from_numpy(wide), "dtype": str(value.dtype)}
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {key: to_plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_plain(item) for item in value)
+    return value
+
+
+def from_plain(value):
+    """The inverse of `to_plain`."""
+    if isinstance(value, dict):
+        if _ARRAY in value:
+            return value[_ARRAY].numpy().astype(value["dtype"])
+        return {key: from_plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(from_plain(item) for item in value)
+    return value
 
 
 def card_path(checkpoint: Path) -> Path:
@@ -98,11 +128,11 @@ class TrainingRun:
             write_json(config_path, self.config)
         if not self.state_path.exists():
             return None
-        try:
-            state = torch.load(self.state_path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # a truncated pickle raises many exception types
-            raise UserError(f"resume state {self.state_path} is unreadable ({type(exc).__name__}); "
-                            "remove it to start over") from exc
+        try:  # weights_only: a state file planted in build/runs/ must not run code on `invoke train`
+            state = from_plain(torch.load(self.state_path, map_location="cpu", weights_only=True))
+        except Exception as exc:  # a truncated or foreign pickle raises many exception types
+            raise UserError(f"resume state {self.state_path} is unreadable or not a training state "
+                            f"({type(exc).__name__}); remove it to start over") from exc
         self._wall_time_before = float(state.get("wall_time_s", 0.0))
         print(f"[{self.name}] resuming from step {state.get('step')} ({self.state_path})", flush=True)
         return state
@@ -112,7 +142,7 @@ class TrainingRun:
         return self._wall_time_before + time.perf_counter() - self._started_at
 
     def save_state(self, state: dict) -> None:
-        state = {**state, "wall_time_s": self.wall_time_s()}
+        state = to_plain({**state, "wall_time_s": self.wall_time_s()})
         atomic_write_bytes(self.state_path, lambda tmp: torch.save(state, tmp))
 
     def log(self, step: int, total_steps: int, losses: dict[str, float]) -> None:

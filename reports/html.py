@@ -31,8 +31,11 @@ TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 NOISY_COV = 0.1  # coefficient of variation above which a timing is flagged as noisy
 COMPILER = "tvm"  # the runtime under study; every other runtime in a record is a peer
 # Output PSNR against the reference above which two runtimes count as equally exact: fp32 reorderings
-# land at 120-140 dB, bf16 at 45-67 dB, int8 at 30-40 dB.
-EXACT_DB = 60.0
+# land at 120-140 dB, bf16 at 45-67 dB, int8 at 30-55 dB.
+EXACT_DB = 100.0
+# Below that, two outputs within this many dB count as the same quality: int8 runtimes rounding the
+# same QDQ model differ by a fraction of a dB from one rounding step to another.
+SAME_QUALITY_DB = 1.0
 # Row order of a compression table: the base, then lwgan_models.compression.METHODS (not imported: it pulls in torch).
 VARIANT_ORDER = ("fp32", "ptq", "qat", "kd", "prune", "prune+kd+ptq")
 SEED_METRIC_LABELS = {"generator_loss": "generator loss", "tv_loss": "TV loss"}  # as the seed report names them
@@ -91,12 +94,15 @@ def render_report(records: pd.DataFrame, out_path: Path, source: str | Path = "r
     """Write the index to `out_path` and one page per device beside it; `source` names where records came from."""
     if records.empty:
         raise UserError(f"no benchmark records in {source}; run `invoke bench` first")
+    skipped = [{"kind": "skipped line", "where": line.split(": skipped, ", 1)[0],
+                "detail": line.split(": skipped, ", 1)[-1]} for line in records.attrs.get("skipped", [])]
     records = records.sort_values(["timestamp", "model", "variant", "runtime"], kind="stable")
     runtimes = sorted(records["runtime"].unique())  # fixes each runtime's colour across charts
     out_path = Path(out_path)
     pages_dir = out_path.with_name(f"{out_path.stem}-devices")
     compression = _compression(records, Path(source))
-    shared = {"source": str(source), "noisy_cov": NOISY_COV, "exact_db": EXACT_DB, "compression": compression,
+    shared = {"source": str(source), "noisy_cov": NOISY_COV, "exact_db": EXACT_DB, "same_quality_db": SAME_QUALITY_DB,
+              "compression": compression,
               "seed_rows": _seed_rows(), "seed_source": SEED_REPORT_SOURCE}
     devices = []
     for (target, isa_level), group in records.groupby(["target", "isa_level"], sort=True):
@@ -127,7 +133,7 @@ def render_report(records: pd.DataFrame, out_path: Path, source: str | Path = "r
         device_chart=_device_chart(records),
         firmware=_firmware_tables(records),
         environments=_environments(records),
-        warnings=[w for r in records.to_dict("records") for w in _warnings(r)],
+        warnings=skipped + [w for r in records.to_dict("records") for w in _warnings(r)],
     )
     return write_page(out_path, page)
 
@@ -489,7 +495,8 @@ def best_peer(record: dict, candidates) -> dict | None:
     """The fastest valid peer record of the same model and variant at the same or better output quality.
 
     Quality is the output's PSNR against the reference, capped at EXACT_DB (fp32 runtimes differ only
-    by reordering there): a bf16 peer is no match for an fp32 TVM row, an fp32 peer is for a bf16 one.
+    by reordering there), with SAME_QUALITY_DB of slack: a bf16 peer is no match for an fp32 TVM row,
+    an fp32 peer is for a bf16 one, and int8 runtimes of one QDQ model match each other.
     """
     def quality(r: dict) -> float:
         psnr = r.get("output_psnr_db")
@@ -497,7 +504,7 @@ def best_peer(record: dict, candidates) -> dict | None:
 
     peers = [r for r in candidates if r["runtime"] != COMPILER and r["valid"] and r["latency_p50_ms"] > 0
              and r["model"] == record["model"] and r["variant"] == record["variant"]
-             and quality(r) >= quality(record)]
+             and quality(r) >= quality(record) - SAME_QUALITY_DB]
     return min(peers, key=lambda r: r["latency_p50_ms"], default=None)
 
 

@@ -135,6 +135,9 @@ def test_default_conv_schedules_are_measured_into_the_database(host, tmp_path):
         for task in convs:
             record = db.query_tuning_record(task.dispatched[0], host.tvm_target, task.task_name)
             assert record is not None and min(record.run_secs) > 0
+    with database.open_for_tuning() as (db, _):  # a rerun finds them there and adds no duplicates
+        assert seed_default_schedules(convs, db, host.tvm_target, local_builder(), ms.runner.LocalRunner()) == 0
+    assert database.record_count() == 2
     compiled = _build(module, shape, host, database, tmp_path / "cache")
     assert compiled.tuned_tasks == 2
     x = np.random.default_rng(2).uniform(-1, 1, shape).astype("float32")
