@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from tvm.s_tir import meta_schedule as ms
 
@@ -166,6 +167,10 @@ class TuningDatabase:
             except Exception as exc:  # noqa: BLE001  (TVM's parser raises several types)
                 workloads.append(None)
                 problems.append(f"{self.workload_file}:{number}: workload does not parse ({_first_line(exc)})")
+        for file in (self.workload_file, self.record_file):
+            if (torn := torn_tail(file)) is not None:
+                problems.append(f"{file}:{torn}: torn last line (an interrupted append); readers skip it and "
+                                "the next `invoke tune` drops it")
         for number, row in _json_rows(self.record_file, problems):
             if row is None:
                 continue
@@ -186,16 +191,10 @@ class TuningDatabase:
         for file in (self.workload_file, self.record_file):
             if not file.exists():
                 continue
-            with open(file, encoding="utf-8", errors="replace") as f:
-                for number, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise UserError(f"{file}:{number}: corrupt tuning database line ({exc.msg})") from exc
-                    if not isinstance(row, list) or len(row) < 2:
-                        raise UserError(f"{file}:{number}: not a MetaSchedule database row (expected a JSON list)")
+            problems: list[str] = []
+            for _ in _json_rows(file, problems):
+                if problems:
+                    raise UserError(problems[0])
 
     @contextlib.contextmanager
     def open_for_tuning(self) -> Iterator[tuple[ms.database.JSONDatabase, int]]:
@@ -259,10 +258,22 @@ class TuningDatabase:
         """Line numbers (1-based) of records whose trace no longer replays on its workload."""
         return [number for number, _, record in self._replayed_records() if record is None]
 
+    def drop_torn_tails(self, report: Callable[[str], None]) -> None:
+        """Cut a torn last line (an append interrupted by a crash) off both files before appending, so the
+        next line is not glued onto it; it was never a record. Call with the database locked."""
+        for file in (self.workload_file, self.record_file):
+            if file.exists() and torn_tail(file) is not None:
+                data = file.read_bytes()
+                with open(file, "r+b") as f:
+                    f.truncate(data.rfind(b"\n") + 1)
+                report(f"{file}: dropped a torn last line left by an interrupted append")
+
     def _replayed_records(self):
         """(line number, workload, record or None where the trace fails to replay) for every record."""
+        torn = torn_tail(self.workload_file)
         with open(self.workload_file, encoding="utf-8") as f:
-            workloads = [ms.database.Workload.from_json(json.loads(line)) for line in f if line.strip()]
+            workloads = [ms.database.Workload.from_json(json.loads(line)) for number, line in enumerate(f, 1)
+                         if line.strip() and number != torn]
         for number, (workload_index, trace) in enumerate(self._record_rows(), 1):
             workload = workloads[workload_index]
             try:
@@ -275,9 +286,10 @@ class TuningDatabase:
         return ms.database.JSONDatabase(path_workload=str(self.workload_file), path_tuning_record=str(self.record_file))
 
     def _record_rows(self):
+        torn = torn_tail(self.record_file)
         with open(self.record_file, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
+            for number, line in enumerate(f, 1):
+                if line.strip() and number != torn:
                     workload_index, trace = json.loads(line)[:2]
                     yield workload_index, trace
 
@@ -291,21 +303,38 @@ def trials_to_within(curve: list[tuple[int, float]], fraction: float = 0.1) -> i
 
 
 def _json_rows(path: Path, problems: list[str]) -> Iterator[tuple[int, list | None]]:
-    """(file line number, row) for every non-blank line; a line that is not a JSON list of two or more
-    is described in `problems` and comes as None (a workload line keeps its index even so)."""
+    """(file line number, row) for every non-blank line but a torn last one (`torn_tail`: an interrupted
+    append, never a record); a line that is not a JSON list of two or more is described in `problems`
+    and comes as None (a workload line keeps its index even so)."""
+    torn = torn_tail(path)
     with open(path, encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, 1):
-            if not line.strip():
+            if not line.strip() or number == torn:
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                problems.append(f"{path}:{number}: not JSON ({exc.msg})")
+                problems.append(f"{path}:{number}: corrupt tuning database line, not JSON ({exc.msg})")
                 row = None
             if row is not None and not (isinstance(row, list) and len(row) >= 2):
                 problems.append(f"{path}:{number}: not a MetaSchedule database row (expected a JSON list)")
                 row = None
             yield number, row
+
+
+def torn_tail(path: Path) -> int | None:
+    """The line number of `path`'s last line when an interrupted append left it unfinished (no newline, not
+    JSON), else None. MetaSchedule ends every line it writes with a newline."""
+    if not path.exists():
+        return None
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return None
+    try:
+        json.loads(data[data.rfind(b"\n") + 1:])
+        return None
+    except ValueError:
+        return data.count(b"\n") + 1
 
 
 def _first_line(exc: Exception) -> str:

@@ -303,6 +303,7 @@ def tune(
     if focus is not None and focus <= 0:
         raise UserError(f"--focus must be positive, got {focus}")
     with database.locked():  # one writer at a time, from the thread claim to the last appended record
+        database.drop_torn_tails(report)
         builder = local_builder()
         if board is not None:
             builder, runner = board_measurement(board)

@@ -39,7 +39,13 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
 
 
 def test_unknown_model():
-    assert_one_line_error(invoke("bench", "--model", "no-such-gan"), "is unknown", "no-such-gan", "cyclegan-resnet6-ngf16")
+    assert_one_line_error(invoke("bench", "--model", "no-such-gan"), "is unknown", "no-such-gan", "cyclegan-resnet6-ngf16",
+                          "or a variant: cyclegan-resnet6-ngf16+kd")
+
+
+def test_unknown_runtime_lists_the_registry():
+    assert_one_line_error(invoke("bench", "--runtimes", "tvm,tensorrt"), "unknown runtime 'tensorrt'",
+                          "registered: tvm, torch, onnxruntime, openvino, openvino-f32, litert")
 
 
 def test_unknown_target():

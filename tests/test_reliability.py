@@ -149,3 +149,34 @@ def test_ctrl_c_during_bench_says_what_was_kept_exits_130_and_leaves_no_orphan_f
     assert f"interrupted; {len(kept)} records kept in {records_file}" in err and 1 <= len(kept) <= 2
     samples = {p.name for p in results.glob("*.samples/*")}
     assert samples == {Path(r.sample_png).name for r in kept}  # every PNG left belongs to a kept record
+
+
+def test_a_tuner_killed_mid_append_leaves_a_database_that_builds_and_tunes_on(tmp_path):
+    """A torn last line (what a kill during MetaSchedule's append leaves) is skipped by readers, named by
+    db.check, and dropped by the next tune, whose records then follow on whole lines."""
+    import shutil
+
+    import torch
+
+    from compile.database import RECORD_FILE
+    from targets import load_target, resolve
+
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU())
+    target = resolve(load_target("host")).tvm_target
+    database = TuningDatabase(tmp_path / "db")
+    tune(torch_to_relax(module, (1, 3, 8, 8)), target, database, trials=2, trials_per_task=2, report=lambda _: None,
+         population=16)
+    whole = database.record_count()
+    with open(database.record_file, "a", encoding="utf-8") as f:
+        f.write('[0, [[["SampleCategorical", [], [')  # killed mid-line
+    shutil.copytree(database.path, tmp_path / "copy")
+    assert database.open_for_reading()[1] == 0  # readers skip the torn line: nothing else is left out
+    [problem] = database.check()
+    assert problem.startswith(f"{database.record_file}:{whole + 1}: torn last line")
+    messages = []
+    tune(torch_to_relax(module, (1, 3, 8, 8)), target, database, trials=2, trials_per_task=2,
+         report=messages.append, population=16)
+    assert any("dropped a torn last line" in m for m in messages)
+    assert database.check() == [] and database.record_count() > whole
+    earlier = (tmp_path / "copy" / RECORD_FILE).read_text().splitlines()[:whole]
+    assert database.record_file.read_text().splitlines()[:whole] == earlier  # nothing earlier lost
