@@ -67,6 +67,7 @@ from compile.int8_intrinsics import (
 )
 from compile.tuning import float_lanes, prepare
 
+OPAQUE_PATTERN = 8  # relax's OpPatternKind.kOpaque: FuseOps fuses nothing into or after the kernel
 PORTABLE_LANES = 8  # int32 lanes of the untensorized kernel (LLVM vectorizes it for any CPU)
 OUTPUT_TILE = 8  # output pixels per micro-kernel: 8 accumulators + weights fit 16 AVX2 registers
 # Float glue: 8 float32 lanes (one AVX2 register). 16 lanes, what LLVM reports even for
@@ -210,8 +211,11 @@ def build_kernel(conv: IntegerConv, input_shape: tuple[int, ...], plan: KernelPl
         func, weights = _direct_kernel(conv, input_shape, plan), _pack_weight_for_pixels(conv.weight)
     else:
         func, weights = _direct_kernel(conv, input_shape, plan), pack_weight(conv.weight, plan.lanes)
-    # Private (no global symbol): the module gives each kernel its own name.
-    func = func.without_attr("global_symbol").with_attr({"tirx.is_scheduled": True, MACS_ATTR: conv.macs(input_shape)})
+    # Private (no global symbol): the module gives each kernel its own name. Opaque to operator fusion,
+    # as the tensorized kernels already are: a scheduled kernel cannot take in the ops after it, and
+    # fusing the portable one with a tanh failed in FuseTIR (its int32 shapes against the tanh's int64).
+    func = func.without_attr("global_symbol").with_attr(
+        {"tirx.is_scheduled": True, MACS_ATTR: conv.macs(input_shape), "op_pattern": OPAQUE_PATTERN})
     return Kernel(func, [weights, *per_channel])
 
 

@@ -297,6 +297,20 @@ def test_qdq_model_runs_every_conv_as_an_integer_kernel_and_matches_the_qdq_refe
     assert psnr_db(torch.from_numpy(got), torch.from_numpy(reference)) >= 30.0
 
 
+def test_qdq_model_on_a_cpu_without_dot_product_instructions_builds_and_matches_the_qdq_reference(qdq_file):
+    """The portable integer kernels (any LLVM CPU: plain x86-64, a Cortex-A72). Their output conv was
+    fused with the tanh after it and FuseTIR refused the pair; the kernels are opaque to fusion now."""
+    portable = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64", "num-cores": 2})
+    lowered, summary = lower_quantized_convs(onnx_to_relax(qdq_file), portable)
+    assert summary.integer_convs > 0 and summary.tensorized == 0
+    x = (np.random.default_rng(2).random((1, 3, 16, 16), np.float32) * 2 - 1).astype(np.float32)
+    got = relax.VirtualMachine(tvm.compile(lowered, portable), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    reference = ort.InferenceSession(str(qdq_file), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert psnr_db(torch.from_numpy(got), torch.from_numpy(reference)) >= 30.0
+
+
 @pytest.mark.skipif(not HOST_HAS_AMX, reason="this CPU has no AMX tiles to run the kernels")
 def test_qdq_model_on_amx_matches_the_qdq_reference(qdq_file):
     lowered, summary = lower_quantized_convs(onnx_to_relax(qdq_file), AMX)
