@@ -106,6 +106,11 @@ class Record:
     arena_bytes: int | None = None  # the planned activation arena inside ram_bytes
     instructions: int | None = None
     toolchain: str | None = None
+    # What the run was measured under, so one record file reproduces it (as MLPerf LoadGen's log does):
+    # the validity rules (threads, warm-up, minimum samples and duration) and a digest of the resolved
+    # target config (targets/config.py ResolvedTarget.digest). None in older records.
+    bench_rules: dict | None = None
+    target_digest: str | None = None
     # Environment fingerprint and provenance.
     env: dict = field(default_factory=dict)
     timestamp: str = ""

@@ -11,6 +11,7 @@ the rule of the precision the runtime actually executed.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import uuid
 from dataclasses import dataclass
@@ -133,6 +134,7 @@ def _bench_at(
     reference = reference_output(model, x)
     sample = save_sample(reference, samples_dir / f"{model.name}.png") if samples_dir else None
     common = {"run_id": run_id, **model_fields(model), **target_fields(target), "env": place.environment(),
+              "bench_rules": dataclasses.asdict(rules),
               "sample_png": sample and sample.relative_to(samples_dir.parent).as_posix()}
 
     adapters: list[Runtime] = []
@@ -290,7 +292,8 @@ def model_fields(model: ModelUnderTest) -> dict:
 
 def target_fields(target: ResolvedTarget) -> dict:
     """The Record fields that name where a measurement ran."""
-    return {"target": target.config.name, "device": target.config.label, "isa_level": target.isa_level}
+    return {"target": target.config.name, "device": target.config.label, "isa_level": target.isa_level,
+            "target_digest": target.digest}
 
 
 def _roofline(model: ModelUnderTest, target: ResolvedTarget, adapter: TvmRuntime, threads: int) -> dict:

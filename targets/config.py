@@ -6,6 +6,9 @@ rules, connection, power source) is read from it, so adding a device means addin
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,6 +175,16 @@ class ResolvedTarget:
 
     def _key(self, level: str) -> str:
         return f"{self.config.name}-{level}" if level else self.config.name
+
+    @property
+    def digest(self) -> str:
+        """sha256 (16 hex digits) of everything the config resolved to: its values (inherited ones
+        included), the ISA level and the TVM target. Records carry it, so a record file names the exact
+        configuration it was measured under."""
+        values = {key: value for key, value in dataclasses.asdict(self.config).items() if key != "path"}
+        text = json.dumps({"config": values, "isa_level": self.isa_level, "tvm_target": str(self.tvm_target)},
+                          sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def available() -> list[str]:

@@ -4,6 +4,7 @@ precision's rule, a plug-in from outside the package reaching records and report
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -47,7 +48,8 @@ def every_runtime(generator, host):
     return bench_model(generator, host, "all-runtimes", rules=RULES, **QUIET)
 
 
-def test_every_installed_runtime_matches_the_reference_under_its_precisions_rule(every_runtime):
+def test_every_installed_runtime_matches_the_reference_under_its_precisions_rule(every_runtime, host):
+    every_runtime_target = host
     ran = {record.runtime: record for record in every_runtime}
     assert set(ran) == {spec.name for spec in runtimes.installed("host")}
     assert {"tvm", "torch", "onnxruntime", "openvino", "openvino-f32", "litert"} <= set(ran)
@@ -62,6 +64,8 @@ def test_every_installed_runtime_matches_the_reference_under_its_precisions_rule
             assert record.output_psnr_db >= MIN_OUTPUT_PSNR_DB[precision]
         assert record.samples == 3 and record.latency_p50_ms > 0 and record.peak_rss_bytes > 0
         assert record.artifact_bytes > 0 and record.env[runtimes.get(record.runtime).package]
+        # what the run was measured under travels with each record
+        assert record.bench_rules == dataclasses.asdict(RULES) and record.target_digest == every_runtime_target.digest
     assert ran["openvino-f32"].executed_precision == "fp32"
     # OpenVINO's default follows the CPU: bf16 where it has bf16 units (AMX, AVX-512 BF16)
     cpu_flags = Path("/proc/cpuinfo").read_text().split()

@@ -308,3 +308,15 @@ def test_tvm_rejecting_the_host_target_is_a_one_line_error(tmp_path):
     message = str(info.value)
     assert message.startswith(f"{path}: [tvm] is not a valid TVM target") and "\n" not in message
     assert "warp-drive" in message
+
+
+def test_a_resolved_target_digest_names_every_value_it_resolved_to():
+    import dataclasses
+
+    config = targets.load_target("host")
+    resolved = targets.resolve(config)
+    assert resolved.digest == targets.resolve(targets.load_target("host")).digest  # stable across loads
+    fewer_samples = dataclasses.replace(config, bench=dataclasses.replace(config.bench, samples=3))
+    assert targets.resolve(fewer_samples, resolved.isa_level).digest != resolved.digest
+    other_level = next(level.name for level in config.isa_levels if level.name != resolved.isa_level)
+    assert targets.resolve(config, other_level).digest != resolved.digest
