@@ -75,7 +75,6 @@ class BoardRuntime:
         # not through _call: a peer that cannot load the model is that model's record, not the run's end
         reply = json.loads(session.get_function(LOAD_FUNC)(name, artifact.name, threads))
         self.precision = reply["precision"]
-        self.versions = reply["versions"]
 
     def _call(self, function: str, *args):
         try:

@@ -83,10 +83,17 @@ def tflite_file(model: ModelUnderTest, target: ResolvedTarget) -> Artifact:
     _require_torch_module(model, "litert-torch")
 
     def convert(partial: Path) -> None:
-        program = convertible_program(model.torch_module, model.input_shape, partial.with_suffix(".pt2"))
+        try:
+            program = convertible_program(model.torch_module, model.input_shape, partial.with_suffix(".pt2"))
+        except Exception as exc:  # noqa: BLE001 - torch.export's many error types: the record carries the message
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise NotBuildable(f"torch.export could not trace {model.name} for litert-torch: {detail}") from exc
         shape = "x".join(str(d) for d in model.input_shape)
-        child = subprocess.run([sys.executable, "-m", "lwgan_models.tflite_export", str(program), shape, str(partial)],
-                               capture_output=True, text=True, cwd=REPO_ROOT, timeout=TFLITE_TIMEOUT_S)
+        try:
+            child = subprocess.run([sys.executable, "-m", "lwgan_models.tflite_export", str(program), shape,
+                                    str(partial)], capture_output=True, text=True, cwd=REPO_ROOT, timeout=TFLITE_TIMEOUT_S)
+        except subprocess.TimeoutExpired as exc:
+            raise NotBuildable(f"litert-torch did not convert {model.name} within {TFLITE_TIMEOUT_S} s") from exc
         if child.returncode != 0 or not partial.exists():
             lines = [line for line in child.stderr.splitlines() if "Error" in line] or child.stderr.splitlines()
             raise NotBuildable(f"litert-torch could not convert {model.name}: {(lines or ['no output'])[-1].strip()}")

@@ -18,7 +18,7 @@ BOARD_SIDE_SOURCES = ("targets/board_server.py", "errors.py", "bench/runtimes/*.
 # The peer runtimes' packages a board needs (bench/runtimes/ plug-ins whose places include "board").
 PEER_RUNTIME_PACKAGES = ("onnxruntime", "ai-edge-litert")
 FINGERPRINT_FUNC = "lwgan.board.fingerprint"
-LOAD_FUNC = "lwgan.runtime.load"  # (runtime, uploaded file, threads) -> {"precision", "versions"} as JSON
+LOAD_FUNC = "lwgan.runtime.load"  # (runtime, uploaded file, threads) -> {"precision": ...} as JSON
 RUN_FUNC = "lwgan.runtime.run"  # (runtime, input tensor) -> output tensor
 MEASURE_FUNC = "lwgan.runtime.measure"  # (runtime, input tensor, n) -> n inference times in seconds, JSON
 
@@ -120,7 +120,7 @@ def register_runtimes() -> None:
         spec = get(name)
         path = Path(tvm.get_global_func("tvm.rpc.server.workpath")(file_name))
         loaded[name] = spec.load(path, threads)
-        return json.dumps({"precision": loaded[name].precision, "versions": {spec.package: spec.version()}})
+        return json.dumps({"precision": loaded[name].precision})
 
     @tvm_ffi.register_global_func(RUN_FUNC, override=True)
     def run(name: str, x):
