@@ -21,6 +21,11 @@ from targets import ResolvedTarget, rpc
 from targets.board_server import LOAD_FUNC, MEASURE_FUNC, RUN_FUNC
 
 
+# How long to wait for the board to come free. An emulated board took over a minute to register again
+# after a session that loaded an int8 model, its base and ONNX Runtime (qemu-user on a busy host).
+BOARD_FREE_TIMEOUT_S = 300.0
+
+
 class HostPlace:
     name = "host"
     measures_memory = True  # a child process of this machine can run the artifact alone
@@ -48,7 +53,7 @@ class BoardPlace:
         self.target = target
         rpc.require_board(target.config)  # before minutes of compiling, fail if there is no board to run on
         self.address = rpc.tracker_address(target.config)
-        self.session = rpc.connect(target.config)
+        self.session = rpc.connect(target.config, timeout_s=BOARD_FREE_TIMEOUT_S)
         self.fingerprint = rpc.board_fingerprint(self.session)
 
     def load(self, spec: RuntimeSpec, artifact: Path, threads: int) -> Runtime:
