@@ -361,7 +361,10 @@ def profile(c, model=None, onnx=None, target="host", runtimes=None, shape=None, 
     resolved = _target(target, isa)
     chosen = runtimes or ",".join(spec.name for spec in installed("host"))
     threads = _count(threads, "threads", resolved.config.bench.threads)
-    for subject in _models_under_test(model, onnx, shape, None, demo_only=True):
+    subjects = _models_under_test(model, onnx, shape, None, demo_only=True)
+    if out and len(subjects) > 1:
+        raise UserError(f"--out names one file, and {len(subjects)} models would be profiled; give one --model")
+    for subject in subjects:
         rows, skipped = profile_model(subject, resolved, tuple(chosen.split(",")), threads, report=say)
         path = write_profile(rows, skipped, Path(out) if out else Path("build") / "profiles" / f"{subject.name}.csv")
         say(f"{subject.name}: {len(rows)} op rows written to {path}")
