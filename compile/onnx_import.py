@@ -275,6 +275,17 @@ def onnx_to_relax(
         raise UserError(f"{label}: TVM's ONNX frontend failed{where}: {reason}") from exc
 
 
+def onnx_peak_activation_bytes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> int:
+    """A lower bound on the memory one inference needs: the largest inputs + outputs of any node, by
+    shape inference at the given input shapes (4 bytes per element where the type is not known)."""
+    folded = onnx.shape_inference.infer_shapes(fold_shapes(model, input_shapes))
+    shapes = _known_shapes(folded)
+    weights = {tensor.name for tensor in folded.graph.initializer}
+    return max((4 * sum(int(np.prod(shapes[name])) for name in (*node.input, *node.output)
+                        if name in shapes and name not in weights)
+                for node in folded.graph.node), default=0)
+
+
 def onnx_macs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> int:
     """Multiply-accumulates of Conv, ConvTranspose, MatMul and Gemm at the given input shapes.
 

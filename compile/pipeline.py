@@ -15,20 +15,21 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import psutil
 import torch
 import tvm
 
 from compile.build import CACHE_DIR, CompiledModel, compile_model
 from compile.database import TuningDatabase, database_for
 from compile.int8 import lower_quantized_convs
-from compile.onnx_import import graph_inputs, load_onnx, onnx_macs, onnx_to_relax
+from compile.onnx_import import graph_inputs, load_onnx, onnx_macs, onnx_peak_activation_bytes, onnx_to_relax
 from compile.qdq_integer import onnx_at_input_shape
 from compile.torch_import import torch_to_relax
 from compile.tuning import cross_compiler, tune
 from errors import UserError
 from lwgan_models import LoadedModel, count_macs
 from lwgan_models.onnx_export import export_onnx as lwgan_export_onnx
-from lwgan_models.registry import Variant
+from lwgan_models.registry import Variant, peak_activation_bytes
 from lwgan_models.registry import load as registry_load
 from targets import ResolvedTarget
 
@@ -62,6 +63,7 @@ def from_registry(loaded: LoadedModel, input_shape: tuple[int, ...] | None = Non
     except (RuntimeError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0]
         raise UserError(f"{loaded.spec.name}: input shape {shape} does not fit the model ({reason})") from exc
+    require_memory(loaded.spec.name, shape, peak_activation_bytes(loaded.spec, shape))
     digest = source_digest(loaded.spec.name, loaded.module, shape)
     return ModelUnderTest(
         name=loaded.spec.name,
@@ -90,6 +92,8 @@ def from_onnx_file(path: str | Path, input_shape: tuple[int, ...] | None = None)
     if len(inputs) != 1:
         raise UserError(f"{path}: expected one image input, found {len(inputs)} ({', '.join(v.name for v in inputs)})")
     shapes = {inputs[0].name: tuple(input_shape)} if input_shape else None
+    if shapes:  # before the import, which would allocate constants at this size
+        require_memory(path.name, tuple(input_shape), onnx_peak_activation_bytes(model, shapes))
     mod = onnx_to_relax(model, shapes)  # fails early, with the operator named, if it cannot be imported
     shape = tuple(int(d) for d in mod["main"].params[0].ty.shape)
     raw = path.read_bytes()
@@ -136,6 +140,15 @@ def from_variant(variant: Variant, input_shape: tuple[int, ...] | None = None) -
         macs=variant.card["macs"] if path == variant.path else model.macs,
         quality=quality_of(variant.card),
     )
+
+
+def require_memory(name: str, input_shape: tuple[int, ...], needed_bytes: int) -> None:
+    """Refuse an input shape whose activations cannot fit in this machine's available memory, before
+    anything of that size is allocated (a 20000x20000 image otherwise ends in an allocator traceback)."""
+    available = psutil.virtual_memory().available
+    if needed_bytes > available:
+        raise UserError(f"{name}: input shape {tuple(input_shape)} needs at least {needed_bytes / 2**30:.1f} GiB "
+                        f"for one layer's activations; this machine has {available / 2**30:.1f} GiB available")
 
 
 def quality_of(card: dict) -> dict:

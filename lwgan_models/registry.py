@@ -301,6 +301,29 @@ def count_macs(spec: ModelSpec, input_shape: tuple[int, ...] | None = None) -> i
     return counter.get_total_flops() // 2
 
 
+def peak_activation_bytes(spec: ModelSpec, input_shape: tuple[int, ...]) -> int:
+    """A lower bound on the memory one forward needs: the largest input + output of any layer, fp32,
+    traced on the meta device (nothing allocated). Every runtime holds at least that much at once."""
+    peak = 0
+
+    def record(layer, inputs, output) -> None:
+        nonlocal peak
+        tensors = [t for t in (*inputs, output) if isinstance(t, torch.Tensor)]
+        peak = max(peak, sum(t.numel() * t.element_size() for t in tensors))
+
+    with torch.device("meta"):
+        module = spec.builder().eval()
+        image = torch.empty(input_shape)
+    hooks = [m.register_forward_hook(record) for m in module.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            module(image)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return peak
+
+
 def _serialized_size(module: nn.Module) -> int:
     """Bytes torch.save writes for the state_dict; the module is fp32, so this is the fp32 size."""
     buffer = io.BytesIO()

@@ -293,3 +293,22 @@ def test_frontend_failure_names_the_node(tmp_path):
     with pytest.raises(UserError, match=r"frontend failed at DequantizeLinear node 'dq_weight': .*blocked") as info:
         onnx_to_relax(path)
     assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)
+
+
+def test_an_input_too_large_for_memory_is_refused_before_anything_is_allocated(tmp_path):
+    """1x40000x40000x3 through the NHWC model: the estimate and the limit in one line, and this process
+    never grew by the gigabytes the activations would take."""
+    import psutil
+
+    from compile.pipeline import from_onnx_file, from_registry
+    from lwgan_models.registry import load
+
+    path = nhwc_model(tmp_path / "nhwc.onnx")
+    before = psutil.Process().memory_info().rss
+    with pytest.raises(UserError, match=r"nhwc\.onnx: input shape \(1, 40000, 40000, 3\) needs at least \d+\.\d GiB "
+                                        r"for one layer's activations; this machine has \d+\.\d GiB available"):
+        from_onnx_file(path, (1, 40000, 40000, 3))
+    with pytest.raises(UserError, match=r"cyclegan-resnet6-ngf16: input shape \(1, 3, 20000, 20000\) needs at least"):
+        from_registry(load("cyclegan-resnet6-ngf16"), (1, 3, 20000, 20000))
+    assert psutil.Process().memory_info().rss - before < 1 << 30
+    from_onnx_file(path, (1, 64, 64, 3))  # a shape that fits still imports
