@@ -269,6 +269,17 @@ def qdq_file(tmp_path_factory):
     return quantize.export_qdq(prepared, shape, tmp_path_factory.mktemp("int8") / "tiny+ptq.onnx")
 
 
+def psnr_against_qdq_reference(qdq_file, lowered: tvm.IRModule, target: tvm.target.Target, seed: int) -> float:
+    """PSNR of the lowered model built for `target` against the QDQ file run by ONNX Runtime's
+    reference kernels (graph optimisations off), on a seeded input."""
+    x = (np.random.default_rng(seed).random((1, 3, 16, 16), np.float32) * 2 - 1).astype(np.float32)
+    got = relax.VirtualMachine(tvm.compile(lowered, target), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    reference = ort.InferenceSession(str(qdq_file), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    return psnr_db(torch.from_numpy(got), torch.from_numpy(reference))
+
+
 def ops_in(mod: tvm.IRModule) -> set[str]:
     found = set()
     for _, func in mod.functions_items():
@@ -287,14 +298,7 @@ def test_qdq_model_runs_every_conv_as_an_integer_kernel_and_matches_the_qdq_refe
     assert summary.intrinsics == tuple(sorted(INTRINSIC_OF.values())) and summary.instance_norms == 4
     # No float convolution is left, and every conv output's DequantizeLinear went into its kernel.
     assert not {"relax.nn.conv2d", "relax.dequantize"} & ops_in(lowered)
-
-    x = (np.random.default_rng(0).random((1, 3, 16, 16), np.float32) * 2 - 1).astype(np.float32)
-    vm = relax.VirtualMachine(tvm.compile(lowered, AVX2), tvm.cpu())
-    got = vm["main"](tvm.runtime.tensor(x)).numpy()
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    reference = ort.InferenceSession(str(qdq_file), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    assert psnr_db(torch.from_numpy(got), torch.from_numpy(reference)) >= 30.0
+    assert psnr_against_qdq_reference(qdq_file, lowered, AVX2, seed=0) >= 30.0
 
 
 def test_qdq_model_on_a_cpu_without_dot_product_instructions_builds_and_matches_the_qdq_reference(qdq_file):
@@ -303,12 +307,7 @@ def test_qdq_model_on_a_cpu_without_dot_product_instructions_builds_and_matches_
     portable = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64", "num-cores": 2})
     lowered, summary = lower_quantized_convs(onnx_to_relax(qdq_file), portable)
     assert summary.integer_convs > 0 and summary.tensorized == 0
-    x = (np.random.default_rng(2).random((1, 3, 16, 16), np.float32) * 2 - 1).astype(np.float32)
-    got = relax.VirtualMachine(tvm.compile(lowered, portable), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    reference = ort.InferenceSession(str(qdq_file), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    assert psnr_db(torch.from_numpy(got), torch.from_numpy(reference)) >= 30.0
+    assert psnr_against_qdq_reference(qdq_file, lowered, portable, seed=2) >= 30.0
 
 
 @pytest.mark.skipif(not HOST_HAS_AMX, reason="this CPU has no AMX tiles to run the kernels")
@@ -317,12 +316,7 @@ def test_qdq_model_on_amx_matches_the_qdq_reference(qdq_file):
     # 64-channel convs (the strided one and the residual one) on tiles; 8- and 3-channel ones, fewer
     # than a tile's 16, with VNNI's pixel lanes
     assert summary.intrinsics == tuple(sorted((int8_amx.INTRINSIC, VNNI_PIXELS_16X4)))
-    x = (np.random.default_rng(1).random((1, 3, 16, 16), np.float32) * 2 - 1).astype(np.float32)
-    got = relax.VirtualMachine(tvm.compile(lowered, AMX), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    reference = ort.InferenceSession(str(qdq_file), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    assert psnr_db(torch.from_numpy(got), torch.from_numpy(reference)) >= 30.0
+    assert psnr_against_qdq_reference(qdq_file, lowered, AMX, seed=1) >= 30.0
 
 
 def test_pipeline_routes_int8_models_through_the_lowering_and_fp32_ones_past_it(qdq_file, tmp_path):
