@@ -35,6 +35,9 @@ def pareto_front(points: list[QualityPoint]) -> list[QualityPoint]:
     return front
 
 
+LABEL_ALL_UP_TO = 8
+
+
 def pareto_chart(points: list[QualityPoint], title: str, cost_label: str) -> str | None:
     """Cost (log x) against PSNR to the fp32 teacher, the Pareto front drawn and highlighted."""
     if not points:
@@ -51,7 +54,9 @@ def pareto_chart(points: list[QualityPoint], title: str, cost_label: str) -> str
     others = [p for p in points if p not in front]
     ax.scatter([p.cost for p in others], [y(p) for p in others], color="0.6", zorder=3, label="dominated")
     ax.plot([p.cost for p in front], [y(p) for p in front], color="C3", marker="o", zorder=4, label="Pareto front")
-    for point in points:
+    # With every runtime's points on the chart, labels of dominated points would cover each other:
+    # past LABEL_ALL_UP_TO points only the front is named (the table names the rest).
+    for point in points if len(points) <= LABEL_ALL_UP_TO else front:
         ax.annotate(point.label, (point.cost, y(point)), textcoords="offset points", xytext=(5, 4), fontsize=8)
     if any(p.psnr_db == float("inf") for p in points):
         ax.axhline(reference_y, color="0.5", linestyle=":", linewidth=1)
