@@ -101,7 +101,10 @@ def test_board_configs():
     assert not bool(targets.resolve(rpi4).tvm_target.attrs["feature.has_dotprod"])
     # the emulated board is the Pi 4 configuration under another key and label, nothing else
     differing = {f.name for f in dataclasses.fields(rpi4) if getattr(rpi4, f.name) != getattr(emu, f.name)}
-    assert differing == {"name", "path", "label", "rpc"}
+    assert differing == {"name", "path", "label", "rpc", "bench", "default_models", "default_input_shape"}
+    # ... and a bench table sized for emulation: this machine's 2 cores, a small default set at 64x64
+    assert emu.bench.threads == 2 and emu.bench.samples == rpi4.bench.samples
+    assert emu.default_input_shape == (1, 3, 64, 64)
     assert {k for k in rpi4.rpc if rpi4.rpc[k] != emu.rpc[k]} == {"key"}
 
 
