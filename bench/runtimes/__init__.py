@@ -7,8 +7,8 @@ driving the benchmark; "board": on an RPC board, through the functions targets/b
 registers). Everything else (the bench loop, the peak-memory child, the fingerprint, the report,
 `--runtimes`) iterates over this registry, so adding a runtime is one module plus its requirement.
 
-This package imports only the standard library at module level, because a board imports it too:
-each plug-in imports its runtime when it loads a model.
+This package imports only the standard library and numpy at module level, because a board imports
+it too: each plug-in imports its runtime when it loads a model.
 """
 
 from __future__ import annotations
