@@ -170,7 +170,7 @@ def bench(c, target="host", model=None, onnx=None, runtimes=None, samples=None, 
         model = model or ",".join(config.default_models) or None
         shape = shape or (config.default_input_shape and "x".join(map(str, config.default_input_shape)))
     subjects = _models_under_test(model, onnx, shape, checkpoint, demo_only=not all_models)
-    chosen = tuple(spec.name for spec in parse_runtimes(runtimes, config.place)) if runtimes else None
+    chosen = tuple(spec.name for spec in parse_runtimes(runtimes.split(","), config.place)) if runtimes else None
     run_id = new_run_id()
     out = (Path(results) if results else RESULTS_DIR) / f"{run_id}.jsonl"
     say(f"run {run_id}: {len(subjects)} model(s) on {resolved.config.label} [{resolved.db_key}], {rules.threads} threads")
@@ -359,13 +359,13 @@ def profile(c, model=None, onnx=None, target="host", runtimes=None, shape=None, 
     from bench.runtimes import installed
 
     resolved = _target(target, isa)
-    chosen = runtimes or ",".join(spec.name for spec in installed("host"))
+    chosen = tuple(runtimes.split(",")) if runtimes else tuple(spec.name for spec in installed("host"))
     threads = _count(threads, "threads", resolved.config.bench.threads)
     subjects = _models_under_test(model, onnx, shape, None, demo_only=True)
     if out and len(subjects) > 1:
         raise UserError(f"--out names one file, and {len(subjects)} models would be profiled; give one --model")
     for subject in subjects:
-        rows, skipped = profile_model(subject, resolved, tuple(chosen.split(",")), threads, report=say)
+        rows, skipped = profile_model(subject, resolved, chosen, threads, report=say)
         path = write_profile(rows, skipped, Path(out) if out else Path("build") / "profiles" / f"{subject.name}.csv")
         say(f"{subject.name}: {len(rows)} op rows written to {path}")
 

@@ -34,7 +34,7 @@ def profile_model(model: ModelUnderTest, target: ResolvedTarget, runtimes: tuple
                         f"{target.config.place}")
     x = test_image(model.input_shape)
     rows, skipped = [], {}
-    for spec in runtime_registry.parse(",".join(runtimes), "host"):
+    for spec in runtime_registry.parse(runtimes, "host"):
         adapter = spec.load(build_artifact(spec.artifact, model, target).path, threads)
         if not hasattr(adapter, "op_profile"):
             skipped[spec.name] = "its Python API has no per-op profiler"

@@ -107,7 +107,7 @@ def bench_model(
         from bench.firmware import bench_firmware
 
         return bench_firmware(model, target, run_id, report, samples_dir)
-    specs = runtime_registry.parse(",".join(runtimes or default_runtimes(target)), place_name)
+    specs = runtime_registry.parse(runtimes or default_runtimes(target), place_name)
     place = PLACES[place_name](target)
     try:
         with open_target_probe(target.config) as probe:  # a board's probe holds an SSH connection
@@ -150,10 +150,10 @@ def _bench_at(
         artifacts[spec.name] = artifact
         adapters.append(adapter)
 
+    precisions = {adapter.name: executed_precision(model, adapter) for adapter in adapters}
     checks = {}
     for adapter in adapters:
-        precision = executed_precision(model, adapter)
-        checks[adapter.name] = check_output(model, adapter.name, adapter.run(x), reference, precision)
+        checks[adapter.name] = check_output(model, adapter.name, adapter.run(x), reference, precisions[adapter.name])
         adapter.prepare(x)
     timed, alongside = list(adapters), ""
     if base is not None and "tvm" in artifacts:  # the base in the same rounds: variant ÷ base without drift
@@ -180,7 +180,7 @@ def _bench_at(
             **common,
             runtime=adapter.name,
             threads=adapter.threads,
-            executed_precision=executed_precision(model, adapter),
+            executed_precision=precisions[adapter.name],
             artifact_bytes=artifact.path.stat().st_size,
             peak_rss_bytes=peak_rss,
             **(tvm_build_fields(artifact.build) if artifact.build else {}),

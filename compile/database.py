@@ -327,9 +327,14 @@ def torn_tail(path: Path) -> int | None:
     JSON), else None. MetaSchedule ends every line it writes with a newline."""
     if not path.exists():
         return None
+    with open(path, "rb") as f:  # readers call this on every build: the last byte first, the file only if torn
+        size = f.seek(0, 2)
+        if size == 0:
+            return None
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return None
     data = path.read_bytes()
-    if not data or data.endswith(b"\n"):
-        return None
     try:
         json.loads(data[data.rfind(b"\n") + 1:])
         return None

@@ -125,10 +125,10 @@ def test_a_plugin_registered_outside_the_package_reaches_records_and_report(fake
 def test_an_unknown_runtime_is_a_one_line_error_listing_the_registry():
     with pytest.raises(UserError, match=r"^unknown runtime 'tensorrt'; registered: tvm, torch, onnxruntime, "
                                         r"openvino, openvino-f32, litert$"):
-        runtimes.parse("tvm,tensorrt", "host")
+        runtimes.parse("tvm,tensorrt".split(","), "host")
     with pytest.raises(UserError, match=r"runtime\(s\) torch, openvino cannot run on a board; there: tvm, "
                                         r"onnxruntime, litert"):
-        runtimes.parse("tvm,torch,openvino", "board")
+        runtimes.parse("tvm,torch,openvino".split(","), "board")
 
 
 def test_per_op_profiles_export_as_csv_and_json(generator, host, tmp_path):

@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Iterable, Protocol
 
 import numpy as np
 
@@ -116,9 +116,10 @@ def load_plugin(path: str | Path) -> None:
     spec.loader.exec_module(module)
 
 
-def parse(names: str, place: str) -> tuple[RuntimeSpec, ...]:
-    """`--runtimes a,b` as specs; an unknown name, or one that cannot run at `place`, is a one-line error."""
-    specs = tuple(get(name.strip()) for name in names.split(",") if name.strip())
+def parse(names: Iterable[str], place: str) -> tuple[RuntimeSpec, ...]:
+    """Runtime names (`--runtimes a,b` split) as specs; an unknown name, or one that cannot run at `place`,
+    is a one-line error."""
+    specs = tuple(get(name.strip()) for name in names if name.strip())
     elsewhere = [spec.name for spec in specs if place not in spec.places]
     if elsewhere:
         raise UserError(f"runtime(s) {', '.join(elsewhere)} cannot run on a {place}; there: "
