@@ -275,11 +275,17 @@ def onnx_to_relax(
         raise UserError(f"{label}: TVM's ONNX frontend failed{where}: {reason}") from exc
 
 
+def _inferred_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
+                     ) -> tuple[onnx.ModelProto, dict[str, tuple[int, ...]]]:
+    """The model with Shape-computed values folded and shapes inferred at `input_shapes`, and its static shapes."""
+    folded = onnx.shape_inference.infer_shapes(fold_shapes(model, input_shapes))
+    return folded, _known_shapes(folded)
+
+
 def onnx_peak_activation_bytes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> int:
     """A lower bound on the memory one inference needs: the largest inputs + outputs of any node, by
     shape inference at the given input shapes (4 bytes per element where the type is not known)."""
-    folded = onnx.shape_inference.infer_shapes(fold_shapes(model, input_shapes))
-    shapes = _known_shapes(folded)
+    folded, shapes = _inferred_shapes(model, input_shapes)
     weights = {tensor.name for tensor in folded.graph.initializer}
     return max((4 * sum(int(np.prod(shapes[name])) for name in (*node.input, *node.output)
                         if name in shapes and name not in weights)
@@ -292,8 +298,7 @@ def onnx_macs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) 
     Counted as the direct algorithm does them: a transposed conv costs C_in*C_out/groups*k^2 per
     *input* pixel, not per output pixel.
     """
-    folded = onnx.shape_inference.infer_shapes(fold_shapes(model, input_shapes))
-    shapes = _known_shapes(folded)
+    folded, shapes = _inferred_shapes(model, input_shapes)
     total = 0
     for node in folded.graph.node:
         if node.op_type not in ("Conv", "ConvTranspose", "MatMul", "Gemm"):

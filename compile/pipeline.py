@@ -27,9 +27,9 @@ from compile.qdq_integer import onnx_at_input_shape
 from compile.torch_import import torch_to_relax
 from compile.tuning import cross_compiler, tune
 from errors import UserError
-from lwgan_models import LoadedModel, count_macs
+from lwgan_models import LoadedModel
 from lwgan_models.onnx_export import export_onnx as lwgan_export_onnx
-from lwgan_models.registry import Variant, peak_activation_bytes
+from lwgan_models.registry import Variant, trace_on_meta
 from lwgan_models.registry import load as registry_load
 from targets import ResolvedTarget
 
@@ -59,11 +59,11 @@ def from_registry(loaded: LoadedModel, input_shape: tuple[int, ...] | None = Non
     if len(shape) != 4 or shape[1] != channels:
         raise UserError(f"{loaded.spec.name}: input shape {shape} is not N×{channels}×H×W (NCHW)")
     try:  # a shape-only forward on the meta device: cheap, and it proves the shape fits
-        macs = count_macs(loaded.spec, shape)
+        macs, peak_bytes = trace_on_meta(loaded.spec, shape)
     except (RuntimeError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0]
         raise UserError(f"{loaded.spec.name}: input shape {shape} does not fit the model ({reason})") from exc
-    require_memory(loaded.spec.name, shape, peak_activation_bytes(loaded.spec, shape))
+    require_memory(loaded.spec.name, shape, peak_bytes)
     digest = source_digest(loaded.spec.name, loaded.module, shape)
     return ModelUnderTest(
         name=loaded.spec.name,

@@ -293,17 +293,13 @@ def repo_relative(path: str | Path) -> str:
 
 def count_macs(spec: ModelSpec, input_shape: tuple[int, ...] | None = None) -> int:
     """MACs of one forward at `input_shape` (default: the spec's), traced on the meta device (shapes only, no math)."""
-    with torch.device("meta"):
-        module = spec.builder().eval()
-        image = torch.empty(input_shape or spec.input_shape)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        module(image)
-    return counter.get_total_flops() // 2
+    return trace_on_meta(spec, input_shape)[0]
 
 
-def peak_activation_bytes(spec: ModelSpec, input_shape: tuple[int, ...]) -> int:
-    """A lower bound on the memory one forward needs: the largest input + output of any layer, fp32,
-    traced on the meta device (nothing allocated). Every runtime holds at least that much at once."""
+def trace_on_meta(spec: ModelSpec, input_shape: tuple[int, ...] | None = None) -> tuple[int, int]:
+    """(MACs, peak activation bytes) of one forward at `input_shape`, traced on the meta device: nothing
+    is allocated. The peak is a lower bound on the memory a forward needs: the largest input + output
+    of any layer, which every runtime holds at once."""
     peak = 0
 
     def record(layer, inputs, output) -> None:
@@ -313,15 +309,15 @@ def peak_activation_bytes(spec: ModelSpec, input_shape: tuple[int, ...]) -> int:
 
     with torch.device("meta"):
         module = spec.builder().eval()
-        image = torch.empty(input_shape)
+        image = torch.empty(input_shape or spec.input_shape)
     hooks = [m.register_forward_hook(record) for m in module.modules() if not list(m.children())]
     try:
-        with torch.no_grad():
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
             module(image)
     finally:
         for hook in hooks:
             hook.remove()
-    return peak
+    return counter.get_total_flops() // 2, peak
 
 
 def _serialized_size(module: nn.Module) -> int:

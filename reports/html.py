@@ -357,7 +357,7 @@ ROOFLINE_KERNELS = 8  # the slowest kernels shown per model
 def _roofline_tables(records: pd.DataFrame) -> list[dict]:
     """Per model, the latest TVM kernel profile: where the time goes and how close to the FMA peak it runs."""
     latest = {}
-    for r in records[records["runtime"] == "tvm"].to_dict("records"):
+    for r in records[records["runtime"] == COMPILER].to_dict("records"):
         if isinstance(r.get("kernel_profile"), list) and r["kernel_profile"]:
             latest[r["model"]] = r
     tables = []
@@ -385,7 +385,7 @@ def _roofline_tables(records: pd.DataFrame) -> list[dict]:
 def _tuning_chart(records: pd.DataFrame, device: str) -> str | None:
     """The latest tuning curve of each model's applied database on this device."""
     curves = {}
-    for r in records[records["runtime"] == "tvm"].to_dict("records"):
+    for r in records[records["runtime"] == COMPILER].to_dict("records"):
         curve = r.get("tuning_curve")
         if isinstance(curve, list) and curve:
             within = r.get("trials_to_10pct")
@@ -465,7 +465,7 @@ def _megabytes(size: int | None) -> str:
 
 def _tuned(record: dict) -> str:
     """Tuning applies to TVM only; an empty database builds the same code as none."""
-    if record["runtime"] != "tvm":
+    if record["runtime"] != COMPILER:
         return "—"
     trials = record["tuned_trials"]
     if is_missing(trials) or trials == 0:
@@ -528,8 +528,8 @@ def _device_compression(records: pd.DataFrame) -> list[dict]:
         timed = {(r["model"], r["runtime"]): r for r in run.to_dict("records")
                  if r["valid"] and r["latency_p50_ms"] > 0}
         variants = [r for (model, runtime), r in timed.items()
-                    if runtime == "tvm" and not is_missing(r["base_model"]) and model != r["base_model"]
-                    and (r["base_model"], "tvm") in timed]
+                    if runtime == COMPILER and not is_missing(r["base_model"]) and model != r["base_model"]
+                    and (r["base_model"], COMPILER) in timed]
         for r in sorted(variants, key=lambda r: (r["base_model"], _variant_rank(r, r["base_model"]))):
             peer = best_peer(r, timed.values())
             rows.append({
@@ -539,7 +539,7 @@ def _device_compression(records: pd.DataFrame) -> list[dict]:
                 "variant": r["variant"],
                 "precision": r["precision"],
                 "p50": format_ms(r["latency_p50_ms"]),
-                "vs_base": ratio_cell(r["latency_p50_ms"], _base_p50(r, timed[(r["base_model"], "tvm")])),
+                "vs_base": ratio_cell(r["latency_p50_ms"], _base_p50(r, timed[(r["base_model"], COMPILER)])),
                 "vs_peer": "—" if peer is None else
                 f"{ratio_cell(r['latency_p50_ms'], peer['latency_p50_ms'])} {peer['runtime']}",
                 "psnr": "—" if is_missing(r["psnr_db"]) else f"{r['psnr_db']:.2f}",

@@ -2,8 +2,9 @@
 
 `bring_up` checks the board's Python and CPU against the target, installs the host's exact TVM
 runtime and peer runtimes (ONNX Runtime, LiteRT) into a venv on the board when the board lacks them,
-copies targets/board_server.py and the runtime plug-ins there (SFTP), and starts that server detached
-(its own session, a pid file on the board), so it outlives the SSH connection. A tracker on this machine's loopback is reached through a reverse SSH tunnel: the
+copies targets/board_server.py and the runtime plug-ins there (over the SSH command channel), and
+starts that server detached (its own session, a pid file on the board), so it outlives the SSH
+connection. A tracker on this machine's loopback is reached through a reverse SSH tunnel: the
 board dials its own 127.0.0.1:<forwarded port> and nothing listens on a public port here. That
 tunnel lives as long as the SSH connection, so `invoke board.up` then stays in the foreground
 holding it, like the tracker itself: Ctrl-C stops the board's server and closes the tunnel, and
