@@ -49,7 +49,6 @@ def every_runtime(generator, host):
 
 
 def test_every_installed_runtime_matches_the_reference_under_its_precisions_rule(every_runtime, host):
-    every_runtime_target = host
     ran = {record.runtime: record for record in every_runtime}
     assert set(ran) == {spec.name for spec in runtimes.installed("host")}
     assert {"tvm", "torch", "onnxruntime", "openvino", "openvino-f32", "litert"} <= set(ran)
@@ -65,7 +64,7 @@ def test_every_installed_runtime_matches_the_reference_under_its_precisions_rule
         assert record.samples == 3 and record.latency_p50_ms > 0 and record.peak_rss_bytes > 0
         assert record.artifact_bytes > 0 and record.env[runtimes.get(record.runtime).package]
         # what the run was measured under travels with each record
-        assert record.bench_rules == dataclasses.asdict(RULES) and record.target_digest == every_runtime_target.digest
+        assert record.bench_rules == dataclasses.asdict(RULES) and record.target_digest == host.digest
     assert ran["openvino-f32"].executed_precision == "fp32"
     # OpenVINO's default follows the CPU: bf16 where it has bf16 units (AMX, AVX-512 BF16)
     cpu_flags = Path("/proc/cpuinfo").read_text().split()
