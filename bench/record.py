@@ -105,6 +105,12 @@ class Record:
     ram_bytes: int | None = None  # data + bss + stack
     arena_bytes: int | None = None  # the planned activation arena inside ram_bytes
     instructions: int | None = None
+    # An estimate, not a measurement: executed instructions per class (qemu plugin, per-address counts
+    # classified from the disassembly) times the core's published cycles per class (the target's
+    # [mcu.cycles] table, carried here as used).
+    instruction_mix: dict | None = None
+    cycle_table: dict | None = None
+    cycles_estimate: int | None = None
     toolchain: str | None = None
     # What the run was measured under, so one record file reproduces it (as MLPerf LoadGen's log does):
     # the validity rules (threads, warm-up, minimum samples and duration) and a digest of the resolved
