@@ -42,6 +42,7 @@ from compile import qdq_integer
 from compile.onnx_import import graph_inputs, load_onnx, onnx_to_relax
 from compile.pipeline import ModelUnderTest
 from compile.qdq_integer import (
+    NATIVE_CONV,
     integer_convolutions,
     quantize_before_padding,
 )
@@ -60,7 +61,9 @@ KERNEL_HEADERS = {
     "tvm/runtime/base.h": ("tvm", "include/tvm/runtime/base.h"),
     "tvm/runtime/c_backend_api.h": ("tvm", "include/tvm/runtime/c_backend_api.h"),
 }
-MODEL_SOURCES = ("kernels.c", "model.c", "tvm_shim.c")  # what a firmware project compiles (plus include/)
+NATIVE_KERNELS_DIR = Path(__file__).resolve().parent / "mcu_kernels"  # hand-written kernels, copied into exports
+NATIVE_SOURCES = ("conv2d_s8.c", "conv2d_s8.h")
+MODEL_SOURCES = ("kernels.c", "model.c", "tvm_shim.c", "conv2d_s8.c")  # what a firmware project compiles (plus include/)
 EXPORT_MANIFEST = "export.json"  # what the export holds and the key it was made under
 
 
@@ -369,6 +372,12 @@ class _Substitute(relax.PyExprMutator):
         return self.values.get(var, var)
 
 
+def _is_native_call(expr) -> bool:
+    """A call of the hand-written MCU convolution (qdq_integer's `call_dps_packed(NATIVE_CONV, ...)`)."""
+    return (isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.call_dps_packed"
+            and isinstance(expr.args[0], relax.ExternFunc) and expr.args[0].global_symbol == NATIVE_CONV)
+
+
 def _is_call_tir(expr) -> bool:
     return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.call_tir"
 
@@ -473,6 +482,10 @@ def _deepest_dependent_loop(sch, producer, consumer_rv, loops) -> int:
 class Step:
     kernel: str
     args: tuple[str, ...]  # tensor names: "input", "c<k>" constants, "t<k>" intermediates, "output"
+    native: bool = False  # a hand-written kernel (compile/mcu_kernels/) called with data pointers
+
+# The native convolution's scratch: four int16 columns of its padded depth (geometry's last entry).
+NATIVE_COLUMNS = 4
 
 
 @dataclass(frozen=True)
@@ -494,6 +507,11 @@ class LoweredModel:
     constants: dict[str, np.ndarray]
     kernels_c: str
     workspace_bytes: int
+
+    @property
+    def native_scratch_elements(self) -> int:
+        """int16 elements of the one scratch buffer the native convolutions share (they run one at a time)."""
+        return max((NATIVE_COLUMNS * int(self.constants[s.args[0]][-1]) for s in self.steps if s.native), default=0)
 
 
 def lower(mod: tvm.IRModule, report: Callable[[str], None] = print, ram_lean: bool = False) -> LoweredModel:
@@ -540,28 +558,31 @@ def lower(mod: tvm.IRModule, report: Callable[[str], None] = print, ram_lean: bo
             if isinstance(value, relax.Var):
                 aliases[binding.var] = aliases.get(value, value)
                 continue
-            if not _is_call_tir(value) or len(value.args) > 2:
+            native = _is_native_call(value)
+            if not native and (not _is_call_tir(value) or len(value.args) > 2):
                 raise UserError(f"unsupported operation in the lowered model: {value.op if hasattr(value, 'op') else value}")
             args = tuple(name_of(arg) for arg in value.args[1].fields)
             out = f"t{len(steps)}"
             names[binding.var] = out
             tensors[out] = _tensor_info(binding.var.ty)
-            steps.append(Step(kernel=value.args[0].name_hint, args=(*args, out)))
+            kernel = value.args[0].global_symbol if native else value.args[0].name_hint
+            steps.append(Step(kernel=kernel, args=(*args, out), native=native))
     result = aliases.get(main.body.body, main.body.body)
     if result not in names or names[result] == "input":
         raise UserError("the model's output must be computed by a kernel (a single tensor, not a tuple)")
     final = names[result]
-    steps = [Step(s.kernel, tuple("output" if a == final else a for a in s.args)) for s in steps]
+    steps = [dataclasses.replace(s, args=tuple("output" if a == final else a for a in s.args)) for s in steps]
     tensors["output"] = tensors.pop(final)
 
-    used_kernels = sorted({s.kernel for s in steps})
-    report(f"  lowering: {len(steps)} kernel calls, {len(used_kernels)} distinct kernels, {len(constants)} constants")
-    kernels = {}
-    for name in used_kernels:
-        kernels[name] = schedule_for_mcu(mod[name]).with_attr("global_symbol", name)
-    with tvm.transform.PassContext(config={"tirx.disable_assert": True}):
-        library = tvm.tirx.build(tvm.IRModule(kernels), target=tvm.target.Target({"kind": "c"}))
-    source = library.inspect_source()
+    used_kernels = sorted({s.kernel for s in steps if not s.native})
+    native_calls = sum(s.native for s in steps)
+    report(f"  lowering: {len(steps)} kernel calls ({native_calls} to hand-written kernels), "
+           f"{len(used_kernels)} distinct TVM kernels, {len(constants)} constants")
+    kernels = {name: schedule_for_mcu(mod[name]).with_attr("global_symbol", name) for name in used_kernels}
+    source = ""
+    if kernels:
+        with tvm.transform.PassContext(config={"tirx.disable_assert": True}):
+            source = tvm.tirx.build(tvm.IRModule(kernels), target=tvm.target.Target({"kind": "c"})).inspect_source()
     return LoweredModel(steps=steps, tensors=tensors, constants=constants, kernels_c=source,
                         workspace_bytes=workspace_bytes(source))
 
@@ -630,8 +651,9 @@ def export_c(model: ModelUnderTest, out_dir: Path, report: Callable[[str], None]
     if model.precision == "int8":
         qdq = quantize_before_padding(load_onnx(model.onnx_file()))
         mod = onnx_to_relax(qdq, {graph_inputs(qdq)[0].name: tuple(model.input_shape)})
-        mod, count = integer_convolutions(mod)
-        report(f"  {model.name}: {count} QDQ convolutions rewritten as int8 x int8 -> int32 with integer requantization")
+        mod, count, native = integer_convolutions(mod, native_kernels=True)
+        report(f"  {model.name}: {count} QDQ convolutions rewritten as int8 x int8 -> int32 with integer requantization, "
+               f"{native} of them by the SMLAD kernel")
         if count == 0:
             raise UserError(f"{model.name}: int8 model without QDQ convolutions; nothing to lower to integer kernels")
     else:
@@ -644,6 +666,8 @@ def export_c(model: ModelUnderTest, out_dir: Path, report: Callable[[str], None]
     (out_dir / "model.h").write_text(_model_h(model, lowered, plan))
     (out_dir / "model.c").write_text(_model_c(model, lowered, plan))
     shutil.copy(TEMPLATES_DIR / "tvm_shim.c", out_dir / "tvm_shim.c")
+    for name in NATIVE_SOURCES:
+        shutil.copy(NATIVE_KERNELS_DIR / name, out_dir / name)
     _copy_headers(out_dir / "include")
     weights = sum(a.nbytes for a in lowered.constants.values())
     export = CExport(directory=out_dir, model=model.name, precision=model.precision,
@@ -660,7 +684,8 @@ def _export_key(model: ModelUnderTest, ram_lean: bool) -> str:
     """What an export depends on: the model (name, weights, shape, precision), the options, this code, TVM."""
     h = hashlib.sha256(f"{model.name}|{model.digest}|{model.precision}|{tuple(model.input_shape)}|{ram_lean}|"
                        f"{tvm.__version__}".encode())
-    for source in (Path(__file__), Path(qdq_integer.__file__), TEMPLATES_DIR / "tvm_shim.c"):
+    for source in (Path(__file__), Path(qdq_integer.__file__), TEMPLATES_DIR / "tvm_shim.c",
+                   *(NATIVE_KERNELS_DIR / name for name in NATIVE_SOURCES)):
         h.update(source.read_bytes())
     return h.hexdigest()
 
@@ -738,16 +763,20 @@ def _model_c(model: ModelUnderTest, lowered: LoweredModel, plan: MemoryPlan) -> 
         "#include <stddef.h>",
         "#include <stdint.h>",
         '#include "tvm/ffi/c_api.h"',
+        '#include "conv2d_s8.h"',
         '#include "model.h"',
         "",
     ]
-    for kernel in sorted({s.kernel for s in lowered.steps}):
+    for kernel in sorted({s.kernel for s in lowered.steps if not s.native}):
         lines.append(f"int32_t __tvm_ffi_{kernel}(void* self, void* args, int32_t num_args, void* result);")
-    lines += ["", f"static uint8_t model_arena[{max(plan.arena_bytes, ALIGNMENT)}] __attribute__((aligned({ALIGNMENT})));", ""]
+    lines += ["", f"static uint8_t model_arena[{max(plan.arena_bytes, ALIGNMENT)}] __attribute__((aligned({ALIGNMENT})));"]
+    if lowered.native_scratch_elements:
+        lines.append(f"static int16_t native_scratch[{lowered.native_scratch_elements}] __attribute__((aligned({ALIGNMENT})));")
+    lines.append("")
     for name, array in lowered.constants.items():
         lines.append(_c_array(name, array))
     lines.append("")
-    used = {a for s in lowered.steps for a in s.args}
+    used = {a for s in lowered.steps if not s.native for a in s.args} | {"input", "output"}
     for name in sorted(used, key=_tensor_order):
         info = lowered.tensors[name]
         lines.append(f"static const int64_t shape_{name}[] = {{{', '.join(map(str, info.shape)) or '1'}}};")
@@ -767,12 +796,19 @@ def _model_c(model: ModelUnderTest, lowered: LoweredModel, plan: MemoryPlan) -> 
             f".dtype = {{{code}, {dtype.bits}, 1}}, .shape = (int64_t*)shape_{name}, .strides = NULL, .byte_offset = 0}};")
     lines.append("")
     for index, step in enumerate(lowered.steps):
+        if step.native:
+            continue
         entries = ", ".join(f"{{.type_index = kTVMFFIDLTensorPtr, .v_ptr = (void*)&tensor_{a}}}" for a in step.args)
         lines.append(f"static const TVMFFIAny args_{index}[] = {{{entries}}};")
     lines += ["", "int model_run(const model_input_t* input, model_output_t* output) {",
               "  tensor_input.data = (void*)input;", "  tensor_output.data = (void*)output;"]
     for index, step in enumerate(lowered.steps):
-        lines.append(f"  if (__tvm_ffi_{step.kernel}(NULL, (void*)args_{index}, {len(step.args)}, NULL) != 0) return {index + 1};")
+        if step.native:
+            pointers = ", ".join(a if a.startswith("c") else f"tensor_{a}.data" if a in ("input", "output")
+                                 else f"(void*)(model_arena + {plan.offsets[a]})" for a in step.args)
+            lines.append(f"  if ({step.kernel}({pointers}, native_scratch) != 0) return {index + 1};")
+        else:
+            lines.append(f"  if (__tvm_ffi_{step.kernel}(NULL, (void*)args_{index}, {len(step.args)}, NULL) != 0) return {index + 1};")
     lines += ["  return 0;", "}", ""]
     return "\n".join(lines)
 

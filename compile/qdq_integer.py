@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,9 @@ from errors import UserError
 # Requantization multiplies by an integer mantissa of this many bits, then shifts right.
 MULTIPLIER_BITS = 31
 QUANT_RANGE = {"uint8": (0, 255), "int8": (-128, 127)}
+HIGH_HALF_BITS = 32  # the native kernel requantizes from the high word of a 32 x 32-bit product
+NATIVE_CONV = "lwgan_conv2d_s8"  # the Cortex-M kernel in compile/mcu_kernels/conv2d_s8.c
+NATIVE_DEPTH_MULTIPLE = 4  # the kernel consumes taps four at a time
 
 
 def fixed_point(multipliers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -71,8 +75,35 @@ def _value(expr) -> np.ndarray:
     return expr.value.numpy()
 
 
-def _integer_conv(matched: dict) -> relax.Expr:
-    """int8 x int8 -> int32 (+ int32 bias) -> fixed-point requantize, from the matched QDQ constants."""
+@dataclass(frozen=True)
+class IntegerConv:
+    """One QDQ convolution in integers: what both the TVM lowering and the native MCU kernel compute.
+
+    output = clamp(out_zero + requantize(bias + conv(input codes padded with in_zero, weights))),
+    requantize(a) = (a * mantissa + 2**(shift - 1)) >> shift (rounding half up). For the usual
+    multipliers (< 0.5, shift >= 32) a 32-bit core gets the same value from the high word of the
+    32 x 32-bit product (SMMUL) and a 32-bit rounding shift by shift - 32: the low word cannot
+    carry into the result (see compile/mcu_kernels/conv2d_s8.c).
+    """
+
+    weights: np.ndarray  # int8 OIHW
+    bias: np.ndarray  # int64 per output channel, the input zero point folded in
+    mantissa: np.ndarray  # int64 per output channel, < 2**31
+    shift: np.ndarray  # int64 per output channel
+    in_zero: int
+    in_dtype: str
+    out_zero: int
+    out_dtype: str
+    padding: tuple[int, int, int, int]  # top, left, bottom, right
+    strides: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+
+
+def _integer_conv(matched: dict) -> IntegerConv:
+    """The integer form of a matched QDQ convolution, from its constants."""
     conv = matched["conv"]
     attrs = conv.attrs
     if attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW":
@@ -99,41 +130,91 @@ def _integer_conv(matched: dict) -> relax.Expr:
     out_dtype = str(matched["quantize"].attrs.out_dtype)
     if out_dtype not in QUANT_RANGE:
         raise UserError(f"integer conv: quantized output type {out_dtype}; expected uint8 or int8")
-    s_out = float(_value(matched["s_out"]))
-    z_out = int(_value(matched["z_out"]))
-    mantissa, shift = fixed_point(acc_scale / s_out)
-
-    data = matched["x_q"]
+    mantissa, shift = fixed_point(acc_scale / float(_value(matched["s_out"])))
     top, left, bottom, right = (int(p) for p in attrs.padding)
+    return IntegerConv(
+        weights=weights.astype(np.int8), bias=bias, mantissa=mantissa, shift=shift, in_zero=z_in,
+        in_dtype=str(matched["x_q"].ty.dtype), out_zero=int(_value(matched["z_out"])), out_dtype=out_dtype,
+        padding=(top, left, bottom, right), strides=tuple(int(s) for s in attrs.strides),
+        dilation=tuple(int(d) for d in attrs.dilation), groups=int(attrs.groups),
+        in_shape=tuple(int(d) for d in matched["x_q"].ty.shape.values),
+        out_shape=tuple(int(d) for d in conv.ty.shape.values))
+
+
+def _relax_conv(conv: IntegerConv, data: relax.Expr) -> relax.Expr:
+    """The integer convolution as Relax operators (int64 requantization), for TVM to lower."""
+    top, left, bottom, right = conv.padding
     if top or left or bottom or right:
-        data = relax.op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(z_in))
-    per_channel = (1, channels, 1, 1)
-    acc = relax.op.nn.conv2d(data, relax.const(weights.astype(np.int8), "int8"), strides=attrs.strides, padding=0,
-                             dilation=attrs.dilation, groups=attrs.groups, out_dtype="int32")
-    acc = relax.op.add(acc, relax.const(bias.astype(np.int32).reshape(per_channel), "int32"))
-    scaled = relax.op.multiply(relax.op.astype(acc, "int64"), relax.const(mantissa.reshape(per_channel), "int64"))
-    half = (np.int64(1) << (shift - 1)).reshape(per_channel)
-    scaled = relax.op.right_shift(relax.op.add(scaled, relax.const(half, "int64")), relax.const(shift.reshape(per_channel), "int64"))
-    lo, hi = QUANT_RANGE[out_dtype]
-    scaled = relax.op.add(scaled, relax.const(z_out, "int64"))
+        data = relax.op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(conv.in_zero))
+    per_channel = (1, conv.weights.shape[0], 1, 1)
+
+    def channel_const(values: np.ndarray) -> relax.Expr:
+        return relax.const(np.asarray(values, np.int64).reshape(per_channel), "int64")
+
+    acc = relax.op.nn.conv2d(data, relax.const(conv.weights, "int8"), strides=conv.strides, padding=0,
+                             dilation=conv.dilation, groups=conv.groups, out_dtype="int32")
+    acc = relax.op.add(acc, relax.const(conv.bias.astype(np.int32).reshape(per_channel), "int32"))
+    scaled = relax.op.multiply(relax.op.astype(acc, "int64"), channel_const(conv.mantissa))
+    half = np.int64(1) << (conv.shift - 1)
+    scaled = relax.op.right_shift(relax.op.add(scaled, channel_const(half)), channel_const(conv.shift))
+    lo, hi = QUANT_RANGE[conv.out_dtype]
+    scaled = relax.op.add(scaled, relax.const(conv.out_zero, "int64"))
     scaled = relax.op.minimum(relax.op.maximum(scaled, relax.const(lo, "int64")), relax.const(hi, "int64"))
-    return relax.op.astype(scaled, out_dtype)
+    return relax.op.astype(scaled, conv.out_dtype)
 
 
-def integer_convolutions(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
-    """`mod` with every QDQ convolution in `main` made an integer one; also returns how many were rewritten."""
+def native_kernel_applies(conv: IntegerConv) -> bool:
+    """Whether NATIVE_CONV computes `conv`: plain (ungrouped, undilated) and multipliers below 0.5."""
+    return conv.groups == 1 and conv.dilation == (1, 1) and bool(np.all(conv.shift >= HIGH_HALF_BITS))
+
+
+def native_arguments(conv: IntegerConv) -> dict[str, np.ndarray]:
+    """The constant arrays NATIVE_CONV reads, in its argument order (compile/mcu_kernels/conv2d_s8.h)."""
+    out_c, in_c, k_h, k_w = conv.weights.shape
+    depth = in_c * k_h * k_w
+    depth_padded = -(-depth // NATIVE_DEPTH_MULTIPLE) * NATIVE_DEPTH_MULTIPLE
+    rows = np.zeros((out_c + out_c % 2, depth_padded), np.int8)  # an odd last channel pairs with zeros
+    rows[:out_c, :depth] = conv.weights.reshape(out_c, depth)
+    groups = rows.reshape(-1, 2, depth_padded // 4, 4)[..., [0, 2, 1, 3]]  # w0 w2 w1 w3: SXTB16 gives pairs
+    packed = groups.transpose(0, 2, 1, 3).reshape(-1)  # per channel pair: group k of the first, then the second
+    lo, hi = QUANT_RANGE[conv.out_dtype]
+    top, left, _, _ = conv.padding
+    geometry = [in_c, conv.in_shape[2], conv.in_shape[3], out_c, conv.out_shape[2], conv.out_shape[3], k_h, k_w,
+                *conv.strides, top, left, conv.in_zero, int(conv.in_dtype == "int8"), conv.out_zero, lo, hi,
+                depth_padded]
+    return {"geometry": np.array(geometry, np.int32), "weights": packed, "bias": conv.bias.astype(np.int32),
+            "multiplier": conv.mantissa.astype(np.int32), "shift": (conv.shift - HIGH_HALF_BITS).astype(np.int32)}
+
+
+def _native_conv(conv: IntegerConv, data: relax.Expr) -> relax.Expr:
+    arrays = {name: relax.const(a, str(a.dtype)) for name, a in native_arguments(conv).items()}
+    args = [arrays["geometry"], data, arrays["weights"], arrays["bias"], arrays["multiplier"], arrays["shift"]]
+    return relax.op.call_dps_packed(NATIVE_CONV, relax.Tuple(args), relax.TensorType(conv.out_shape, conv.out_dtype))
+
+
+def integer_convolutions(mod: tvm.IRModule, native_kernels: bool = False) -> tuple[tvm.IRModule, int, int]:
+    """`mod` with every QDQ convolution in `main` made an integer one.
+
+    With `native_kernels`, each convolution the hand-written Cortex-M kernel covers becomes a call
+    to it (`call_dps_packed(NATIVE_CONV, ...)`) instead of Relax operators. Also returns how many
+    convolutions were rewritten and how many of those call the native kernel.
+    """
     pattern, names = _pattern()
-    rewritten = 0
+    rewritten = native = 0
 
     def rewriter(expr, matchings):
-        nonlocal rewritten
+        nonlocal rewritten, native
         rewritten += 1
-        return _integer_conv({name: matchings.get(p) for name, p in names.items()})
+        conv = _integer_conv({name: matchings.get(p) for name, p in names.items()})
+        if native_kernels and native_kernel_applies(conv):
+            native += 1
+            return _native_conv(conv, matchings[names["x_q"]])
+        return _relax_conv(conv, matchings[names["x_q"]])
 
     main = rewrite_call(pattern, rewriter, mod["main"])
     mod = mod.clone()
     mod["main"] = main
-    return relax.transform.DeadCodeElimination()(mod), rewritten
+    return relax.transform.DeadCodeElimination()(mod), rewritten, native
 
 
 def quantize_before_padding(model: onnx.ModelProto) -> onnx.ModelProto:
