@@ -28,6 +28,7 @@ from torch import nn
 
 from errors import UserError
 from lwgan_models.onnx_export import export_onnx
+from lwgan_models.style_transfer import ConditionalInstanceNorm2d
 from lwgan_models.subpixel import SubPixelConvTranspose2d, decompose_transposed_convs
 
 ACTIVATION_RANGE = (0, 255)  # uint8
@@ -41,16 +42,18 @@ QAT_MOMENTUM = 0.01  # EMA of activation ranges while training
 
 
 class RangeObserver(nn.Module):
-    """Tracks a tensor's range: running min/max (calibration) or their moving average (QAT)."""
+    """Tracks a tensor's range: running min/max (calibration) or their moving average (QAT); or holds the
+    scale and zero point a QDQ file gives (`pinned`, see `load_qdq`)."""
 
     def __init__(self):
         super().__init__()
         self.register_buffer("low", torch.tensor(float("inf")))
         self.register_buffer("high", torch.tensor(float("-inf")))
+        self.pinned: tuple[float, int] | None = None
 
     @property
     def observed(self) -> bool:
-        return bool(torch.isfinite(self.low))
+        return self.pinned is not None or bool(torch.isfinite(self.low))
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor, momentum: float | None) -> None:
@@ -64,6 +67,8 @@ class RangeObserver(nn.Module):
 
     def qparams(self) -> tuple[float, int]:
         """uint8 scale and zero point; the range always holds 0 so zero padding stays exact."""
+        if self.pinned is not None:
+            return self.pinned
         if not self.observed:
             raise UserError("a quantized convolution saw no calibration data; calibrate before quantizing")
         low, high = min(float(self.low), 0.0), max(float(self.high), 0.0)
@@ -249,3 +254,87 @@ def _insert_qdq(model: onnx.ModelProto, convs_by_weight: dict[str, QuantConv2d])
     graph.node.extend(new_nodes)
     del graph.initializer[:]
     graph.initializer.extend(kept + new_inits)
+
+
+def load_qdq(module: nn.Module, path: Path, example: torch.Tensor, weight_bits: int = DEFAULT_WEIGHT_BITS) -> nn.Module:
+    """The fake-quant torch form of a QDQ file `export_qdq` wrote from a network shaped like `module`.
+
+    The inverse of `export_qdq`: the int8 variants ship only as QDQ files, yet an attack needs their
+    gradients (rounding passes them straight through). Conv weights, biases and activation scales come
+    from the file's `c<i>` constants in graph order, which is the convolutions' execution order;
+    a conditional instance norm's scale and shift (folded for the exported style) from the constants
+    its InstanceNormalization feeds. Every float parameter starts as NaN, so one the file does not
+    set makes the check forward at `example` fail instead of computing with stale weights.
+    """
+    model = onnx.load(str(path))
+    constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    module = copy.deepcopy(module).eval()
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.fill_(float("nan"))
+    prepared = prepare(module, example, weight_bits)
+    layers = _in_execution_order(prepared, example, (QuantConv2d, ConditionalInstanceNorm2d))
+    convs = [layer for layer in layers if isinstance(layer, QuantConv2d)]
+    found = sum(node.op_type == "Conv" for node in model.graph.node)
+    if found != len(convs):
+        raise UserError(f"{path}: {found} convolutions, the network has {len(convs)}; it is not this network's QDQ file")
+    with torch.no_grad():
+        for index, conv in enumerate(convs, 1):
+            tag = f"c{index}"
+            weight = torch.from_numpy(constants[f"{tag}wq"].astype(np.float32) * constants[f"{tag}ws"][:, None, None, None])
+            if weight.shape != conv.conv.weight.shape:
+                raise UserError(f"{path}: convolution {index} has weight {tuple(weight.shape)}, "
+                                f"the network {tuple(conv.conv.weight.shape)}")
+            conv.conv.weight.copy_(weight)
+            if conv.conv.bias is not None:
+                conv.conv.bias.copy_(torch.from_numpy(constants[f"{tag}bq"] * constants[f"{tag}bs"].astype(np.float64)))
+            for observer, side in ((conv.input_range, "i"), (conv.output_range, "o")):
+                observer.pinned = float(constants[f"{tag}{side}s"]), int(constants[f"{tag}{side}z"])
+        _load_style_affines(prepared, [layer for layer in layers if isinstance(layer, ConditionalInstanceNorm2d)],
+                            model, constants, path)
+    set_mode(prepared, "quantize")
+    with torch.no_grad():
+        if not torch.isfinite(prepared(example)).all():
+            raise UserError(f"{path} leaves parameters of the network unset; it is not this network's QDQ file")
+    return prepared
+
+
+def _in_execution_order(module: nn.Module, example: torch.Tensor, kinds: tuple[type, ...]) -> list[nn.Module]:
+    """The layers of `kinds` in `module` in the order a forward at `example` calls them."""
+    order: list[nn.Module] = []
+    hooks = [m.register_forward_hook(lambda layer, *_: order.append(layer)) for m in module.modules()
+             if isinstance(m, kinds)]
+    try:
+        with torch.no_grad():
+            module(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return order
+
+
+def _load_style_affines(prepared: nn.Module, norms: list[nn.Module], model: onnx.ModelProto, constants: dict,
+                        path: Path) -> None:
+    """A style network's conditional instance norms (in execution order): the exported style's scale and
+    shift are the constants of the Mul and Add that follow each InstanceNormalization."""
+    if not norms:
+        return
+    consumers = {name: node for node in model.graph.node for name in node.input}
+    exported = [node for node in model.graph.node if node.op_type == "InstanceNormalization"]
+    if len(exported) != len(norms):
+        raise UserError(f"{path}: {len(exported)} instance norms, the network has {len(norms)}")
+    style = prepared.active_style
+    for norm, node in zip(norms, exported):
+        scale = consumers.get(node.output[0])
+        shift = consumers.get(scale.output[0]) if scale is not None else None
+        if scale is None or shift is None or (scale.op_type, shift.op_type) != ("Mul", "Add"):
+            raise UserError(f"{path}: instance norm {node.name or node.output[0]} is not followed by a scale and shift")
+        norm.gamma[style] = torch.tensor(_constant_of(scale, constants).reshape(-1))
+        norm.beta[style] = torch.tensor(_constant_of(shift, constants).reshape(-1))
+
+
+def _constant_of(node: onnx.NodeProto, constants: dict) -> np.ndarray:
+    known = [constants[name] for name in node.input if name in constants]
+    if len(known) != 1:
+        raise UserError(f"ONNX {node.op_type} {node.name or node.output[0]} has no single constant operand")
+    return known[0]
