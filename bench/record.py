@@ -112,6 +112,18 @@ class Record:
     cycle_table: dict | None = None
     cycles_estimate: int | None = None
     toolchain: str | None = None
+    # Adversarial robustness (`invoke robustness`, bench/robustness.py): the model's output on held-out
+    # images perturbed by `attack` ("fgsm" | "pgd"; None in every other record) within `epsilon` 8-bit
+    # levels (ε/255), against its clean output, as PSNR over all images (None: nothing moved). torch's
+    # outputs, TVM's, and the fp32 teacher's torch PSNR under the same probe. max_abs_err/output_psnr_db
+    # compare TVM with torch on the adversarial inputs; latency fields stay 0 (nothing is timed).
+    attack: str | None = None
+    epsilon: float | None = None
+    attack_steps: int | None = None
+    attack_images: int | None = None
+    adversarial_psnr_db: float | None = None
+    tvm_adversarial_psnr_db: float | None = None
+    teacher_adversarial_psnr_db: float | None = None
     # What the run was measured under, so one record file reproduces it (as MLPerf LoadGen's log does):
     # the validity rules (threads, warm-up, minimum samples and duration) and a digest of the resolved
     # target config (targets/config.py ResolvedTarget.digest). None in older records.
@@ -145,6 +157,27 @@ def outside_tolerance(record: dict) -> bool:
     err, tol = record.get("max_abs_err"), record.get("tolerance")
     psnr, floor = record.get("output_psnr_db"), record.get("min_output_psnr_db")
     return (given(err) and given(tol) and err > tol) or (given(psnr) and given(floor) and psnr < floor)
+
+
+# A variant whose perturbed-output PSNR is within this of its teacher's is called as robust as the teacher.
+SAME_ROBUSTNESS_DB = 1.0
+
+
+def robustness_verdict(record: dict) -> tuple[str, float | None]:
+    """(verdict, variant - teacher PSNR in dB) of a robustness record: lower PSNR under the same attack
+    means the output moved further, so a variant below its teacher is more fragile."""
+    ours, teacher = record.get("adversarial_psnr_db"), record.get("teacher_adversarial_psnr_db")
+    if ours is None or teacher is None or ours != ours or teacher != teacher:  # None, or NaN from pandas
+        return "—", None
+    delta = ours - teacher
+    if abs(delta) <= SAME_ROBUSTNESS_DB:
+        return "as robust", delta
+    return ("more fragile" if delta < 0 else "less fragile"), delta
+
+
+def robustness_records(records: pd.DataFrame) -> pd.Series:
+    """Which rows are robustness probes: nothing timed, so every timing table leaves them out."""
+    return records["attack"].notna()
 
 
 def append_records(records: list[Record], path: Path) -> Path:

@@ -143,6 +143,27 @@ def tuning_curves_chart(curves: dict[str, tuple[list[list[float]], int | None]],
     return png_base64(fig)
 
 
+def robustness_chart(title: str, series: dict[str, list[tuple[float, float]]]) -> str | None:
+    """Output PSNR (perturbed vs clean) against the attack budget ε, one line per variant: lower is more fragile."""
+    if not series:
+        return None
+    fig = Figure(figsize=(5.0, 3.4), dpi=100)
+    ax = fig.subplots()
+    for slot, (label, points) in enumerate(series.items()):
+        points = sorted(points)
+        ax.plot([eps for eps, _ in points], [psnr for _, psnr in points], marker="o", color=f"C{slot}", label=label)
+    ax.set_xscale("log", base=2)
+    epsilons = sorted({eps for points in series.values() for eps, _ in points})
+    ax.set_xticks(epsilons, [f"{eps:g}" for eps in epsilons])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("ε (8-bit levels, /255)")
+    ax.set_ylabel("PSNR perturbed vs clean output (dB)")
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1, 1), fontsize=8)
+    return png_base64(fig)
+
+
 def _log_x(ax) -> None:
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # values rarely span many decades

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.record import robustness_records
 from errors import UserError
 from reports.html import format_ms, is_missing, load_template, write_page
 
@@ -47,8 +48,10 @@ def noise_threshold(a: dict, b: dict) -> float:
 
 
 def compare_runs(records: pd.DataFrame, run_a: str, run_b: str) -> list[Change]:
-    """Every measurement of run A beside the same measurement in run B (the later record where repeated)."""
+    """Every measurement of run A beside the same measurement in run B (the later record where repeated).
+    Robustness probes time nothing, so they are left out."""
     known = set(records["run_id"])
+    records = records[~robustness_records(records)]
     for run in (run_a, run_b):
         if run not in known:
             raise UserError(f"no records of run {run!r}; runs on record: {', '.join(sorted(known)) or 'none'}")

@@ -17,12 +17,13 @@ from pathlib import Path
 import jinja2
 import pandas as pd
 
-from bench.record import outside_tolerance
+from bench.record import SAME_ROBUSTNESS_DB, outside_tolerance, robustness_records, robustness_verdict
 from errors import UserError
 from reports.charts import (
     QualityPoint,
     grouped_bars,
     pareto_chart,
+    robustness_chart,
     size_quality_chart,
     tuning_curves_chart,
 )
@@ -96,12 +97,15 @@ def render_report(records: pd.DataFrame, out_path: Path, source: str | Path = "r
         raise UserError(f"no benchmark records in {source}; run `invoke bench` first")
     skipped = [{"kind": "skipped line", "where": line.split(": skipped, ", 1)[0],
                 "detail": line.split(": skipped, ", 1)[-1]} for line in records.attrs.get("skipped", [])]
-    records = records.sort_values(["timestamp", "model", "variant", "runtime"], kind="stable")
+    everything = records.sort_values(["timestamp", "model", "variant", "runtime"], kind="stable")
+    # robustness probes time nothing: they get their own section, and no timing table sees them
+    probes, records = everything[robustness_records(everything)], everything[~robustness_records(everything)]
     runtimes = sorted(records["runtime"].unique())  # fixes each runtime's colour across charts
     out_path = Path(out_path)
     pages_dir = out_path.with_name(f"{out_path.stem}-devices")
     compression = _compression(records, Path(source))
     shared = {"source": str(source), "noisy_cov": NOISY_COV, "exact_db": EXACT_DB, "same_quality_db": SAME_QUALITY_DB,
+              "same_robustness_db": SAME_ROBUSTNESS_DB,
               "compression": compression,
               "seed_rows": _seed_rows(), "seed_source": SEED_REPORT_SOURCE}
     devices = []
@@ -127,13 +131,14 @@ def render_report(records: pd.DataFrame, out_path: Path, source: str | Path = "r
         write_page(pages_dir / f"{_slug(target, isa_level)}.html", page)
     page = load_template("index.html.j2").render(
         **shared,
-        record_count=len(records),
-        runs=_runs(records),
+        record_count=len(everything),
+        runs=_runs(everything),
         devices=devices,
         device_chart=_device_chart(records),
         firmware=_firmware_tables(records),
-        environments=_environments(records),
-        warnings=skipped + [w for r in records.to_dict("records") for w in _warnings(r)],
+        robustness=_robustness(probes),
+        environments=_environments(everything),
+        warnings=skipped + [w for r in everything.to_dict("records") for w in _warnings(r)],
     )
     return write_page(out_path, page)
 
@@ -295,6 +300,56 @@ def _firmware_tables(records: pd.DataFrame) -> dict | None:
                         key: ratio_cell(r[key], f[key]) for key in ("flash_bytes", "ram_bytes", "arena_bytes",
                                                                     "instructions")}})
     return {"cores": list(cores.values()), "rows": rows, "gains": gains}
+
+
+def _robustness(probes: pd.DataFrame) -> list[dict]:
+    """Per base model: the latest probe of each (model, attack, ε, steps) as a table, and per attack a chart
+    of perturbed-vs-clean output PSNR against ε, one line per variant."""
+    latest: dict[tuple, dict] = {}
+    for r in probes.to_dict("records"):  # in time order: a later probe replaces an earlier one
+        latest[(r["model"], r["attack"], r["epsilon"], r["attack_steps"])] = r
+    by_base: dict[str, list[dict]] = {}
+    for r in latest.values():
+        by_base.setdefault(r["model"] if is_missing(r["base_model"]) else r["base_model"], []).append(r)
+    sections = []
+    for base_model, rows in sorted(by_base.items()):
+        rows.sort(key=lambda r: (_variant_rank(r, base_model), r["attack"], r["attack_steps"], r["epsilon"]))
+        charts = []
+        for attack in sorted({r["attack"] for r in rows}):
+            series: dict[str, list[tuple[float, float]]] = {}
+            for r in rows:
+                if r["attack"] == attack and not is_missing(r["adversarial_psnr_db"]):
+                    label = f"{r['variant']}" + ("" if r["attack"] == "fgsm" else f" ({int(r['attack_steps'])} steps)")
+                    series.setdefault(label, []).append((r["epsilon"], r["adversarial_psnr_db"]))
+            charts.append(robustness_chart(f"{base_model}: {attack.upper()}", series))
+        sections.append({"base_model": base_model, "rows": [_robustness_row(r) for r in rows],
+                         "charts": [chart for chart in charts if chart]})
+    return sections
+
+
+def _robustness_row(record: dict) -> dict:
+    verdict, delta = robustness_verdict(record)
+
+    def db(value) -> str:
+        return "∞" if is_missing(value) else f"{value:.2f}"
+
+    return {
+        "model": record["model"],
+        "variant": record["variant"],
+        "precision": record["precision"],
+        "attack": record["attack"].upper(),
+        "steps": int(record["attack_steps"]),
+        "epsilon": f"{record['epsilon']:g}/255",
+        "input": "x".join(map(str, record["input_shape"][-2:])),
+        "images": "—" if is_missing(record["attack_images"]) else int(record["attack_images"]),
+        "torch": db(record["adversarial_psnr_db"]),
+        "tvm": db(record["tvm_adversarial_psnr_db"]),
+        "teacher": db(record["teacher_adversarial_psnr_db"]),
+        "delta": "—" if delta is None else f"{delta:+.2f}",
+        "verdict": verdict,
+        "check": f"{record['max_abs_err']:.1e}" + _psnr_suffix(record),
+        "err_high": _over_tolerance(record),
+    }
 
 
 def _pareto_charts(records: pd.DataFrame) -> list[dict]:
