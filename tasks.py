@@ -6,6 +6,7 @@ reports), so everything here is also callable from Python and tested there.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 import time
@@ -91,6 +92,21 @@ def _shape(text: str) -> tuple[int, ...]:
         raise UserError(f"--shape {text!r}: expected NxCxHxW, e.g. 1x3x256x256") from None
 
 
+@contextlib.contextmanager
+def _keeping_records(out: Path, samples_dir: Path):
+    """A run that fails or is interrupted keeps the records it appended and removes sample images no record
+    points to; Ctrl-C ends it with exit code 130, saying how many records its file kept."""
+    from bench.record import drop_unrecorded_samples
+
+    try:
+        yield
+    except BaseException as exc:
+        kept = drop_unrecorded_samples(out, samples_dir)
+        if isinstance(exc, KeyboardInterrupt):
+            raise Exit(f"interrupted; {kept} records kept in {out}", code=130) from None
+        raise
+
+
 def _target(target: str, isa: str | None):
     import targets
 
@@ -156,7 +172,7 @@ def bench(c, target="host", model=None, onnx=None, runtimes=None, samples=None, 
     """Benchmark models side by side; appends records to reports/results/<run-id>.jsonl."""
     import dataclasses
 
-    from bench.record import RESULTS_DIR, append_records, drop_unrecorded_samples
+    from bench.record import RESULTS_DIR, append_records
     from bench.run import bench_model, new_run_id
     from bench.runtimes import parse as parse_runtimes
 
@@ -178,7 +194,7 @@ def bench(c, target="host", model=None, onnx=None, runtimes=None, samples=None, 
     bases = {(s.name, s.input_shape): s for s in subjects if s.variant == "fp32"}
     failed = []
     samples_dir = out.parent / f"{run_id}.samples"
-    try:
+    with _keeping_records(out, samples_dir):
         for index, subject in enumerate(subjects, 1):
             say(f"[{index}/{len(subjects)}] {subject.name}")
             base = bases.get((subject.base_model, subject.input_shape)) if subject.variant != "fp32" else None
@@ -186,14 +202,56 @@ def bench(c, target="host", model=None, onnx=None, runtimes=None, samples=None, 
                                   samples_dir=samples_dir, roofline=roofline, base=base)
             append_records(records, out)  # per model, so an interruption keeps what was measured
             failed += [r for r in records if not r.valid]
-    except BaseException as exc:
-        kept = drop_unrecorded_samples(out, samples_dir)
-        if isinstance(exc, KeyboardInterrupt):
-            raise Exit(f"interrupted; {kept} records kept in {out}", code=130) from None
-        raise
     say(f"records: {out}")
     if any(r.beyond_tolerance() for r in failed):
         raise Exit("error: some outputs differ from the reference beyond tolerance (records kept, marked invalid)", code=2)
+
+
+@task(
+    help={
+        "model": "base registry model (its shipped compressed variants are probed beside it), e.g. nst-cin4-w16",
+        "variants": "comma-separated compression methods to probe (default: every shipped variant), e.g. kd,ptq",
+        "epsilon": "comma-separated budgets in 8-bit levels, ε/255 (default 1,2,4,8)",
+        "steps": "PGD steps (default 10; step size 2.5 ε / steps)",
+        "size": "square input size in pixels (default 64)",
+        "images": "held-out images to attack (default: all of them)",
+        "results": "folder for the records (default: reports/results)",
+        "isa": "ISA level of the host TVM build (default: detected)",
+        "debug": "show tracebacks",
+    }
+)
+@cli
+def robustness(c, model, variants=None, epsilon=None, steps=None, size=None, images=None, results=None, isa=None,
+               debug=False):
+    """FGSM and PGD against a generator and its compressed variants; appends records to reports/results/<run-id>.jsonl."""
+    from bench.record import RESULTS_DIR, append_records
+    from bench.robustness import (EPSILONS, PGD_STEPS, TABLE_HEADER, by_probe, heldout, plan, probe_model,
+                                  teacher_and_variants)
+    from bench.run import new_run_id
+
+    names = teacher_and_variants(model, [m.strip() for m in variants.split(",") if m.strip()] if variants else None)
+    try:
+        epsilons = tuple(float(e) for e in epsilon.split(",")) if epsilon else EPSILONS
+    except ValueError:
+        raise UserError(f"--epsilon {epsilon!r}: expected comma-separated 8-bit levels, e.g. 1,2,4,8") from None
+    probes = plan(epsilons, _count(steps, "steps", PGD_STEPS))
+    pixels = _count(size, "size", 64)
+    attacked = heldout(pixels, _count(images, "images", None))
+    resolved = _target("host", isa)
+    subjects = _models_under_test(",".join(names), None, f"1x3x{pixels}x{pixels}", None, demo_only=False)
+    run_id = new_run_id()
+    out = (Path(results) if results else RESULTS_DIR) / f"{run_id}.jsonl"
+    say(f"run {run_id}: {len(subjects)} model(s), {len(probes)} probes each, {len(attacked)} held-out images "
+        f"at {pixels}x{pixels}, TVM on {resolved.config.label} [{resolved.db_key}]")
+    say(TABLE_HEADER)
+    teacher = None
+    with _keeping_records(out, out.parent / f"{run_id}.samples"):
+        for index, subject in enumerate(subjects, 1):
+            say(f"[{index}/{len(subjects)}] {subject.name}")
+            records = probe_model(subject, resolved, run_id, attacked, probes, teacher, say)
+            append_records(records, out)  # per model, so an interruption keeps what was measured
+            teacher = teacher or by_probe(records)
+    say(f"records: {out}")
 
 
 @task(
@@ -654,7 +712,7 @@ def _build_opencl(subject, resolved, directory: Path) -> None:
         raise Exit(f"error: {subject.name}: OpenCL output differs from the reference beyond tolerance", code=2)
 
 
-namespace = Collection(train, compress, tune, bench, report, demo, build, runtimes, profile)
+namespace = Collection(train, compress, tune, bench, report, demo, build, runtimes, profile, robustness)
 namespace.add_collection(tracker)
 namespace.add_collection(db)
 namespace.add_collection(board)
