@@ -62,7 +62,7 @@ KERNEL_HEADERS = {
     "tvm/runtime/c_backend_api.h": ("tvm", "include/tvm/runtime/c_backend_api.h"),
 }
 NATIVE_KERNELS_DIR = Path(__file__).resolve().parent / "mcu_kernels"  # hand-written kernels, copied into exports
-NATIVE_SOURCES = ("conv2d_s8.c", "conv2d_s8.h")
+NATIVE_SOURCES = ("conv2d_s8.c", "conv2d_s8.h", "mcu_math.h")
 MODEL_SOURCES = ("kernels.c", "model.c", "tvm_shim.c", "conv2d_s8.c")  # what a firmware project compiles (plus include/)
 EXPORT_MANIFEST = "export.json"  # what the export holds and the key it was made under
 
@@ -484,8 +484,9 @@ class Step:
     args: tuple[str, ...]  # tensor names: "input", "c<k>" constants, "t<k>" intermediates, "output"
     native: bool = False  # a hand-written kernel (compile/mcu_kernels/) called with data pointers
 
-# The native convolution's scratch: four int16 columns of its padded depth (geometry's last entry).
-NATIVE_COLUMNS = 4
+# The native convolution's scratch, int16 per tap of its padded depth (geometry's last entry): two
+# pixels' columns, the tap's int32 input offset, its window row and column bytes.
+NATIVE_SCRATCH_PER_TAP = 5
 
 
 @dataclass(frozen=True)
@@ -511,7 +512,7 @@ class LoweredModel:
     @property
     def native_scratch_elements(self) -> int:
         """int16 elements of the one scratch buffer the native convolutions share (they run one at a time)."""
-        return max((NATIVE_COLUMNS * int(self.constants[s.args[0]][-1]) for s in self.steps if s.native), default=0)
+        return max((NATIVE_SCRATCH_PER_TAP * int(self.constants[s.args[0]][-1]) for s in self.steps if s.native), default=0)
 
 
 def lower(mod: tvm.IRModule, report: Callable[[str], None] = print, ram_lean: bool = False) -> LoweredModel:
@@ -583,6 +584,7 @@ def lower(mod: tvm.IRModule, report: Callable[[str], None] = print, ram_lean: bo
     if kernels:
         with tvm.transform.PassContext(config={"tirx.disable_assert": True}):
             source = tvm.tirx.build(tvm.IRModule(kernels), target=tvm.target.Target({"kind": "c"})).inspect_source()
+        source = with_inline_rounding(source)
     return LoweredModel(steps=steps, tensors=tensors, constants=constants, kernels_c=source,
                         workspace_bytes=workspace_bytes(source))
 
@@ -599,6 +601,19 @@ def _tensor_info(ty) -> TensorInfo:
 
 _KERNEL_START = re.compile(r"^TVM_DLL int32_t (\w+)\(void\* self_handle.*\{$", re.M)
 _WORKSPACE_CALL = re.compile(r"TVMBackendAllocWorkspace\(\d+, \w+, \(uint64_t\)(\d+)")
+
+
+def with_inline_rounding(kernels_c: str) -> str:
+    """The kernels calling mcu_math.h's inline `lwgan_nearbyintf` (same values) instead of libm's.
+
+    Every quantize rounds with nearbyintf; newlib's costs more instructions than the rest of a
+    quantize. The declarations TVM prints for it go too, so nothing links against libm's.
+    """
+    if "nearbyintf(" not in kernels_c:
+        return kernels_c
+    kernels_c = re.sub(r"^TVM_DLL float nearbyintf\(float\);\n", "", kernels_c, flags=re.M)
+    kernels_c = kernels_c.replace("nearbyintf(", "lwgan_nearbyintf(")
+    return kernels_c.replace("#include <math.h>\n", '#include <math.h>\n#include "mcu_math.h"\n', 1)
 
 
 def workspace_bytes(kernels_c: str) -> int:

@@ -34,7 +34,7 @@ MULTIPLIER_BITS = 31
 QUANT_RANGE = {"uint8": (0, 255), "int8": (-128, 127)}
 HIGH_HALF_BITS = 32  # the native kernel requantizes from the high word of a 32 x 32-bit product
 NATIVE_CONV = "lwgan_conv2d_s8"  # the Cortex-M kernel in compile/mcu_kernels/conv2d_s8.c
-NATIVE_DEPTH_MULTIPLE = 4  # the kernel consumes taps four at a time
+NATIVE_DEPTH_MULTIPLE = 8  # the kernel consumes taps eight at a time
 
 
 def fixed_point(multipliers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -81,7 +81,7 @@ class IntegerConv:
 
     output = clamp(out_zero + requantize(bias + conv(input codes padded with in_zero, weights))),
     requantize(a) = (a * mantissa + 2**(shift - 1)) >> shift (rounding half up). For the usual
-    multipliers (< 0.5, shift >= 32) a 32-bit core gets the same value from the high word of the
+    multipliers (< 0.25, shift > 32) a 32-bit core gets the same value from the high word of the
     32 x 32-bit product (SMMUL) and a 32-bit rounding shift by shift - 32: the low word cannot
     carry into the result (see compile/mcu_kernels/conv2d_s8.c).
     """
@@ -164,8 +164,8 @@ def _relax_conv(conv: IntegerConv, data: relax.Expr) -> relax.Expr:
 
 
 def native_kernel_applies(conv: IntegerConv) -> bool:
-    """Whether NATIVE_CONV computes `conv`: plain (ungrouped, undilated) and multipliers below 0.5."""
-    return conv.groups == 1 and conv.dilation == (1, 1) and bool(np.all(conv.shift >= HIGH_HALF_BITS))
+    """Whether NATIVE_CONV computes `conv`: plain (ungrouped, undilated) and multipliers below 0.25."""
+    return conv.groups == 1 and conv.dilation == (1, 1) and bool(np.all(conv.shift > HIGH_HALF_BITS))
 
 
 def native_arguments(conv: IntegerConv) -> dict[str, np.ndarray]:
@@ -177,18 +177,19 @@ def native_arguments(conv: IntegerConv) -> dict[str, np.ndarray]:
     rows[:out_c, :depth] = conv.weights.reshape(out_c, depth)
     groups = rows.reshape(-1, 2, depth_padded // 4, 4)[..., [0, 2, 1, 3]]  # w0 w2 w1 w3: SXTB16 gives pairs
     packed = groups.transpose(0, 2, 1, 3).reshape(-1)  # per channel pair: group k of the first, then the second
-    lo, hi = QUANT_RANGE[conv.out_dtype]
     top, left, _, _ = conv.padding
     geometry = [in_c, conv.in_shape[2], conv.in_shape[3], out_c, conv.out_shape[2], conv.out_shape[3], k_h, k_w,
-                *conv.strides, top, left, conv.in_zero, int(conv.in_dtype == "int8"), conv.out_zero, lo, hi,
-                depth_padded]
+                *conv.strides, top, left, conv.in_zero, int(conv.in_dtype == "int8"), conv.out_zero,
+                int(conv.out_dtype == "int8"), depth_padded]
+    shift = conv.shift - HIGH_HALF_BITS
+    requant = np.stack([conv.mantissa, np.int64(1) << (shift - 1), shift], axis=1)
     return {"geometry": np.array(geometry, np.int32), "weights": packed, "bias": conv.bias.astype(np.int32),
-            "multiplier": conv.mantissa.astype(np.int32), "shift": (conv.shift - HIGH_HALF_BITS).astype(np.int32)}
+            "requant": requant.astype(np.int32).reshape(-1)}
 
 
 def _native_conv(conv: IntegerConv, data: relax.Expr) -> relax.Expr:
     arrays = {name: relax.const(a, str(a.dtype)) for name, a in native_arguments(conv).items()}
-    args = [arrays["geometry"], data, arrays["weights"], arrays["bias"], arrays["multiplier"], arrays["shift"]]
+    args = [arrays["geometry"], data, arrays["weights"], arrays["bias"], arrays["requant"]]
     return relax.op.call_dps_packed(NATIVE_CONV, relax.Tuple(args), relax.TensorType(conv.out_shape, conv.out_dtype))
 
 

@@ -1,13 +1,13 @@
 /* Integer convolution for Cortex-M, written for the DSP extension (M4, M7, M33) and exact without it.
  *
- * For each pair of output pixels, the receptive fields are gathered once into `columns` as int16
- * (padding with the input's zero-point code). Each pair of output channels then walks its int8
+ * For each pair of output pixels, the receptive fields are gathered once as int16 (padding with
+ * the input's zero-point code). Each pair of output channels then walks its int8
  * weight rows four taps at a time: one 32-bit load per row, sign-extended into two 16-bit pairs
  * (SXTB16), and each pair multiplied into both pixels' accumulators with SMLAD (two MACs per
  * instruction): 2 pixels x 2 channels share every load. The int32 result is requantized in
- * 32-bit arithmetic, exactly as the 64-bit reference (a * m + 2^(s-1)) >> s with s = 32 + shift:
- * for shift >= 1 the low word of a * m cannot carry into the result, so it is the high word (SMMUL)
- * plus 2^(shift-1), shifted right by shift; for shift = 0 it is the rounding high word (SMMULR).
+ * 32-bit arithmetic, exactly as the 64-bit reference (a * m + 2^(s-1)) >> s with s = 32 + shift,
+ * shift >= 1: the low word of a * m cannot carry into the result, so it is the high word (SMMUL)
+ * plus 2^(shift-1), shifted right by shift; then the zero point and a saturation (USAT/SSAT).
  *
  * Without __ARM_FEATURE_DSP the same arithmetic runs in plain C (the host tests use this). */
 #include "conv2d_s8.h"
@@ -29,11 +29,8 @@ static inline int32_t high_mul(int32_t a, int32_t b) {
   __asm__("smmul %0, %1, %2" : "=r"(high) : "r"(a), "r"(b));
   return high;
 }
-static inline int32_t high_mul_round(int32_t a, int32_t b) {
-  int32_t high;
-  __asm__("smmulr %0, %1, %2" : "=r"(high) : "r"(a), "r"(b));
-  return high;
-}
+#define SATURATE_INT8(value) __ssat((value), 8)
+#define SATURATE_UINT8(value) __usat((value), 8)
 #else
 static inline uint32_t sign_extend_bytes_0_2(uint32_t word) {
   return (uint32_t)(uint16_t)(int16_t)(int8_t)(word & 0xffu) | (uint32_t)(uint16_t)(int16_t)(int8_t)(word >> 16) << 16;
@@ -46,9 +43,9 @@ static inline int32_t dot2(uint32_t a, uint32_t b, int32_t acc) {
 #define PAIRS_HIGH(word) sign_extend_bytes_0_2((word) >> 8)
 #define DOT2(a, b, acc) dot2((a), (b), (acc))
 static inline int32_t high_mul(int32_t a, int32_t b) { return (int32_t)(((int64_t)a * b) >> 32); }
-static inline int32_t high_mul_round(int32_t a, int32_t b) {
-  return (int32_t)(((int64_t)a * b + (INT64_C(1) << 31)) >> 32);
-}
+static inline int32_t clamp(int32_t value, int32_t lo, int32_t hi) { return value < lo ? lo : value > hi ? hi : value; }
+#define SATURATE_INT8(value) clamp((value), -128, 127)
+#define SATURATE_UINT8(value) clamp((value), 0, 255)
 #endif
 
 static inline uint32_t load32(const void* p) {
@@ -57,87 +54,128 @@ static inline uint32_t load32(const void* p) {
   return word;
 }
 
-static inline uint8_t requantize(int32_t acc, int32_t multiplier, int32_t shift, const int32_t* g) {
-  int32_t value = shift > 0 ? (high_mul(acc, multiplier) + (1 << (shift - 1))) >> shift : high_mul_round(acc, multiplier);
-  value += g[CONV_OUT_ZERO];
-  value = value < g[CONV_OUT_MIN] ? g[CONV_OUT_MIN] : value > g[CONV_OUT_MAX] ? g[CONV_OUT_MAX] : value;
-  return (uint8_t)value; /* int8 outputs are stored as their two's complement byte */
+/* requant[3 oc .. 3 oc + 2] = multiplier, 2^(shift - 1), shift (shift >= 1). */
+static inline uint8_t requantize(int32_t acc, const int32_t* requant, int32_t out_zero, int32_t out_signed) {
+  const int32_t value = ((high_mul(acc, requant[0]) + requant[1]) >> requant[2]) + out_zero;
+  return (uint8_t)(out_signed ? SATURATE_INT8(value) : SATURATE_UINT8(value)); /* int8: its two's complement byte */
 }
 
-/* The receptive field of output pixel (y, x) as depth_padded int16, in (channel, row, column) order. */
-static void gather(const int32_t* g, const uint8_t* input, int32_t y, int32_t x, int16_t* column) {
+/* Where tap k (in (channel, row, column) order) of a pixel's receptive field lies: its offset from
+ * the field's top-left input element, and its row and column inside the window (for the borders).
+ * Taps past in_c * k_h * k_w meet zero weights; they read the top-left element. */
+static void window_taps(const int32_t* g, int32_t* offsets, uint8_t* rows, uint8_t* cols) {
   const int32_t in_h = g[CONV_IN_H], in_w = g[CONV_IN_W], k_h = g[CONV_K_H], k_w = g[CONV_K_W];
-  const int32_t top = y * g[CONV_STRIDE_H] - g[CONV_PAD_TOP], left = x * g[CONV_STRIDE_W] - g[CONV_PAD_LEFT];
-  const int32_t is_signed = g[CONV_IN_SIGNED];
-  const int16_t zero = (int16_t)g[CONV_IN_ZERO];
-  const int inside = top >= 0 && left >= 0 && top + k_h <= in_h && left + k_w <= in_w;
-  int16_t* out = column;
-  for (int32_t c = 0; c < g[CONV_IN_C]; ++c) {
-    const uint8_t* plane = input + c * in_h * in_w;
-    for (int32_t i = 0; i < k_h; ++i) {
-      const int32_t row_y = top + i;
-      const uint8_t* row = plane + row_y * in_w + left;
-      if (inside && !is_signed) {
-        for (int32_t j = 0; j < k_w; ++j) *out++ = row[j];
-      } else if (inside) {
-        for (int32_t j = 0; j < k_w; ++j) *out++ = (int8_t)row[j];
-      } else {
-        for (int32_t j = 0; j < k_w; ++j) {
-          const int32_t col_x = left + j;
-          if (row_y < 0 || row_y >= in_h || col_x < 0 || col_x >= in_w) *out++ = zero;
-          else *out++ = is_signed ? (int16_t)(int8_t)row[j] : (int16_t)row[j];
-        }
+  int32_t k = 0;
+  for (int32_t c = 0; c < g[CONV_IN_C]; ++c)
+    for (int32_t i = 0; i < k_h; ++i)
+      for (int32_t j = 0; j < k_w; ++j, ++k) {
+        offsets[k] = (c * in_h + i) * in_w + j;
+        rows[k] = (uint8_t)i;
+        cols[k] = (uint8_t)j;
       }
-    }
-  }
-  while (out < column + g[CONV_DEPTH_PADDED]) *out++ = 0; /* meets zero weights */
+  for (; k < g[CONV_DEPTH_PADDED]; ++k) offsets[k] = rows[k] = cols[k] = 0;
 }
 
-/* Both pixels' columns interleaved four taps at a time (p0 k0..k3, p1 k0..k3, p0 k4..k7, ...), so the
- * inner loop walks one column pointer and one weight pointer: its live values fit the 13 registers. */
-static void interleave(const int16_t* first, const int16_t* second, int32_t depth, int16_t* out) {
-  for (int32_t k = 0; k < depth; k += 4, out += 8) {
-    memcpy(out, first + k, 4 * sizeof *out);
-    memcpy(out + 4, second + k, 4 * sizeof *out);
+static int32_t window_top(const int32_t* g, int32_t pixel) {
+  return pixel / g[CONV_OUT_W] * g[CONV_STRIDE_H] - g[CONV_PAD_TOP];
+}
+
+static int32_t window_left(const int32_t* g, int32_t pixel) {
+  return pixel % g[CONV_OUT_W] * g[CONV_STRIDE_W] - g[CONV_PAD_LEFT];
+}
+
+static int window_inside(const int32_t* g, int32_t top, int32_t left) {
+  return top >= 0 && left >= 0 && top + g[CONV_K_H] <= g[CONV_IN_H] && left + g[CONV_K_W] <= g[CONV_IN_W];
+}
+
+/* Both pixels' receptive fields as int16, interleaved four taps at a time (p0 k0..k3, p1 k0..k3,
+ * p0 k4..k7, ...): the inner loop then walks one column pointer and one weight pointer, and its
+ * live values fit the 13 registers. Windows inside the input read through the tap offsets alone. */
+static inline __attribute__((always_inline)) void gather_inside(const int32_t* offsets, int32_t depth,
+                                                               const uint8_t* first, const uint8_t* second,
+                                                               int is_signed, int16_t* out) {
+#define TAP(t)                                                                \
+  out[t] = is_signed ? (int8_t)first[offsets[t]] : first[offsets[t]];       \
+  out[(t) + 4] = is_signed ? (int8_t)second[offsets[t]] : second[offsets[t]]
+  for (int32_t k = 0; k < depth; k += 4, offsets += 4, out += 8) {
+    TAP(0);
+    TAP(1);
+    TAP(2);
+    TAP(3);
   }
+#undef TAP
+}
+
+static void gather_pair(const int32_t* g, const uint8_t* input, int32_t p, int32_t q, const int32_t* offsets,
+                        const uint8_t* rows, const uint8_t* cols, int16_t* out) {
+  const int32_t in_h = g[CONV_IN_H], in_w = g[CONV_IN_W], depth = g[CONV_DEPTH_PADDED];
+  const int32_t is_signed = g[CONV_IN_SIGNED];
+  const int32_t top[2] = {window_top(g, p), window_top(g, q)}, left[2] = {window_left(g, p), window_left(g, q)};
+  if (window_inside(g, top[0], left[0]) && window_inside(g, top[1], left[1])) {
+    const uint8_t* first = input + top[0] * in_w + left[0];
+    const uint8_t* second = input + top[1] * in_w + left[1];
+    if (is_signed) gather_inside(offsets, depth, first, second, 1, out);
+    else gather_inside(offsets, depth, first, second, 0, out);
+    return;
+  }
+  for (int32_t k = 0; k < depth; ++k)
+    for (int32_t pixel = 0; pixel < 2; ++pixel) {
+      const int32_t y = top[pixel] + rows[k], x = left[pixel] + cols[k];
+      const uint8_t* corner = input + top[pixel] * in_w + left[pixel];
+      int16_t value = (int16_t)g[CONV_IN_ZERO];
+      if (y >= 0 && y < in_h && x >= 0 && x < in_w)
+        value = is_signed ? (int8_t)corner[offsets[k]] : corner[offsets[k]];
+      out[(k >> 2) * 8 + pixel * 4 + (k & 3)] = value;
+    }
 }
 
 int32_t lwgan_conv2d_s8(const int32_t* g, const void* input, const int8_t* weights, const int32_t* bias,
-                        const int32_t* multiplier, const int32_t* shift, void* output, int16_t* columns) {
+                        const int32_t* requant, void* output, int16_t* scratch) {
   const int32_t out_c = g[CONV_OUT_C], out_w = g[CONV_OUT_W], pixels = g[CONV_OUT_H] * out_w;
+  const int32_t out_zero = g[CONV_OUT_ZERO], out_signed = g[CONV_OUT_SIGNED];
   const int32_t depth = g[CONV_DEPTH_PADDED];
-  int16_t* pair_columns = columns + 2 * depth;
+  int16_t* pair_columns = scratch;
+  int32_t* offsets = (int32_t*)(scratch + 2 * depth);
+  uint8_t* rows = (uint8_t*)(offsets + depth);
+  uint8_t* cols = rows + depth;
   uint8_t* out = output;
+  window_taps(g, offsets, rows, cols);
   for (int32_t p = 0; p < pixels; p += 2) {
     const int two = p + 1 < pixels; /* an odd last pixel is computed twice, stored once */
     const int32_t q = two ? p + 1 : p;
-    gather(g, input, p / out_w, p % out_w, columns);
-    gather(g, input, q / out_w, q % out_w, columns + depth);
-    interleave(columns, columns + depth, depth, pair_columns);
+    gather_pair(g, input, p, q, offsets, rows, cols, pair_columns);
     const uint32_t* w = (const uint32_t*)weights; /* per pair of channels, a word of each per group */
     for (int32_t oc = 0; oc < out_c; oc += 2) {
       const int32_t od = oc + 1 < out_c ? oc + 1 : oc; /* an odd last channel pairs with zero weights */
       const uint32_t* c = (const uint32_t*)pair_columns; /* 16-bit pairs, two words per pixel per group */
       const uint32_t* const end = c + depth;
       int32_t a00 = bias[oc], a01 = bias[oc], a10 = bias[od], a11 = bias[od];
-      for (; c < end; c += 4, w += 2) {
-        const uint32_t wa = w[0], wb = w[1];
-        const uint32_t wa_low = PAIRS_LOW(wa), wa_high = PAIRS_HIGH(wa);
-        const uint32_t wb_low = PAIRS_LOW(wb), wb_high = PAIRS_HIGH(wb);
-        a00 = DOT2(wa_low, c[0], a00);
-        a00 = DOT2(wa_high, c[1], a00);
-        a10 = DOT2(wb_low, c[0], a10);
-        a10 = DOT2(wb_high, c[1], a10);
-        a01 = DOT2(wa_low, c[2], a01);
-        a01 = DOT2(wa_high, c[3], a01);
-        a11 = DOT2(wb_low, c[2], a11);
-        a11 = DOT2(wb_high, c[3], a11);
+#define GROUP(wi, ci)                                                         \
+  {                                                                           \
+    const uint32_t wa = w[wi], wb = w[(wi) + 1];                              \
+    const uint32_t wa_low = PAIRS_LOW(wa), wa_high = PAIRS_HIGH(wa);          \
+    const uint32_t wb_low = PAIRS_LOW(wb), wb_high = PAIRS_HIGH(wb);          \
+    a00 = DOT2(wa_low, c[ci], a00);                                           \
+    a00 = DOT2(wa_high, c[(ci) + 1], a00);                                    \
+    a10 = DOT2(wb_low, c[ci], a10);                                           \
+    a10 = DOT2(wb_high, c[(ci) + 1], a10);                                    \
+    a01 = DOT2(wa_low, c[(ci) + 2], a01);                                     \
+    a01 = DOT2(wa_high, c[(ci) + 3], a01);                                    \
+    a11 = DOT2(wb_low, c[(ci) + 2], a11);                                     \
+    a11 = DOT2(wb_high, c[(ci) + 3], a11);                                    \
+  }
+      for (; c < end; c += 8, w += 4) { /* two groups of four taps per iteration (depth_padded % 8 == 0) */
+        GROUP(0, 0)
+        GROUP(2, 4)
       }
-      out[oc * pixels + p] = requantize(a00, multiplier[oc], shift[oc], g);
-      if (two) out[oc * pixels + q] = requantize(a01, multiplier[oc], shift[oc], g);
+#undef GROUP
+      const int32_t* first = requant + 3 * oc;
+      const int32_t* second = requant + 3 * od;
+      out[oc * pixels + p] = requantize(a00, first, out_zero, out_signed);
+      if (two) out[oc * pixels + q] = requantize(a01, first, out_zero, out_signed);
       if (od != oc) {
-        out[od * pixels + p] = requantize(a10, multiplier[od], shift[od], g);
-        if (two) out[od * pixels + q] = requantize(a11, multiplier[od], shift[od], g);
+        out[od * pixels + p] = requantize(a10, second, out_zero, out_signed);
+        if (two) out[od * pixels + q] = requantize(a11, second, out_zero, out_signed);
       }
     }
   }

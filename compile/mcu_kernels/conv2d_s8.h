@@ -11,18 +11,20 @@ enum {
   CONV_STRIDE_H, CONV_STRIDE_W, CONV_PAD_TOP, CONV_PAD_LEFT,
   CONV_IN_ZERO,   /* the input code that padding stands for (its zero point) */
   CONV_IN_SIGNED, /* 1: input codes are int8, 0: uint8 */
-  CONV_OUT_ZERO, CONV_OUT_MIN, CONV_OUT_MAX,
-  CONV_DEPTH_PADDED, /* in_c * k_h * k_w rounded up to a multiple of 4 (the weight rows' length) */
+  CONV_OUT_ZERO,
+  CONV_OUT_SIGNED, /* 1: output codes are int8, 0: uint8 */
+  CONV_DEPTH_PADDED, /* in_c * k_h * k_w rounded up to a multiple of 8 (the weight rows' length) */
   CONV_GEOMETRY_SIZE
 };
 
 /* output[oc, y, x] = clamp(zero_out + requantize(bias[oc] + sum input[c, y*s+i-pad, x*s+j-pad] * w[oc, c, i, j]))
- * with requantize(a) = round(a * multiplier[oc] / 2^(32 + shift[oc])), rounding half up.
+ * with requantize(a) = round(a * multiplier / 2^(32 + shift)), rounding half up, and per output channel
+ * requant[3 oc ..] = multiplier, 2^(shift - 1), shift (shift >= 1).
  * weights: output channels in pairs (an odd last one with a zero row); per pair, for each group of
  * four taps in (c, i, j) order, four bytes of the first channel then four of the second, each group
  * stored as w0 w2 w1 w3 (so that sign-extending bytes 0,2 and 1,3 yields the pairs (w0,w1), (w2,w3)).
- * columns: scratch of 4 * depth_padded int16. Returns 0. */
+ * scratch: 5 * depth_padded int16 (columns, tap offsets, tap rows and columns). Returns 0. */
 int32_t lwgan_conv2d_s8(const int32_t* geometry, const void* input, const int8_t* weights, const int32_t* bias,
-                        const int32_t* multiplier, const int32_t* shift, void* output, int16_t* columns);
+                        const int32_t* requant, void* output, int16_t* scratch);
 
 #endif
