@@ -119,8 +119,7 @@ def attacked_module(model: ModelUnderTest) -> nn.Module:
     if model.torch_module is not None:
         return model.torch_module.eval()
     variant = find_variant(model.name)
-    return load_qdq(build_generator(variant.card["arch"]), variant.path, torch.zeros(model.input_shape),
-                    variant.card["config"]["weight_bits"])
+    return load_qdq(build_generator(variant.card["arch"]), variant.path, torch.zeros(model.input_shape))
 
 
 def heldout(size: int, count: int | None = None) -> torch.Tensor:

@@ -256,15 +256,16 @@ def _insert_qdq(model: onnx.ModelProto, convs_by_weight: dict[str, QuantConv2d])
     graph.initializer.extend(kept + new_inits)
 
 
-def load_qdq(module: nn.Module, path: Path, example: torch.Tensor, weight_bits: int = DEFAULT_WEIGHT_BITS) -> nn.Module:
+def load_qdq(module: nn.Module, path: Path, example: torch.Tensor) -> nn.Module:
     """The fake-quant torch form of a QDQ file `export_qdq` wrote from a network shaped like `module`.
 
     The inverse of `export_qdq`: the int8 variants ship only as QDQ files, yet an attack needs their
     gradients (rounding passes them straight through). Conv weights, biases and activation scales come
-    from the file's `c<i>` constants in graph order, which is the convolutions' execution order;
-    a conditional instance norm's scale and shift (folded for the exported style) from the constants
-    its InstanceNormalization feeds. Every float parameter starts as NaN, so one the file does not
-    set makes the check forward at `example` fail instead of computing with stale weights.
+    from the file's `c<i>` constants in graph order, which is the convolutions' execution order; the
+    weight limit (bits) from the largest integer weight, since each channel's largest maps to it; a
+    conditional instance norm's scale and shift (folded for the exported style) from the constants its
+    InstanceNormalization feeds. Every float parameter starts as NaN, so one the file does not set
+    makes the check forward at `example` fail instead of computing with stale weights.
     """
     model = onnx.load(str(path))
     constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
@@ -272,7 +273,7 @@ def load_qdq(module: nn.Module, path: Path, example: torch.Tensor, weight_bits: 
     with torch.no_grad():
         for parameter in module.parameters():
             parameter.fill_(float("nan"))
-    prepared = prepare(module, example, weight_bits)
+    prepared = prepare(module, example)
     layers = _in_execution_order(prepared, example, (QuantConv2d, ConditionalInstanceNorm2d))
     convs = [layer for layer in layers if isinstance(layer, QuantConv2d)]
     found = sum(node.op_type == "Conv" for node in model.graph.node)
@@ -286,6 +287,7 @@ def load_qdq(module: nn.Module, path: Path, example: torch.Tensor, weight_bits: 
                 raise UserError(f"{path}: convolution {index} has weight {tuple(weight.shape)}, "
                                 f"the network {tuple(conv.conv.weight.shape)}")
             conv.conv.weight.copy_(weight)
+            conv.weight_limit = int(np.abs(constants[f"{tag}wq"]).max()) or conv.weight_limit
             if conv.conv.bias is not None:
                 conv.conv.bias.copy_(torch.from_numpy(constants[f"{tag}bq"] * constants[f"{tag}bs"].astype(np.float64)))
             for observer, side in ((conv.input_range, "i"), (conv.output_range, "o")):
