@@ -485,7 +485,8 @@ class Step:
     native: bool = False  # a hand-written kernel (compile/mcu_kernels/) called with data pointers
 
 # The native convolution's scratch, int16 per tap of its padded depth (geometry's last entry): two
-# pixels' columns, the tap's int32 input offset, its window row and column bytes.
+# pixels' columns, the tap's int32 input offset, its window row and column bytes; and the weights
+# expanded to int16, one per tap per output channel (geometry[3], rounded up to even).
 NATIVE_SCRATCH_PER_TAP = 5
 
 
@@ -512,7 +513,11 @@ class LoweredModel:
     @property
     def native_scratch_elements(self) -> int:
         """int16 elements of the one scratch buffer the native convolutions share (they run one at a time)."""
-        return max((NATIVE_SCRATCH_PER_TAP * int(self.constants[s.args[0]][-1]) for s in self.steps if s.native), default=0)
+        def elements(geometry: np.ndarray) -> int:
+            out_c, depth = int(geometry[3]), int(geometry[-1])
+            return (NATIVE_SCRATCH_PER_TAP + out_c + out_c % 2) * depth
+
+        return max((elements(self.constants[s.args[0]]) for s in self.steps if s.native), default=0)
 
 
 def lower(mod: tvm.IRModule, report: Callable[[str], None] = print, ram_lean: bool = False) -> LoweredModel:

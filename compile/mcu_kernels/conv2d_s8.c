@@ -1,9 +1,9 @@
 /* Integer convolution for Cortex-M, written for the DSP extension (M4, M7, M33) and exact without it.
  *
- * For each pair of output pixels, the receptive fields are gathered once as int16 (padding with
- * the input's zero-point code). Each pair of output channels then walks its int8
- * weight rows four taps at a time: one 32-bit load per row, sign-extended into two 16-bit pairs
- * (SXTB16), and each pair multiplied into both pixels' accumulators with SMLAD (two MACs per
+ * The int8 weights (flash) are expanded once per call into 16-bit pairs in RAM: one 32-bit load of
+ * four weights, sign-extended by SXTB16 into two pairs. For each pair of output pixels the receptive
+ * fields are gathered once as int16 (padding with the input's zero-point code); each pair of output
+ * channels then multiplies 16-bit pairs into both pixels' accumulators with SMLAD (two MACs per
  * instruction): 2 pixels x 2 channels share every load. The int32 result is requantized in
  * 32-bit arithmetic, exactly as the 64-bit reference (a * m + 2^(s-1)) >> s with s = 32 + shift,
  * shift >= 1: the low word of a * m cannot carry into the result, so it is the high word (SMMUL)
@@ -29,6 +29,9 @@ static inline int32_t high_mul(int32_t a, int32_t b) {
   __asm__("smmul %0, %1, %2" : "=r"(high) : "r"(a), "r"(b));
   return high;
 }
+/* Two words and advance: one LDRD with post-increment (gcc splits 64-bit loads into two LDRs). */
+#define LOAD_PAIR(first, second, pointer) \
+  __asm__("ldrd %0, %1, [%2], #8" : "=r"(first), "=r"(second), "+r"(pointer) : "m"(*(const uint64_t*)(pointer)))
 #define SATURATE_INT8(value) __ssat((value), 8)
 #define SATURATE_UINT8(value) __usat((value), 8)
 #else
@@ -44,6 +47,7 @@ static inline int32_t dot2(uint32_t a, uint32_t b, int32_t acc) {
 #define DOT2(a, b, acc) dot2((a), (b), (acc))
 static inline int32_t high_mul(int32_t a, int32_t b) { return (int32_t)(((int64_t)a * b) >> 32); }
 static inline int32_t clamp(int32_t value, int32_t lo, int32_t hi) { return value < lo ? lo : value > hi ? hi : value; }
+#define LOAD_PAIR(first, second, pointer) ((first) = (pointer)[0], (second) = (pointer)[1], (pointer) += 2)
 #define SATURATE_INT8(value) clamp((value), -128, 127)
 #define SATURATE_UINT8(value) clamp((value), 0, 255)
 #endif
@@ -139,34 +143,43 @@ int32_t lwgan_conv2d_s8(const int32_t* g, const void* input, const int8_t* weigh
   uint8_t* rows = (uint8_t*)(offsets + depth);
   uint8_t* cols = rows + depth;
   uint8_t* out = output;
+  uint32_t* expanded = (uint32_t*)(cols + depth); /* per channel pair and group: (w0,w1) (w2,w3) of each */
+  const uint32_t* packed = (const uint32_t*)weights;
+  for (int32_t i = 0, words = (out_c + (out_c & 1)) * depth / 4; i < words; ++i) {
+    expanded[2 * i] = PAIRS_LOW(packed[i]);
+    expanded[2 * i + 1] = PAIRS_HIGH(packed[i]);
+  }
   window_taps(g, offsets, rows, cols);
   for (int32_t p = 0; p < pixels; p += 2) {
     const int two = p + 1 < pixels; /* an odd last pixel is computed twice, stored once */
     const int32_t q = two ? p + 1 : p;
     gather_pair(g, input, p, q, offsets, rows, cols, pair_columns);
-    const uint32_t* w = (const uint32_t*)weights; /* per pair of channels, a word of each per group */
+    const uint32_t* w = expanded;
     for (int32_t oc = 0; oc < out_c; oc += 2) {
       const int32_t od = oc + 1 < out_c ? oc + 1 : oc; /* an odd last channel pairs with zero weights */
       const uint32_t* c = (const uint32_t*)pair_columns; /* 16-bit pairs, two words per pixel per group */
       const uint32_t* const end = c + depth;
       int32_t a00 = bias[oc], a01 = bias[oc], a10 = bias[od], a11 = bias[od];
-#define GROUP(wi, ci)                                                         \
-  {                                                                           \
-    const uint32_t wa = w[wi], wb = w[(wi) + 1];                              \
-    const uint32_t wa_low = PAIRS_LOW(wa), wa_high = PAIRS_HIGH(wa);          \
-    const uint32_t wb_low = PAIRS_LOW(wb), wb_high = PAIRS_HIGH(wb);          \
-    a00 = DOT2(wa_low, c[ci], a00);                                           \
-    a00 = DOT2(wa_high, c[(ci) + 1], a00);                                    \
-    a10 = DOT2(wb_low, c[ci], a10);                                           \
-    a10 = DOT2(wb_high, c[(ci) + 1], a10);                                    \
-    a01 = DOT2(wa_low, c[(ci) + 2], a01);                                     \
-    a01 = DOT2(wa_high, c[(ci) + 3], a01);                                    \
-    a11 = DOT2(wb_low, c[(ci) + 2], a11);                                     \
-    a11 = DOT2(wb_high, c[(ci) + 3], a11);                                    \
+      /* One group of four taps: 16 MACs from four LDRD and eight SMLAD. */
+#define GROUP                                                   \
+  {                                                             \
+    uint32_t w0, w1, w2, w3, x0, x1;                            \
+    LOAD_PAIR(w0, w1, w); /* first channel: taps (0,1) (2,3) */ \
+    LOAD_PAIR(w2, w3, w); /* second channel */                  \
+    LOAD_PAIR(x0, x1, c); /* first pixel */                     \
+    a00 = DOT2(w0, x0, a00);                                    \
+    a00 = DOT2(w1, x1, a00);                                    \
+    a10 = DOT2(w2, x0, a10);                                    \
+    a10 = DOT2(w3, x1, a10);                                    \
+    LOAD_PAIR(x0, x1, c); /* second pixel */                    \
+    a01 = DOT2(w0, x0, a01);                                    \
+    a01 = DOT2(w1, x1, a01);                                    \
+    a11 = DOT2(w2, x0, a11);                                    \
+    a11 = DOT2(w3, x1, a11);                                    \
   }
-      for (; c < end; c += 8, w += 4) { /* two groups of four taps per iteration (depth_padded % 8 == 0) */
-        GROUP(0, 0)
-        GROUP(2, 4)
+      while (c < end) { /* two groups per iteration (depth_padded % 8 == 0) */
+        GROUP
+        GROUP
       }
 #undef GROUP
       const int32_t* first = requant + 3 * oc;

@@ -23,7 +23,8 @@ enum {
  * weights: output channels in pairs (an odd last one with a zero row); per pair, for each group of
  * four taps in (c, i, j) order, four bytes of the first channel then four of the second, each group
  * stored as w0 w2 w1 w3 (so that sign-extending bytes 0,2 and 1,3 yields the pairs (w0,w1), (w2,w3)).
- * scratch: 5 * depth_padded int16 (columns, tap offsets, tap rows and columns). Returns 0. */
+ * scratch: (5 + out_c rounded up to even) * depth_padded int16 (columns, tap offsets, tap rows and
+ * columns, the weights as 16-bit pairs). Returns 0. */
 int32_t lwgan_conv2d_s8(const int32_t* geometry, const void* input, const int8_t* weights, const int32_t* bias,
                         const int32_t* requant, void* output, int16_t* scratch);
 
