@@ -98,14 +98,18 @@ static int window_inside(const int32_t* g, int32_t top, int32_t left) {
 static inline __attribute__((always_inline)) void gather_inside(const int32_t* offsets, int32_t depth,
                                                                const uint8_t* first, const uint8_t* second,
                                                                int is_signed, int16_t* out) {
-#define TAP(t)                                                                \
-  out[t] = is_signed ? (int8_t)first[offsets[t]] : first[offsets[t]];       \
-  out[(t) + 4] = is_signed ? (int8_t)second[offsets[t]] : second[offsets[t]]
-  for (int32_t k = 0; k < depth; k += 4, offsets += 4, out += 8) {
-    TAP(0);
-    TAP(1);
-    TAP(2);
-    TAP(3);
+#define TAP(t, at)                                                         \
+  out[at] = is_signed ? (int8_t)first[offsets[t]] : first[offsets[t]];     \
+  out[(at) + 4] = is_signed ? (int8_t)second[offsets[t]] : second[offsets[t]]
+  for (int32_t k = 0; k < depth; k += 8, offsets += 8, out += 16) { /* depth_padded % 8 == 0 */
+    TAP(0, 0);
+    TAP(1, 1);
+    TAP(2, 2);
+    TAP(3, 3);
+    TAP(4, 8);
+    TAP(5, 9);
+    TAP(6, 10);
+    TAP(7, 11);
   }
 #undef TAP
 }
@@ -133,10 +137,12 @@ static void gather_pair(const int32_t* g, const uint8_t* input, int32_t p, int32
     }
 }
 
-int32_t lwgan_conv2d_s8(const int32_t* g, const void* input, const int8_t* weights, const int32_t* bias,
-                        const int32_t* requant, void* output, int16_t* scratch) {
+/* The convolution for one output signedness (a constant once inlined: no branch per output). */
+static inline __attribute__((always_inline)) void convolve(const int32_t* g, const void* input, const int8_t* weights,
+                                                           const int32_t* bias, const int32_t* requant, void* output,
+                                                           int16_t* scratch, const int32_t out_signed) {
   const int32_t out_c = g[CONV_OUT_C], out_w = g[CONV_OUT_W], pixels = g[CONV_OUT_H] * out_w;
-  const int32_t out_zero = g[CONV_OUT_ZERO], out_signed = g[CONV_OUT_SIGNED];
+  const int32_t out_zero = g[CONV_OUT_ZERO];
   const int32_t depth = g[CONV_DEPTH_PADDED];
   int16_t* pair_columns = scratch;
   int32_t* offsets = (int32_t*)(scratch + 2 * depth);
@@ -151,8 +157,7 @@ int32_t lwgan_conv2d_s8(const int32_t* g, const void* input, const int8_t* weigh
   }
   window_taps(g, offsets, rows, cols);
   for (int32_t p = 0; p < pixels; p += 2) {
-    const int two = p + 1 < pixels; /* an odd last pixel is computed twice, stored once */
-    const int32_t q = two ? p + 1 : p;
+    const int32_t q = p + 1 < pixels ? p + 1 : p; /* an odd last pixel is computed twice */
     gather_pair(g, input, p, q, offsets, rows, cols, pair_columns);
     const uint32_t* w = expanded;
     for (int32_t oc = 0; oc < out_c; oc += 2) {
@@ -182,15 +187,20 @@ int32_t lwgan_conv2d_s8(const int32_t* g, const void* input, const int8_t* weigh
         GROUP
       }
 #undef GROUP
-      const int32_t* first = requant + 3 * oc;
-      const int32_t* second = requant + 3 * od;
-      out[oc * pixels + p] = requantize(a00, first, out_zero, out_signed);
-      if (two) out[oc * pixels + q] = requantize(a01, first, out_zero, out_signed);
-      if (od != oc) {
-        out[od * pixels + p] = requantize(a10, second, out_zero, out_signed);
-        if (two) out[od * pixels + q] = requantize(a11, second, out_zero, out_signed);
-      }
+      /* Second channel and pixel first: where they repeat the first (odd counts), the first's value stays. */
+      uint8_t* first = out + oc * pixels;
+      uint8_t* second = out + od * pixels;
+      second[q] = requantize(a11, requant + 3 * od, out_zero, out_signed);
+      second[p] = requantize(a10, requant + 3 * od, out_zero, out_signed);
+      first[q] = requantize(a01, requant + 3 * oc, out_zero, out_signed);
+      first[p] = requantize(a00, requant + 3 * oc, out_zero, out_signed);
     }
   }
+}
+
+int32_t lwgan_conv2d_s8(const int32_t* g, const void* input, const int8_t* weights, const int32_t* bias,
+                        const int32_t* requant, void* output, int16_t* scratch) {
+  if (g[CONV_OUT_SIGNED]) convolve(g, input, weights, bias, requant, output, scratch, 1);
+  else convolve(g, input, weights, bias, requant, output, scratch, 0);
   return 0;
 }
