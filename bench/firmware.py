@@ -32,7 +32,7 @@ from bench.run import (
 from compile.build import CACHE_DIR
 from compile.pipeline import ModelUnderTest
 from targets import ResolvedTarget
-from targets.mcu import export_and_build, mcu_part, run_firmware
+from targets.mcu import export_and_build, mcu_part, plugin_library, run_firmware
 
 RUNTIME = "c-firmware"
 FIRMWARE_DIR = CACHE_DIR / "firmware"
@@ -65,7 +65,9 @@ def bench_firmware(
     export, firmware = export_and_build(model, part, firmware_dir(model, target), report,
                                         export_dir=lambda ram_lean: export_dir(model, ram_lean))
     report(f"  {model.name}: running under qemu-system-arm -M {part.machine}")
-    run = run_firmware(firmware, part, x.astype(export.input.dtype).tobytes(), export.output.nbytes)
+    run = run_firmware(firmware, part, x.astype(export.input.dtype).tobytes(), export.output.nbytes,
+                       plugin=plugin_library(FIRMWARE_DIR / "tools") if part.cycles else None)
+    cycles = run.cycles_estimate(part.cycles)
     output = np.frombuffer(run.output, dtype=export.output.dtype).reshape(export.output.shape).copy()
     check = check_output(model, RUNTIME, output, reference)
     reasons = check.violations
@@ -87,12 +89,17 @@ def bench_firmware(
         ram_bytes=firmware.ram_bytes,
         arena_bytes=export.arena_bytes,
         instructions=run.instructions,
+        instruction_mix=run.instruction_mix,
+        cycle_table=part.cycles or None,
+        cycles_estimate=cycles,
         toolchain=firmware.toolchain,
         env={**host_fingerprint(), "load_1m_at_start": round(os.getloadavg()[0], 2)},
         timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
     report(
-        f"  {model.name:28s} {RUNTIME:12s} {run.instructions / 1e6:9.2f} M instructions  flash {firmware.flash_bytes} B  "
+        f"  {model.name:28s} {RUNTIME:12s} {run.instructions / 1e6:9.2f} M instructions"
+        + (f" ~{cycles / 1e6:.2f} M cycles (estimate, {model.macs / cycles:.2f} MACs/cycle)" if cycles else "")
+        + f"  flash {firmware.flash_bytes} B  "
         f"RAM {firmware.ram_bytes} B (arena {export.arena_bytes} B)  err {check.max_abs_err:.1e}  {check.psnr_db:.1f} dB"
         + ("" if not reasons else "  INVALID: " + record.invalid_reason)
     )

@@ -67,6 +67,7 @@ SCHEMA = {
         "flash_bytes": (int, True),
         "ram_origin": (int, True),
         "ram_bytes": (int, True),
+        "cycles": (dict, False),  # cycles per instruction class, for the cycle estimate (targets/mcu.py)
     },
     "isa_levels": {
         "name": (str, True),

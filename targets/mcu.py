@@ -8,11 +8,18 @@ the part fails to link (reported as a `UserError` with the numbers) and one that
 qemu runs with `-icount shift=0`: each instruction advances virtual time by exactly 1 ns, which
 SysTick counts; the firmware calibrates ticks against a loop of known length, so the reported
 figure is executed instructions (deterministic, not cycles: qemu models no pipeline or caches).
+
+Cycles are estimated, never measured: a qemu plugin of ours (mcu_templates/pc_counts.c) counts
+executions per instruction address; the firmware's disassembly turns the counts of everything
+`model_run` can reach into an instruction mix by class, and the target's [mcu.cycles] table (the
+core's published cycles per class) weighs it.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
 import re
 import shutil
 import subprocess
@@ -36,6 +43,26 @@ QEMU_MACHINES = {
     "mps2-an505": ("cortex-m33", ((0x10000000, 4 * MiB), (0x38000000, 4 * MiB))),
 }
 STACK_BYTES = 4096
+# Instruction classes of the mix, matched on the mnemonic without width/type suffixes (".w", ".f32");
+# IT-block condition codes are allowed. What matches nothing is "alu".
+_CONDITION = r"(eq|ne|cs|hs|cc|lo|mi|pl|vs|vc|hi|ls|ge|lt|gt|le|al)?"
+INSTRUCTION_CLASSES = {
+    "branch": rf"^(b|bl|blx|bx){_CONDITION}$|^(cbz|cbnz|tbb|tbh)$",
+    "multiply": rf"^(mul|mla|mls|smul\w*|smla\w*|smls\w*|smuad\w*|smusd\w*|smmul\w*|smmla\w*|smmls\w*|"
+                rf"umull|umlal|umaal|smull|smlal\w*){_CONDITION}$",
+    "divide": r"^(sdiv|udiv)$",
+    "load_pair": rf"^ldrd{_CONDITION}$",
+    "store_pair": rf"^strd{_CONDITION}$",
+    "load": rf"^(ldr|ldrb|ldrh|ldrsb|ldrsh|ldrex\w*){_CONDITION}$",
+    "store": rf"^(str|strb|strh|strex\w*){_CONDITION}$",
+    "load_store_multiple": r"^(ldm\w*|stm\w*|push|pop)$",
+    "fp_multiply_accumulate": r"^(vmla|vmls|vnmla|vnmls|vfma|vfms|vfnma|vfnms)$",
+    "fp_divide": r"^(vdiv|vsqrt)$",
+    "fp_load_store": r"^(vldr|vstr|vldm\w*|vstm\w*|vpush|vpop)$",
+    "fp_alu": r"^v\w+$",
+    "alu": r"",
+}
+PLUGIN_SOURCE = "pc_counts.c"
 FIRMWARE_SOURCES = ("startup.c", "semihosting.c", "semihosting.h", "main.c")
 QEMU = "qemu-system-arm"
 CC = "arm-none-eabi-gcc"
@@ -54,6 +81,7 @@ class McuPart:
     flash_bytes: int
     ram_origin: int
     ram_bytes: int
+    cycles: dict[str, float] = dataclasses.field(default_factory=dict)  # per instruction class; {} = no estimate
 
 
 def mcu_part(config: TargetConfig) -> McuPart:
@@ -74,9 +102,16 @@ def mcu_part(config: TargetConfig) -> McuPart:
         if size <= 0 or not any(start <= origin and origin + size <= start + length for start, length in regions):
             raise UserError(f"{config.path}: {kind} {size} bytes at {origin:#x} is not inside {machine}'s memory "
                             f"({', '.join(f'{s:#x}+{n // MiB} MiB' for s, n in regions)})")
+    cycles = dict(mcu.get("cycles", {}))
+    if cycles and set(cycles) != set(INSTRUCTION_CLASSES):
+        raise UserError(f"{config.path}: [mcu.cycles] must give cycles for exactly these instruction classes: "
+                        f"{', '.join(INSTRUCTION_CLASSES)} (missing: {', '.join(sorted(set(INSTRUCTION_CLASSES) - set(cycles))) or 'none'}; "
+                        f"unknown: {', '.join(sorted(set(cycles) - set(INSTRUCTION_CLASSES))) or 'none'})")
+    if any(not isinstance(v, (int, float)) or v <= 0 for v in cycles.values()):
+        raise UserError(f"{config.path}: [mcu.cycles] values must be positive numbers of cycles")
     return McuPart(target=config.name, label=config.label, cpu=core, cflags=tuple(mcu["cflags"]), machine=machine,
                    flash_origin=mcu["flash_origin"], flash_bytes=mcu["flash_bytes"],
-                   ram_origin=mcu["ram_origin"], ram_bytes=mcu["ram_bytes"])
+                   ram_origin=mcu["ram_origin"], ram_bytes=mcu["ram_bytes"], cycles=cycles)
 
 
 @dataclass(frozen=True)
@@ -215,11 +250,88 @@ class FirmwareRun:
     output: bytes
     instructions: int  # executed by one model_run, from qemu's instruction-counted clock
     stack_used_bytes: int
+    instruction_mix: dict[str, int] | None = None  # executed instructions of model_run per class
+
+    def cycles_estimate(self, cycles: dict[str, float]) -> int | None:
+        """Cycles of one inference from the mix and a core's cycles per class (an estimate)."""
+        if not self.instruction_mix or not cycles:
+            return None
+        return round(sum(count * cycles[kind] for kind, count in self.instruction_mix.items()))
+
+
+def plugin_library(cache_dir: Path) -> Path:
+    """The pc_counts qemu plugin, built for this machine with the host C compiler (cached by source)."""
+    source = TEMPLATES_DIR / PLUGIN_SOURCE
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+    library = cache_dir / f"pc_counts-{digest}.so"
+    if not library.exists():
+        compiler = shutil.which("cc") or shutil.which("gcc")
+        if compiler is None:
+            raise UserError("no host C compiler (cc) to build the qemu instruction-counting plugin; install gcc")
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        partial = library.with_suffix(".partial")
+        subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-fvisibility=hidden", "-o", str(partial), str(source)],
+                       check=True, capture_output=True, text=True)
+        partial.replace(library)
+    return library
+
+
+def classify(mnemonic: str) -> str:
+    """The instruction class of a disassembled mnemonic (suffixes such as ".w" or ".f32" dropped)."""
+    base = mnemonic.split(".")[0]
+    return next(kind for kind, pattern in INSTRUCTION_CLASSES.items() if re.match(pattern, base))
+
+
+def instruction_mix(elf: Path, counts: dict[int, int], root: str = "model_run") -> dict[str, int]:
+    """Executed instructions per class in `root` and every function it can reach (direct calls and tail calls).
+
+    The harness around model_run (input, calibration loop, output) is left out, so the mix covers
+    what qemu's clock measured as the inference.
+    """
+    disassembly = subprocess.run(["arm-none-eabi-objdump", "-d", "--no-show-raw-insn", str(elf)], capture_output=True,
+                                 text=True, check=True).stdout
+    functions: dict[str, list[tuple[int, str]]] = {}
+    callees: dict[str, set[str]] = collections.defaultdict(set)
+    current = None
+    for line in disassembly.splitlines():
+        start = re.match(r"^[0-9a-f]+ <(.+)>:$", line)
+        if start:
+            current = start.group(1)
+            functions[current] = []
+            continue
+        instruction = re.match(r"^\s*([0-9a-f]+):\s+(\S+)(.*)$", line)  # 8-digit addresses come unindented
+        if instruction and current is not None:
+            functions[current].append((int(instruction.group(1), 16), instruction.group(2)))
+            target = re.search(r"<([^+>]+)(\+0x[0-9a-f]+)?>", instruction.group(3))
+            if target and classify(instruction.group(2)) == "branch" and target.group(1) != current:
+                callees[current].add(target.group(1))
+    if root not in functions:
+        raise RuntimeError(f"{elf}: no function {root!r} in the disassembly")
+    reached, pending = set(), [root]
+    while pending:
+        name = pending.pop()
+        if name in reached or name not in functions:
+            continue
+        reached.add(name)
+        pending.extend(callees[name])
+    mix = dict.fromkeys(INSTRUCTION_CLASSES, 0)
+    for name in reached:
+        for address, mnemonic in functions[name]:
+            mix[classify(mnemonic)] += counts.get(address, 0)
+    return mix
+
+
+def _read_counts(path: Path) -> dict[int, int]:
+    return {int(address, 16): int(count) for address, count in (line.split() for line in path.read_text().splitlines())}
 
 
 def run_firmware(firmware: Firmware, part: McuPart, input_bytes: bytes, output_nbytes: int,
-                 timeout_s: float = 900.0) -> FirmwareRun:
-    """Run the firmware once under qemu-system-arm: input.bin in, output.bin and instruction count out."""
+                 timeout_s: float = 900.0, plugin: Path | None = None) -> FirmwareRun:
+    """Run the firmware once under qemu-system-arm: input.bin in, output.bin and instruction count out.
+
+    With `plugin` (`plugin_library`), the run also counts executions per address and the result
+    carries model_run's instruction mix.
+    """
     qemu = _require(QEMU, "qemu-system-arm")
     with tempfile.TemporaryDirectory(prefix="lwgan-qemu-") as scratch:
         work = Path(scratch)
@@ -227,6 +339,8 @@ def run_firmware(firmware: Firmware, part: McuPart, input_bytes: bytes, output_n
         command = [qemu, "-M", part.machine, "-nographic", "-monitor", "none", "-serial", "null",
                    "-icount", "shift=0", "-semihosting-config", "enable=on,target=native",
                    "-kernel", str(firmware.elf.resolve())]
+        if plugin is not None:
+            command += ["-plugin", f"{plugin},out={work / 'pc_counts.txt'}"]
         try:
             done = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -238,6 +352,7 @@ def run_firmware(firmware: Firmware, part: McuPart, input_bytes: bytes, output_n
             raise RuntimeError(f"firmware failed under {QEMU} -M {part.machine} (exit {done.returncode}): "
                                + " | ".join(message[-5:]))
         output = (work / "output.bin").read_bytes()
+        mix = instruction_mix(firmware.elf, _read_counts(work / "pc_counts.txt")) if plugin is not None else None
     if len(output) != output_nbytes:
         raise RuntimeError(f"firmware wrote {len(output)} output bytes, expected {output_nbytes}")
     ticks_per_instruction = int(values["calibration_ticks"]) / int(values["calibration_instructions"])
@@ -245,4 +360,4 @@ def run_firmware(firmware: Firmware, part: McuPart, input_bytes: bytes, output_n
     if stack_used >= firmware.stack_bytes - 256:  # the paint reaches only so close to the top
         raise RuntimeError(f"firmware used {stack_used} of its {firmware.stack_bytes} stack bytes; give it more")
     return FirmwareRun(output=output, instructions=round(int(values["inference_ticks"]) / ticks_per_instruction),
-                       stack_used_bytes=stack_used)
+                       stack_used_bytes=stack_used, instruction_mix=mix)
