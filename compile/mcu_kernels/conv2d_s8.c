@@ -29,9 +29,6 @@ static inline int32_t high_mul(int32_t a, int32_t b) {
   __asm__("smmul %0, %1, %2" : "=r"(high) : "r"(a), "r"(b));
   return high;
 }
-/* Two words and advance: one LDRD with post-increment (gcc splits 64-bit loads into two LDRs). */
-#define LOAD_PAIR(first, second, pointer) \
-  __asm__("ldrd %0, %1, [%2], #8" : "=r"(first), "=r"(second), "+r"(pointer) : "m"(*(const uint64_t*)(pointer)))
 #define SATURATE_INT8(value) __ssat((value), 8)
 #define SATURATE_UINT8(value) __usat((value), 8)
 #else
@@ -47,7 +44,6 @@ static inline int32_t dot2(uint32_t a, uint32_t b, int32_t acc) {
 #define DOT2(a, b, acc) dot2((a), (b), (acc))
 static inline int32_t high_mul(int32_t a, int32_t b) { return (int32_t)(((int64_t)a * b) >> 32); }
 static inline int32_t clamp(int32_t value, int32_t lo, int32_t hi) { return value < lo ? lo : value > hi ? hi : value; }
-#define LOAD_PAIR(first, second, pointer) ((first) = (pointer)[0], (second) = (pointer)[1], (pointer) += 2)
 #define SATURATE_INT8(value) clamp((value), -128, 127)
 #define SATURATE_UINT8(value) clamp((value), 0, 255)
 #endif
@@ -137,6 +133,48 @@ static void gather_pair(const int32_t* g, const uint8_t* input, int32_t p, int32
     }
 }
 
+/* The inner loop: for each group of four taps, the two channels' weight pairs and the two pixels'
+ * column pairs, 16 MACs. Eight taps per iteration (depth_padded % 8 == 0, never 0). */
+#if defined(__ARM_FEATURE_DSP)
+/* Written in assembly because the register allocation decides it: 4 accumulators, 2 pointers, the
+ * end and 6 loaded words are 13 registers, and gcc spills two of them on some cores (Cortex-M33). */
+#define GROUP                                                                                              \
+  "ldrd %[w0], %[w1], [%[w]], #8\n\t" /* first channel: taps (0,1) (2,3) */                                \
+  "ldrd %[w2], %[w3], [%[w]], #8\n\t" /* second channel */                                                 \
+  "ldrd %[x0], %[x1], [%[c]], #8\n\t" /* first pixel */                                                    \
+  "smlad %[a00], %[w0], %[x0], %[a00]\n\t"                                                                \
+  "smlad %[a00], %[w1], %[x1], %[a00]\n\t"                                                                \
+  "smlad %[a10], %[w2], %[x0], %[a10]\n\t"                                                                \
+  "smlad %[a10], %[w3], %[x1], %[a10]\n\t"                                                                \
+  "ldrd %[x0], %[x1], [%[c]], #8\n\t" /* second pixel */                                                   \
+  "smlad %[a01], %[w0], %[x0], %[a01]\n\t"                                                                \
+  "smlad %[a01], %[w1], %[x1], %[a01]\n\t"                                                                \
+  "smlad %[a11], %[w2], %[x0], %[a11]\n\t"                                                                \
+  "smlad %[a11], %[w3], %[x1], %[a11]\n\t"
+static inline void multiply_accumulate(const uint32_t* w, const uint32_t* c, const uint32_t* end, int32_t* a00,
+                                       int32_t* a01, int32_t* a10, int32_t* a11) {
+  uint32_t w0, w1, w2, w3, x0, x1;
+  __asm__ volatile("1:\n\t" GROUP GROUP
+                   "cmp %[c], %[end]\n\t"
+                   "bcc 1b"
+                   : [a00] "+r"(*a00), [a01] "+r"(*a01), [a10] "+r"(*a10), [a11] "+r"(*a11), [w] "+r"(w), [c] "+r"(c),
+                     [w0] "=&r"(w0), [w1] "=&r"(w1), [w2] "=&r"(w2), [w3] "=&r"(w3), [x0] "=&r"(x0), [x1] "=&r"(x1)
+                   : [end] "r"(end)
+                   : "cc", "memory");
+}
+#undef GROUP
+#else
+static inline void multiply_accumulate(const uint32_t* w, const uint32_t* c, const uint32_t* end, int32_t* a00,
+                                       int32_t* a01, int32_t* a10, int32_t* a11) {
+  for (; c < end; c += 4, w += 4) {
+    *a00 = DOT2(w[0], c[0], DOT2(w[1], c[1], *a00));
+    *a10 = DOT2(w[2], c[0], DOT2(w[3], c[1], *a10));
+    *a01 = DOT2(w[0], c[2], DOT2(w[1], c[3], *a01));
+    *a11 = DOT2(w[2], c[2], DOT2(w[3], c[3], *a11));
+  }
+}
+#endif
+
 /* The convolution for one output signedness (a constant once inlined: no branch per output). */
 static inline __attribute__((always_inline)) void convolve(const int32_t* g, const void* input, const int8_t* weights,
                                                            const int32_t* bias, const int32_t* requant, void* output,
@@ -165,28 +203,8 @@ static inline __attribute__((always_inline)) void convolve(const int32_t* g, con
       const uint32_t* c = (const uint32_t*)pair_columns; /* 16-bit pairs, two words per pixel per group */
       const uint32_t* const end = c + depth;
       int32_t a00 = bias[oc], a01 = bias[oc], a10 = bias[od], a11 = bias[od];
-      /* One group of four taps: 16 MACs from four LDRD and eight SMLAD. */
-#define GROUP                                                   \
-  {                                                             \
-    uint32_t w0, w1, w2, w3, x0, x1;                            \
-    LOAD_PAIR(w0, w1, w); /* first channel: taps (0,1) (2,3) */ \
-    LOAD_PAIR(w2, w3, w); /* second channel */                  \
-    LOAD_PAIR(x0, x1, c); /* first pixel */                     \
-    a00 = DOT2(w0, x0, a00);                                    \
-    a00 = DOT2(w1, x1, a00);                                    \
-    a10 = DOT2(w2, x0, a10);                                    \
-    a10 = DOT2(w3, x1, a10);                                    \
-    LOAD_PAIR(x0, x1, c); /* second pixel */                    \
-    a01 = DOT2(w0, x0, a01);                                    \
-    a01 = DOT2(w1, x1, a01);                                    \
-    a11 = DOT2(w2, x0, a11);                                    \
-    a11 = DOT2(w3, x1, a11);                                    \
-  }
-      while (c < end) { /* two groups per iteration (depth_padded % 8 == 0) */
-        GROUP
-        GROUP
-      }
-#undef GROUP
+      multiply_accumulate(w, c, end, &a00, &a01, &a10, &a11);
+      w += depth; /* both channels' pairs: depth words */
       /* Second channel and pixel first: where they repeat the first (odd counts), the first's value stays. */
       uint8_t* first = out + oc * pixels;
       uint8_t* second = out + od * pixels;
