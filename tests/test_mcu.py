@@ -180,7 +180,7 @@ def test_int8_c_export_uses_integer_convolutions_and_matches_the_qdq_reference(i
     convs = [n for n in onnx.load(qdq_file).graph.node if n.op_type == "Conv"]
     source = (export.directory / "model.c").read_text()
     assert len(re.findall(r"^static const int8_t c\d+\[", source, re.M)) == len(convs)  # int8 weights, one per conv
-    assert len(re.findall(r"^static const int64_t c\d+\[", source, re.M)) >= len(convs)  # requantize multipliers
+    assert len(re.findall(r"^  if \(lwgan_conv2d_s8\(", source, re.M)) == len(convs)  # the SMLAD kernel runs them
     assert export.workspace_bytes == 0
 
 
@@ -288,7 +288,7 @@ def test_one_inference_under_qemu_on_cortex_m4(fp32_export, monkeypatch, tmp_pat
 
 @needs_qemu
 def test_int8_firmware_under_qemu_matches_the_qdq_reference(int8_export, monkeypatch, tmp_path):
-    """On the Cortex-M4 (int64 requantization on a 32-bit core, newlib's float functions) as on the host."""
+    """On the Cortex-M4 (SMLAD kernels, 32-bit requantization, newlib's float functions) as on the host."""
     import bench.firmware
 
     model, export = int8_export
@@ -299,6 +299,9 @@ def test_int8_firmware_under_qemu_matches_the_qdq_reference(int8_export, monkeyp
     assert record.valid and record.precision == "int8" and record.tolerance is None
     assert record.output_psnr_db >= record.min_output_psnr_db == MIN_OUTPUT_PSNR_DB["int8"]
     assert record.flash_bytes > export.weights_bytes and record.arena_bytes == export.arena_bytes
+    # the estimate: model_run's instruction mix weighed by the core's table, carried with the record
+    assert abs(sum(record.instruction_mix.values()) - record.instructions) <= 100
+    assert record.cycle_table == mcu_part(target.config).cycles and record.cycles_estimate > record.instructions
     built = Firmware(elf=bench.firmware.firmware_dir(model, target) / "firmware.elf", flash_bytes=record.flash_bytes,
                      ram_bytes=record.ram_bytes, stack_bytes=STACK_BYTES, toolchain=record.toolchain)
     x = photo(SHAPE)
