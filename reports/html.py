@@ -282,9 +282,12 @@ def _firmware_tables(records: pd.DataFrame) -> dict | None:
 
     def cell(r: dict | None) -> dict:
         if r is None:
-            return {"flash": "—", "ram": "—", "arena": "—", "instructions": "—"}
+            return {"flash": "—", "ram": "—", "arena": "—", "instructions": "—", "cycles": "—", "macs_per_cycle": "—"}
+        cycles = None if is_missing(r.get("cycles_estimate")) else r["cycles_estimate"]
         return {"flash": _kilobytes(r["flash_bytes"]), "ram": _kilobytes(r["ram_bytes"]),
-                "arena": _kilobytes(r["arena_bytes"]), "instructions": f"{r['instructions'] / 1e6:.2f}"}
+                "arena": _kilobytes(r["arena_bytes"]), "instructions": f"{r['instructions'] / 1e6:.2f}",
+                "cycles": "—" if cycles is None else f"{cycles / 1e6:.2f}",
+                "macs_per_cycle": "—" if cycles is None else f"{r['macs'] / cycles:.2f}"}
 
     rows = [{"model": m["model"], "precision": m["precision"], "input": "x".join(map(str, m["input_shape"][-2:])),
              "cores": [cell(latest.get((target, m["model"]))) for target in cores]} for m in models]
@@ -297,9 +300,13 @@ def _firmware_tables(records: pd.DataFrame) -> dict | None:
                 if (f["target"] == target and f["precision"] == "fp32" and f["base_model"] == r["base_model"]
                         and f["macs"] == r["macs"] and list(f["input_shape"]) == list(r["input_shape"])):
                     gains.append({"core": cores[target], "int8": r["model"], "fp32": f["model"], **{
-                        key: ratio_cell(r[key], f[key]) for key in ("flash_bytes", "ram_bytes", "arena_bytes",
-                                                                    "instructions")}})
-    return {"cores": list(cores.values()), "rows": rows, "gains": gains}
+                        key: ratio_cell(r.get(key), f.get(key)) for key in (
+                            "flash_bytes", "ram_bytes", "arena_bytes", "instructions", "cycles_estimate")}})
+    tables = {cores[r["target"]]: r["cycle_table"] for r in latest.values() if isinstance(r.get("cycle_table"), dict)}
+    classes = sorted({kind for table in tables.values() for kind in table})
+    return {"cores": list(cores.values()), "rows": rows, "gains": gains,
+            "cycle_tables": {"classes": classes, "cores": [{"core": core, "cycles": [table.get(k, "—") for k in classes]}
+                                                           for core, table in tables.items()]} if tables else None}
 
 
 def _robustness(probes: pd.DataFrame) -> list[dict]:

@@ -363,24 +363,28 @@ def test_report_sets_each_int8_model_beside_the_fp32_network_it_quantizes(tmp_pa
     from bench.record import Record, append_records, load_records
     from reports import render_report
 
-    def firmware(model, precision, target, flash, ram, instructions, macs=25_000_000):
+    def firmware(model, precision, target, flash, ram, instructions, macs=25_000_000, cycles=None):
         return Record(run_id="run-1", model=model, family="cyclegan", variant=model.partition("+")[2], base_model="gen",
                       precision=precision, weights="random", input_shape=[1, 3, 64, 64], params=70_000, macs=macs,
                       size_fp32_bytes=280_000, target=target, device=f"{target} (qemu)", isa_level="",
                       runtime="c-firmware", threads=1, samples=1, flash_bytes=flash, ram_bytes=ram, arena_bytes=ram // 2,
                       instructions=instructions, toolchain="arm-none-eabi-gcc 12.2.1, qemu-system-arm 7.2.22",
+                      cycles_estimate=cycles, cycle_table=cycles and {"alu": 1, "load": 2},
                       timestamp="2026-01-01T00:00:00+00:00")
 
-    records = [firmware("gen+prune", "fp32", "cortex-m4", 300_000, 320_000, 120_000_000),
-               firmware("gen+prune+ptq", "int8", "cortex-m4", 150_000, 160_000, 60_000_000),
+    records = [firmware("gen+prune", "fp32", "cortex-m4", 300_000, 320_000, 120_000_000, cycles=200_000_000),
+               firmware("gen+prune+ptq", "int8", "cortex-m4", 150_000, 160_000, 60_000_000, cycles=50_000_000),
                firmware("gen+kd", "fp32", "cortex-m4", 100_000, 200_000, 40_000_000, macs=12_000_000),  # another network
                firmware("gen+prune+ptq", "int8", "cortex-m7", 160_000, 160_000, 50_000_000)]  # no fp32 on this core
     append_records(records, tmp_path / "results" / "run.jsonl")
     index = render_report(load_records(tmp_path / "results"), tmp_path / "index.html").read_text()
     gains = re.search(r'<table class="firmware-gains".*?</table>', index, re.S).group()
     rows = [re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", row)).strip() for row in re.findall(r"<tr>(.*?)</tr>", gains, re.S)]
-    assert rows[1:] == ["cortex-m4 (qemu) gen+prune+ptq gen+prune 0.50× 0.50× 0.50× 0.50×"]
+    assert rows[1:] == ["cortex-m4 (qemu) gen+prune+ptq gen+prune 0.50× 0.50× 0.50× 0.50× 0.25×"]
     table = re.search(r'<table class="firmware" .*?</table>', index, re.S).group()
-    assert table.count("<th colspan=\"4\">") == 2 and "60.00" in table and "50.00" in table
+    assert table.count("<th colspan=\"6\">") == 2 and "60.00" in table and "50.00" in table
+    assert "200.00" in table and ">0.50<" in table  # estimated M cycles and MACs/cycle (25 M MACs / 50 M cycles)
+    tables = re.search(r'<table class="cycle-tables".*?</table>', index, re.S).group()
+    assert "cortex-m4 (qemu)" in tables and "cortex-m7" not in tables and "load" in tables
     device = (tmp_path / "index-devices" / "cortex-m4.html").read_text()
     assert "arm-none-eabi-gcc 12.2.1, qemu-system-arm 7.2.22" in device
