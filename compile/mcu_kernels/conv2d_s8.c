@@ -198,20 +198,19 @@ static inline __attribute__((always_inline)) void convolve(const int32_t* g, con
     const int32_t q = p + 1 < pixels ? p + 1 : p; /* an odd last pixel is computed twice */
     gather_pair(g, input, p, q, offsets, rows, cols, pair_columns);
     const uint32_t* w = expanded;
-    for (int32_t oc = 0; oc < out_c; oc += 2) {
-      const int32_t od = oc + 1 < out_c ? oc + 1 : oc; /* an odd last channel pairs with zero weights */
-      const uint32_t* c = (const uint32_t*)pair_columns; /* 16-bit pairs, two words per pixel per group */
-      const uint32_t* const end = c + depth;
-      int32_t a00 = bias[oc], a01 = bias[oc], a10 = bias[od], a11 = bias[od];
-      multiply_accumulate(w, c, end, &a00, &a01, &a10, &a11);
-      w += depth; /* both channels' pairs: depth words */
-      /* Second channel and pixel first: where they repeat the first (odd counts), the first's value stays. */
-      uint8_t* first = out + oc * pixels;
-      uint8_t* second = out + od * pixels;
-      second[q] = requantize(a11, requant + 3 * od, out_zero, out_signed);
-      second[p] = requantize(a10, requant + 3 * od, out_zero, out_signed);
-      first[q] = requantize(a01, requant + 3 * oc, out_zero, out_signed);
-      first[p] = requantize(a00, requant + 3 * oc, out_zero, out_signed);
+    const uint32_t* const columns_end = (const uint32_t*)pair_columns + depth;
+    const int32_t next_pixel = q - p;
+    uint8_t* o = out + p;
+    for (int32_t oc = 0; oc < out_c; oc += 2, w += depth, o += 2 * pixels) { /* w: both channels' pairs */
+      /* An odd last channel pairs with zero weights; its second results land on the first's and are overwritten. */
+      const int32_t second = oc + 1 < out_c;
+      int32_t a00 = bias[oc], a01 = a00, a10 = bias[oc + second], a11 = a10;
+      multiply_accumulate(w, (const uint32_t*)pair_columns, columns_end, &a00, &a01, &a10, &a11);
+      uint8_t* o_second = o + second * pixels;
+      o_second[next_pixel] = requantize(a11, requant + 3 * (oc + second), out_zero, out_signed);
+      o_second[0] = requantize(a10, requant + 3 * (oc + second), out_zero, out_signed);
+      o[next_pixel] = requantize(a01, requant + 3 * oc, out_zero, out_signed);
+      o[0] = requantize(a00, requant + 3 * oc, out_zero, out_signed);
     }
   }
 }
