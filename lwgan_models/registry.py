@@ -20,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from errors import UserError
 from lwgan_models.cyclegan import define_G
+from lwgan_models.hooks import forward_hooks
 from lwgan_models.style_transfer import StyleTransferNet
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -310,13 +311,9 @@ def trace_on_meta(spec: ModelSpec, input_shape: tuple[int, ...] | None = None) -
     with torch.device("meta"):
         module = spec.builder().eval()
         image = torch.empty(input_shape or spec.input_shape)
-    hooks = [m.register_forward_hook(record) for m in module.modules() if not list(m.children())]
-    try:
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            module(image)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    with forward_hooks(module, record, lambda m: not list(m.children())), FlopCounterMode(display=False) as counter, \
+            torch.no_grad():
+        module(image)
     return counter.get_total_flops() // 2, peak
 
 

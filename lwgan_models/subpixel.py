@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lwgan_models.hooks import forward_hooks
+
 
 def _phase(kernel: int, stride: int, padding: int, phase: int, in_size: int, out_size: int):
     """Taps, their order, and the (left, right) padding that give output phase `phase` as a plain conv."""
@@ -177,13 +179,8 @@ def decompose_transposed_convs(
     def record(layer, inputs, output):
         shapes[layer] = (tuple(inputs[0].shape[-2:]), tuple(output.shape[-2:]))
 
-    hooks = [m.register_forward_hook(record) for m in module.modules() if isinstance(m, nn.ConvTranspose2d)]
-    try:
-        with torch.no_grad():
-            module(example)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    with forward_hooks(module, record, lambda m: isinstance(m, nn.ConvTranspose2d)), torch.no_grad():
+        module(example)
     rewritten = copy.deepcopy(module)
     originals = dict(module.named_modules())
     for name, layer in list(rewritten.named_modules()):

@@ -135,12 +135,8 @@ def tuning_curves_chart(curves: dict[str, tuple[list[list[float]], int | None]],
     all_latency = [ms for curve, _ in curves.values() for _, ms in curve]
     if max(all_latency) > LOG_SCALE_SPAN * min(all_latency):
         ax.set_yscale("log")
-    ax.set_title(title, fontsize=10)
-    ax.set_xlabel("MetaSchedule trials (▼ within 10% of the final latency)")
-    ax.set_ylabel("best model latency estimate (ms)")
-    ax.grid(alpha=0.3)
-    ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1, 1), fontsize=8)
-    return png_base64(fig)
+    return _labelled(fig, ax, title, "MetaSchedule trials (▼ within 10% of the final latency)",
+                     "best model latency estimate (ms)")
 
 
 def robustness_chart(title: str, series: dict[str, list[tuple[float, float]]]) -> str | None:
@@ -156,9 +152,14 @@ def robustness_chart(title: str, series: dict[str, list[tuple[float, float]]]) -
     epsilons = sorted({eps for points in series.values() for eps, _ in points})
     ax.set_xticks(epsilons, [f"{eps:g}" for eps in epsilons])
     ax.xaxis.set_minor_formatter(NullFormatter())
+    return _labelled(fig, ax, title, "ε (8-bit levels, /255)", "PSNR perturbed vs clean output (dB)")
+
+
+def _labelled(fig: Figure, ax, title: str, x_label: str, y_label: str) -> str:
+    """A line chart's title, axis labels, grid and legend (outside the axes, right), embedded."""
     ax.set_title(title, fontsize=10)
-    ax.set_xlabel("ε (8-bit levels, /255)")
-    ax.set_ylabel("PSNR perturbed vs clean output (dB)")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
     ax.grid(alpha=0.3)
     ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1, 1), fontsize=8)
     return png_base64(fig)

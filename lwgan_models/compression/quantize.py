@@ -27,6 +27,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from errors import UserError
+from lwgan_models.hooks import forward_hooks
 from lwgan_models.onnx_export import export_onnx
 from lwgan_models.style_transfer import ConditionalInstanceNorm2d
 from lwgan_models.subpixel import SubPixelConvTranspose2d, decompose_transposed_convs
@@ -304,14 +305,8 @@ def load_qdq(module: nn.Module, path: Path, example: torch.Tensor) -> nn.Module:
 def _in_execution_order(module: nn.Module, example: torch.Tensor, kinds: tuple[type, ...]) -> list[nn.Module]:
     """The layers of `kinds` in `module` in the order a forward at `example` calls them."""
     order: list[nn.Module] = []
-    hooks = [m.register_forward_hook(lambda layer, *_: order.append(layer)) for m in module.modules()
-             if isinstance(m, kinds)]
-    try:
-        with torch.no_grad():
-            module(example)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    with forward_hooks(module, lambda layer, *_: order.append(layer), lambda m: isinstance(m, kinds)), torch.no_grad():
+        module(example)
     return order
 
 
