@@ -165,6 +165,14 @@ def _match_conv(sch: Schedule, block) -> _Conv | None:
                  stride_height, stride_width, input_width, data.source, weight.source)
 
 
+def _same_shape_epilogue(sch: Schedule, conv_block, epilogue: list) -> bool:
+    """Whether every block after the convolution writes a tensor of its output's shape, so it can fuse
+    into the write-back. A broadcast (a squeeze-and-excitation gate times the feature map it gates)
+    writes a larger one: TVM's reverse_compute_inline fails on it with an internal error."""
+    shape = [_int(d) for d in sch.get(conv_block).writes[0].source.shape]
+    return all([_int(d) for d in sch.get(block).writes[0].source.shape] == shape for block in epilogue)
+
+
 def _is_reduction(sch: Schedule, block) -> bool:
     return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
 
@@ -192,6 +200,8 @@ def direct_conv_schedule(mod: tvm.IRModule, lanes: int) -> Schedule | None:
     position = reductions[0]
     conv = _match_conv(sch, blocks[position])
     if conv is None or (position == 1 and not _writes(sch, blocks[0], conv.data)):
+        return None
+    if not _same_shape_epilogue(sch, blocks[position], blocks[position + 1:]):
         return None
     unit_stride = conv.stride_width == 1
     tile = choose_tile(conv.out_channels, conv.height, conv.width, conv.kernel_width, unit_stride, lanes)

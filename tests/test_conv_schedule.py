@@ -88,6 +88,30 @@ def test_integer_and_non_conv_kernels_are_left_alone(host_target):
     assert schedule_direct_conv(grouped[kernel], 16) is None
 
 
+class SqueezeExcite(nn.Module):
+    """A MobileNetV3 gate: a 1x1 conv on the pooled features, hard-sigmoid, times the feature map."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        return x * nn.functional.hardsigmoid(self.gate(x.mean((2, 3), keepdim=True)))
+
+
+def test_a_broadcasting_epilogue_keeps_tvms_loops_and_the_model_still_builds(host_target):
+    torch.manual_seed(0)
+    net, shape = SqueezeExcite().eval(), (1, 8, 6, 6)
+    prepared = prepare(torch_to_relax(net, shape, "se"), host_target)
+    (kernel,) = _conv_kernels(prepared)
+    assert schedule_direct_conv(prepared[kernel], 16) is None  # the gate's multiply writes 8x6x6, the conv 8x1x1
+    x = np.random.default_rng(0).uniform(-1, 1, shape).astype("float32")
+    vm = relax.VirtualMachine(tvm.compile(with_default_schedules(prepared, host_target), host_target), tvm.cpu())
+    with torch.inference_mode():
+        expected = net(torch.from_numpy(x)).numpy()
+    assert np.abs(vm["main"](tvm.runtime.tensor(x)).numpy() - expected).max() < TOLERANCE
+
+
 def test_weights_are_packed_once_at_build_time(host_target):
     """A tile along the channels reads packed weights: the build packs the constant weights, and
     the kernel that runs per inference no longer does."""
