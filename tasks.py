@@ -44,19 +44,24 @@ def cli(func):
     return wrapper
 
 
-def _models_under_test(model: str | None, onnx: str | None, shape: str | None, checkpoint: str | None,
-                       demo_only: bool):
+def _models_under_test(model: str | None, onnx: str | None, shape: str | list[str] | None, checkpoint: str | None,
+                       demo_only: bool, inputs: list[str] | None = None, image: str | None = None):
     """Registry models and variants by name (default: the demo set and its compressed variants) or one
-    ONNX file, all checked before any work. int8 QDQ variants are re-pinned to any --shape."""
+    ONNX file, all checked before any work. int8 QDQ variants are re-pinned to any --shape; an ONNX
+    file's inputs are pinned by name (--shape NAME=SHAPE) and fed from .npy files (--input NAME=FILE)."""
     import lwgan_models
-    from compile.pipeline import from_onnx_file, from_registry, from_variant
+    from compile.pipeline import from_onnx_files, from_registry, from_variant
     from lwgan_models.registry import VARIANT_SEPARATOR, find_variant, variants
 
-    input_shape = _shape(shape) if shape else None
+    input_shape, shapes = _shapes(shape)
+    values = dict(_named(item, "--input", "NAME=FILE.npy") for item in _items(inputs))
     if onnx:
         if model or checkpoint:
             raise UserError("--onnx benchmarks one file; it takes no --model or --checkpoint")
-        return [from_onnx_file(onnx, input_shape)]
+        return [from_onnx_files(onnx.split(","), input_shape, shapes, values, image)]
+    if shapes or values or image:
+        raise UserError("--shape NAME=SHAPE, --input and --image name the inputs of an --onnx file; "
+                        "a registry model takes --shape NxCxHxW")
     if model:
         names = [m.strip() for m in model.split(",") if m.strip()]
     else:
@@ -92,6 +97,29 @@ def _shape(text: str) -> tuple[int, ...]:
         raise UserError(f"--shape {text!r}: expected NxCxHxW, e.g. 1x3x256x256") from None
 
 
+def _items(values: str | list[str] | None) -> list[str]:
+    """A repeatable flag's values, each of which may also list several, separated by commas or semicolons."""
+    texts = [values] if isinstance(values, str) else list(values or [])
+    return [item.strip() for text in texts for item in text.replace(";", ",").split(",") if item.strip()]
+
+
+def _named(item: str, flag: str, form: str) -> tuple[str, str]:
+    name, equals, value = item.rpartition("=")
+    if not (equals and name and value):
+        raise UserError(f"{flag} {item!r}: expected {form}")
+    return name, value
+
+
+def _shapes(values: str | list[str] | None) -> tuple[tuple[int, ...] | None, dict[str, tuple[int, ...]]]:
+    """--shape: one NxCxHxW (the image input's), and/or NAME=SHAPE pins of an ONNX file's inputs."""
+    items = _items(values)
+    unnamed = [_shape(item) for item in items if "=" not in item]
+    if len(unnamed) > 1:
+        raise UserError(f"--shape {', '.join(items)}: one shape without a name (the image input's); name the others")
+    named = dict(_named(item, "--shape", "NAME=NxCxHxW") for item in items if "=" in item)
+    return (unnamed[0] if unnamed else None), {name: _shape(text) for name, text in named.items()}
+
+
 @contextlib.contextmanager
 def _keeping_records(out: Path, samples_dir: Path):
     """A run that fails or is interrupted keeps the records it appended and removes sample images no record
@@ -107,6 +135,13 @@ def _keeping_records(out: Path, samples_dir: Path):
         raise
 
 
+SHAPE_HELP = ("input shape NxCxHxW (default: the model's, or the target's); an ONNX file's inputs by name, "
+              "NAME=SHAPE (repeatable, or separated by commas)")
+INPUT_HELP = ("an ONNX file's input from a .npy file, NAME=FILE.npy (repeatable); inputs not given are filled "
+              "deterministically, and each record says how")
+IMAGE_HELP = "an ONNX file's image input, where its 4-D float inputs leave that open"
+
+
 def _target(target: str, isa: str | None):
     import targets
 
@@ -114,11 +149,14 @@ def _target(target: str, isa: str | None):
 
 
 @task(
+    iterable=["shape", "input"],
     help={
         "target": "device config name under targets/ (e.g. host)",
         "model": "registry model name, or several separated by commas",
-        "onnx": "an ONNX generator file to tune instead of a registry model",
-        "shape": "input shape NxCxHxW (default: the model's)",
+        "onnx": "an ONNX model file to tune instead of a registry model (A.onnx,B.onnx: the two chained)",
+        "shape": SHAPE_HELP,
+        "input": INPUT_HELP,
+        "image": IMAGE_HELP,
         "trials": "total MetaSchedule trials (default: the target's tuning budget)",
         "trials_per_task": "trials per tuning task (default: the target's)",
         "isa": "ISA level of the target to tune for (default: detected)",
@@ -127,8 +165,8 @@ def _target(target: str, isa: str | None):
     }
 )
 @cli
-def tune(c, model=None, onnx=None, target="host", shape=None, trials=None, trials_per_task=None, isa=None, focus=None,
-         debug=False):
+def tune(c, model=None, onnx=None, target="host", shape=None, input=None, image=None, trials=None, trials_per_task=None,
+         isa=None, focus=None, debug=False):
     """Tune with MetaSchedule (XGBoost cost model); appends to autotune_logs/<target-level>/<model>/."""
     from compile.pipeline import database_of, tune_for_target
 
@@ -140,7 +178,7 @@ def tune(c, model=None, onnx=None, target="host", shape=None, trials=None, trial
     focus = _count(focus, "focus", None)
     if not (model or onnx):
         raise UserError("say what to tune: --model NAME or --onnx FILE")
-    for subject in _models_under_test(model, onnx, shape, checkpoint=None, demo_only=False):
+    for subject in _models_under_test(model, onnx, shape, checkpoint=None, demo_only=False, inputs=input, image=image):
         database = database_of(subject, resolved)
         say(f"{subject.name}: {database.record_count()} records so far in {database.path}")
         started = time.time()
@@ -150,16 +188,20 @@ def tune(c, model=None, onnx=None, target="host", shape=None, trials=None, trial
 
 
 @task(
+    iterable=["shape", "input"],
     help={
         "target": "device config name under targets/ (e.g. host)",
         "model": "registry model name(s), comma separated (default: the target's bench models, else the demo set)",
-        "onnx": "an ONNX generator file (one image input) to benchmark instead (TVM vs ONNX Runtime)",
+        "onnx": "an ONNX model file to benchmark instead (TVM vs ONNX Runtime and OpenVINO); A.onnx,B.onnx runs "
+                "A then B as one model, A's outputs feeding B's inputs of the same names",
+        "input": INPUT_HELP,
+        "image": IMAGE_HELP,
         "runtimes": "comma-separated runtimes (default: every installed one the target runs; see `invoke runtimes`)",
         "samples": "timed samples per runtime (default: the target's rule)",
         "threads": "threads for every runtime (default: the target's)",
         "isa": "ISA level (default: detected)",
         "all_models": "every registered model, not just the demo set",
-        "shape": "input shape NxCxHxW instead of each model's default (or the target's), e.g. 1x3x256x256",
+        "shape": SHAPE_HELP,
         "results": "folder for the records (default: reports/results)",
         "checkpoint": "weights to load instead of the registry's (one model only), e.g. an official latest_net_G_A.pth",
         "roofline": "also profile TVM's kernels: GFLOP/s per kernel against this machine's measured FMA peak",
@@ -168,7 +210,8 @@ def tune(c, model=None, onnx=None, target="host", shape=None, trials=None, trial
 )
 @cli
 def bench(c, target="host", model=None, onnx=None, runtimes=None, samples=None, threads=None, isa=None,
-          all_models=False, shape=None, results=None, checkpoint=None, roofline=False, debug=False):
+          all_models=False, shape=None, input=None, image=None, results=None, checkpoint=None, roofline=False,
+          debug=False):
     """Benchmark models side by side; appends records to reports/results/<run-id>.jsonl."""
     import dataclasses
 
@@ -185,7 +228,7 @@ def bench(c, target="host", model=None, onnx=None, runtimes=None, samples=None, 
     if not (onnx or all_models):  # the device's own default set, where its config names one
         model = model or ",".join(config.default_models) or None
         shape = shape or (config.default_input_shape and "x".join(map(str, config.default_input_shape)))
-    subjects = _models_under_test(model, onnx, shape, checkpoint, demo_only=not all_models)
+    subjects = _models_under_test(model, onnx, shape, checkpoint, demo_only=not all_models, inputs=input, image=image)
     chosen = tuple(spec.name for spec in parse_runtimes(runtimes.split(","), config.place)) if runtimes else None
     run_id = new_run_id()
     out = (Path(results) if results else RESULTS_DIR) / f"{run_id}.jsonl"

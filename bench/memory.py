@@ -6,13 +6,18 @@ names (bench/runtimes/: a TVM library, an ONNX or .tflite file, a pickled torch 
 plug-in loads it, runs a few inferences and reports its peak resident set (VmHWM): what a process
 serving that model on the device would need.
 
-    python -m bench.memory RUNTIME ARTIFACT NxCxHxW THREADS PLUGIN_FILE
+    python -m bench.memory RUNTIME ARTIFACT INPUTS THREADS PLUGIN_FILE
+
+INPUTS is a one-input model's shape (NxCxHxW, filled uniform in [-1, 1]) or an .npz of a
+multi-input model's inputs by name, in the graph's order: the values the benchmark fed it.
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from errors import UserError
@@ -22,15 +27,23 @@ INFERENCES = 3
 TIMEOUT_S = 600
 
 
-def peak_rss_bytes(runtime: str, artifact: Path, input_shape: tuple[int, ...], threads: int) -> int:
-    """Run the child below and return its VmHWM in bytes; a failing child is a UserError with its last line."""
+def peak_rss_bytes(runtime: str, artifact: Path, inputs, threads: int) -> int:
+    """Run the child below on `inputs` (a shape, an array, or arrays by name) and return its VmHWM in bytes;
+    a failing child is a UserError with its last line."""
+    import numpy as np
+
     from bench.runtimes import get
 
-    shape = "x".join(str(d) for d in input_shape)
-    child = subprocess.run(
-        [sys.executable, "-m", "bench.memory", runtime, str(artifact), shape, str(threads), get(runtime).source],
-        capture_output=True, text=True, cwd=REPO_ROOT, timeout=TIMEOUT_S,
-    )
+    with tempfile.TemporaryDirectory() as scratch:
+        if isinstance(inputs, Mapping):
+            given = str(Path(scratch) / "inputs.npz")
+            np.savez(given, **inputs)
+        else:
+            given = "x".join(str(d) for d in (inputs if isinstance(inputs, tuple) else inputs.shape))
+        child = subprocess.run(
+            [sys.executable, "-m", "bench.memory", runtime, str(artifact), given, str(threads), get(runtime).source],
+            capture_output=True, text=True, cwd=REPO_ROOT, timeout=TIMEOUT_S,
+        )
     lines = child.stdout.strip().splitlines()
     if child.returncode != 0 or not lines or not lines[-1].isdigit():
         detail = (child.stderr.strip().splitlines() or ["no output"])[-1]
@@ -45,7 +58,7 @@ def _vm_hwm_bytes() -> int:
     raise RuntimeError("/proc/self/status has no VmHWM")
 
 
-def _run(runtime: str, artifact: str, shape: tuple[int, ...], threads: int, plugin: str) -> None:
+def _run(runtime: str, artifact: str, inputs: str, threads: int, plugin: str) -> None:
     import numpy as np
 
     from bench.runtimes import get, load_plugin, registered
@@ -53,13 +66,17 @@ def _run(runtime: str, artifact: str, shape: tuple[int, ...], threads: int, plug
     if runtime not in {spec.name for spec in registered()}:  # a plug-in from outside bench/runtimes/
         load_plugin(plugin)
 
-    x = np.random.default_rng(0).uniform(-1, 1, shape).astype("float32")
+    if inputs.endswith(".npz"):
+        with np.load(inputs) as saved:
+            x = {name: saved[name] for name in saved.files}
+    else:
+        x = np.random.default_rng(0).uniform(-1, 1, tuple(int(d) for d in inputs.split("x"))).astype("float32")
     adapter = get(runtime).load(Path(artifact), threads)
     for _ in range(INFERENCES):
         adapter.run(x)
 
 
 if __name__ == "__main__":
-    runtime_name, artifact_path, shape_text, thread_count, plugin_file = sys.argv[1:6]
-    _run(runtime_name, artifact_path, tuple(int(d) for d in shape_text.split("x")), int(thread_count), plugin_file)
+    runtime_name, artifact_path, input_text, thread_count, plugin_file = sys.argv[1:6]
+    _run(runtime_name, artifact_path, input_text, int(thread_count), plugin_file)
     print(_vm_hwm_bytes())

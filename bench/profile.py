@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from bench import runtimes as runtime_registry
-from bench.run import test_image
+from bench.run import model_inputs
 from compile.artifacts import build_artifact
 from compile.pipeline import ModelUnderTest
 from errors import UserError
@@ -32,7 +32,7 @@ def profile_model(model: ModelUnderTest, target: ResolvedTarget, runtimes: tuple
     if target.config.place != "host":
         raise UserError(f"per-op profiles run on the host; target {target.config.name!r} runs models on a "
                         f"{target.config.place}")
-    x = test_image(model.input_shape)
+    x = model_inputs(model)
     rows, skipped = [], {}
     for spec in runtime_registry.parse(runtimes, "host"):
         adapter = spec.load(build_artifact(spec.artifact, model, target).path, threads)

@@ -32,7 +32,7 @@ class Record:
     family: str  # "cyclegan" | "nst"
     variant: str  # "fp32" for a base model, else its compression method: "ptq", "qat", "kd", "prune", ...
     weights: str  # "random" or "<path>@sha256:<hex>"
-    input_shape: list[int]
+    input_shape: list[int]  # the image input's
     params: int
     macs: int
     size_fp32_bytes: int  # fp32 weights as a state_dict on disk
@@ -44,6 +44,13 @@ class Record:
     threads: int
     artifact_bytes: int | None = None  # compiled library / ONNX file size
     base_model: str | None = None  # the registry model a compressed variant was made from
+    # An ONNX file's every input in the graph's order, [{name, shape, dtype, fill}]: fill is how the run fed
+    # it ("test-image", "file:<path>@sha256:<hex>", "seeded-uniform(seed=N)" in [-1, 1], "seeded-one-hot(seed=N)"
+    # for a weights vector, "zeros" for integers; compile/pipeline.py InputSpec). None: a registry
+    # generator's one image input.
+    inputs: list | None = None
+    # "generator" (an N×C×H×W image out) or "other" (an embedding, logits): the report lists those apart.
+    kind: str = "generator"
     precision: str = "fp32"  # the model's: "fp32" | "int8"
     # What the runtime actually executed: "fp32", "bf16" (OpenVINO's default on CPUs with bf16 units),
     # "fp16", or "int8"; the output is judged by this precision's rule. None in older records (= precision).

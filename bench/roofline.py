@@ -82,10 +82,11 @@ def kernel_flops(lowered: tvm.IRModule) -> dict[str, float]:
     return flops
 
 
-def kernel_profile(vm: relax.VirtualMachine, x: tvm.runtime.Tensor, flops: dict[str, float], peak_gflops: float,
-                   runs: int = PROFILE_RUNS) -> list[dict]:
-    """Per kernel with a FLOP count: calls and milliseconds per inference, GFLOP/s and fraction of peak, slowest first."""
-    totals = kernel_times(vm, x, runs, keep=lambda name: name in flops)
+def kernel_profile(vm: relax.VirtualMachine, args: list[tvm.runtime.Tensor], flops: dict[str, float],
+                   peak_gflops: float, runs: int = PROFILE_RUNS) -> list[dict]:
+    """Per kernel with a FLOP count (`args`: `main`'s inputs): calls and milliseconds per inference, GFLOP/s and
+    fraction of peak, slowest first."""
+    totals = kernel_times(vm, args, runs, keep=lambda name: name in flops)
     rows = []
     for name, seconds in totals.items():
         calls = len(seconds) / runs

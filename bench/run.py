@@ -1,7 +1,8 @@
 """Benchmark a model under test on a target: TVM beside every peer runtime, in one run.
 
 Every runtime (bench/runtimes/, a registry of plug-ins) gets the same input (a real photo that
-ships with scikit-image), the same thread count and the same timing rules, in the same
+ships with scikit-image; an ONNX model's other inputs a file's values or a seeded fill, each named in
+the record), the same thread count and the same timing rules, in the same
 interleaved rounds, wherever it runs: in this process on the host, or on an RPC board
 (bench/places.py). Every result, valid or not, becomes a `Record`; a runtime that cannot run the
 model gets a record that says why. Outputs are checked against the reference (torch for registry
@@ -32,14 +33,14 @@ from bench.memory import peak_rss_bytes
 from bench.places import PLACES
 from bench.record import Record
 from bench.roofline import fma_peak_gflops, kernel_flops, kernel_profile
-from bench.runtimes import Runtime, RuntimeSpec
+from bench.runtimes import Inputs, Runtime, RuntimeSpec, named_inputs
 from bench.runtimes.tvm_vm import TvmRuntime
 from compile.artifacts import Artifact, NotBuildable, build_artifact
 from compile.build import CompiledModel
 from compile.conv_schedule import PREPACKED
 from compile.database import TuningDatabase, trials_to_within
 from compile.int8 import MACS_ATTR
-from compile.pipeline import ModelUnderTest, relax_for_target
+from compile.pipeline import IMAGE_CHANNELS, ModelUnderTest, relax_for_target
 from compile.tuning import prepare
 from errors import UserError
 from lwgan_models.compression.evaluate import psnr_db
@@ -62,23 +63,34 @@ def new_run_id() -> str:
 
 
 def test_image(shape: tuple[int, ...]) -> np.ndarray:
-    """scikit-image's astronaut photo at `shape` (NCHW, or NHWC when the last dim is the channel), in [-1, 1]."""
-    nhwc = shape[1] not in (1, 3) and shape[-1] in (1, 3)
+    """scikit-image's astronaut photo at `shape` (NCHW, or NHWC when the last dim is the channel and the
+    second is not), in [-1, 1]; a fourth channel is opaque alpha (1)."""
+    nhwc = shape[1] not in IMAGE_CHANNELS and shape[-1] in IMAGE_CHANNELS
     batch, channels, height, width = (shape[0], shape[3], shape[1], shape[2]) if nhwc else shape
     image = torch.from_numpy(skimage_data.astronaut()).permute(2, 0, 1).float().unsqueeze(0) / 127.5 - 1.0
     image = torch.nn.functional.interpolate(image, size=(height, width), mode="bilinear", antialias=True)
-    image = image[:, :channels].expand(batch, channels, height, width)
+    image = torch.cat([image, torch.ones_like(image[:, :1])], dim=1)[:, :channels]
+    image = image.expand(batch, channels, height, width)
     return (image.permute(0, 2, 3, 1) if nhwc else image).contiguous().numpy()
 
 
-def reference_output(model: ModelUnderTest, x: np.ndarray) -> np.ndarray:
+def model_inputs(model: ModelUnderTest) -> Inputs:
+    """What every runtime is fed: the test image for a one-input model (an array, as plug-ins always got),
+    else each input by name in the graph's order, the image input the test image (see `InputSpec`)."""
+    if len(model.inputs) <= 1:
+        return test_image(model.input_shape)
+    return {spec.name: test_image(spec.shape) if spec.fill == "image" else spec.filled() for spec in model.inputs}
+
+
+def reference_output(model: ModelUnderTest, x: Inputs) -> np.ndarray:
+    """torch's output for a registry generator; ONNX Runtime's, graph optimisations off, for an ONNX file."""
     if model.torch_module is not None:
         with torch.inference_mode():
             return model.torch_module(torch.from_numpy(x)).numpy()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(str(model.onnx_file()), options, providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: x})[0]
+    return session.run(None, named_inputs(x, session.get_inputs()[0].name))[0]
 
 
 def default_runtimes(target: ResolvedTarget) -> tuple[str, ...]:
@@ -108,6 +120,9 @@ def bench_model(
 
         return bench_firmware(model, target, run_id, report, samples_dir)
     specs = runtime_registry.parse(runtimes or default_runtimes(target), place_name)
+    if place_name == "board" and len(model.inputs) > 1:
+        raise UserError(f"{model.name}: boards run one-input models; this one has inputs "
+                        f"{', '.join(spec.name for spec in model.inputs)}")
     place = PLACES[place_name](target)
     try:
         with open_target_probe(target.config) as probe:  # a board's probe holds an SSH connection
@@ -130,7 +145,7 @@ def _bench_at(
     base: ModelUnderTest | None,
     place,
 ) -> list[Record]:
-    x = test_image(model.input_shape)
+    x = model_inputs(model)
     reference = reference_output(model, x)
     sample = save_sample(reference, samples_dir / f"{model.name}.png") if samples_dir else None
     common = {"run_id": run_id, **model_fields(model), **target_fields(target), "env": place.environment(),
@@ -169,7 +184,7 @@ def _bench_at(
     for adapter, timing in zip(adapters, timings):
         artifact = artifacts[adapter.name]
         power = measure_energy(adapter, probe, rules)
-        peak_rss = (peak_rss_bytes(adapter.name, artifact.path, model.input_shape, rules.threads)
+        peak_rss = (peak_rss_bytes(adapter.name, artifact.path, x, rules.threads)
                     if place.measures_memory else None)
         kernels = (_roofline(model, target, adapter, rules.threads)
                    if roofline and adapter.name == "tvm" and place.name == "host" else {})
@@ -284,6 +299,8 @@ def model_fields(model: ModelUnderTest) -> dict:
         **model.quality,
         "weights": model.weights,
         "input_shape": list(model.input_shape),
+        "inputs": [spec.record() for spec in model.inputs] or None,
+        "kind": model.kind,
         "params": model.params,
         "macs": model.macs,
         "size_fp32_bytes": model.size_fp32_bytes,
@@ -307,7 +324,7 @@ def _roofline(model: ModelUnderTest, target: ResolvedTarget, adapter: TvmRuntime
     peak = fma_peak_gflops(threads)
     built = prepare(relax_for_target(model, target)(), target.tvm_target)
     flops, integer = _kernel_flops(built)
-    profile = kernel_profile(adapter.vm, adapter.x, flops, peak)
+    profile = kernel_profile(adapter.vm, adapter.args, flops, peak)
     for row in profile:
         if row["kernel"] in integer:
             row["peak_fraction"] = None

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import tvm
 from google.protobuf.message import DecodeError
-from onnx import numpy_helper
+from onnx import compose, numpy_helper, version_converter
 from onnx.reference import ReferenceEvaluator
 from tvm.relax.frontend.onnx import from_onnx
 from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
@@ -83,6 +83,33 @@ def _pin_inputs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
         del dims[:]
         for d in shape:
             dims.add().dim_value = d
+
+
+def chain_onnx(first: Path, second: Path) -> onnx.ModelProto:
+    """One model running `first`, then `second` on its outputs: each output of `first` feeds the input of
+    `second` of the same name (a style predictor's embedding into a transformer network). The inputs are
+    both stages' other inputs, the outputs `second`'s; internal names get a stage prefix so they cannot clash."""
+    models = [load_onnx(first), load_onnx(second)]
+    inputs = [{v.name for v in graph_inputs(model)} for model in models]
+    wired = [o.name for o in models[0].graph.output if o.name in inputs[1]]
+    if not wired:
+        raise UserError(f"{second}: no input is named like an output of {first} "
+                        f"({', '.join(o.name for o in models[0].graph.output)})")
+    shared = (inputs[0] & inputs[1]) - set(wired)
+    if shared:
+        raise UserError(f"{first} and {second} both take input(s) {', '.join(sorted(shared))}; rename one")
+    opset = max(next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 1) for m in models)
+    stages = []
+    for stage, model in enumerate(models):
+        if next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1) != opset:
+            model = version_converter.convert_version(model, opset)
+        model.ir_version = max(m.ir_version for m in models)
+        stages.append(compose.add_prefix(model, f"stage{stage}/", rename_inputs=False, rename_outputs=False))
+    try:
+        return compose.merge_models(*stages, io_map=[(name, name) for name in wired],
+                                         outputs=[o.name for o in models[1].graph.output])
+    except (ValueError, onnx.checker.ValidationError) as exc:
+        raise UserError(f"{first} then {second}: cannot chain them ({str(exc).strip().splitlines()[0]})") from exc
 
 
 def _known_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
@@ -227,8 +254,9 @@ def _failing_node(exc: BaseException) -> onnx.NodeProto | None:
     return node
 
 
-def _static_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None):
-    """Given shapes, completed with the declared shapes of inputs that are already static."""
+def static_input_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None
+                        ) -> dict[str, tuple[int, ...]]:
+    """Given shapes, completed with the declared shapes of inputs that are already static, in the graph's input order."""
     shapes = dict(input_shapes or {})
     for name in shapes:  # an unknown name explains a missing shape better than "pass input_shapes"
         _graph_input(model, name)
@@ -238,9 +266,10 @@ def _static_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ..
         declared = declared_shape(value)
         if declared is None or not all(isinstance(d, int) for d in declared):
             shown = "unknown rank" if declared is None else f"shape {declared}"
-            raise UserError(f"input {value.name!r} has {shown}; pass input_shapes={{{value.name!r}: (...)}}")
+            raise UserError(f"input {value.name!r} has {shown}; give it a static shape "
+                            f"(--shape {value.name}=..., or input_shapes in Python)")
         shapes[value.name] = declared
-    return shapes
+    return {value.name: tuple(shapes[value.name]) for value in graph_inputs(model)}
 
 
 def onnx_to_relax(
@@ -255,7 +284,7 @@ def onnx_to_relax(
     else:
         model, label = load_onnx(path_or_model), str(path_or_model)
     try:
-        folded = fold_shapes(model, _static_shapes(model, input_shapes))
+        folded = fold_shapes(model, static_input_shapes(model, input_shapes))
     except UserError as exc:
         raise UserError(f"{label}: {exc}") from exc
 

@@ -12,17 +12,20 @@ import hashlib
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
+import onnx
 import psutil
 import torch
 import tvm
+from tvm import relax
 
 from compile.build import CACHE_DIR, CompiledModel, compile_model
 from compile.database import TuningDatabase, database_for
 from compile.int8 import lower_quantized_convs
-from compile.onnx_import import graph_inputs, load_onnx, onnx_macs, onnx_peak_activation_bytes, onnx_to_relax
+from compile.onnx_import import (chain_onnx, declared_shape, graph_inputs, load_onnx, onnx_macs, onnx_peak_activation_bytes,
+                                 onnx_to_relax)
 from compile.qdq_integer import onnx_at_input_shape
 from compile.torch_import import torch_to_relax
 from compile.tuning import cross_compiler, tune
@@ -32,6 +35,57 @@ from lwgan_models.onnx_export import export_onnx as lwgan_export_onnx
 from lwgan_models.registry import Variant, trace_on_meta
 from lwgan_models.registry import load as registry_load
 from targets import ResolvedTarget
+
+
+IMAGE_CHANNELS = (1, 3, 4)  # grey, RGB, RGBA
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One graph input of an ONNX model at its static shape, and what the benchmark feeds it.
+
+    `fill` says how: "image" (the test photo, bench/run.py `test_image`), "file" (`value`, a user's
+    .npy), or a deterministic fill seeded by the input's name, so every run and runtime sees the same
+    values: integer and bool inputs "zeros" (index 0 is valid for any embedding table), a float
+    weights vector (a name holding "weight", at most 2-D: conditional instance norm's style mix)
+    "one-hot" at a seeded position of its last axis (one style, as users pick them), any other float
+    input "uniform" in [-1, 1] (a latent code, a noise map, an embedding).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # numpy's name for it: "float32", "int64", ...
+    fill: str  # "image" | "file" | "zeros" | "one-hot" | "uniform"
+    source: str = ""  # a file's "<path>@sha256:<hex>"
+    value: np.ndarray | None = field(default=None, compare=False, repr=False)  # a file's contents
+
+    @property
+    def seed(self) -> int:
+        return int(hashlib.sha256(self.name.encode()).hexdigest()[:8], 16)
+
+    def describe(self) -> str:
+        """How the record says this input was filled."""
+        if self.fill == "file":
+            return f"file:{self.source}"
+        if self.fill in ("one-hot", "uniform"):
+            return f"seeded-{self.fill}(seed={self.seed})"
+        return "test-image" if self.fill == "image" else self.fill
+
+    def filled(self) -> np.ndarray:
+        """The deterministic value of a filled input (not the image: the bench makes that one)."""
+        if self.fill == "file":
+            return self.value
+        if self.fill == "zeros":
+            return np.zeros(self.shape, self.dtype)
+        rng = np.random.default_rng(self.seed)
+        if self.fill == "uniform":
+            return rng.uniform(-1.0, 1.0, self.shape).astype(self.dtype)
+        value = np.zeros(self.shape, self.dtype)
+        value[..., rng.integers(self.shape[-1])] = 1
+        return value
+
+    def record(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "fill": self.describe()}
 
 
 @dataclass(frozen=True)
@@ -44,13 +98,17 @@ class ModelUnderTest:
     params: int
     macs: int
     size_fp32_bytes: int
-    input_shape: tuple[int, ...]
+    input_shape: tuple[int, ...]  # the image input's (a model without one: its first input's)
     digest: str
     make_relax: Callable[..., tvm.IRModule]  # (fused_subpixel=False): see torch_to_relax
     onnx_file: Callable[[], Path]
     torch_module: torch.nn.Module | None = None  # None for ONNX files: no torch baseline
     base_model: str = ""  # the registry model a variant was made from ("" for a user's ONNX file)
     quality: dict = field(default_factory=dict)  # from the checkpoint card: psnr_db, ssim, seed_metric(_name)
+    # An ONNX file's inputs in the graph's order (= the Relax `main`'s parameters); () for a registry
+    # generator, whose one input is the image at `input_shape`.
+    inputs: tuple[InputSpec, ...] = ()
+    kind: str = "generator"  # "other" when the output is not an N×C×H×W image (an embedding, logits)
 
 
 def from_registry(loaded: LoadedModel, input_shape: tuple[int, ...] | None = None) -> ModelUnderTest:
@@ -84,18 +142,44 @@ def from_registry(loaded: LoadedModel, input_shape: tuple[int, ...] | None = Non
     )
 
 
-def from_onnx_file(path: str | Path, input_shape: tuple[int, ...] | None = None) -> ModelUnderTest:
-    """A user's ONNX generator with one image input, at its declared or the given static shape."""
+def from_onnx_file(path: str | Path, input_shape: tuple[int, ...] | None = None,
+                   shapes: Mapping[str, tuple[int, ...]] | None = None, values: Mapping[str, str | Path] | None = None,
+                   image: str | None = None) -> ModelUnderTest:
+    """A user's ONNX model at static input shapes: `input_shape` pins the image input (or a one-input
+    model's input), `shapes` any input by name, `values` feeds inputs from .npy files (their shapes pin
+    them too); `image` names the image input where the 4-D float one is ambiguous (see `InputSpec`)."""
     path = Path(path)
     model = load_onnx(path)
-    inputs = graph_inputs(model)
-    if len(inputs) != 1:
-        raise UserError(f"{path}: expected one image input, found {len(inputs)} ({', '.join(v.name for v in inputs)})")
-    shapes = {inputs[0].name: tuple(input_shape)} if input_shape else None
-    if shapes:  # before the import, which would allocate constants at this size
-        require_memory(path.name, tuple(input_shape), onnx_peak_activation_bytes(model, shapes))
-    mod = onnx_to_relax(model, shapes)  # fails early, with the operator named, if it cannot be imported
-    shape = tuple(int(d) for d in mod["main"].params[0].ty.shape)
+    declared = {v.name: v for v in graph_inputs(model)}
+    for flag, names in (("--shape", shapes or {}), ("--input", values or {}), ("--image", [image] if image else [])):
+        for name in names:
+            if name not in declared:
+                raise UserError(f"{path}: {flag} {name}: no input named {name!r}; the model's inputs are "
+                                f"{', '.join(declared)}")
+    pinned = {name: tuple(int(d) for d in shape) for name, shape in (shapes or {}).items()}
+    files = {name: _input_file(path, name, Path(file), declared[name], pinned.get(name))
+             for name, file in (values or {}).items()}
+    pinned.update({name: array.shape for name, (array, _) in files.items()})
+    image = _image_input(path, declared, pinned, image)
+    if input_shape:
+        if image is None and len(declared) > 1:
+            raise UserError(f"{path}: a shape without a name pins the image input; this model has none among "
+                            f"{', '.join(declared)}: give --shape NAME=SHAPE")
+        pinned_name = image or next(iter(declared))
+        if pinned.get(pinned_name, tuple(input_shape)) != tuple(input_shape):
+            raise UserError(f"{path}: input {pinned_name!r} given two shapes, {tuple(input_shape)} and "
+                            f"{pinned[pinned_name]}")
+        pinned[pinned_name] = tuple(input_shape)
+    if pinned:  # before the import, which would allocate constants at this size
+        require_memory(path.name, pinned.get(image) or next(iter(pinned.values())),
+                       onnx_peak_activation_bytes(model, pinned))
+    mod = onnx_to_relax(model, pinned)  # fails early, with the operator named, if it cannot be imported
+    params = mod["main"].params
+    if len(params) != len(declared):
+        raise UserError(f"{path}: TVM's import kept {len(params)} of the model's {len(declared)} inputs")
+    shapes = {name: tuple(int(d) for d in param.ty.shape) for name, param in zip(declared, params)}
+    specs = tuple(_input_spec(declared[name], shape, name == image, files.get(name)) for name, shape in shapes.items())
+    shape = shapes[image or next(iter(declared))]
     raw = path.read_bytes()
     sha = hashlib.sha256(raw).hexdigest()
     weights = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
@@ -107,13 +191,104 @@ def from_onnx_file(path: str | Path, input_shape: tuple[int, ...] | None = None)
         precision="int8" if quantized else "fp32",
         weights=f"{path}@sha256:{sha}",
         params=weights,
-        macs=onnx_macs(model, {inputs[0].name: shape}),
+        macs=onnx_macs(model, shapes),
         size_fp32_bytes=4 * weights,
         input_shape=shape,
-        digest=hashlib.sha256(f"{sha}|{shape}".encode()).hexdigest()[:24],
+        # one input: the key builds before several inputs were kept
+        digest=hashlib.sha256(f"{sha}|{shape if len(shapes) == 1 else shapes}".encode()).hexdigest()[:24],
         make_relax=lambda fused_subpixel=False: mod,
         onnx_file=lambda: path,
+        inputs=specs,
+        kind="generator" if _image_like(mod["main"].ret_ty) else "other",
     )
+
+
+def from_onnx_files(paths: Sequence[str | Path], input_shape: tuple[int, ...] | None = None,
+                    shapes: Mapping[str, tuple[int, ...]] | None = None, values: Mapping[str, str | Path] | None = None,
+                    image: str | None = None) -> ModelUnderTest:
+    """One ONNX file (`from_onnx_file`), or two benchmarked as a unit: the first's outputs feed the second's
+    inputs of the same names (`chain_onnx`). The chained file is written to the cache; records name both."""
+    if len(paths) == 1:
+        return from_onnx_file(paths[0], input_shape, shapes, values, image)
+    if len(paths) != 2:
+        raise UserError(f"--onnx {','.join(map(str, paths))}: one file, or two to run one after the other")
+    first, second = Path(paths[0]), Path(paths[1])
+    chained = chain_onnx(first, second)
+    stages = " + ".join(f"{p}@sha256:{hashlib.sha256(p.read_bytes()).hexdigest()}" for p in (first, second))
+    path = CACHE_DIR / "chained" / hashlib.sha256(stages.encode()).hexdigest()[:24] / f"{first.stem}+{second.stem}.onnx"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        onnx.save(chained, partial)
+        partial.replace(path)
+    return replace(from_onnx_file(path, input_shape, shapes, values, image), weights=stages)
+
+
+def _dtype(value: onnx.ValueInfoProto) -> np.dtype:
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
+
+
+def _image_input(path: Path, declared: dict[str, onnx.ValueInfoProto], pinned: dict[str, tuple[int, ...]],
+                 chosen: str | None) -> str | None:
+    """`chosen` if it is 4-D float, else the 4-D float input; among several, the only one with 3 channels
+    (NCHW or NHWC); None without one."""
+    shapes = {name: pinned.get(name) or declared_shape(value) for name, value in declared.items()}
+    candidates = [name for name, value in declared.items()
+                  if _dtype(value).kind == "f" and shapes[name] is not None and len(shapes[name]) == 4]
+    if chosen:
+        if chosen not in candidates:
+            raise UserError(f"{path}: --image {chosen}: the image input must be 4-D float, it is "
+                            f"{_dtype(declared[chosen])} of shape {shapes[chosen]}")
+        return chosen
+    if len(candidates) > 1:
+        candidates = [name for name in candidates if 3 in (shapes[name][1], shapes[name][3])] or candidates
+    if len(candidates) > 1:
+        raise UserError(f"{path}: several 4-D float inputs ({', '.join(candidates)}); name the image with --image NAME")
+    return candidates[0] if candidates else None
+
+
+def _input_file(path: Path, name: str, file: Path, value: onnx.ValueInfoProto,
+                shape: tuple[int, ...] | None) -> tuple[np.ndarray, str]:
+    """A .npy file's array for input `name`, checked against its declared (or given) shape and dtype."""
+    if not file.is_file():
+        raise UserError(f"{path}: --input {name}: no such file {file}")
+    try:
+        array = np.load(file, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise UserError(f"{path}: --input {name}: {file} is not a .npy array ({exc})") from exc
+    expected = shape or declared_shape(value)
+    if expected is not None and (len(expected) != array.ndim or any(
+            isinstance(e, int) and e != a for e, a in zip(expected, array.shape))):
+        raise UserError(f"{path}: --input {name}: {file} holds shape {array.shape}, the input takes {tuple(expected)}")
+    dtype = _dtype(value)
+    if not np.can_cast(array.dtype, dtype, casting="same_kind"):
+        raise UserError(f"{path}: --input {name}: {file} holds {array.dtype}, the input takes {dtype}")
+    return array.astype(dtype), f"{file}@sha256:{hashlib.sha256(file.read_bytes()).hexdigest()}"
+
+
+def _input_spec(value: onnx.ValueInfoProto, shape: tuple[int, ...], image: bool,
+                file: tuple[np.ndarray, str] | None) -> InputSpec:
+    dtype = _dtype(value)
+    if image:
+        fill = "image"
+    elif file is not None:
+        return InputSpec(value.name, shape, dtype.name, "file", source=file[1], value=file[0])
+    elif dtype.kind != "f":
+        fill = "zeros"
+    else:
+        fill = "one-hot" if "weight" in value.name.lower() and len(shape) <= 2 else "uniform"
+    return InputSpec(value.name, shape, dtype.name, fill)
+
+
+def _image_like(output: relax.Type) -> bool:
+    """Whether a model's (first) output is an N×C×H×W image with 1, 3 or 4 channels, first or last."""
+    if isinstance(output, relax.TupleType):
+        output = output.fields[0]
+    if not isinstance(output, relax.TensorType) or output.shape is None or output.ndim != 4:
+        return False
+    shape = [int(d) for d in output.shape]
+    height_width = shape[2:] if shape[1] in IMAGE_CHANNELS else shape[1:3] if shape[3] in IMAGE_CHANNELS else [1]
+    return min(height_width) > 1
 
 
 def from_variant(variant: Variant, input_shape: tuple[int, ...] | None = None) -> ModelUnderTest:

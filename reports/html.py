@@ -112,6 +112,8 @@ def render_report(records: pd.DataFrame, out_path: Path, source: str | Path = "r
     for (target, isa_level), group in records.groupby(["target", "isa_level"], sort=True):
         device = _device_summary(group, target, isa_level, f"{pages_dir.name}/{_slug(target, isa_level)}.html")
         devices.append(device)
+        # models whose output is no image (an embedding, logits) get a table of their own, apart from generators'
+        others, generators = group[group["kind"] == "other"], group[group["kind"] != "other"]
         page = load_template("device.html.j2").render(
             **shared,
             index_href=f"../{out_path.name}",
@@ -119,10 +121,11 @@ def render_report(records: pd.DataFrame, out_path: Path, source: str | Path = "r
             record_count=len(group),
             runs=_runs(group),
             environments=_environments(group),
-            sections=_sections(group, runtimes),
-            device_compression=_device_compression(group),
+            sections=_sections(generators, runtimes),
+            other_models=_sections(others, runtimes),
+            device_compression=_device_compression(generators),
             warnings=[w for r in group.to_dict("records") for w in _warnings(r)],
-            pareto=_pareto_charts(group),
+            pareto=_pareto_charts(generators),
             tuning_chart=_tuning_chart(group, device["label"]),
             roofline=_roofline_tables(group),
             firmware=bool(group["flash_bytes"].notna().any()),
@@ -461,6 +464,7 @@ def _row(record: dict, latest: dict) -> dict:
     untimed = not is_missing(record.get("instructions"))  # firmware under qemu: instructions, no latency
     return {
         "model": record["model"],
+        "inputs": _inputs(record),
         "variant": record["variant"],
         "weights": short_weights(record["weights"]),
         "weights_full": record["weights"],
@@ -496,6 +500,14 @@ def _row(record: dict, latest: dict) -> dict:
         "valid": record["valid"],
         "reason": record["invalid_reason"],
     }
+
+
+def _inputs(record: dict) -> str:
+    """An ONNX file's inputs as the run fed them: name, shape and fill; "—" for a registry generator's one image."""
+    inputs = record.get("inputs")
+    if not isinstance(inputs, list):
+        return "—"
+    return "; ".join(f"{i['name']} {'x'.join(map(str, i['shape']))} {i['fill']}" for i in inputs)
 
 
 def _executed_precision(record: dict) -> str:

@@ -21,23 +21,29 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, Mapping, Protocol, Union
 
 import numpy as np
 
 from errors import UserError
 
 
+# A model's inputs: one array for a one-input model (what every plug-in has always been given), else
+# each input by name, in the order of the model's graph (the order TVM's `main` takes them in).
+Inputs = Union[np.ndarray, Mapping[str, np.ndarray]]
+
+
 class Runtime(Protocol):
-    """What the harness times: `run` for the correctness check, `measure` for n timed inferences."""
+    """What the harness times: `run` for the correctness check, `measure` for n timed inferences
+    of the inputs given to `prepare`."""
 
     name: str
     threads: int
     precision: str  # the float precision it actually executes: "fp32", "bf16", "fp16"
 
-    def prepare(self, x: np.ndarray) -> None: ...
+    def prepare(self, x: Inputs) -> None: ...
 
-    def run(self, x: np.ndarray) -> np.ndarray: ...
+    def run(self, x: Inputs) -> np.ndarray: ...
 
     def measure(self, n: int) -> list[float]: ...
 
@@ -59,6 +65,24 @@ class RuntimeSpec:
             return importlib.metadata.version(self.package)
         except importlib.metadata.PackageNotFoundError:
             return None
+
+
+def named_inputs(x: Inputs, first_name: str) -> dict[str, np.ndarray]:
+    """Feeds by name (ONNX Runtime, OpenVINO): a lone array is the model's first input."""
+    return dict(x) if isinstance(x, Mapping) else {first_name: x}
+
+
+def input_arrays(x: Inputs) -> list[np.ndarray]:
+    """The arrays in the model's input order (TVM's positional `main` arguments)."""
+    return list(x.values()) if isinstance(x, Mapping) else [x]
+
+
+def only_input(x: Inputs, runtime: str) -> np.ndarray:
+    """The array of a one-input model, for runtimes that only ever run registry generators (one image)."""
+    arrays = input_arrays(x)
+    if len(arrays) != 1:
+        raise UserError(f"{runtime} runs one-input models; this one has inputs {', '.join(x)}")
+    return arrays[0]
 
 
 def time_calls(call: Callable[[], object], n: int) -> list[float]:

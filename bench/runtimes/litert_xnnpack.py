@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.runtimes import RuntimeSpec, register, time_calls
+from bench.runtimes import Inputs, RuntimeSpec, only_input, register, time_calls
 
 
 class LiteRtRuntime:
@@ -28,11 +28,11 @@ class LiteRtRuntime:
         self.output_index = self.interpreter.get_output_details()[0]["index"]
         self.threads = threads
 
-    def prepare(self, x: np.ndarray) -> None:
-        self.interpreter.set_tensor(self.input_index, x)
+    def prepare(self, x: Inputs) -> None:
+        self.interpreter.set_tensor(self.input_index, only_input(x, self.name))
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        self.interpreter.set_tensor(self.input_index, x)
+    def run(self, x: Inputs) -> np.ndarray:
+        self.prepare(x)
         self.interpreter.invoke()
         return self.interpreter.get_tensor(self.output_index).copy()
 

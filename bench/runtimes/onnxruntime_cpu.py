@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.runtimes import RuntimeSpec, register, time_calls
+from bench.runtimes import Inputs, RuntimeSpec, named_inputs, register, time_calls
 
 
 class OnnxRuntime:
@@ -28,11 +28,11 @@ class OnnxRuntime:
         self.input_name = self.session.get_inputs()[0].name
         self.threads = threads
 
-    def prepare(self, x: np.ndarray) -> None:
-        self.feed = {self.input_name: x}
+    def prepare(self, x: Inputs) -> None:
+        self.feed = named_inputs(x, self.input_name)
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: x})[0]
+    def run(self, x: Inputs) -> np.ndarray:
+        return self.session.run(None, named_inputs(x, self.input_name))[0]
 
     def measure(self, n: int) -> list[float]:
         return time_calls(lambda: self.session.run(None, self.feed), n)

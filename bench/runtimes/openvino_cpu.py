@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.runtimes import RuntimeSpec, register, time_calls
+from bench.runtimes import Inputs, RuntimeSpec, named_inputs, register, time_calls
 
 PRECISIONS = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}  # OpenVINO's element type names -> the suite's
 
@@ -36,13 +36,18 @@ class OpenVinoRuntime:
         used = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         self.precision = PRECISIONS.get(used, used)
 
-    def prepare(self, x: np.ndarray) -> None:
+    def prepare(self, x: Inputs) -> None:
         import openvino as ov
 
-        self.request.set_input_tensor(ov.Tensor(np.ascontiguousarray(x)))
+        for name, array in self._feeds(x).items():
+            self.request.set_tensor(name, ov.Tensor(array))
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        return self.compiled(np.ascontiguousarray(x))[0].copy()
+    def run(self, x: Inputs) -> np.ndarray:
+        return self.compiled(self._feeds(x))[0].copy()
+
+    def _feeds(self, x: Inputs) -> dict[str, np.ndarray]:
+        feeds = named_inputs(x, self.compiled.inputs[0].get_any_name())
+        return {name: np.ascontiguousarray(array) for name, array in feeds.items()}
 
     def measure(self, n: int) -> list[float]:
         return time_calls(self.request.infer, n)
@@ -50,7 +55,8 @@ class OpenVinoRuntime:
     def op_profile(self, runs: int) -> list[dict]:
         """OpenVINO's own per-node counters (what benchmark_app's -report_type prints), its kernel as the type."""
         profiled = OpenVinoRuntime(self.onnx_path, self.threads, self.name, self.inference_precision, profile=True)
-        profiled.request.set_input_tensor(self.request.get_input_tensor())
+        for port in self.compiled.inputs:
+            profiled.request.set_tensor(port.get_any_name(), self.request.get_tensor(port.get_any_name()))
         profiled.request.infer()  # warm-up
         totals: dict[str, dict] = {}
         for _ in range(runs):

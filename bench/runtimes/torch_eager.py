@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.runtimes import RuntimeSpec, register, time_calls
+from bench.runtimes import Inputs, RuntimeSpec, only_input, register, time_calls
 
 
 class TorchRuntime:
@@ -20,16 +20,16 @@ class TorchRuntime:
         self.threads = threads
         torch.set_num_threads(threads)
 
-    def prepare(self, x: np.ndarray) -> None:
+    def prepare(self, x: Inputs) -> None:
         import torch
 
-        self.x = torch.from_numpy(x)
+        self.x = torch.from_numpy(only_input(x, self.name))
 
-    def run(self, x: np.ndarray) -> np.ndarray:
+    def run(self, x: Inputs) -> np.ndarray:
         import torch
 
         with torch.inference_mode():
-            return self.module(torch.from_numpy(x)).numpy()
+            return self.module(torch.from_numpy(only_input(x, self.name))).numpy()
 
     def measure(self, n: int) -> list[float]:
         import torch

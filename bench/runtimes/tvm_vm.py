@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from bench.runtimes import RuntimeSpec, register
+from bench.runtimes import Inputs, RuntimeSpec, input_arrays, register
 from errors import UserError
 
 if TYPE_CHECKING:
@@ -63,29 +63,31 @@ class TvmRuntime:
         self.device = device
         self.threads = threads
 
-    def prepare(self, x: np.ndarray) -> None:
+    def prepare(self, x: Inputs) -> None:
+        self.args = self._tensors(x)
+
+    def run(self, x: Inputs) -> np.ndarray:
+        return self.vm["main"](*self._tensors(x)).numpy()
+
+    def _tensors(self, x: Inputs) -> list:
+        """`main`'s arguments: the inputs in the graph's order, which is its parameter order."""
         import tvm
 
-        self.x = tvm.runtime.tensor(x, self.device)
-
-    def run(self, x: np.ndarray) -> np.ndarray:
-        import tvm
-
-        return self.vm["main"](tvm.runtime.tensor(x, self.device)).numpy()
+        return [tvm.runtime.tensor(array, self.device) for array in input_arrays(x)]
 
     def measure(self, n: int) -> list[float]:
         if n <= 0:
             return []
         evaluator = self.vm.time_evaluator("main", self.device, number=1, repeat=n)
-        return [float(s) for s in evaluator(self.x).results]
+        return [float(s) for s in evaluator(*self.args).results]
 
     def op_profile(self, runs: int) -> list[dict]:
-        """Per kernel the VM calls: calls and ms per inference (the input given to `prepare`)."""
+        """Per kernel the VM calls: calls and ms per inference (the inputs given to `prepare`)."""
         return [{"op": name, "type": "tir kernel", "calls": len(seconds) / runs, "ms": 1e3 * sum(seconds) / runs}
-                for name, seconds in kernel_times(self.vm, self.x, runs).items()]
+                for name, seconds in kernel_times(self.vm, self.args, runs).items()]
 
 
-def kernel_times(vm, x, runs: int, keep=lambda name: True) -> dict[str, list[float]]:
+def kernel_times(vm, args: list, runs: int, keep=lambda name: True) -> dict[str, list[float]]:
     """Seconds of every call of each kernel `keep` accepts over `runs` inferences, after one warm-up.
 
     Each call is timed on the host around the VM's call instruction; CPU kernels run synchronously,
@@ -107,10 +109,10 @@ def kernel_times(vm, x, runs: int, keep=lambda name: True) -> dict[str, list[flo
 
     vm.set_instrument(instrument)
     try:
-        vm["main"](x)  # warm-up
+        vm["main"](*args)  # warm-up
         totals.clear()
         for _ in range(runs):
-            vm["main"](x)
+            vm["main"](*args)
     finally:
         vm.set_instrument(lambda *args: 0)
     return totals
@@ -131,7 +133,7 @@ class RemoteTvmRuntime(TvmRuntime):
         super().__init__(relax.VirtualMachine(session.load_module(library.name), device), device, threads,
                          runtime_function=session.get_function)
 
-    def run(self, x: np.ndarray) -> np.ndarray:
+    def run(self, x: Inputs) -> np.ndarray:
         try:
             return super().run(x)
         except RuntimeError as exc:
