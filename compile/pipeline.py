@@ -25,7 +25,7 @@ from compile.build import CACHE_DIR, CompiledModel, compile_model
 from compile.database import TuningDatabase, database_for
 from compile.int8 import lower_quantized_convs
 from compile.onnx_import import (chain_onnx, declared_shape, graph_inputs, load_onnx, onnx_macs, onnx_peak_activation_bytes,
-                                 onnx_to_relax)
+                                 onnx_to_relax, static_input_shapes)
 from compile.qdq_integer import onnx_at_input_shape
 from compile.torch_import import torch_to_relax
 from compile.tuning import cross_compiler, tune
@@ -170,9 +170,12 @@ def from_onnx_file(path: str | Path, input_shape: tuple[int, ...] | None = None,
             raise UserError(f"{path}: input {pinned_name!r} given two shapes, {tuple(input_shape)} and "
                             f"{pinned[pinned_name]}")
         pinned[pinned_name] = tuple(input_shape)
-    if pinned:  # before the import, which would allocate constants at this size
-        require_memory(path.name, pinned.get(image) or next(iter(pinned.values())),
-                       onnx_peak_activation_bytes(model, pinned))
+    try:
+        pinned = static_input_shapes(model, pinned)
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from exc
+    # before the import, which would allocate constants at this size
+    require_memory(path.name, pinned.get(image) or next(iter(pinned.values())), onnx_peak_activation_bytes(model, pinned))
     mod = onnx_to_relax(model, pinned)  # fails early, with the operator named, if it cannot be imported
     params = mod["main"].params
     if len(params) != len(declared):

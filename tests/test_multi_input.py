@@ -198,7 +198,7 @@ def test_bad_inputs_are_one_line_errors_naming_the_input(models, tmp_path, monke
     np.save(tmp_path / "wrong.npy", np.zeros((1, 3), np.float32))
     with pytest.raises(UserError, match=pattern) as info:
         from_onnx_file(models["conditional"], shapes=shapes, values=values)
-    assert "\n" not in str(info.value)
+    assert str(info.value).startswith(models["conditional"]) and "\n" not in str(info.value)
 
 
 def test_cli_parsing_of_shapes_and_inputs(models):
@@ -210,3 +210,11 @@ def test_cli_parsing_of_shapes_and_inputs(models):
         _models_under_test("nst-cin4-w16", None, ["image=1x3x32x32"], None, False)
     with pytest.raises(UserError, match=r"--image content: no input named 'content'"):
         _models_under_test(None, models["conditional"], "1x3x16x16", None, False, image="content")
+
+
+def test_boards_refuse_multi_input_models_before_connecting(models):
+    board = targets.resolve(targets.load_target("aarch64-emu"))
+    model = from_onnx_file(models["conditional"], shapes={"image": (1, 3, 16, 16)})
+    with pytest.raises(UserError, match=r"^conditional_style: boards run one-input models; this one has inputs "
+                                        r"image, style_weights$"):
+        bench_model(model, board, "board", ("tvm",), RULES, **QUIET)
