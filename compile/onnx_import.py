@@ -21,6 +21,7 @@ from onnx.reference import ReferenceEvaluator
 from tvm.relax.frontend.onnx import from_onnx
 from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
+from compile.qoperator import qdq_from_qoperator
 from errors import UserError
 
 # Folding QDQ pairs on weights would turn int8 weights back into float ones; the importer
@@ -284,7 +285,7 @@ def onnx_to_relax(
     else:
         model, label = load_onnx(path_or_model), str(path_or_model)
     try:
-        folded = fold_shapes(model, static_input_shapes(model, input_shapes))
+        folded = fold_shapes(qdq_from_qoperator(model), static_input_shapes(model, input_shapes))
     except UserError as exc:
         raise UserError(f"{label}: {exc}") from exc
 
