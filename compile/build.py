@@ -21,11 +21,11 @@ from tvm.s_tir import meta_schedule as ms
 
 from compile.conv_schedule import prepack_weights
 from compile.database import TuningDatabase
-from compile.int8 import default_cpu_schedules
+from compile.int8 import LOWERING_ATTR, default_cpu_schedules
 from compile.tuning import hand_scheduled, prepare
 
 CACHE_DIR = Path(os.environ.get("LWGAN_CACHE", Path(__file__).resolve().parent.parent / "build" / "cache"))
-PIPELINE_VERSION = "13"  # bump when the import or build changes the code emitted
+PIPELINE_VERSION = "14"  # bump when the import or build changes the code emitted
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class CompiledModel:
     database: Path  # the database applied (or looked for, when db_records == 0)
     db_skipped: int  # records that no longer replay and were left out (see TuningDatabase.open_for_reading)
     cache_hit: bool
+    lowering: str | None = None  # an int8 model's summary of which ops ran as integer kernels (compile/int8.py)
 
     def load(self, device: tvm.runtime.Device | None = None) -> relax.VirtualMachine:
         return relax.VirtualMachine(tvm.runtime.load_module(str(self.library)), device or tvm.cpu())
@@ -98,9 +99,11 @@ def compile_model(
         meta = json.loads(meta_path.read_text())
         return CompiledModel(
             library, meta["tuned_tasks"], meta["total_tasks"], meta["db_records"], db_hash, database.path,
-            meta["db_skipped"], True,
+            meta["db_skipped"], True, meta.get("lowering"),
         )
-    applied, tuned, total, skipped = apply_database(make_module(), target, database)
+    mod = make_module()
+    lowering = mod.attrs.get(LOWERING_ATTR) if mod.attrs is not None else None
+    applied, tuned, total, skipped = apply_database(mod, target, database)
     executable = tvm.compile(applied, target)
     cache_dir.mkdir(parents=True, exist_ok=True)
     # Write to a temporary name first so an interrupted build never leaves a truncated library.
@@ -108,6 +111,8 @@ def compile_model(
         partial = Path(tmp.name)
     executable.export_library(str(partial), **({"fcompile": fcompile} if fcompile else {}))
     partial.replace(library)
-    meta = {"tuned_tasks": tuned, "total_tasks": total, "db_records": database.record_count(), "db_skipped": skipped}
+    meta = {"tuned_tasks": tuned, "total_tasks": total, "db_records": database.record_count(), "db_skipped": skipped,
+            "lowering": None if lowering is None else str(lowering)}
     meta_path.write_text(json.dumps(meta))
-    return CompiledModel(library, tuned, total, meta["db_records"], db_hash, database.path, skipped, False)
+    return CompiledModel(library, tuned, total, meta["db_records"], db_hash, database.path, skipped, False,
+                         meta["lowering"])

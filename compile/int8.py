@@ -816,6 +816,10 @@ def _is_scheduled(func: tirx.PrimFunc) -> bool:
     return bool(func.attrs and func.attrs.get("tirx.is_scheduled", False))
 
 
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear", "Constant")
+LOWERING_ATTR = "lwgan.int8_lowering"  # the IRModule attribute carrying `LoweringSummary.describe`
+
+
 @dataclass(frozen=True)
 class LoweringSummary:
     """What the pass did: integer convs emitted, how many of them tensorized, and with what."""
@@ -825,6 +829,20 @@ class LoweringSummary:
     intrinsics: tuple[str, ...]
     winograd: int  # of the integer convs, those run as exact integer Winograd
     instance_norms: int  # decomposed instance norms put back together (see _InstanceNormFolder)
+
+    def describe(self, graph_ops: dict[str, int]) -> str:
+        """One line for the user: which of the file's convolutions run as integer kernels and how, and
+        which ops (`graph_ops`: ONNX op type -> count, in QDQ form) run in float between the (de)quantizes."""
+        convs = graph_ops.get("Conv", 0)
+        how = ", ".join(self.intrinsics) or "portable integer code"
+        if self.winograd:
+            how += f"; {self.winograd} as integer Winograd"
+        floats = {op: n for op, n in graph_ops.items() if op not in ("Conv", *QDQ_OPS)}
+        if convs > self.integer_convs:
+            floats["Conv"] = convs - self.integer_convs
+        listed = ", ".join(op if n == 1 else f"{op} x{n}" for op, n in sorted(floats.items()))
+        return (f"int8 lowering: {self.integer_convs}/{convs} Conv as integer kernels ({how}); "
+                f"float between dequantize and quantize: {listed or 'nothing'}")
 
 
 def lower_quantized_convs(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModule, LoweringSummary]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -23,10 +24,11 @@ from tvm import relax
 
 from compile.build import CACHE_DIR, CompiledModel, compile_model
 from compile.database import TuningDatabase, database_for
-from compile.int8 import lower_quantized_convs
+from compile.int8 import LOWERING_ATTR, lower_quantized_convs
 from compile.onnx_import import (chain_onnx, declared_shape, graph_inputs, load_onnx, onnx_macs, onnx_peak_activation_bytes,
                                  onnx_to_relax, static_input_shapes)
 from compile.qdq_integer import onnx_at_input_shape
+from compile.qoperator import qdq_from_qoperator
 from compile.torch_import import torch_to_relax
 from compile.tuning import cross_compiler, tune
 from errors import UserError
@@ -368,7 +370,13 @@ def relax_for_target(model: ModelUnderTest, target: ResolvedTarget) -> Callable[
     if model.precision != "int8":
         fused_subpixel = target.tvm_target.kind.name == "llvm"
         return lambda: model.make_relax(fused_subpixel=fused_subpixel)
-    return lambda: lower_quantized_convs(model.make_relax(), target.tvm_target)[0]
+
+    def lowered() -> tvm.IRModule:
+        mod, summary = lower_quantized_convs(model.make_relax(), target.tvm_target)
+        graph = qdq_from_qoperator(load_onnx(model.onnx_file())).graph
+        return mod.with_attr(LOWERING_ATTR, summary.describe(Counter(node.op_type for node in graph.node)))
+
+    return lowered
 
 
 def compile_for_target(model: ModelUnderTest, target: ResolvedTarget) -> CompiledModel:
