@@ -42,6 +42,7 @@ Without a usable intrinsic (another ISA, or 8-bit weights whose int16 pair sums 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,6 +99,7 @@ class IntegerConv:
     offset: np.ndarray  # float32 (OC,)
     requantize: bool
     dequantize: tuple[float, int] | None = None
+    depthwise: bool = False  # one input channel per output channel (groups = channels): weight (C, 1, KH, KW)
 
     @property
     def out_dtype(self) -> str:
@@ -138,7 +140,8 @@ class KernelPlan:
     `layout` "channels": `lanes` output channels per vector, the activations broadcast;
     "pixels": `lanes` output pixels of one channel per vector, the weights broadcast (for
     fewer channels than lanes); "winograd": exact integer Winograd (compile/int8_winograd.py);
-    "amx": matrix products on AMX tiles of `lanes` channels (compile/int8_amx.py).
+    "amx": matrix products on AMX tiles of `lanes` channels (compile/int8_amx.py);
+    "depthwise": one channel's pixels per vector (`_depthwise_kernel`).
     `intrinsic` None is portable integer code that LLVM vectorizes.
     """
 
@@ -155,6 +158,8 @@ def plan_kernel(conv: IntegerConv, input_shape: tuple[int, ...], target: tvm.tar
     8-bit ones can, and then the conv runs as portable integer code rather than wrongly. On AVX2
     an integer multiply costs what a float one does, so 3x3 convs take Winograd's 2.25x fewer.
     """
+    if conv.depthwise:  # a dot product over input channels has nothing to sum here
+        return KernelPlan(None, 1, "depthwise")
     if amx.available(target) and amx.applies(conv, input_shape):
         return KernelPlan(amx.INTRINSIC, amx.CHANNELS, "amx")
     intrinsic = intrinsic_for(target)
@@ -209,6 +214,8 @@ def build_kernel(conv: IntegerConv, input_shape: tuple[int, ...], plan: KernelPl
         func, weights = winograd.winograd_kernel(conv, input_shape), winograd.transform_weight(conv.weight)
     elif plan.layout == "pixels":
         func, weights = _direct_kernel(conv, input_shape, plan), _pack_weight_for_pixels(conv.weight)
+    elif plan.layout == "depthwise":
+        func, weights = _depthwise_kernel(conv, input_shape), conv.weight[:, 0]
     else:
         func, weights = _direct_kernel(conv, input_shape, plan), pack_weight(conv.weight, plan.lanes)
     # Private (no global symbol): the module gives each kernel its own name. Opaque to operator fusion,
@@ -297,6 +304,52 @@ def _direct_kernel(conv: IntegerConv, input_shape: tuple[int, ...], plan: Kernel
     out = te.compute((n, out_channels, out_h, out_w), epilogue, name="epilogue")
     func = te.create_prim_func([data, weight, correction, multiplier, offset, out])
     return (_schedule_pixels if pixels else _schedule_channels)(func, plan, tile)
+
+
+def _depthwise_kernel(conv: IntegerConv, input_shape: tuple[int, ...]) -> tirx.PrimFunc:
+    """Depthwise convolution (data, weight (C, KH, KW), correction, multiplier, offset) -> NCHW output.
+
+    Each core takes whole channels: the channel's padded plane (zero point at the border) is
+    written once, then each vector of output pixels sums its window in int32 registers and runs
+    the epilogue. Products are u8 x s8 widened to int32: with one input channel there is no
+    channel sum for a dot-product instruction to take.
+    """
+    n, channels, height, width = (int(d) for d in input_shape)
+    _, _, out_h, out_w = conv.output_shape(input_shape)
+    _, _, kh, kw = conv.weight.shape
+    stride_h, stride_w = conv.strides
+    top, left = conv.padding[:2]
+    zero_point = tirx.const(conv.input_zero_point, "uint8")
+    data = te.placeholder((n, channels, height, width), "uint8", name="data")
+    weight = te.placeholder((channels, kh, kw), "int8", name="weight")
+    correction = te.placeholder((channels,), "int32", name="correction")
+    multiplier = te.placeholder((channels,), "float32", name="multiplier")
+    offset = te.placeholder((channels,), "float32", name="offset")
+
+    def pad(b, c, y, x):
+        inside = tirx.all(y >= top, y < top + height, x >= left, x < left + width)
+        clamped = data[b, c, tirx.max(tirx.min(y - top, height - 1), 0), tirx.max(tirx.min(x - left, width - 1), 0)]
+        return tirx.if_then_else(inside, clamped, zero_point)
+
+    padded = te.compute((n, channels, (out_h - 1) * stride_h + kh, (out_w - 1) * stride_w + kw), pad, name="padded")
+
+    def window_sum(b, c, y, x):  # written out tap by tap: a spatial block, so it inlines and vectorizes
+        taps = [padded[b, c, y * stride_h + i, x * stride_w + j].astype("int32") * weight[c, i, j].astype("int32")
+                for i in range(kh) for j in range(kw)]
+        return functools.reduce(lambda total, tap: total + tap, taps)
+
+    out = te.compute((n, channels, out_h, out_w),
+                     lambda b, c, y, x: conv.finish(window_sum(b, c, y, x) + correction[c], c, multiplier, offset),
+                     name="epilogue")
+    sch = Schedule(te.create_prim_func([data, weight, correction, multiplier, offset, out]))
+    b, c, y, x = sch.get_loops(sch.get_sblock("epilogue"))
+    planes = sch.fuse(b, c)
+    sch.parallel(planes)
+    sch.compute_at(sch.get_sblock("padded"), planes)
+    vector = next((v for v in (16, 8, 4) if out_w % v == 0), 1)  # whole vectors: no tail predicate
+    if vector > 1:
+        sch.vectorize(sch.split(x, [None, vector])[1])
+    return sch.mod["main"]
 
 
 def _schedule_channels(func: tirx.PrimFunc, plan: KernelPlan, tile: int) -> tirx.PrimFunc:
@@ -393,17 +446,17 @@ class _ConvMatch:
     weight_scale: np.ndarray  # float32 (OC,)
     strides: tuple[int, int]
     padding: tuple[int, int, int, int]
+    depthwise: bool
 
 
 def _match_conv(expr: relax.Expr, var2val) -> _ConvMatch | None:
-    """conv2d(dequantize(u8 tensor), dequantize(int8 constant)), NCHW/OIHW, ungrouped, undilated."""
+    """conv2d(dequantize(u8 tensor), dequantize(int8 constant)), NCHW/OIHW, undilated, ungrouped or depthwise."""
     conv = _call(expr, "relax.nn.conv2d", var2val)
     if conv is None:
         return None
     attrs = conv.attrs
     if (
-        int(attrs.groups) != 1
-        or any(int(d) != 1 for d in attrs.dilation)
+        any(int(d) != 1 for d in attrs.dilation)
         or (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW")
     ):
         return None
@@ -430,6 +483,10 @@ def _match_conv(expr: relax.Expr, var2val) -> _ConvMatch | None:
     if weight is None or weight.dtype != np.int8 or weight.ndim != 4 or weight_scale is None or weight_zero is None:
         return None
     out_channels = weight.shape[0]
+    groups = int(attrs.groups)
+    depthwise = groups == out_channels == int(ty.shape[1]) and weight.shape[1] == 1
+    if groups != 1 and not depthwise:
+        return None
     per_channel = weight_scale.size == out_channels and (weight_scale.size == 1 or int(weight_dq.attrs.axis) == 0)
     if weight_scale.size != 1 and not per_channel or np.any(weight_zero != 0):
         return None
@@ -440,6 +497,7 @@ def _match_conv(expr: relax.Expr, var2val) -> _ConvMatch | None:
         weight_scale=np.broadcast_to(weight_scale.reshape(-1).astype(np.float32), (out_channels,)),
         strides=(int(attrs.strides[0]), int(attrs.strides[1])),
         padding=(top, left, bottom, right),
+        depthwise=depthwise,
     )
 
 
@@ -516,6 +574,7 @@ def integer_conv(
         offset=offset.astype(np.float32),
         requantize=output is not None,
         dequantize=output if dequantized else None,
+        depthwise=match.depthwise,
     )
 
 
@@ -828,6 +887,7 @@ class LoweringSummary:
     tensorized: int
     intrinsics: tuple[str, ...]
     winograd: int  # of the integer convs, those run as exact integer Winograd
+    depthwise: int  # of the integer convs, the depthwise ones (`_depthwise_kernel`)
     instance_norms: int  # decomposed instance norms put back together (see _InstanceNormFolder)
 
     def describe(self, graph_ops: dict[str, int]) -> str:
@@ -837,6 +897,8 @@ class LoweringSummary:
         how = ", ".join(self.intrinsics) or "portable integer code"
         if self.winograd:
             how += f"; {self.winograd} as integer Winograd"
+        if self.depthwise:
+            how += f"; {self.depthwise} depthwise"
         floats = {op: n for op, n in graph_ops.items() if op not in ("Conv", *QDQ_OPS)}
         if convs > self.integer_convs:
             floats["Conv"] = convs - self.integer_convs
@@ -865,6 +927,7 @@ def lower_quantized_convs(mod: tvm.IRModule, target: tvm.target.Target) -> tuple
         tensorized=sum(k.intrinsic is not None for k in kernels),
         intrinsics=tuple(sorted({k.intrinsic for k in kernels if k.intrinsic})),
         winograd=sum(k.layout == "winograd" for k in kernels),
+        depthwise=sum(k.layout == "depthwise" for k in kernels),
         instance_norms=instance_norms,
     )
     lowered = relax.transform.DeadCodeElimination()(rewriter.builder_.get())

@@ -97,6 +97,26 @@ def make_conv(rng, channels, out_channels, kernel, strides=(1, 1), padding=(0, 0
     )
 
 
+@pytest.mark.parametrize("strides, padding, height, width", [
+    ((1, 1), (1, 1, 1, 1), 9, 16),  # MobileNet's depthwise 3x3: whole 16-pixel vectors
+    ((2, 2), (1, 1, 1, 1), 9, 11),  # strided, odd width: scalar rows
+    ((1, 1), (0, 2, 1, 0), 7, 6),  # asymmetric padding
+])
+def test_depthwise_kernels_accumulate_exactly_in_int32(strides, padding, height, width):
+    rng = np.random.default_rng(5)
+    conv = dataclasses.replace(make_conv(rng, 1, 24, (3, 3), strides, padding, weight_limit=127), depthwise=True)
+    x = rng.integers(0, 256, (1, 24, height, width)).astype(np.uint8)
+    got, plan, _ = run_kernel(conv, x, tvm.target.Target({"kind": "llvm", "num-cores": 2}))
+    assert plan.layout == "depthwise"
+    top, left, bottom, right = padding
+    padded = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (top, bottom), (left, right)),
+                    constant_values=conv.input_zero_point)
+    _, _, out_h, out_w = conv.output_shape(x.shape)
+    expected = sum(padded[:, :, ky: ky + strides[0] * out_h: strides[0], kx: kx + strides[1] * out_w: strides[1]]
+                   * conv.weight[None, :, 0, ky, kx, None, None].astype(np.int64) for ky in range(3) for kx in range(3))
+    np.testing.assert_array_equal(got, (expected + conv.correction[None, :, None, None]).astype(np.float32))
+
+
 SHAPES = [  # (C, OC, kernel, strides, padding (top, left, bottom, right), H, W, layout): what the generators contain
     (64, 64, (3, 3), (1, 1), (0, 0, 0, 0), 10, 12, "winograd"),  # residual block conv after reflection padding
     (65, 64, (3, 3), (1, 1), (1, 1, 1, 1), 6, 10, "winograd"),  # zero padding, channels not in whole pairs

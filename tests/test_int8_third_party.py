@@ -114,8 +114,10 @@ def test_tvm_runs_onnxruntimes_int8_files_and_says_which_ops_ran_how(quantized, 
     assert model.precision == "int8"
     compiled = compile_for_target(model, targets.resolve(targets.load_target("host")))
     convs = sum(node.op_type == "Conv" for node in onnx.load(quantized["QDQ"]).graph.node)
-    assert compiled.lowering.startswith(f"int8 lowering: {convs - 3}/{convs} Conv as integer kernels")
-    assert "Conv x3" in compiled.lowering and "HardSigmoid x2" in compiled.lowering  # grouped convs stay float
+    assert compiled.lowering.startswith(f"int8 lowering: {convs - 1}/{convs} Conv as integer kernels")
+    assert "; 2 depthwise)" in compiled.lowering  # the inverted residuals' depthwise convs
+    floats = compiled.lowering.partition("float between dequantize and quantize: ")[2].split(", ")
+    assert "Conv" in floats and "HardSigmoid x2" in floats  # the 4-group conv stays float
     x = np.random.default_rng(3).uniform(-1, 1, SHAPE).astype(np.float32)
     got = compiled.load()["main"](tvm.runtime.tensor(x)).numpy()
     assert psnr_db(got, ort_output(str(quantized[quant_format]), x)) >= MIN_OUTPUT_PSNR_DB["int8"]
