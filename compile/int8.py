@@ -890,20 +890,23 @@ class LoweringSummary:
     depthwise: int  # of the integer convs, the depthwise ones (`_depthwise_kernel`)
     instance_norms: int  # decomposed instance norms put back together (see _InstanceNormFolder)
 
-    def describe(self, graph_ops: dict[str, int]) -> str:
+    def describe(self, graph_ops: dict[str, int], transposed: int = 0, phases: int = 0) -> str:
         """One line for the user: which of the file's convolutions run as integer kernels and how, and
-        which ops (`graph_ops`: ONNX op type -> count, in QDQ form) run in float between the (de)quantizes."""
-        convs = graph_ops.get("Conv", 0)
+        which ops (`graph_ops`: ONNX op type -> count, in QDQ form) run in float between the (de)quantizes.
+        `transposed` ConvTranspose ops were imported as `phases` sub-pixel convolutions."""
+        convs = graph_ops.get("Conv", 0) + phases
         how = ", ".join(self.intrinsics) or "portable integer code"
         if self.winograd:
             how += f"; {self.winograd} as integer Winograd"
         if self.depthwise:
             how += f"; {self.depthwise} depthwise"
+        if phases:
+            how += f"; {phases} sub-pixel phases of {transposed} ConvTranspose"
         floats = {op: n for op, n in graph_ops.items() if op not in ("Conv", *QDQ_OPS)}
-        if convs > self.integer_convs:
-            floats["Conv"] = convs - self.integer_convs
-        listed = ", ".join(op if n == 1 else f"{op} x{n}" for op, n in sorted(floats.items()))
-        return (f"int8 lowering: {self.integer_convs}/{convs} Conv as integer kernels ({how}); "
+        floats["ConvTranspose"] = floats.get("ConvTranspose", 0) - transposed
+        floats["Conv"] = convs - self.integer_convs
+        listed = ", ".join(op if n == 1 else f"{op} x{n}" for op, n in sorted(floats.items()) if n > 0)
+        return (f"int8 lowering: {self.integer_convs}/{convs} convolutions as integer kernels ({how}); "
                 f"float between dequantize and quantize: {listed or 'nothing'}")
 
 

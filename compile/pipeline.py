@@ -29,6 +29,7 @@ from compile.onnx_import import (chain_onnx, declared_shape, graph_inputs, load_
                                  onnx_to_relax, static_input_shapes)
 from compile.qdq_integer import onnx_at_input_shape
 from compile.qoperator import qdq_from_qoperator
+from compile.rewrites import fuse_friendly, subpixel_transposed_convs
 from compile.torch_import import torch_to_relax
 from compile.tuning import cross_compiler, tune
 from errors import UserError
@@ -366,15 +367,19 @@ def relax_for_target(model: ModelUnderTest, target: ResolvedTarget) -> Callable[
 
     On CPUs (LLVM targets) a transposed convolution whose one wide 3x3 convolution form
     compile/winograd.py runs as Winograd is imported in that form; others, and every transposed
-    convolution on other targets, as the cheaper sub-pixel phases."""
+    convolution on other targets, as the cheaper sub-pixel phases. An imported ONNX file's
+    transposed convolutions become sub-pixel phases too (`subpixel_transposed_convs`); in an int8
+    file each phase, with its bias and quantize moved onto it, is then an integer convolution."""
     if model.precision != "int8":
         fused_subpixel = target.tvm_target.kind.name == "llvm"
-        return lambda: model.make_relax(fused_subpixel=fused_subpixel)
+        return lambda: subpixel_transposed_convs(model.make_relax(fused_subpixel=fused_subpixel))[0]
 
     def lowered() -> tvm.IRModule:
-        mod, summary = lower_quantized_convs(model.make_relax(), target.tvm_target)
+        mod, transposed, phases = subpixel_transposed_convs(model.make_relax())
+        mod, summary = lower_quantized_convs(fuse_friendly(mod)[0] if transposed else mod, target.tvm_target)
         graph = qdq_from_qoperator(load_onnx(model.onnx_file())).graph
-        return mod.with_attr(LOWERING_ATTR, summary.describe(Counter(node.op_type for node in graph.node)))
+        ops = Counter(node.op_type for node in graph.node)
+        return mod.with_attr(LOWERING_ATTR, summary.describe(ops, transposed, phases))
 
     return lowered
 

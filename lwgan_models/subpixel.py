@@ -27,7 +27,7 @@ from torch import nn
 from lwgan_models.hooks import forward_hooks
 
 
-def _phase(kernel: int, stride: int, padding: int, phase: int, in_size: int, out_size: int):
+def subpixel_phase(kernel: int, stride: int, padding: int, phase: int, in_size: int, out_size: int):
     """Taps, their order, and the (left, right) padding that give output phase `phase` as a plain conv."""
     offset = (phase + padding) % stride
     shift = (phase + padding) // stride
@@ -53,8 +53,8 @@ class SubPixelConvTranspose2d(nn.Module):
         ]
         self.phases = [
             (
-                _phase(convt.kernel_size[0], self.stride, convt.padding[0], ry, in_size[0], out_size[0]),
-                _phase(convt.kernel_size[1], self.stride, convt.padding[1], rx, in_size[1], out_size[1]),
+                subpixel_phase(convt.kernel_size[0], self.stride, convt.padding[0], ry, in_size[0], out_size[0]),
+                subpixel_phase(convt.kernel_size[1], self.stride, convt.padding[1], rx, in_size[1], out_size[1]),
             )
             for ry in range(self.stride)
             for rx in range(self.stride)

@@ -114,7 +114,7 @@ def test_tvm_runs_onnxruntimes_int8_files_and_says_which_ops_ran_how(quantized, 
     assert model.precision == "int8"
     compiled = compile_for_target(model, targets.resolve(targets.load_target("host")))
     convs = sum(node.op_type == "Conv" for node in onnx.load(quantized["QDQ"]).graph.node)
-    assert compiled.lowering.startswith(f"int8 lowering: {convs - 1}/{convs} Conv as integer kernels")
+    assert compiled.lowering.startswith(f"int8 lowering: {convs - 1}/{convs} convolutions as integer kernels")
     assert "; 2 depthwise)" in compiled.lowering  # the inverted residuals' depthwise convs
     floats = compiled.lowering.partition("float between dequantize and quantize: ")[2].split(", ")
     assert "Conv" in floats and "HardSigmoid x2" in floats  # the 4-group conv stays float
