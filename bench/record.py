@@ -67,6 +67,7 @@ class Record:
     db_hash: str | None = None
     tuning_db: str | None = None  # autotune_logs/<target-level>/<model>, relative to the repo
     tuned_tasks: str | None = None  # "tuned/total" tasks that found a database record
+    int8_lowering: str | None = None  # an int8 build: which convolutions ran as integer kernels, which ops in float
     tuning_curve: list | None = None  # [[trials, best estimated latency ms], ...] replayed from the database
     trials_to_10pct: int | None = None  # trials until the curve came within 10% of its final latency
     # Timing (milliseconds over the timed samples, after warm-up).

@@ -369,7 +369,10 @@ def measurement_fields(timing: Timing, check: OutputCheck) -> dict:
 
 def report_tuning(model: ModelUnderTest, target: ResolvedTarget, compiled: CompiledModel,
                   report: Callable[[str], None]) -> None:
-    """Say which database the build applied, or why none: a user must know whether TVM ran tuned."""
+    """Say which database the build applied, or why none: a user must know whether TVM ran tuned; and for
+    an int8 file, which of its ops ran as integer kernels."""
+    if compiled.lowering:
+        report(f"  {model.name}: {compiled.lowering}")
     if compiled.total_tasks == 0:
         report(f"  {model.name}: every kernel is hand-scheduled (integer lowering); no tuning database applies")
     elif compiled.db_records == 0:
@@ -384,7 +387,8 @@ def report_tuning(model: ModelUnderTest, target: ResolvedTarget, compiled: Compi
 
 def tvm_build_fields(build: CompiledModel) -> dict:
     """What a TVM record says of its build: the database applied, how much of the model it tuned, its cost."""
-    fields = {"db_hash": build.db_hash, "tuned_tasks": f"{build.tuned_tasks}/{build.total_tasks}"}
+    fields = {"db_hash": build.db_hash, "tuned_tasks": f"{build.tuned_tasks}/{build.total_tasks}",
+              "int8_lowering": build.lowering}
     if build.db_records:
         fields.update(tuned_trials=build.db_records, tuning_db=repo_relative(build.database),
                       **tuning_cost(build.database))
