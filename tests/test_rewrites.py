@@ -11,7 +11,8 @@ from torch import nn
 from tvm import relax
 
 from compile.build import with_default_schedules
-from compile.rewrites import fuse_friendly
+from compile.onnx_import import onnx_to_relax
+from compile.rewrites import fuse_friendly, subpixel_transposed_convs
 from compile.torch_import import torch_to_relax
 from compile.tuning import prepare
 
@@ -77,3 +78,31 @@ def test_zero_pads_become_conv_padding(pad, folded, host_target):
     with torch.inference_mode():
         expected = PadThenConv()(torch.from_numpy(x)).numpy()
     assert np.abs(vm["main"](tvm.runtime.tensor(x)).numpy() - expected).max() < 1e-5
+
+
+@pytest.mark.parametrize("convt, shape", [
+    (nn.ConvTranspose2d(8, 4, 3, stride=2, padding=1, output_padding=1), (1, 8, 6, 7)),  # CycleGAN's decoder
+    (nn.ConvTranspose2d(8, 4, 4, stride=2, padding=1), (1, 8, 5, 5)),  # U-Net's
+    (nn.ConvTranspose2d(6, 3, 3, stride=3, bias=False), (1, 6, 4, 4)),  # stride 3, no bias
+])
+def test_onnx_transposed_convolutions_become_exact_subpixel_phases(convt, shape, tmp_path, host_target):
+    torch.manual_seed(0)
+    net = nn.Sequential(convt, nn.Tanh()).eval()
+    path = tmp_path / "convt.onnx"
+    torch.onnx.export(net, (torch.zeros(shape),), str(path), input_names=["x"], opset_version=17, dynamo=False)
+    mod, rewritten, phases = subpixel_transposed_convs(onnx_to_relax(path))
+    stride = convt.stride[0]
+    assert (rewritten, phases) == (1, stride * stride)
+    assert "conv2d_transpose" not in mod["main"].script()
+    x = np.random.default_rng(0).uniform(-1, 1, shape).astype("float32")
+    vm = relax.VirtualMachine(tvm.compile(prepare(mod, host_target), host_target), tvm.cpu())
+    with torch.inference_mode():
+        expected = net(torch.from_numpy(x)).numpy()
+    assert np.abs(vm["main"](tvm.runtime.tensor(x)).numpy() - expected).max() < 1e-5
+
+
+def test_grouped_transposed_convolutions_stay_as_they_are(tmp_path):
+    path = tmp_path / "grouped.onnx"
+    torch.onnx.export(nn.ConvTranspose2d(4, 4, 3, stride=2, groups=2).eval(), (torch.zeros(1, 4, 5, 5),), str(path),
+                      input_names=["x"], opset_version=17, dynamo=False)
+    assert subpixel_transposed_convs(onnx_to_relax(path))[1:] == (0, 0)
