@@ -5,11 +5,13 @@ cd "$(dirname "$0")"
 python -m pip install -r requirements.txt
 python -m pip install -r requirements-converter.txt  # see that file: it cannot resolve with the line above
 python -m pip install "typing-extensions>=4.13"      # TVM's FFI floor, which the converter's xdsl pin lowered
-# Debian packages: Chromium renders the HTML report in the browser test; the cross compilers build
+# Debian packages: Chromium renders the HTML report in the browser test; the host gcc builds the qemu
+# plugin that counts Cortex-M instructions by address; the cross compilers build
 # for aarch64 boards and Cortex-M parts; qemu runs the emulated aarch64 board (user mode) and the
 # microcontroller firmware (system mode); OpenSSH's server lets the tests bring a "board" up over SSH.
 packages=()
 command -v chromium > /dev/null || packages+=(chromium)
+command -v gcc > /dev/null || packages+=(gcc)  # the qemu instruction-counting plugin and the host C tests
 command -v aarch64-linux-gnu-g++ > /dev/null || packages+=(g++-aarch64-linux-gnu)
 command -v arm-none-eabi-gcc > /dev/null || packages+=(gcc-arm-none-eabi libnewlib-arm-none-eabi)
 command -v qemu-system-arm > /dev/null || packages+=(qemu-system-arm)
