@@ -71,6 +71,13 @@ from compile.tuning import float_lanes, prepare
 OPAQUE_PATTERN = 8  # relax's OpPatternKind.kOpaque: FuseOps fuses nothing into or after the kernel
 PORTABLE_LANES = 8  # int32 lanes of the untensorized kernel (LLVM vectorizes it for any CPU)
 OUTPUT_TILE = 8  # output pixels per micro-kernel: 8 accumulators + weights fit 16 AVX2 registers
+# With 16 channels per block, a tile's epilogue writes 16 channel planes. Where a plane is a multiple
+# of 4 KiB they all fall in one L1 set (more lines than its ways), and each 8-pixel tile evicted the
+# lines the next one writes: a 16->64 1x1 conv at 64x64 ran at 6 GMAC/s, at 22 with 32-pixel tiles.
+# Only 1x1 convs take the wider tile: with a longer reduction its 32 accumulators spill (a CycleGAN's
+# int8 3x3 and 7x7 convs at 256x256 got 40% slower).
+ALIASED_PLANE_BYTES = 4096
+ALIASED_TILE = 32
 # Float glue: 8 float32 lanes (one AVX2 register). 16 lanes, what LLVM reports even for
 # x86-64-v3, ran the padding kernels 2-5x slower; rows shorter than SHORT_ROW vectors are
 # vectorized with a predicated tail (see _schedule_injective).
@@ -245,7 +252,8 @@ def _direct_kernel(conv: IntegerConv, input_shape: tuple[int, ...], plan: Kernel
     oc_blocks, c_blocks = -(-out_channels // lanes), -(-channels // REDUCTION)
     # Output pixels per micro-kernel: 8 (channel lanes) or as many pixel vectors as keep about
     # 12 accumulators in the 16 AVX2 registers (pixel lanes).
-    tile = min(OUTPUT_TILE, out_w) if not pixels else lanes * max(1, min(4, 12 // out_channels))
+    aliased = lanes >= 16 and kh == kw == 1 and (out_h * out_w) % ALIASED_PLANE_BYTES == 0
+    tile = min(ALIASED_TILE if aliased else OUTPUT_TILE, out_w) if not pixels else lanes * max(1, min(4, 12 // out_channels))
     padded_w = -(-out_w // tile) * tile  # whole tiles: the extra columns are computed and dropped
     stride_h, stride_w = conv.strides
     top, left = conv.padding[:2]
@@ -600,6 +608,9 @@ def _plan_replacements(func: relax.Function) -> dict[relax.Var, _Replacement]:
         return _Replacement(integer_conv(match, bias, output, dequantized), match.input.data, shape)
 
     users = _users(func, var2val)
+    # A dequantize that an integer conv reads through keeps its uint8 input alive: the conv before it
+    # must then write uint8 (requantize), not its dequantized float.
+    read_by_convs = {var2val[conv].args[0] for conv in convs}
 
     plans, claimed = {}, set()
     for var, value in var2val.items():
@@ -616,7 +627,7 @@ def _plan_replacements(func: relax.Function) -> dict[relax.Var, _Replacement]:
             continue
         output = (scale, int(zero_point))
         dequantize = _call(users[var][0], "relax.dequantize", var2val) if len(users[var]) == 1 else None
-        if dequantize is not None and _dequantizes_with(dequantize, output, var2val):
+        if dequantize is not None and users[var][0] not in read_by_convs and _dequantizes_with(dequantize, output, var2val):
             plans[users[var][0]] = replacement(match, bias, output, dequantized=True)
             claimed.add(var)
         else:
@@ -657,7 +668,7 @@ class _IntegerConvRewriter(relax.PyExprMutator):
         super().__init__(mod)
         self.target = target
         self.plans: dict[relax.Var, _Replacement] = {}
-        self.kernels: list[KernelPlan] = []
+        self.kernels: dict[tvm.ir.GlobalVar, KernelPlan] = {}
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         replacement = self.plans.get(binding.var)
@@ -666,11 +677,12 @@ class _IntegerConvRewriter(relax.PyExprMutator):
             return
         conv, shape = replacement.conv, replacement.input_shape
         plan = plan_kernel(conv, shape, self.target)
-        self.kernels.append(plan)
         kernel = build_kernel(conv, shape, plan)
         args = [self.visit_expr(replacement.data), *(relax.const(c) for c in kernel.constants)]
         out_ty = relax.TensorType(conv.output_shape(shape), conv.out_dtype)
-        value = relax.call_tir(self.builder_.add_func(kernel.func, "int8_conv2d"), args, out_ty)
+        gvar = self.builder_.add_func(kernel.func, "int8_conv2d")
+        self.kernels[gvar] = plan
+        value = relax.call_tir(gvar, args, out_ty)
         emit = self.builder_.emit if isinstance(binding.var, relax.DataflowVar) else self.builder_.emit_output
         self.set_var_remap(binding.var, emit(value, binding.var.name))
 
@@ -924,7 +936,13 @@ def lower_quantized_convs(mod: tvm.IRModule, target: tvm.target.Target) -> tuple
             if rewriter.plans:
                 rewritten = relax.analysis.remove_all_unused(rewriter.visit_expr(func))
                 rewriter.builder_.update_func(gvar, rewritten)
-    kernels = rewriter.kernels
+    lowered = relax.transform.DeadCodeElimination()(rewriter.builder_.get())
+    # What runs: one plan per call left (a kernel whose result nothing read is gone; identical convs share one).
+    plans = {gvar.name_hint: plan for gvar, plan in rewriter.kernels.items()}
+    kernels = [plans[call.args[0].name_hint] for func in lowered.functions.values() if isinstance(func, relax.Function)
+               for block in func.body.blocks for call in (b.value for b in block.bindings)
+               if isinstance(call, relax.Call) and call.op.same_as(tvm.ir.Op.get("relax.call_tir"))
+               and call.args[0].name_hint in plans]
     summary = LoweringSummary(
         integer_convs=len(kernels),
         tensorized=sum(k.intrinsic is not None for k in kernels),
@@ -933,5 +951,4 @@ def lower_quantized_convs(mod: tvm.IRModule, target: tvm.target.Target) -> tuple
         depthwise=sum(k.layout == "depthwise" for k in kernels),
         instance_norms=instance_norms,
     )
-    lowered = relax.transform.DeadCodeElimination()(rewriter.builder_.get())
     return schedule_float_ops(lowered, target), summary
