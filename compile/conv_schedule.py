@@ -183,7 +183,12 @@ def schedule_direct_conv(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | Non
     activation), fused into the write-back. None for any other kernel (integer, grouped, not a
     convolution) or when an epilogue does not fuse: TVM's default loops then stay."""
     sch = direct_conv_schedule(tvm.IRModule({"main": func}), lanes)
-    return None if sch is None else sch.mod["main"]
+    if sch is None:
+        return None
+    scheduled = sch.mod["main"]
+    # A dequantize fused before the convolution (a QDQ file's float fallback) came out of the tiling
+    # ill-formed (an intermediate buffer without its declaration); such a kernel keeps TVM's loops.
+    return scheduled if tvm.tirx.analysis.verify_well_formed(scheduled, assert_mode=False) else None
 
 
 def direct_conv_schedule(mod: tvm.IRModule, lanes: int) -> Schedule | None:

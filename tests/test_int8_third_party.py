@@ -85,6 +85,10 @@ def quantized(tmp_path_factory):
         paths[quant_format.name] = root / f"mobile-{quant_format.name.lower()}.onnx"
         quantize_static(str(float_path), str(paths[quant_format.name]), Photos(), quant_format=quant_format,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    # per-tensor, asymmetric uint8 weights: no integer kernel covers them, so every conv runs in float
+    paths["asymmetric"] = root / "mobile-asymmetric.onnx"
+    quantize_static(str(float_path), str(paths["asymmetric"]), Photos(), quant_format=QuantFormat.QDQ,
+                    per_channel=False, activation_type=QuantType.QUInt8, weight_type=QuantType.QUInt8)
     return paths
 
 
@@ -139,3 +143,15 @@ def test_an_unknown_qlinear_op_is_named_in_one_line():
                               [helper.make_tensor_value_info("y", onnx.TensorProto.UINT8, [1, 4])])
     with pytest.raises(UserError, match="'softmax': QLinearSoftmax .* QDQ format"):
         qdq_from_qoperator(helper.make_model(graph))
+
+
+def test_weights_no_integer_kernel_covers_run_in_float_and_the_line_says_so(quantized):
+    host = targets.resolve(targets.load_target("host"))
+    lowered = relax_for_target(from_onnx_file(quantized["asymmetric"]), host)()
+    convs = sum(node.op_type == "Conv" for node in onnx.load(quantized["asymmetric"]).graph.node)
+    lowering = str(lowered.attrs[LOWERING_ATTR])
+    assert lowering.startswith(f"int8 lowering: 0/{convs} convolutions") and f"Conv x{convs}" in lowering
+    library = tvm.compile(with_default_schedules(prepare(lowered, host.tvm_target), host.tvm_target), host.tvm_target)
+    x = np.random.default_rng(4).uniform(-1, 1, SHAPE).astype(np.float32)
+    got = relax.VirtualMachine(library, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    assert psnr_db(got, ort_output(str(quantized["asymmetric"]), x)) >= MIN_OUTPUT_PSNR_DB["int8"]
