@@ -188,7 +188,11 @@ def schedule_direct_conv(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | Non
     scheduled = sch.mod["main"]
     # A dequantize fused before the convolution (a QDQ file's float fallback) came out of the tiling
     # ill-formed (an intermediate buffer without its declaration); such a kernel keeps TVM's loops.
-    return scheduled if tvm.tirx.analysis.verify_well_formed(scheduled, assert_mode=False) else None
+    try:
+        Schedule(scheduled)  # checks that the kernel is well formed
+    except tvm.error.InternalError:
+        return None
+    return scheduled
 
 
 def direct_conv_schedule(mod: tvm.IRModule, lanes: int) -> Schedule | None:
