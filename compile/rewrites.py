@@ -117,17 +117,24 @@ def fuse_friendly(mod: tvm.IRModule) -> tuple[tvm.IRModule, int, int]:
     """`mod` with each tanh applied before the reshapes, transposes and concatenations that feed
     it (where nothing else reads them), and zero pads folded into the convolutions they feed;
     returns (module, activations moved, pads folded)."""
-    moved = folded = 0
+    mod, rewriters = _rewrite_functions(mod, _Rewriter)
+    return mod, sum(r.moved for r in rewriters), sum(r.folded_pads for r in rewriters)
+
+
+def _rewrite_functions(mod: tvm.IRModule, make_rewriter) -> tuple[tvm.IRModule, list]:
+    """`mod` with each Relax function rewritten by `make_rewriter(mod, uses)` (uses: var -> reads);
+    also returns the rewriters, which count what they did."""
+    rewriters = []
     for gvar, func in mod.functions_items():
         if isinstance(func, relax.Function):
             counter = _UseCounter()
             counter.visit_expr(func)
-            rewriter = _Rewriter(mod, counter.uses)
+            rewriter = make_rewriter(mod, counter.uses)
             rewritten = relax.analysis.remove_all_unused(rewriter.visit_expr(func))
             rewriter.builder_.update_func(gvar, rewritten)
             mod = rewriter.builder_.get()
-            moved, folded = moved + rewriter.moved, folded + rewriter.folded_pads
-    return mod, moved, folded
+            rewriters.append(rewriter)
+    return mod, rewriters
 
 
 @relax.expr_functor.mutator
@@ -214,14 +221,5 @@ def subpixel_transposed_convs(mod: tvm.IRModule) -> tuple[tvm.IRModule, int, int
     """`mod` with every stride-s conv2d_transpose (and its bias add) as s*s phase convolutions interleaved;
     also returns how many were rewritten and into how many phases. Grouped, dilated or unevenly strided
     ones stay as they are."""
-    rewritten = phases = 0
-    for gvar, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            counter = _UseCounter()
-            counter.visit_expr(func)
-            rewriter = _SubPixel(mod, counter.uses)
-            result = relax.analysis.remove_all_unused(rewriter.visit_expr(func))
-            rewriter.builder_.update_func(gvar, result)
-            mod = rewriter.builder_.get()
-            rewritten, phases = rewritten + rewriter.rewritten, phases + rewriter.phases
-    return mod, rewritten, phases
+    mod, rewriters = _rewrite_functions(mod, _SubPixel)
+    return mod, sum(r.rewritten for r in rewriters), sum(r.phases for r in rewriters)
