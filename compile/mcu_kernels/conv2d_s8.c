@@ -12,8 +12,6 @@
  * Without __ARM_FEATURE_DSP the same arithmetic runs in plain C (the host tests use this). */
 #include "conv2d_s8.h"
 
-#include <string.h>
-
 #if defined(__ARM_FEATURE_DSP)
 #include <arm_acle.h>
 #define PAIRS_LOW(word) __sxtb16(word)
@@ -47,12 +45,6 @@ static inline int32_t clamp(int32_t value, int32_t lo, int32_t hi) { return valu
 #define SATURATE_INT8(value) clamp((value), -128, 127)
 #define SATURATE_UINT8(value) clamp((value), 0, 255)
 #endif
-
-static inline uint32_t load32(const void* p) {
-  uint32_t word;
-  memcpy(&word, p, sizeof word); /* one LDR: Armv7-M/v8-M allow unaligned word loads */
-  return word;
-}
 
 /* requant[3 oc .. 3 oc + 2] = multiplier, 2^(shift - 1), shift (shift >= 1). */
 static inline uint8_t requantize(int32_t acc, const int32_t* requant, int32_t out_zero, int32_t out_signed) {
