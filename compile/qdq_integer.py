@@ -76,7 +76,7 @@ def _value(expr) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class IntegerConv:
+class FixedPointConv:
     """One QDQ convolution in integers: what both the TVM lowering and the native MCU kernel compute.
 
     output = clamp(out_zero + requantize(bias + conv(input codes padded with in_zero, weights))),
@@ -102,7 +102,7 @@ class IntegerConv:
     out_shape: tuple[int, ...]
 
 
-def _integer_conv(matched: dict) -> IntegerConv:
+def _fixed_point_conv(matched: dict) -> FixedPointConv:
     """The integer form of a matched QDQ convolution, from its constants."""
     conv = matched["conv"]
     attrs = conv.attrs
@@ -132,7 +132,7 @@ def _integer_conv(matched: dict) -> IntegerConv:
         raise UserError(f"integer conv: quantized output type {out_dtype}; expected uint8 or int8")
     mantissa, shift = fixed_point(acc_scale / float(_value(matched["s_out"])))
     top, left, bottom, right = (int(p) for p in attrs.padding)
-    return IntegerConv(
+    return FixedPointConv(
         weights=weights.astype(np.int8), bias=bias, mantissa=mantissa, shift=shift, in_zero=z_in,
         in_dtype=str(matched["x_q"].ty.dtype), out_zero=int(_value(matched["z_out"])), out_dtype=out_dtype,
         padding=(top, left, bottom, right), strides=tuple(int(s) for s in attrs.strides),
@@ -141,7 +141,7 @@ def _integer_conv(matched: dict) -> IntegerConv:
         out_shape=tuple(int(d) for d in conv.ty.shape.values))
 
 
-def _relax_conv(conv: IntegerConv, data: relax.Expr) -> relax.Expr:
+def _relax_conv(conv: FixedPointConv, data: relax.Expr) -> relax.Expr:
     """The integer convolution as Relax operators (int64 requantization), for TVM to lower."""
     top, left, bottom, right = conv.padding
     if top or left or bottom or right:
@@ -163,12 +163,12 @@ def _relax_conv(conv: IntegerConv, data: relax.Expr) -> relax.Expr:
     return relax.op.astype(scaled, conv.out_dtype)
 
 
-def native_kernel_applies(conv: IntegerConv) -> bool:
+def native_kernel_applies(conv: FixedPointConv) -> bool:
     """Whether NATIVE_CONV computes `conv`: plain (ungrouped, undilated) and multipliers below 0.25."""
     return conv.groups == 1 and conv.dilation == (1, 1) and bool(np.all(conv.shift > HIGH_HALF_BITS))
 
 
-def native_arguments(conv: IntegerConv) -> dict[str, np.ndarray]:
+def native_arguments(conv: FixedPointConv) -> dict[str, np.ndarray]:
     """The constant arrays NATIVE_CONV reads, in its argument order (compile/mcu_kernels/conv2d_s8.h)."""
     out_c, in_c, k_h, k_w = conv.weights.shape
     depth = in_c * k_h * k_w
@@ -187,7 +187,7 @@ def native_arguments(conv: IntegerConv) -> dict[str, np.ndarray]:
             "requant": requant.astype(np.int32).reshape(-1)}
 
 
-def _native_conv(conv: IntegerConv, data: relax.Expr) -> relax.Expr:
+def _native_conv(conv: FixedPointConv, data: relax.Expr) -> relax.Expr:
     arrays = {name: relax.const(a, str(a.dtype)) for name, a in native_arguments(conv).items()}
     args = [arrays["geometry"], data, arrays["weights"], arrays["bias"], arrays["requant"]]
     return relax.op.call_dps_packed(NATIVE_CONV, relax.Tuple(args), relax.TensorType(conv.out_shape, conv.out_dtype))
@@ -206,7 +206,7 @@ def integer_convolutions(mod: tvm.IRModule, native_kernels: bool = False) -> tup
     def rewriter(expr, matchings):
         nonlocal rewritten, native
         rewritten += 1
-        conv = _integer_conv({name: matchings.get(p) for name, p in names.items()})
+        conv = _fixed_point_conv({name: matchings.get(p) for name, p in names.items()})
         if native_kernels and native_kernel_applies(conv):
             native += 1
             return _native_conv(conv, matchings[names["x_q"]])

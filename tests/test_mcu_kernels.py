@@ -110,7 +110,7 @@ def test_native_kernel_under_qemu_equals_the_host_and_counts_its_instructions(ex
     assert run.cycles_estimate(part.cycles) == round(expected) > run.instructions  # loads and branches cost more
 
 
-def reference_conv(conv: qdq_integer.IntegerConv, codes: np.ndarray) -> np.ndarray:
+def reference_conv(conv: qdq_integer.FixedPointConv, codes: np.ndarray) -> np.ndarray:
     """The integer convolution in numpy int64: zero-point padding, bias, (a * m + 2^(s-1)) >> s, clamp."""
     top, left, bottom, right = conv.padding
     padded = np.pad(codes.astype(np.int64), ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=conv.in_zero)
@@ -135,7 +135,7 @@ def kernel_library(tmp_path_factory):
     return ctypes.CDLL(str(library))
 
 
-def run_kernel(library, conv: qdq_integer.IntegerConv, codes: np.ndarray) -> np.ndarray:
+def run_kernel(library, conv: qdq_integer.FixedPointConv, codes: np.ndarray) -> np.ndarray:
     arrays = qdq_integer.native_arguments(conv)
     geometry = arrays["geometry"]
     scratch = np.zeros((c_export.NATIVE_SCRATCH_PER_TAP + geometry[3] + geometry[3] % 2) * geometry[-1], np.int16)
@@ -159,7 +159,7 @@ def test_native_kernel_matches_the_integer_reference(kernel_library, in_dtype, o
     top, left, bottom, right = padding
     out_h, out_w = (in_h + top + bottom - window) // stride + 1, (in_w + left + right - window) // stride + 1
     lo, hi = qdq_integer.QUANT_RANGE[in_dtype]
-    conv = qdq_integer.IntegerConv(
+    conv = qdq_integer.FixedPointConv(
         weights=rng.integers(-127, 128, (out_c, in_c, window, window)).astype(np.int8),
         bias=rng.integers(-5000, 5000, out_c), mantissa=rng.integers(1 << 30, 1 << 31, out_c),
         shift=rng.integers(36, 42, out_c), in_zero=in_zero, in_dtype=in_dtype, out_zero=out_zero, out_dtype=out_dtype,
@@ -171,7 +171,7 @@ def test_native_kernel_matches_the_integer_reference(kernel_library, in_dtype, o
 
 
 def test_multipliers_of_a_quarter_or_more_stay_with_tvm():
-    conv = qdq_integer.IntegerConv(
+    conv = qdq_integer.FixedPointConv(
         weights=np.ones((1, 1, 1, 1), np.int8), bias=np.zeros(1, np.int64), mantissa=np.array([1 << 30]),
         shift=np.array([32]), in_zero=0, in_dtype="uint8", out_zero=0, out_dtype="uint8", padding=(0, 0, 0, 0),
         strides=(1, 1), dilation=(1, 1), groups=1, in_shape=(1, 1, 2, 2), out_shape=(1, 1, 2, 2))
