@@ -39,7 +39,7 @@ from compile.artifacts import Artifact, NotBuildable, build_artifact
 from compile.build import CompiledModel
 from compile.conv_schedule import PREPACKED
 from compile.database import TuningDatabase, trials_to_within
-from compile.int8 import MACS_ATTR
+from compile.int8 import INTEGER_CONV, MACS_ATTR
 from compile.pipeline import IMAGE_CHANNELS, ModelUnderTest, relax_for_target
 from compile.tuning import prepare
 from errors import UserError
@@ -331,7 +331,6 @@ def _roofline(model: ModelUnderTest, target: ResolvedTarget, adapter: TvmRuntime
     return {"fma_peak_gflops": peak, "kernel_profile": profile}
 
 
-INTEGER_CONV = "int8_conv2d"  # the name compile/int8.py gives its integer conv kernels (numbered after the first)
 
 
 def _kernel_flops(built: tvm.IRModule) -> tuple[dict[str, float], set[str]]:

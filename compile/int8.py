@@ -680,7 +680,7 @@ class _IntegerConvRewriter(relax.PyExprMutator):
         kernel = build_kernel(conv, shape, plan)
         args = [self.visit_expr(replacement.data), *(relax.const(c) for c in kernel.constants)]
         out_ty = relax.TensorType(conv.output_shape(shape), conv.out_dtype)
-        gvar = self.builder_.add_func(kernel.func, "int8_conv2d")
+        gvar = self.builder_.add_func(kernel.func, INTEGER_CONV)
         self.kernels[gvar] = plan
         value = relax.call_tir(gvar, args, out_ty)
         emit = self.builder_.emit if isinstance(binding.var, relax.DataflowVar) else self.builder_.emit_output
@@ -888,6 +888,7 @@ def _is_scheduled(func: tirx.PrimFunc) -> bool:
 
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear", "Constant")
+INTEGER_CONV = "int8_conv2d"  # the name of the integer conv kernels (the module numbers those after the first)
 LOWERING_ATTR = "lwgan.int8_lowering"  # the IRModule attribute carrying `LoweringSummary.describe`
 
 

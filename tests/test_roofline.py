@@ -40,7 +40,8 @@ def test_int8_build_counts_integer_conv_kernels_from_their_shapes(isa_level):
     into channels, so every integer conv carries its MACs. Builds only: no AMX or VNNI needed."""
     import tvm
 
-    from bench.run import INTEGER_CONV, _kernel_flops
+    from bench.run import _kernel_flops
+    from compile.int8 import INTEGER_CONV
     from compile.pipeline import relax_for_target
     from compile.tuning import prepare
 
