@@ -221,5 +221,7 @@ def subpixel_transposed_convs(mod: tvm.IRModule) -> tuple[tvm.IRModule, int, int
     """`mod` with every stride-s conv2d_transpose (and its bias add) as s*s phase convolutions interleaved;
     also returns how many were rewritten and into how many phases. Grouped, dilated or unevenly strided
     ones stay as they are."""
-    mod, rewriters = _rewrite_functions(mod, _SubPixel)
-    return mod, sum(r.rewritten for r in rewriters), sum(r.phases for r in rewriters)
+    rewritten_mod, rewriters = _rewrite_functions(mod, _SubPixel)
+    rewritten = sum(r.rewritten for r in rewriters)
+    # nothing to rewrite (every registry model): the module as it was, so tuning tasks keep their hashes
+    return (rewritten_mod if rewritten else mod), rewritten, sum(r.phases for r in rewriters)
