@@ -316,7 +316,7 @@ def train(c, model, epochs=None, steps=None, crop=None, dataroot=None, out=None,
 
     import lwgan_models
     from lwgan_models.compression.compress import evaluate_base
-    from lwgan_models.registry import CHECKPOINT_DIR
+    from lwgan_models.registry import CHECKPOINT_DIR, arch_family
     from lwgan_models.training import RUNS_DIR
 
     spec = lwgan_models.get(model)
@@ -324,28 +324,9 @@ def train(c, model, epochs=None, steps=None, crop=None, dataroot=None, out=None,
     work_dir = RUNS_DIR / checkpoint.stem
     if threads:
         torch.set_num_threads(_count(threads, "threads", 0))
-    crop_size = {"crop_size": _count(crop, "crop", 0)} if crop else {}
-    if spec.arch["family"] == "cyclegan":
-        from lwgan_models.cyclegan_recipe import CycleGANConfig, train_cyclegan
-
-        if steps:
-            raise UserError("--steps is for style transfer; CycleGAN trains for --epochs")
-
-        half = _count(epochs, "epochs", 100)
-        # upstream loads 286 px and crops 256; keep that ratio at other crop sizes
-        load_size = {"load_size": round(crop_size["crop_size"] * 286 / 256)} if crop_size else {}
-        config = CycleGANConfig(netG=spec.arch["netG"], ngf=spec.arch["ngf"], n_epochs=half, n_epochs_decay=half,
-                                **({"dataroot": Path(dataroot)} if dataroot else {}), **crop_size, **load_size)
-        train_cyclegan(config, checkpoint, work_dir)
-    else:
-        from lwgan_models.nst_recipes import NSTConfig, train_fast_nst
-
-        if dataroot or epochs:
-            raise UserError("--dataroot and --epochs are for CycleGAN; style transfer trains for --steps "
-                            "on the stand-in photos")
-        config = NSTConfig(width=spec.arch["width"], n_styles=spec.arch["n_styles"],
-                           **({"steps": _count(steps, "steps", 0)} if steps else {}), **crop_size)
-        train_fast_nst(config, checkpoint, work_dir)
+    crop, epochs, steps = (_count(value, flag, 0) if value else None
+                           for flag, value in (("crop", crop), ("epochs", epochs), ("steps", steps)))
+    arch_family(spec.arch).train(spec.arch, checkpoint, work_dir, epochs, steps, crop, dataroot)
     metric = evaluate_base(lwgan_models.load(spec, checkpoint))
     say(f"{spec.name}: {metric['name']} {metric['value']:.4f} on the held-out images; card {checkpoint.with_suffix('.json')}")
 

@@ -35,7 +35,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from errors import UserError
 from lwgan_models.cyclegan import GENERATORS, define_D, define_G
 from lwgan_models.data import UnpairedImageFolder, make_loader
-from lwgan_models.registry import build_generator, repo_relative
+from lwgan_models.registry import CYCLEGAN, build_generator, repo_relative
 from lwgan_models.standin_data import REPO_DATASET
 from lwgan_models.training import (
     TrainingRun,
@@ -83,7 +83,7 @@ class CycleGANConfig:
     @property
     def arch(self) -> dict:
         """The generator as the registry builds it."""
-        return {"family": "cyclegan", "netG": self.netG, "ngf": self.ngf}
+        return {"family": CYCLEGAN.name, "netG": self.netG, "ngf": self.ngf}
 
     def validate(self) -> None:
         if self.netG not in GENERATORS:
@@ -301,7 +301,7 @@ def load_companions(checkpoint: Path) -> tuple[nn.Module, nn.Module]:
     """G_B and D_A (the discriminator of domain B) trained with the G_A in `checkpoint`, for `generator_loss`."""
     checkpoint = Path(checkpoint)
     card = read_card(checkpoint)
-    if card.get("arch", {}).get("family") != "cyclegan" or "ndf" not in card:
+    if card.get("arch", {}).get("family") != CYCLEGAN.name or "ndf" not in card:
         raise UserError(f"checkpoint {checkpoint} was not written by the CycleGAN recipe; "
                         "expected a card with a cyclegan arch and ndf")
     networks = {"G_B": build_generator(card["arch"]), "D_A": define_D(3, card["ndf"], "basic")}
@@ -413,3 +413,15 @@ def _accumulate(window: dict, losses: dict[str, float]) -> dict:
 
 def _mean_losses(window: dict) -> dict[str, float]:
     return {name: window[name] / window["steps"] for name in LOSS_NAMES}
+
+
+def train_registry_model(arch: dict, checkpoint: Path, work_dir: Path, epochs: int | None, steps: int | None,
+                         crop_size: int | None, dataroot: str | None) -> None:
+    """`invoke train` for a CycleGAN arch: 100 + 100 epochs unless told, loading at upstream's 286/256 of the crop."""
+    if steps:
+        raise UserError("--steps is for style transfer; CycleGAN trains for --epochs")
+    half = epochs or 100
+    crop = {"crop_size": crop_size, "load_size": round(crop_size * 286 / 256)} if crop_size else {}
+    config = CycleGANConfig(netG=arch["netG"], ngf=arch["ngf"], n_epochs=half, n_epochs_decay=half,
+                            **({"dataroot": Path(dataroot)} if dataroot else {}), **crop)
+    train_cyclegan(config, checkpoint, work_dir)

@@ -42,7 +42,7 @@ from lwgan_models.perceptual import (
     style_loss,
     total_variation,
 )
-from lwgan_models.registry import repo_relative
+from lwgan_models.registry import NST, repo_relative
 from lwgan_models.standin_data import REPO_DATASET
 from lwgan_models.style_transfer import StyleTransferNet
 from lwgan_models.training import TrainingRun, final_losses
@@ -318,7 +318,7 @@ def train_fast_nst(
 
     tv_per_style = heldout_tv(net, eval_paths, config.crop_size)
     card = {
-        "arch": {"family": "nst", "n_styles": config.n_styles, "width": config.width},
+        "arch": {"family": NST.name, "n_styles": config.n_styles, "width": config.width},
         "styles": list(config.styles),
         "seed": config.seed,
         "steps": config.steps,
@@ -334,3 +334,14 @@ def train_fast_nst(
 def _last_entry_per_step(history: list[dict]) -> list[dict]:
     """A run interrupted after logging past its last saved state logs those steps twice; keep the rerun's."""
     return list({entry["step"]: entry for entry in history}.values())
+
+
+def train_registry_model(arch: dict, checkpoint: Path, work_dir: Path, epochs: int | None, steps: int | None,
+                         crop_size: int | None, dataroot: str | None) -> None:
+    """`invoke train` for a style-transfer arch: the stand-in photos, for `steps` unless the config's default."""
+    if dataroot or epochs:
+        raise UserError("--dataroot and --epochs are for CycleGAN; style transfer trains for --steps "
+                        "on the stand-in photos")
+    config = NSTConfig(width=arch["width"], n_styles=arch["n_styles"], **({"steps": steps} if steps else {}),
+                       **({"crop_size": crop_size} if crop_size else {}))
+    train_fast_nst(config, checkpoint, work_dir)

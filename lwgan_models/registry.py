@@ -8,6 +8,7 @@ from a fixed seed: two runs of the same model then compile and compare the same 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import json
 from dataclasses import dataclass
@@ -28,20 +29,77 @@ CHECKPOINT_DIR = REPO_ROOT / "lwgan_models" / "checkpoints"
 RANDOM_WEIGHTS_SEED = 0
 VARIANT_SEPARATOR = "+"  # "<base model>+<compression method>", e.g. cyclegan-resnet6-ngf16+kd
 
-# An architecture as data ({"family": ..., plus that family's size knobs}): checkpoint cards store it,
+
+def _deferred(module: str, function: str) -> Callable:
+    """`module.function`, imported when first called: those modules import this one."""
+    def call(*args, **kwargs):
+        return getattr(importlib.import_module(module), function)(*args, **kwargs)
+    return call
+
+
+@dataclass(frozen=True)
+class SeedMetric:
+    name: str  # as cards and records name it, e.g. "generator_loss"
+    # (base LoadedModel, generator, held-out A images, held-out B folder) -> {"value": ..., more}
+    measure: Callable[..., dict]
+
+
+# An architecture is data ({"family": ..., plus that family's size knobs}): checkpoint cards store it,
 # so a distilled or pruned generator rebuilds as the official class at its smaller size.
-ARCH_BUILDERS: dict[str, Callable[[dict], nn.Module]] = {
-    "cyclegan": lambda arch: define_G(3, 3, arch["ngf"], arch["netG"]),
-    "nst": lambda arch: StyleTransferNet(n_styles=arch["n_styles"], width=arch["width"]),
-}
+@dataclass(frozen=True)
+class Family:
+    """What the stages need to know about a kind of generator, so none of them compares family names."""
+
+    name: str  # the "family" of an arch dict
+    build: Callable[[dict], nn.Module]  # arch -> the official network at that size
+    width_key: str  # the arch knob that scales every hidden layer (pruning, distillation)
+    styles_key: str | None  # the arch knob counting conditional styles; None: one style
+    seed_metric: SeedMetric
+    prune_plan: Callable  # (module, arch) -> prune.SlicePlan
+    # `invoke train`: (arch, checkpoint, work_dir, epochs, steps, crop_size, dataroot); refuses flags it does not take
+    train: Callable[..., None]
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    """A new kind of generator plugs in here; every stage then finds it through `arch_family`."""
+    _FAMILIES[family.name] = family
+    return family
+
+
+def arch_family(arch: dict) -> Family:
+    name = arch.get("family")
+    if name not in _FAMILIES:
+        raise UserError(f"architecture family {name!r} is unknown; expected one of {', '.join(_FAMILIES)}")
+    return _FAMILIES[name]
+
+
+CYCLEGAN = register_family(Family(
+    name="cyclegan",
+    build=lambda arch: define_G(3, 3, arch["ngf"], arch["netG"]),
+    width_key="ngf",
+    styles_key=None,
+    seed_metric=SeedMetric("generator_loss", _deferred("lwgan_models.compression.compress", "cyclegan_loss")),
+    prune_plan=_deferred("lwgan_models.compression.prune", "resnet_generator_plan"),
+    train=_deferred("lwgan_models.cyclegan_recipe", "train_registry_model"),
+))
+NST = register_family(Family(
+    name="nst",
+    build=lambda arch: StyleTransferNet(n_styles=arch["n_styles"], width=arch["width"]),
+    width_key="width",
+    styles_key="n_styles",
+    seed_metric=SeedMetric("tv_loss", _deferred("lwgan_models.compression.compress", "style_tv_loss")),
+    prune_plan=_deferred("lwgan_models.compression.prune", "style_transfer_plan"),
+    train=_deferred("lwgan_models.nst_recipes", "train_registry_model"),
+))
 
 
 def build_generator(arch: dict) -> nn.Module:
-    family = arch.get("family")
-    if family not in ARCH_BUILDERS:
-        raise UserError(f"architecture family {family!r} is unknown; expected one of {', '.join(ARCH_BUILDERS)}")
+    family = arch_family(arch)
     try:
-        return ARCH_BUILDERS[family](arch)
+        return family.build(arch)
     except KeyError as exc:
         raise UserError(f"architecture {arch} lacks {exc.args[0]!r}") from None
 
@@ -49,8 +107,8 @@ def build_generator(arch: dict) -> nn.Module:
 @dataclass(frozen=True)
 class ModelSpec:
     name: str  # e.g. "cyclegan-resnet6-ngf16"
-    family: str  # "cyclegan" | "nst"
-    arch: dict  # see ARCH_BUILDERS
+    family: str  # a registered Family's name: "cyclegan" | "nst"
+    arch: dict  # see Family
     input_shape: tuple[int, ...]  # NCHW default benchmark shape
     checkpoint: str | None  # path relative to repo root, None = no shipped checkpoint yet
     description: str

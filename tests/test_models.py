@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -34,12 +35,12 @@ UNTRAINED_MODEL = "nst-cin4-w32"  # no shipped checkpoint: random weights from a
 
 def spec_for(builder, input_shape, checkpoint=None) -> ModelSpec:
     """A spec for any module: its builder is registered as an architecture family of its own."""
-    family = f"test-{id(builder)}"
-    registry.ARCH_BUILDERS[family] = lambda arch: builder()
+    family = registry.register_family(
+        dataclasses.replace(registry.CYCLEGAN, name=f"test-{id(builder)}", build=lambda arch: builder()))
     return ModelSpec(
         name="test-model",
         family="cyclegan",
-        arch={"family": family},
+        arch={"family": family.name},
         input_shape=input_shape,
         checkpoint=checkpoint,
         description="test only",

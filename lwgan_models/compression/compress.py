@@ -100,14 +100,15 @@ def compress(base: LoadedModel, method: str, config: CompressConfig = CompressCo
     arch = base.spec.arch
     shape = tuple(base.spec.input_shape)
     heldout = evaluate.heldout_images(Path(config.heldout_dir), shape[-1])
-    multi_style = arch["family"] == "nst"
+    styles_key = registry.arch_family(arch).styles_key
+    n_styles = arch[styles_key] if styles_key else None  # a student learns every style its teacher knows
 
     def fit(student: torch.nn.Module, stage: str, perceptual_weight: float, lr: float, styles: bool) -> None:
         run = TrainingRun(f"{name}:{stage}", {"base": base.weights, "stage": stage, **config.to_dict()},
                           work_dir / f"{stage}.done", work_dir / stage)
         batches = image_batches(config.train_dirs, config.crop_size, config.batch_size, config.seed)
         fit_to_teacher(student, teacher, batches, config.steps, lr, 1.0, perceptual_weight, run,
-                       config.log_every, config.checkpoint_every, n_styles=arch.get("n_styles") if styles else None)
+                       config.log_every, config.checkpoint_every, n_styles=n_styles if styles else None)
 
     def int8(model: torch.nn.Module, qat: bool) -> torch.nn.Module:
         prepared = quantize.prepare(model, torch.zeros(shape), config.weight_bits)
@@ -126,13 +127,13 @@ def compress(base: LoadedModel, method: str, config: CompressConfig = CompressCo
         variant_arch = student_arch(arch)
         torch.manual_seed(config.seed)
         student = registry.build_generator(variant_arch)
-        fit(student, "kd", config.perceptual_weight, config.lr, styles=multi_style)
+        fit(student, "kd", config.perceptual_weight, config.lr, styles=True)
         model = student
     else:  # prune, prune+kd+ptq
         student, variant_arch = prune_generator(teacher, arch, config.keep)
         kd = method == "prune+kd+ptq"
         fit(student, "prune+kd" if kd else "prune", config.perceptual_weight if kd else 0.0, config.lr,
-            styles=multi_style)
+            styles=True)
         model = int8(student, qat=False) if kd else student
 
     # The artifact is written aside and moved into place after its card, so a failure while
@@ -191,11 +192,20 @@ def _checkpoint_path(base: LoadedModel) -> Path:
 
 def seed_metric(base: LoadedModel, generator: evaluate.Generator, images_a: torch.Tensor,
                 heldout_b: Path) -> dict:
-    """The seed report's metric for `generator`: CycleGAN generator loss (A->B) or style-transfer TV loss."""
-    if base.spec.arch["family"] == "nst":
-        return {"name": "tv_loss", "value": round(float(total_variation(generator(images_a))), 6)}
+    """The seed report's metric for `generator`, the one its family names."""
+    metric = registry.arch_family(base.spec.arch).seed_metric
+    return {"name": metric.name, **metric.measure(base, generator, images_a, heldout_b)}
+
+
+def style_tv_loss(base: LoadedModel, generator: evaluate.Generator, images_a: torch.Tensor, heldout_b: Path) -> dict:
+    """Total variation of the stylised held-out images."""
+    return {"value": round(float(total_variation(generator(images_a))), 6)}
+
+
+def cyclegan_loss(base: LoadedModel, generator: evaluate.Generator, images_a: torch.Tensor, heldout_b: Path) -> dict:
+    """CycleGAN's generator loss A->B, with the G_B and D_A trained beside the base."""
     g_b, d_a = load_companions(_checkpoint_path(base))
     images_b = evaluate.heldout_images(heldout_b, images_a.shape[-1])
     count = min(len(images_a), len(images_b))
     losses = generator_loss(generator, g_b, d_a, images_a[:count], images_b[:count])
-    return {"name": "generator_loss", "value": round(losses["total"], 6), "terms": losses}
+    return {"value": round(losses["total"], 6), "terms": losses}

@@ -20,9 +20,9 @@ from PIL import Image
 from torch import nn
 
 from errors import UserError
-from lwgan_models.compression.prune import WIDTH_KEYS
 from lwgan_models.data import IMAGE_EXTENSIONS, list_images, load_rgb, to_tensor
 from lwgan_models.perceptual import PerceptualLoss
+from lwgan_models.registry import arch_family
 from lwgan_models.training import TrainingRun
 
 STUDENT_WIDTH_DIVISOR = 4
@@ -103,10 +103,9 @@ def student_arch(teacher_arch: dict) -> dict:
     class. A quarter of the width divides the inner layers' MACs by 16; the 3-channel stem and
     output convs shrink only 4x, leaving >= 10x fewer MACs overall for the registry's models.
     """
-    width_key = WIDTH_KEYS.get(teacher_arch.get("family"))
-    if width_key is None or width_key not in teacher_arch:
-        raise UserError(f"cannot derive a student for architecture {teacher_arch}; expected family "
-                        f"{' or '.join(WIDTH_KEYS)} with its width ({', '.join(WIDTH_KEYS.values())})")
+    width_key = arch_family(teacher_arch).width_key
+    if width_key not in teacher_arch:
+        raise UserError(f"cannot derive a student for architecture {teacher_arch}; expected its width {width_key!r}")
     return {**teacher_arch, width_key: max(1, teacher_arch[width_key] // STUDENT_WIDTH_DIVISOR)}
 
 

@@ -21,12 +21,11 @@ from torch import nn
 
 from errors import UserError
 from lwgan_models.cyclegan import ResnetBlock, ResnetGenerator
-from lwgan_models.registry import build_generator
+from lwgan_models.registry import arch_family, build_generator
 from lwgan_models.style_transfer import ConvNormReLU, StyleTransferNet
 
 IMAGE = None  # the fixed RGB channels at either end of a generator: never pruned
 RESNET_GENERATORS = ("resnet_6blocks", "resnet_9blocks")
-WIDTH_KEYS = {"cyclegan": "ngf", "nst": "width"}  # the arch knob that scales every hidden layer, per family
 Group = str | None  # channel sets are named after the layer that produces them
 
 
@@ -53,11 +52,12 @@ def prune_generator(module: nn.Module, arch: dict, keep: float) -> tuple[nn.Modu
     """
     if not 0 < keep <= 1:
         raise UserError(f"keep={keep}; expected a fraction of channels in (0, 1]")
-    plan = _slice_plan(module, arch)
+    family = arch_family(arch)
+    plan = family.prune_plan(module, arch)
     state = module.state_dict()
     if _meta_shapes(arch) != {name: tensor.shape for name, tensor in state.items()}:
         raise UserError(f"the module's parameters do not match architecture {arch}; expected the module built from it")
-    width_key = WIDTH_KEYS[arch["family"]]
+    width_key = family.width_key
     new_arch = {**arch, width_key: max(1, round(keep * arch[width_key]))}
     kept = _kept_channels(state, plan, _group_sizes(new_arch, plan))
     pruned_state = {name: _select(tensor, plan.dims.get(name, {}), kept) for name, tensor in state.items()}
@@ -69,14 +69,8 @@ def prune_generator(module: nn.Module, arch: dict, keep: float) -> tuple[nn.Modu
     return pruned.train(module.training), new_arch
 
 
-def _slice_plan(module: nn.Module, arch: dict) -> SlicePlan:
-    """The channel wiring of `module`."""
-    family = arch.get("family")
-    if family == "cyclegan" and arch.get("netG") in RESNET_GENERATORS and isinstance(module, ResnetGenerator):
-        return _resnet_generator_plan(module)
-    if family == "nst" and isinstance(module, StyleTransferNet):
-        return _style_transfer_plan(module)
-    raise UserError(
+def _unprunable(module: nn.Module, arch: dict) -> UserError:
+    return UserError(
         f"cannot prune architecture {arch} ({type(module).__name__}); expected a CycleGAN ResnetGenerator "
         f"(netG {' or '.join(RESNET_GENERATORS)}) or a StyleTransferNet (family nst)"
     )
@@ -88,12 +82,15 @@ def _meta_shapes(arch: dict) -> dict[str, torch.Size]:
         return {name: t.shape for name, t in build_generator(arch).state_dict().items()}
 
 
-def _resnet_generator_plan(net: ResnetGenerator) -> SlicePlan:
+def resnet_generator_plan(net: nn.Module, arch: dict) -> SlicePlan:
     """Walk `net.model` in order: each conv reads the current group and starts a new one.
 
     The residual blocks read and write the group current when the first block starts (the last
-    downsampling conv's outputs), which makes the trunk one shared channel set.
+    downsampling conv's outputs), which makes the trunk one shared channel set. A U-Net's skips
+    are not walked, so it is refused.
     """
+    if arch.get("netG") not in RESNET_GENERATORS or not isinstance(net, ResnetGenerator):
+        raise _unprunable(net, arch)
     plan = SlicePlan()
     layers = list(net.model.named_children())
     last_conv = max(i for i, (_, layer) in enumerate(layers) if isinstance(layer, nn.Conv2d))
@@ -113,8 +110,10 @@ def _resnet_generator_plan(net: ResnetGenerator) -> SlicePlan:
     return plan
 
 
-def _style_transfer_plan(net: StyleTransferNet) -> SlicePlan:
+def style_transfer_plan(net: nn.Module, arch: dict) -> SlicePlan:
     """Same walk as for ResNet; each conditional norm's (n_styles, C) gamma/beta follow its conv's outputs."""
+    if not isinstance(net, StyleTransferNet):
+        raise _unprunable(net, arch)
     plan = SlicePlan()
 
     def add_conv_norm(name: str, layer: ConvNormReLU, in_group: Group, out_group: Group) -> None:
