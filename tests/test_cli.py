@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from unittest import mock
 
 import pandas as pd
 import pytest
+from invoke import Collection, Program
 
+import tasks
 from bench.record import load_records
 from bench.runtimes import installed
 
@@ -18,15 +24,25 @@ REPO = Path(__file__).resolve().parent.parent
 SMALLEST_DEMO_MODEL = "cyclegan-unet128-ngf16"
 
 
-def invoke(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "invoke", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, **(env or {})},
-    )
+def invoke(*args: str) -> subprocess.CompletedProcess:
+    """`python -m invoke ARGS` run in this process, as the shell sees it: exit code, stdout and stderr.
+
+    A new interpreter per command spent seconds importing torch and TVM again. The command runs on a thread
+    of its own and its environment is restored after, so the TVM thread pool bench sizes (TVM keeps one per
+    OS thread) and the TVM_NUM_THREADS it sets do not carry over to later tests in this process.
+    """
+    def run() -> int:
+        try:
+            Program(namespace=Collection.from_module(tasks)).run(["invoke", *args])
+        except SystemExit as exit:  # invoke ends a task's Exit with sys.exit(code)
+            return exit.code
+        return 0
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with (mock.patch.dict(os.environ), contextlib.chdir(REPO), contextlib.redirect_stdout(stdout),
+          contextlib.redirect_stderr(stderr), ThreadPoolExecutor(max_workers=1) as thread):
+        code = thread.submit(run).result()
+    return subprocess.CompletedProcess(["invoke", *args], code, stdout.getvalue(), stderr.getvalue())
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -83,14 +99,17 @@ def test_wrong_input_shape(tmp_path):
 
 
 def test_corrupt_database_names_the_file(tmp_path):
+    """In a new process: the database folder comes from LWGAN_AUTOTUNE_DIR, read once at import. This test
+    also runs the real entry point, `python -m invoke` finding tasks.py."""
     level_dirs = [tmp_path / key / SMALLEST_DEMO_MODEL for key in ("host-avx512vnni", "host-avx2")]
     for path in level_dirs:
         path.mkdir(parents=True)
         (path / "database_workload.json").write_text('["ok", 1]\n{broken\n')
         (path / "database_tuning_record.json").write_text("")
-    result = invoke(
-        "bench", "--model", SMALLEST_DEMO_MODEL, "--results", str(tmp_path / "results"),
-        env={"LWGAN_AUTOTUNE_DIR": str(tmp_path)},
+    result = subprocess.run(
+        [sys.executable, "-m", "invoke", "bench", "--model", SMALLEST_DEMO_MODEL, "--results",
+         str(tmp_path / "results")],
+        cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ, "LWGAN_AUTOTUNE_DIR": str(tmp_path)},
     )
     assert_one_line_error(result, "database_workload.json:2", "corrupt tuning database line")
 

@@ -24,6 +24,7 @@ from reports import render_report
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
+from test_cli import invoke  # noqa: E402  (runs a CLI command in this process)
 from test_records import make_record  # noqa: E402  (the record factory the record tests use)
 
 APPENDER = """
@@ -108,8 +109,7 @@ def test_db_check_names_every_unusable_line(tmp_path):
     assert "trace does not replay on workload" in problems[0] and "names workload 9999" in problems[1]
     assert "not JSON" in problems[2] and "not a MetaSchedule database row" in problems[3]
     assert TuningDatabase(shipped).check() == []
-    result = subprocess.run([sys.executable, "-m", "invoke", "db.check", "--path", str(database.path)], cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
+    result = invoke("db.check", "--path", str(database.path))
     assert result.returncode == 1 and "4 unusable line(s)" in result.stdout, result.stdout + result.stderr
 
 
