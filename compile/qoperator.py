@@ -63,7 +63,7 @@ def qdq_from_qoperator(model: onnx.ModelProto) -> onnx.ModelProto:
             floats, dequantizing = _dequantize_all(node, [node.input[i] for triple in triples for i in triple])
             attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute
                           if a.name not in _CONTRIB_ONLY_ATTRIBUTES}
-            nodes += [*dequantizing, helper.make_node(op, floats, [f"{node.output[0]}_float"], f"{node.name}_float",
+            nodes += [*dequantizing, helper.make_node(op, floats, [f"{node.output[0]}_float"], f"{node.output[0]}_float",
                                                       **attributes),
                       _quantize(node, node.input[out_scale], node.input[out_zero])]
         else:
@@ -79,11 +79,13 @@ def qdq_from_qoperator(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _dequantize_all(node: onnx.NodeProto, inputs: list[str]) -> tuple[list[str], list[onnx.NodeProto]]:
-    """DequantizeLinear for each (value, scale, zero point) triple in `inputs`: the float names and the nodes."""
+    """DequantizeLinear for each (value, scale, zero point) triple in `inputs`: the float names and the nodes.
+
+    New names derive from the node's output, which is unique in a graph (node names may be empty)."""
     floats, nodes = [], []
     for position in range(0, len(inputs), 3):
         value, scale, zero = inputs[position:position + 3]
-        name = f"{node.name}_dequantized{position // 3}"
+        name = f"{node.output[0]}_dequantized{position // 3}"
         nodes.append(helper.make_node("DequantizeLinear", [value, scale, zero], [name], name))
         floats.append(name)
     return floats, nodes
@@ -91,29 +93,29 @@ def _dequantize_all(node: onnx.NodeProto, inputs: list[str]) -> tuple[list[str],
 
 def _quantize(node: onnx.NodeProto, scale: str, zero: str) -> onnx.NodeProto:
     return helper.make_node("QuantizeLinear", [f"{node.output[0]}_float", scale, zero], [node.output[0]],
-                            f"{node.name}_quantize")
+                            f"{node.output[0]}_quantize")
 
 
 def _conv(node: onnx.NodeProto, constants: dict, graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     """QLinearConv: input and (per-channel) weight dequantized, the int32 bias at scale x_scale * w_scale."""
     x, x_scale, x_zero, w, w_scale, w_zero, y_scale, y_zero = node.input[:8]
-    nodes = [helper.make_node("DequantizeLinear", [x, x_scale, x_zero], [f"{node.name}_x"], f"{node.name}_x"),
-             helper.make_node("DequantizeLinear", [w, w_scale, w_zero], [f"{node.name}_w"], f"{node.name}_w",
+    nodes = [helper.make_node("DequantizeLinear", [x, x_scale, x_zero], [f"{node.output[0]}_x"], f"{node.output[0]}_x"),
+             helper.make_node("DequantizeLinear", [w, w_scale, w_zero], [f"{node.output[0]}_w"], f"{node.output[0]}_w",
                               axis=0)]
-    conv_inputs = [f"{node.name}_x", f"{node.name}_w"]
+    conv_inputs = [f"{node.output[0]}_x", f"{node.output[0]}_w"]
     if len(node.input) > 8 and node.input[8]:
         if x_scale not in constants or w_scale not in constants:
             raise UserError(f"ONNX node {node.name!r}: QLinearConv with a bias needs constant input and weight scales")
         bias_scale = (numpy_helper.to_array(constants[x_scale]).astype(np.float32)
                       * numpy_helper.to_array(constants[w_scale]).astype(np.float32)).reshape(-1)
-        scale_name, zero_name = f"{node.name}_bias_scale", f"{node.name}_bias_zero"
+        scale_name, zero_name = f"{node.output[0]}_bias_scale", f"{node.output[0]}_bias_zero"
         graph.initializer.extend([numpy_helper.from_array(bias_scale, scale_name),
                                   numpy_helper.from_array(np.zeros(bias_scale.shape, np.int32), zero_name)])
-        nodes.append(helper.make_node("DequantizeLinear", [node.input[8], scale_name, zero_name], [f"{node.name}_b"],
-                                      f"{node.name}_b", axis=0))
-        conv_inputs.append(f"{node.name}_b")
+        nodes.append(helper.make_node("DequantizeLinear", [node.input[8], scale_name, zero_name], [f"{node.output[0]}_b"],
+                                      f"{node.output[0]}_b", axis=0))
+        conv_inputs.append(f"{node.output[0]}_b")
     attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    nodes += [helper.make_node("Conv", conv_inputs, [f"{node.output[0]}_float"], f"{node.name}_float", **attributes),
+    nodes += [helper.make_node("Conv", conv_inputs, [f"{node.output[0]}_float"], f"{node.output[0]}_float", **attributes),
               _quantize(node, y_scale, y_zero)]
     return nodes
 
@@ -122,7 +124,7 @@ def _concat(node: onnx.NodeProto) -> list[onnx.NodeProto]:
     """QLinearConcat(y_scale, y_zero, x0, s0, z0, x1, s1, z1, ...)."""
     floats, nodes = _dequantize_all(node, list(node.input[2:]))
     axis = next(helper.get_attribute_value(a) for a in node.attribute if a.name == "axis")
-    return [*nodes, helper.make_node("Concat", floats, [f"{node.output[0]}_float"], f"{node.name}_float", axis=axis),
+    return [*nodes, helper.make_node("Concat", floats, [f"{node.output[0]}_float"], f"{node.output[0]}_float", axis=axis),
             _quantize(node, node.input[0], node.input[1])]
 
 
@@ -130,5 +132,5 @@ def _global_average_pool(node: onnx.NodeProto) -> list[onnx.NodeProto]:
     if any(a.name == "channels_last" and helper.get_attribute_value(a) for a in node.attribute):
         raise UserError(f"ONNX node {node.name!r}: channels-last QLinearGlobalAveragePool is not supported")
     floats, nodes = _dequantize_all(node, list(node.input[:3]))
-    return [*nodes, helper.make_node("GlobalAveragePool", floats, [f"{node.output[0]}_float"], f"{node.name}_float"),
+    return [*nodes, helper.make_node("GlobalAveragePool", floats, [f"{node.output[0]}_float"], f"{node.output[0]}_float"),
             _quantize(node, node.input[3], node.input[4])]

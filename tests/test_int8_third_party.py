@@ -155,3 +155,15 @@ def test_weights_no_integer_kernel_covers_run_in_float_and_the_line_says_so(quan
     x = np.random.default_rng(4).uniform(-1, 1, SHAPE).astype(np.float32)
     got = relax.VirtualMachine(library, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
     assert psnr_db(got, ort_output(str(quantized["asymmetric"]), x)) >= MIN_OUTPUT_PSNR_DB["int8"]
+
+
+def test_unnamed_qlinear_nodes_get_distinct_names(quantized):
+    model = onnx.load(quantized["QOperator"])
+    for node in model.graph.node:
+        node.name = ""  # allowed by ONNX, and written by some exporters
+    rewritten = qdq_from_qoperator(model)
+    onnx.checker.check_model(rewritten)
+    outputs = [name for node in rewritten.graph.node for name in node.output]
+    assert len(outputs) == len(set(outputs))
+    x = np.random.default_rng(8).uniform(-1, 1, SHAPE).astype(np.float32)
+    assert psnr_db(ort_output(rewritten, x), ort_output(str(quantized["QOperator"]), x)) >= 40
