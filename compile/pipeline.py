@@ -369,7 +369,7 @@ def relax_for_target(model: ModelUnderTest, target: ResolvedTarget) -> Callable[
     compile/winograd.py runs as Winograd is imported in that form; others, and every transposed
     convolution on other targets, as the cheaper sub-pixel phases. An imported ONNX file's
     transposed convolutions become sub-pixel phases too (`subpixel_transposed_convs`); in an int8
-    file each phase, with its bias and quantize moved onto it, is then an integer convolution."""
+    file each phase is then an integer convolution."""
     if model.precision != "int8":
         fused_subpixel = target.tvm_target.kind.name == "llvm"
         return lambda: subpixel_transposed_convs(model.make_relax(fused_subpixel=fused_subpixel))[0]

@@ -15,8 +15,10 @@
 their s*s sub-pixel phase convolutions, interleaved (the torch import does the same with
 lwgan_models/subpixel.py): TVM lowers conv2d_transpose as a convolution over a zero-dilated input
 and runs it with default loops, 179 ms for an ONNX CycleGAN that ONNX Runtime ran in 10 ms. A
-dequantized int8 weight stays int8 per phase, so with the bias and the quantize moved onto each
-phase the QDQ pattern compile/int8.py lowers to integer kernels appears once per phase.
+dequantized int8 weight stays int8 per phase, so each phase is a QDQ convolution compile/int8.py
+lowers to an integer kernel. The bias add stays one add after the interleave; in an int8 file the
+phases therefore write dequantized floats, and the quantize follows the add (folding the bias into
+each phase would let them requantize to uint8 instead).
 """
 
 from __future__ import annotations
@@ -141,31 +143,17 @@ def _rewrite_functions(mod: tvm.IRModule, make_rewriter) -> tuple[tvm.IRModule, 
 class _SubPixel(relax.PyExprMutator):
     def __init__(self, mod: tvm.IRModule, uses: dict[relax.Var, int]) -> None:
         super().__init__(mod)
-        self.uses = uses
         self.rewritten = 0
         self.phases = 0
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
-        name = _op_name(call)
-        if name == "relax.add":  # conv2d_transpose + bias: the bias goes onto each phase
-            convt = self._transposed(call.args[0])
-            bias = call.args[1]
-            if convt is not None and isinstance(bias, GenericConst) and bias.value.numpy().ndim == 4:
-                phased = self._phases(convt, bias)
-                return call if phased is None else phased
-        if name == "relax.nn.conv2d_transpose":
-            phased = self._phases(call, None)
+        if _op_name(call) == "relax.nn.conv2d_transpose":
+            phased = self._phases(call)
             return call if phased is None else phased
         return call
 
-    def _transposed(self, expr: relax.Expr) -> relax.Call | None:
-        if not isinstance(expr, relax.Var) or self.uses.get(expr, 0) != 1:
-            return None
-        bound = self.lookup_binding(expr)
-        return bound if _op_name(bound) == "relax.nn.conv2d_transpose" else None
-
-    def _phases(self, convt: relax.Call, bias: GenericConst | None) -> relax.Expr | None:
+    def _phases(self, convt: relax.Call) -> relax.Expr | None:
         """The phase convolutions and their interleave, or None where the form does not apply."""
         attrs = convt.attrs
         data, weight = convt.args
@@ -190,7 +178,7 @@ class _SubPixel(relax.PyExprMutator):
             phase_weight = np.ascontiguousarray(kernel_weight[:, :, rows][:, :, :, cols].transpose(1, 0, 2, 3))
             conv = relax.op.nn.conv2d(data, dequantize(phase_weight), (1, 1), (pad_top, pad_left, pad_bottom, pad_right),
                                       out_dtype=attrs.out_dtype)
-            outputs.append(self.builder_.emit(conv if bias is None else relax.op.add(conv, bias)))
+            outputs.append(self.builder_.emit(conv))
         n, out_channels, height, width = shape_out
         rows_out, cols_out = height // stride, width // stride
         stacked = relax.op.reshape(relax.op.concat(outputs, axis=1), (n, stride, stride, out_channels, rows_out, cols_out))
@@ -218,7 +206,7 @@ def _constant_weight(weight: relax.Expr, lookup) -> tuple[np.ndarray | None, obj
 
 
 def subpixel_transposed_convs(mod: tvm.IRModule) -> tuple[tvm.IRModule, int, int]:
-    """`mod` with every stride-s conv2d_transpose (and its bias add) as s*s phase convolutions interleaved;
+    """`mod` with every stride-s conv2d_transpose as s*s phase convolutions interleaved;
     also returns how many were rewritten and into how many phases. Grouped, dilated or unevenly strided
     ones stay as they are."""
     rewritten_mod, rewriters = _rewrite_functions(mod, _SubPixel)
