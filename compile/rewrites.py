@@ -16,9 +16,9 @@ their s*s sub-pixel phase convolutions, interleaved (the torch import does the s
 lwgan_models/subpixel.py): TVM lowers conv2d_transpose as a convolution over a zero-dilated input
 and runs it with default loops, 179 ms for an ONNX CycleGAN that ONNX Runtime ran in 10 ms. A
 dequantized int8 weight stays int8 per phase, so each phase is a QDQ convolution compile/int8.py
-lowers to an integer kernel. The bias add stays one add after the interleave; in an int8 file the
-phases therefore write dequantized floats, and the quantize follows the add (folding the bias into
-each phase would let them requantize to uint8 instead).
+lowers to an integer kernel. A bias add (per output channel) goes onto each phase, and a per-tensor
+quantize after the interleave moves onto each phase too (`fuse_friendly`), so the phases requantize
+to uint8 in their epilogues.
 """
 
 from __future__ import annotations
@@ -143,49 +143,85 @@ def _rewrite_functions(mod: tvm.IRModule, make_rewriter) -> tuple[tvm.IRModule, 
 class _SubPixel(relax.PyExprMutator):
     def __init__(self, mod: tvm.IRModule, uses: dict[relax.Var, int]) -> None:
         super().__init__(mod)
+        self.uses = uses
         self.rewritten = 0
         self.phases = 0
+        self.biased: dict[relax.Var, relax.Call] = {}  # bias add var -> the transposed conv only it reads
+        self.held: set[relax.Var] = set()  # those transposed convs: emitted with their bias add
+
+    def visit_function_(self, func: relax.Function) -> relax.Expr:
+        bindings = relax.analysis.get_var2val(func)
+        for var, value in bindings.items():
+            source = value.args[0] if _op_name(value) == "relax.add" else None
+            convt = bindings.get(source) if isinstance(source, relax.Var) and self.uses.get(source, 0) == 1 else None
+            if _op_name(convt) == "relax.nn.conv2d_transpose" and _phase_plan(convt, bindings.get) is not None:
+                out_channels = int(convt.ty.shape.values[1])
+                bias_shape = [int(d) for d in value.args[1].ty.shape.values] if value.args[1].ty.shape is not None else []
+                if bias_shape == [1, out_channels, 1, 1]:
+                    self.biased[var] = convt
+                    self.held.add(source)
+        return super().visit_function_(func)
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        if binding.var in self.held:
+            return  # emitted phase by phase where its bias add is
+        convt = self.biased.get(binding.var)
+        if convt is None:
+            super().visit_var_binding_(binding)
+            return
+        plan = _phase_plan(convt, lambda var: self.lookup_binding(self.visit_expr(var)))
+        phased = self._interleave(plan, convt, self.visit_expr(convt.args[0]), self.visit_expr(binding.value.args[1]))
+        emit = self.builder_.emit if isinstance(binding.var, relax.DataflowVar) else self.builder_.emit_output
+        self.set_var_remap(binding.var, emit(phased, binding.var.name))
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
-        if _op_name(call) == "relax.nn.conv2d_transpose":
-            phased = self._phases(call)
-            return call if phased is None else phased
-        return call
+        if _op_name(call) != "relax.nn.conv2d_transpose":
+            return call
+        plan = _phase_plan(call, self.lookup_binding)
+        return call if plan is None else self._interleave(plan, call, call.args[0], None)
 
-    def _phases(self, convt: relax.Call) -> relax.Expr | None:
-        """The phase convolutions and their interleave, or None where the form does not apply."""
-        attrs = convt.attrs
-        data, weight = convt.args
-        if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "IOHW", "NCHW") or int(attrs.groups) != 1 \
-                or any(int(d) != 1 for d in attrs.dilation) or len({int(s) for s in attrs.strides}) != 1:
-            return None
-        stride = int(attrs.strides[0])
-        kernel_weight, dequantize = _constant_weight(weight, self.lookup_binding)
-        shape_in = [int(d) for d in data.ty.shape.values]
-        shape_out = [int(d) for d in convt.ty.shape.values]
-        if stride < 2 or kernel_weight is None or any(d % stride for d in shape_out[2:]):
-            return None
-        _, _, kh, kw = kernel_weight.shape
-        top, left = int(attrs.padding[0]), int(attrs.padding[1])
-        phases = [(subpixel_phase(kh, stride, top, ry, shape_in[2], shape_out[2]),
-                   subpixel_phase(kw, stride, left, rx, shape_in[3], shape_out[3]))
-                  for ry in range(stride) for rx in range(stride)]
-        if any(not rows or not cols or min(a, b, c, d) < 0 for (rows, a, b), (cols, c, d) in phases):
-            return None
+    def _interleave(self, plan, convt: relax.Call, data: relax.Expr, bias: relax.Expr | None) -> relax.Expr:
+        """The phase convolutions (each with the bias, when given) and their interleave."""
+        phases, kernel_weight, dequantize = plan
+        stride = int(convt.attrs.strides[0])
         outputs = []
         for (rows, pad_top, pad_bottom), (cols, pad_left, pad_right) in phases:
             phase_weight = np.ascontiguousarray(kernel_weight[:, :, rows][:, :, :, cols].transpose(1, 0, 2, 3))
             conv = relax.op.nn.conv2d(data, dequantize(phase_weight), (1, 1), (pad_top, pad_left, pad_bottom, pad_right),
-                                      out_dtype=attrs.out_dtype)
-            outputs.append(self.builder_.emit(conv))
-        n, out_channels, height, width = shape_out
+                                      out_dtype=convt.attrs.out_dtype)
+            outputs.append(self.builder_.emit(conv if bias is None else relax.op.add(conv, bias)))
+        n, out_channels, height, width = (int(d) for d in convt.ty.shape.values)
         rows_out, cols_out = height // stride, width // stride
         stacked = relax.op.reshape(relax.op.concat(outputs, axis=1), (n, stride, stride, out_channels, rows_out, cols_out))
         interleaved = relax.op.permute_dims(stacked, [0, 3, 4, 1, 5, 2])
         self.rewritten += 1
         self.phases += len(phases)
         return relax.op.reshape(interleaved, (n, out_channels, height, width))
+
+
+def _phase_plan(convt: relax.Call, lookup) -> tuple[list, np.ndarray, object] | None:
+    """(phases, IOHW weight values, phase weight -> expression) of a stride-s transposed convolution of
+    constant (or dequantized int8) weights, or None where the sub-pixel form does not apply."""
+    attrs = convt.attrs
+    data, weight = convt.args
+    if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "IOHW", "NCHW") or int(attrs.groups) != 1 \
+            or any(int(d) != 1 for d in attrs.dilation) or len({int(s) for s in attrs.strides}) != 1:
+        return None
+    stride = int(attrs.strides[0])
+    kernel_weight, dequantize = _constant_weight(weight, lookup)
+    shape_in = [int(d) for d in data.ty.shape.values]
+    shape_out = [int(d) for d in convt.ty.shape.values]
+    if stride < 2 or kernel_weight is None or any(d % stride for d in shape_out[2:]):
+        return None
+    _, _, kh, kw = kernel_weight.shape
+    top, left = int(attrs.padding[0]), int(attrs.padding[1])
+    phases = [(subpixel_phase(kh, stride, top, ry, shape_in[2], shape_out[2]),
+               subpixel_phase(kw, stride, left, rx, shape_in[3], shape_out[3]))
+              for ry in range(stride) for rx in range(stride)]
+    if any(not rows or not cols or min(a, b, c, d) < 0 for (rows, a, b), (cols, c, d) in phases):
+        return None
+    return phases, kernel_weight, dequantize
 
 
 def _constant_weight(weight: relax.Expr, lookup) -> tuple[np.ndarray | None, object]:

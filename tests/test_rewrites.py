@@ -93,7 +93,9 @@ def test_onnx_transposed_convolutions_become_exact_subpixel_phases(convt, shape,
     mod, rewritten, phases = subpixel_transposed_convs(onnx_to_relax(path))
     stride = convt.stride[0]
     assert (rewritten, phases) == (1, stride * stride)
-    assert "conv2d_transpose" not in mod["main"].script()
+    script = mod["main"].script()
+    assert "conv2d_transpose" not in script
+    assert script.count("R.add(") == (phases if convt.bias is not None else 0)  # the bias on each phase
     x = np.random.default_rng(0).uniform(-1, 1, shape).astype("float32")
     vm = relax.VirtualMachine(tvm.compile(prepare(mod, host_target), host_target), tvm.cpu())
     with torch.inference_mode():
