@@ -146,7 +146,8 @@ class _SubPixel(relax.PyExprMutator):
         self.uses = uses
         self.rewritten = 0
         self.phases = 0
-        self.biased: dict[relax.Var, relax.Call] = {}  # bias add var -> the transposed conv only it reads
+        # bias add var -> (the transposed conv only it reads, that conv's phase plan)
+        self.biased: dict[relax.Var, tuple[relax.Call, tuple]] = {}
         self.held: set[relax.Var] = set()  # those transposed convs: emitted with their bias add
 
     def visit_function_(self, func: relax.Function) -> relax.Expr:
@@ -154,22 +155,22 @@ class _SubPixel(relax.PyExprMutator):
         for var, value in bindings.items():
             source = value.args[0] if _op_name(value) == "relax.add" else None
             convt = bindings.get(source) if isinstance(source, relax.Var) and self.uses.get(source, 0) == 1 else None
-            if _op_name(convt) == "relax.nn.conv2d_transpose" and _phase_plan(convt, bindings.get) is not None:
+            plan = _phase_plan(convt, bindings.get) if _op_name(convt) == "relax.nn.conv2d_transpose" else None
+            if plan is not None:
                 out_channels = int(convt.ty.shape.values[1])
                 bias_shape = [int(d) for d in value.args[1].ty.shape.values] if value.args[1].ty.shape is not None else []
                 if bias_shape == [1, out_channels, 1, 1]:
-                    self.biased[var] = convt
+                    self.biased[var] = (convt, plan)  # the plan's weights are constants: valid after remapping
                     self.held.add(source)
         return super().visit_function_(func)
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         if binding.var in self.held:
             return  # emitted phase by phase where its bias add is
-        convt = self.biased.get(binding.var)
-        if convt is None:
+        if binding.var not in self.biased:
             super().visit_var_binding_(binding)
             return
-        plan = _phase_plan(convt, lambda var: self.lookup_binding(self.visit_expr(var)))
+        convt, plan = self.biased[binding.var]
         phased = self._interleave(plan, convt, self.visit_expr(convt.args[0]), self.visit_expr(binding.value.args[1]))
         emit = self.builder_.emit if isinstance(binding.var, relax.DataflowVar) else self.builder_.emit_output
         self.set_var_remap(binding.var, emit(phased, binding.var.name))

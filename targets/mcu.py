@@ -290,7 +290,7 @@ def instruction_mix(elf: Path, counts: dict[int, int], root: str = "model_run") 
     """
     disassembly = subprocess.run(["arm-none-eabi-objdump", "-d", "--no-show-raw-insn", str(elf)], capture_output=True,
                                  text=True, check=True).stdout
-    functions: dict[str, list[tuple[int, str]]] = {}
+    functions: dict[str, list[tuple[int, str]]] = {}  # name -> (address, instruction class) of each instruction
     callees: dict[str, set[str]] = collections.defaultdict(set)
     current = None
     for line in disassembly.splitlines():
@@ -301,9 +301,10 @@ def instruction_mix(elf: Path, counts: dict[int, int], root: str = "model_run") 
             continue
         instruction = re.match(r"^\s*([0-9a-f]+):\s+(\S+)(.*)$", line)  # 8-digit addresses come unindented
         if instruction and current is not None:
-            functions[current].append((int(instruction.group(1), 16), instruction.group(2)))
+            kind = classify(instruction.group(2))
+            functions[current].append((int(instruction.group(1), 16), kind))
             target = re.search(r"<([^+>]+)(\+0x[0-9a-f]+)?>", instruction.group(3))
-            if target and classify(instruction.group(2)) == "branch" and target.group(1) != current:
+            if target and kind == "branch" and target.group(1) != current:
                 callees[current].add(target.group(1))
     if root not in functions:
         raise RuntimeError(f"{elf}: no function {root!r} in the disassembly")
@@ -316,8 +317,8 @@ def instruction_mix(elf: Path, counts: dict[int, int], root: str = "model_run") 
         pending.extend(callees[name])
     mix = dict.fromkeys(INSTRUCTION_CLASSES, 0)
     for name in reached:
-        for address, mnemonic in functions[name]:
-            mix[classify(mnemonic)] += counts.get(address, 0)
+        for address, kind in functions[name]:
+            mix[kind] += counts.get(address, 0)
     return mix
 
 
