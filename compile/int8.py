@@ -668,7 +668,7 @@ class _IntegerConvRewriter(relax.PyExprMutator):
         super().__init__(mod)
         self.target = target
         self.plans: dict[relax.Var, _Replacement] = {}
-        self.kernels: dict[tvm.ir.GlobalVar, KernelPlan] = {}
+        self.kernels: dict[str, KernelPlan] = {}  # kernel name -> its plan (identical convs share one kernel)
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         replacement = self.plans.get(binding.var)
@@ -681,7 +681,7 @@ class _IntegerConvRewriter(relax.PyExprMutator):
         args = [self.visit_expr(replacement.data), *(relax.const(c) for c in kernel.constants)]
         out_ty = relax.TensorType(conv.output_shape(shape), conv.out_dtype)
         gvar = self.builder_.add_func(kernel.func, INTEGER_CONV)
-        self.kernels[gvar] = plan
+        self.kernels[gvar.name_hint] = plan
         value = relax.call_tir(gvar, args, out_ty)
         emit = self.builder_.emit if isinstance(binding.var, relax.DataflowVar) else self.builder_.emit_output
         self.set_var_remap(binding.var, emit(value, binding.var.name))
@@ -939,11 +939,10 @@ def lower_quantized_convs(mod: tvm.IRModule, target: tvm.target.Target) -> tuple
                 rewriter.builder_.update_func(gvar, rewritten)
     lowered = relax.transform.DeadCodeElimination()(rewriter.builder_.get())
     # What runs: one plan per call left (a kernel whose result nothing read is gone; identical convs share one).
-    plans = {gvar.name_hint: plan for gvar, plan in rewriter.kernels.items()}
-    kernels = [plans[call.args[0].name_hint] for func in lowered.functions.values() if isinstance(func, relax.Function)
+    kernels = [rewriter.kernels[call.args[0].name_hint] for func in lowered.functions.values() if isinstance(func, relax.Function)
                for block in func.body.blocks for call in (b.value for b in block.bindings)
                if isinstance(call, relax.Call) and call.op.same_as(tvm.ir.Op.get("relax.call_tir"))
-               and call.args[0].name_hint in plans]
+               and call.args[0].name_hint in rewriter.kernels]
     summary = LoweringSummary(
         integer_convs=len(kernels),
         tensorized=sum(k.intrinsic is not None for k in kernels),
