@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from compile import bf16
 from compile.build import CACHE_DIR, CompiledModel
 from compile.pipeline import ModelUnderTest, compile_for_target
 from errors import UserError
@@ -56,6 +57,19 @@ def build_artifact(kind: str, model: ModelUnderTest, target: ResolvedTarget) -> 
 @artifact_kind("tvm")
 def tvm_library(model: ModelUnderTest, target: ResolvedTarget) -> Artifact:
     compiled = compile_for_target(model, target)
+    return Artifact(compiled.library, compiled)
+
+
+@artifact_kind("tvm-bf16")
+def tvm_bf16_library(model: ModelUnderTest, target: ResolvedTarget) -> Artifact:
+    """The float model built with bf16 products (compile/bf16.py); not buildable for an int8 model or
+    on a CPU without a bf16 level, which the record then says."""
+    if model.precision != "fp32":
+        raise NotBuildable(f"{model.name} is {model.precision}: it runs integer kernels, not a bf16 build")
+    if not bf16.available(target.tvm_target):
+        raise NotBuildable(f"isa level {target.isa_level or 'none'} has no AVX-512 BF16 or AMX-BF16: "
+                           "bf16 falls back to the fp32 build")
+    compiled = compile_for_target(model, target, "bf16")
     return Artifact(compiled.library, compiled)
 
 

@@ -19,13 +19,14 @@ import tvm
 from tvm import relax
 from tvm.s_tir import meta_schedule as ms
 
+from compile import bf16
 from compile.conv_schedule import prepack_weights
 from compile.database import TuningDatabase
 from compile.int8 import LOWERING_ATTR, default_cpu_schedules
 from compile.tuning import hand_scheduled, prepare
 
 CACHE_DIR = Path(os.environ.get("LWGAN_CACHE", Path(__file__).resolve().parent.parent / "build" / "cache"))
-PIPELINE_VERSION = "21"  # bump when the import or build changes the code emitted
+PIPELINE_VERSION = "22"  # bump when the import or build changes the code emitted
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,10 @@ def compile_model(
     # Write to a temporary name first so an interrupted build never leaves a truncated library.
     with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".so", delete=False) as tmp:
         partial = Path(tmp.name)
-    executable.export_library(str(partial), **({"fcompile": fcompile} if fcompile else {}))
+    link = {"fcompile": fcompile} if fcompile else {}
+    if objects := bf16.link_options(mod, cache_dir):  # the bf16 products block (compile/bf16.py)
+        link["options"] = objects
+    executable.export_library(str(partial), **link)
     partial.replace(library)
     meta = {"tuned_tasks": tuned, "total_tasks": total, "db_records": database.record_count(), "db_skipped": skipped,
             "lowering": None if lowering is None else str(lowering)}

@@ -22,6 +22,7 @@ import torch
 import tvm
 from tvm import relax
 
+from compile import bf16
 from compile.build import CACHE_DIR, CompiledModel, compile_model
 from compile.database import TuningDatabase, database_for
 from compile.int8 import LOWERING_ATTR, lower_quantized_convs
@@ -41,6 +42,7 @@ from targets import ResolvedTarget
 
 
 IMAGE_CHANNELS = (1, 3, 4)  # grey, RGB, RGBA
+PRECISIONS = ("fp32", "bf16")  # what a float model can be built to run in
 
 
 @dataclass(frozen=True)
@@ -362,17 +364,30 @@ def database_to_apply(model: ModelUnderTest, target: ResolvedTarget) -> TuningDa
     return database_of(model, target)
 
 
-def relax_for_target(model: ModelUnderTest, target: ResolvedTarget) -> Callable[[], tvm.IRModule]:
-    """The module to tune and build: int8 QDQ models get integer conv kernels (compile/int8.py).
+def relax_for_target(model: ModelUnderTest, target: ResolvedTarget, precision: str = "fp32"
+                     ) -> Callable[[], tvm.IRModule]:
+    """The module to tune and build: int8 QDQ models get integer conv kernels (compile/int8.py);
+    with `precision` "bf16", a float model's Winograd products run on bf16 (compile/bf16.py).
 
     On CPUs (LLVM targets) a transposed convolution whose one wide 3x3 convolution form
     compile/winograd.py runs as Winograd is imported in that form; others, and every transposed
     convolution on other targets, as the cheaper sub-pixel phases. An imported ONNX file's
     transposed convolutions become sub-pixel phases too (`subpixel_transposed_convs`); in an int8
     file each phase is then an integer convolution."""
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown build precision {precision!r}; known: {', '.join(PRECISIONS)}")
+    if precision == "bf16":
+        if model.precision != "fp32":
+            raise UserError(f"{model.name}: bf16 builds start from a float32 model, not an {model.precision} one")
+        bf16.require(target.tvm_target)
     if model.precision != "int8":
         fused_subpixel = target.tvm_target.kind.name == "llvm"
-        return lambda: subpixel_transposed_convs(model.make_relax(fused_subpixel=fused_subpixel))[0]
+
+        def imported() -> tvm.IRModule:
+            mod = subpixel_transposed_convs(model.make_relax(fused_subpixel=fused_subpixel))[0]
+            return mod.with_attr(bf16.BF16_ATTR, True) if precision == "bf16" else mod
+
+        return imported
 
     def lowered() -> tvm.IRModule:
         mod, transposed, phases = subpixel_transposed_convs(model.make_relax())
@@ -384,12 +399,14 @@ def relax_for_target(model: ModelUnderTest, target: ResolvedTarget) -> Callable[
     return lowered
 
 
-def compile_for_target(model: ModelUnderTest, target: ResolvedTarget) -> CompiledModel:
-    """Build from the committed database (no tuning); a cache hit skips import and codegen."""
+def compile_for_target(model: ModelUnderTest, target: ResolvedTarget, precision: str = "fp32") -> CompiledModel:
+    """Build from the committed database (no tuning); a cache hit skips import and codegen. `precision`
+    "bf16" runs a float model's Winograd products on bf16 where the CPU has AVX-512 BF16."""
     database = database_to_apply(model, target)
     fcompile = cross_compiler(target.config) if target.config.cross else None  # a board's library
-    return compile_model(relax_for_target(model, target), target.tvm_target, database, model.digest, model.input_shape,
-                         fcompile=fcompile)
+    digest = model.digest if precision == "fp32" else f"{model.digest}+{precision}"
+    return compile_model(relax_for_target(model, target, precision), target.tvm_target, database, digest,
+                         model.input_shape, fcompile=fcompile)
 
 
 def tune_for_target(

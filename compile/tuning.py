@@ -25,6 +25,7 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.analysis import estimate_tir_flops
 
+from compile.bf16 import BF16_ATTR
 from compile.conv_schedule import direct_conv_schedule
 from compile.database import CURVE_FILE, TuningDatabase
 from compile.intrinsics import register_cpu_tensor_intrinsics
@@ -104,12 +105,15 @@ def float_lanes(target: tvm.target.Target) -> int:
 def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """The passes before task extraction; the same ones must run before applying a database.
 
-    On CPUs the large 3x3 convolutions become hand-scheduled Winograd kernels (compile/winograd.py),
+    On CPUs the large 3x3 convolutions become hand-scheduled Winograd kernels (compile/winograd.py;
+    with bf16 products where the module asks for bf16, compile/bf16.py),
     pads and an output tanh join the convolutions next to them (compile/rewrites.py), and tanh
     becomes TVM's fast rational approximation: LLVM otherwise calls libm's scalar expf per element
     (0.45 ms of a U-Net's RGB output, 49k values), and the approximation is ~1e-7 from libm."""
     if target.kind.name == "llvm":
-        mod = relax.transform.FastMathTransform()(fuse_friendly(winograd_convs(mod, float_lanes(target))[0])[0])
+        bf16_products = bool(mod.attrs is not None and mod.attrs.get(BF16_ATTR))
+        mod = winograd_convs(mod, float_lanes(target), bf16_products)[0]
+        mod = relax.transform.FastMathTransform()(fuse_friendly(mod)[0])
     with target:
         return tvm.transform.Sequential(
             [

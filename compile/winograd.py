@@ -32,6 +32,8 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 from tvm.topi.nn.winograd_util import _cook_toom_convolution, _interpolation_points
 
+from compile import bf16
+
 TILE = 4  # output pixels per tile side
 KERNEL = 3
 ALPHA = TILE + KERNEL - 1  # 6x6 transform-domain points per tile
@@ -97,8 +99,10 @@ def zero_pad(shape: tuple[int, ...], padding: tuple[int, int, int, int]) -> tirx
     return scheduled.with_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
 
 
-def data_transform(batch: int, channels: int, height: int, width: int) -> tirx.PrimFunc:
-    """[N, C, H, W] (already padded) -> V [36, C, P], P = N x tile rows x tile columns.
+def data_transform(batch: int, channels: int, height: int, width: int, bf16_pairs: bool = False) -> tirx.PrimFunc:
+    """[N, C, H, W] (already padded) -> V [36, C, P] float32, P = N x tile rows x tile columns; with
+    `bf16_pairs`, V [36, C/2, P] uint32, each word two adjacent channels' values rounded to bf16
+    (compile/bf16.py's operand layout: channel 2i in the low half).
 
     Each step transforms `lanes` tiles of a tile row at once: column s of tile t is input column
     TILE t + s; columns 0-3 come from a load at the tiles' start, 4-5 from one two columns later
@@ -106,28 +110,52 @@ def data_transform(batch: int, channels: int, height: int, width: int) -> tirx.P
     """
     rows, cols = (height - KERNEL + 1) // TILE, (width - KERNEL + 1) // TILE
     lanes = _vector_tiles(cols)
+    group = 2 if bf16_pairs else 1  # channels per stored value
     with IRBuilder() as ib, T.prim_func(private=True):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         x = T.arg("x", T.buffer((batch, channels, height, width), "float32"))
-        v = T.arg("v", T.buffer((ALPHA * ALPHA, channels, batch * rows * cols), "float32"))
-        with T.sblock("root"), T.parallel(0, batch * channels) as bc, T.serial(0, rows) as row, \
+        v = T.arg("v", T.buffer((ALPHA * ALPHA, channels // group, batch * rows * cols),
+                                "uint32" if bf16_pairs else "float32"))
+        with T.sblock("root"), T.parallel(0, batch * (channels // group)) as bc, T.serial(0, rows) as row, \
                 T.serial(0, cols // lanes) as chunk:
-            n, c, col = bc // channels, bc % channels, chunk * lanes
-            d = []
-            for r in range(ALPHA):
-                index = [n, c, row * TILE + r]
-                first = _row_columns(x, index, col * TILE, lanes)
-                shifted = _row_columns(x, index, col * TILE + 2, lanes)
-                d.append(first + shifted[2:])
-            # B^T d, then (B^T d) B: 2 x 6 short sums per point instead of 36 products
-            left = [[T.bind(_combine(B[:, e], [d[r][s] for r in range(ALPHA)])) for s in range(ALPHA)]
-                    for e in range(ALPHA)]
+            n, c, col = bc // (channels // group), bc % (channels // group), chunk * lanes
+            points = [_transformed_tiles(x, [n, c * group + member, row * TILE], col * TILE, lanes)
+                      for member in range(group)]
             tile = (n * rows + row) * cols + col
             tiles = tirx.Ramp(tile, 1, lanes) if lanes > 1 else tile
-            for e in range(ALPHA):
-                for f in range(ALPHA):
-                    T.buffer_store(v, _combine(B[:, f], left[e]), [e * ALPHA + f, c, tiles])
+            for point in range(ALPHA * ALPHA):
+                value = bf16_pair(points[0][point], points[1][point], lanes) if bf16_pairs else points[0][point]
+                T.buffer_store(v, value, [point, c, tiles])
     return ib.get()
+
+
+def _transformed_tiles(x, row_index: list, start, lanes: int) -> list:
+    """B^T d B of `lanes` tiles of one channel's tile row, as 36 expressions (point e * ALPHA + f):
+    2 x 6 short sums per point instead of 36 products."""
+    d = []
+    for r in range(ALPHA):
+        index = [*row_index[:2], row_index[2] + r]
+        first = _row_columns(x, index, start, lanes)
+        shifted = _row_columns(x, index, start + 2, lanes)
+        d.append(first + shifted[2:])
+    left = [[T.bind(_combine(B[:, e], [d[r][s] for r in range(ALPHA)])) for s in range(ALPHA)] for e in range(ALPHA)]
+    return [_combine(B[:, f], left[e]) for e in range(ALPHA) for f in range(ALPHA)]
+
+
+def bf16_pair(low, high, lanes: int):
+    """Two float32 expressions of `lanes` lanes rounded to bf16 (to nearest even) and packed in one
+    uint32, `low` in bits 0-15: integer arithmetic on their bits, because TVM lowers bf16 vectors
+    to float32."""
+
+    def word(value: int):
+        scalar = tirx.const(value, "uint32")
+        return scalar if lanes == 1 else tirx.Broadcast(scalar, lanes)
+
+    def rounded(value):  # the bf16 in the top 16 bits, the bottom 16 cleared
+        bits = tirx.reinterpret("uint32" if lanes == 1 else f"uint32x{lanes}", value)
+        return (bits + word(0x7FFF) + ((bits >> word(16)) & word(1))) & word(0xFFFF0000)
+
+    return rounded(high) | (rounded(low) >> word(16))
 
 
 def inverse_transform(batch: int, channels: int, out_height: int, out_width: int, bias: bool) -> tirx.PrimFunc:
@@ -209,9 +237,10 @@ def applies(call: relax.Call, weight: np.ndarray | None) -> bool:
 
 @relax.expr_functor.mutator
 class _WinogradRewriter(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, lanes: int) -> None:
+    def __init__(self, mod: tvm.IRModule, lanes: int, bf16: bool) -> None:
         super().__init__(mod)
         self.lanes = lanes
+        self.bf16 = bf16
         self.rewritten = 0
         self.unbiased_inverses: set[relax.GlobalVar] = set()  # inverse transforms a bias may fold into
 
@@ -235,18 +264,25 @@ class _WinogradRewriter(relax.PyExprMutator):
         batch, channels, height, width = _static_shape(data)
         _, out_channels, out_height, out_width = _static_shape(call)
         tiles = batch * (out_height // TILE) * (out_width // TILE)
-        transform = self.builder_.add_func(data_transform(batch, channels, height, width), "winograd_data_transform")
-        v = self.builder_.emit(
-            relax.call_tir(transform, [data], relax.TensorType((ALPHA * ALPHA, channels, tiles), "float32"))
-        )
-        products = self.builder_.add_func(point_products(out_channels, channels, tiles, self.lanes), "winograd_products")
-        m = self.builder_.emit(
-            relax.call_tir(
-                products,
-                [relax.const(transform_weight(weight)), v],
-                relax.TensorType((ALPHA * ALPHA, out_channels, tiles), "float32"),
-            )
-        )
+        points = ALPHA * ALPHA
+        m_type = relax.TensorType((points, out_channels, tiles), "float32")
+        u = transform_weight(weight)
+        if self.bf16 and channels % 2 == 0:  # products on bf16 pairs of adjacent channels (compile/bf16.py)
+            transform = self.builder_.add_func(data_transform(batch, channels, height, width, bf16_pairs=True),
+                                               "winograd_data_transform_bf16")
+            v = self.builder_.emit(
+                relax.call_tir(transform, [data], relax.TensorType((points, channels // 2, tiles), "uint32")))
+            products = self.builder_.add_func(bf16.products(points, out_channels, channels, tiles),
+                                              "winograd_products_bf16")
+            m = self.builder_.emit(relax.call_tir(products, [relax.const(bf16.pack_rows(u)), v], m_type))
+        else:
+            transform = self.builder_.add_func(data_transform(batch, channels, height, width),
+                                               "winograd_data_transform")
+            v = self.builder_.emit(
+                relax.call_tir(transform, [data], relax.TensorType((points, channels, tiles), "float32")))
+            products = self.builder_.add_func(point_products(out_channels, channels, tiles, self.lanes),
+                                              "winograd_products")
+            m = self.builder_.emit(relax.call_tir(products, [relax.const(u), v], m_type))
         return self._inverse(m, (batch, out_channels, out_height, out_width), None)
 
     def _inverse(self, m: relax.Expr, shape: tuple[int, ...], bias: np.ndarray | None) -> relax.Call:
@@ -273,10 +309,10 @@ class _WinogradRewriter(relax.PyExprMutator):
         return self._inverse(bound.args[1].fields[0], shape, bias.reshape(-1))
 
 
-def winograd_convs(mod: tvm.IRModule, lanes: int) -> tuple[tvm.IRModule, int]:
+def winograd_convs(mod: tvm.IRModule, lanes: int, bf16_products: bool = False) -> tuple[tvm.IRModule, int]:
     """Rewrite every eligible convolution of `mod`'s Relax functions for a CPU with `lanes`-float
-    vectors; returns (module, how many)."""
-    rewriter = _WinogradRewriter(mod, lanes)
+    vectors, with `bf16_products` on bf16 operands (compile/bf16.py); returns (module, how many)."""
+    rewriter = _WinogradRewriter(mod, lanes, bf16_products)
     for gvar, func in mod.functions_items():
         if isinstance(func, relax.Function):
             rewriter.builder_.update_func(gvar, relax.analysis.remove_all_unused(rewriter.visit_expr(func)))

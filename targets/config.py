@@ -171,7 +171,8 @@ class ResolvedTarget:
         A schedule tuned at a lower level is valid (if not ideal) code at a higher one, which beats
         running untuned on a machine nobody has tuned for yet.
         """
-        keys = (self.db_key, *(self._key(level) for level in self.lower_levels))
+        databases = {level.name: level.databases or level.name for level in self.config.isa_levels}
+        keys = (self.db_key, *(self._key(databases.get(level, level)) for level in self.lower_levels))
         return tuple(dict.fromkeys(keys))
 
     def _key(self, level: str) -> str:

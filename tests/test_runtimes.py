@@ -122,7 +122,7 @@ def test_a_plugin_registered_outside_the_package_reaches_records_and_report(fake
 
 
 def test_an_unknown_runtime_is_a_one_line_error_listing_the_registry():
-    with pytest.raises(UserError, match=r"^unknown runtime 'tensorrt'; registered: tvm, torch, onnxruntime, "
+    with pytest.raises(UserError, match=r"^unknown runtime 'tensorrt'; registered: tvm, tvm-bf16, torch, onnxruntime, "
                                         r"openvino, openvino-f32, litert$"):
         runtimes.parse("tvm,tensorrt".split(","), "host")
     with pytest.raises(UserError, match=r"runtime\(s\) torch, openvino cannot run on a board; there: tvm, "

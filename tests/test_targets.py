@@ -19,7 +19,8 @@ GOOD = HOST_TOML.read_text(encoding="utf-8")
 AVX2 = {"sse2", "sse4_2", "avx", "avx2", "fma", "bmi2", "movbe", "f16c"}
 AVX512_NO_VNNI = AVX2 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
 AVX512_VNNI = AVX512_NO_VNNI | {"avx512_vnni"}
-AMX = AVX512_VNNI | {"amx_tile", "amx_int8", "amx_bf16"}
+AVX512_BF16 = AVX512_VNNI | {"avx512_bf16"}  # AMD Zen 4
+AMX = AVX512_BF16 | {"amx_tile", "amx_int8", "amx_bf16"}
 
 
 def test_host_config_matches_its_file():
@@ -113,7 +114,7 @@ BAD_CONFIGS = {
     # A level shares the databases of a level below it, never its own name or one above.
     "databases-not-below": (
         _replace('databases = "avx512vnni"', 'databases = "amx"'),
-        ["isa level 'amx' takes databases 'amx'", "not a level below it (avx512vnni, avx2)"],
+        ["isa level 'amx' takes databases 'amx'", "not a level below it (avx512bf16, avx512vnni, avx2)"],
     ),
 }
 # A table given as a scalar: append it at top level (before any table header).
@@ -176,9 +177,17 @@ def test_avx512_vnni_cpu_without_amx_chooses_avx512vnni(host, monkeypatch):
 def test_amx_cpu_chooses_amx_and_shares_the_avx512vnni_databases(host):
     resolved = targets.resolve(host, cpu_flags=AMX)
     assert resolved.isa_level == "amx"
-    assert [str(a) for a in resolved.tvm_target.attrs["mattr"]] == ["+avx512vnni", "+amx-tile", "+amx-int8"]
+    assert [str(a) for a in resolved.tvm_target.attrs["mattr"]] == [
+        "+avx512vnni", "+avx512bf16", "+amx-tile", "+amx-int8", "+amx-bf16"]
     # Only hand-scheduled int8 kernels differ, so the tuned databases are avx512vnni's, listed once.
     assert resolved.db_key == "host-avx512vnni"
+    assert resolved.db_keys == ("host-avx512vnni", "host-avx2")
+
+
+def test_avx512_bf16_cpu_without_amx_chooses_avx512bf16_and_shares_the_avx512vnni_databases(host):
+    resolved = targets.resolve(host, cpu_flags=AVX512_BF16)
+    assert resolved.isa_level == "avx512bf16"
+    assert [str(a) for a in resolved.tvm_target.attrs["mattr"]] == ["+avx512vnni", "+avx512bf16"]
     assert resolved.db_keys == ("host-avx512vnni", "host-avx2")
 
 
@@ -210,7 +219,7 @@ def test_cpu_with_no_supported_level_is_an_error(host):
         targets.resolve(host, cpu_flags={"sse2", "avx"})
     message = str(info.value)
     assert str(host.path) in message and "\n" not in message
-    assert "none of the isa levels amx, avx512vnni, avx2" in message
+    assert "none of the isa levels amx, avx512bf16, avx512vnni, avx2" in message
 
 
 def test_explicit_level_overrides_the_cpu(host):
@@ -224,7 +233,7 @@ def test_explicit_unknown_level_lists_allowed_ones(host):
         targets.resolve(host, isa_level="avx9", cpu_flags=AVX512_VNNI)
     message = str(info.value)
     assert str(host.path) in message and "\n" not in message
-    assert "unknown isa level 'avx9'; allowed: amx, avx512vnni, avx2" in message
+    assert "unknown isa level 'avx9'; allowed: amx, avx512bf16, avx512vnni, avx2" in message
 
 
 def test_config_without_levels_uses_its_tvm_table(tmp_path):

@@ -151,12 +151,18 @@ def board_lost(board: str, runtime: str, exc: Exception) -> UserError:
     return UserError(f"board {board!r}: {runtime} failed on the board ({detail[-1] if detail else type(exc).__name__})")
 
 
-def load(library: Path, threads: int) -> TvmRuntime:
+def load(library: Path, threads: int, name: str = "tvm", precision: str = "fp32") -> TvmRuntime:
     import tvm
     from tvm import relax
 
-    return TvmRuntime(relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu()), tvm.cpu(), threads)
+    runtime = TvmRuntime(relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu()), tvm.cpu(), threads)
+    runtime.name, runtime.precision = name, precision
+    return runtime
 
 
 SPEC = register(RuntimeSpec(name="tvm", label="TVM", artifact="tvm", load=load, package="apache-tvm",
                             places=("host", "board"), peer=False))
+# The same model built with bf16 products (compile/bf16.py), on hosts with AVX-512 BF16 or AMX.
+SPEC_BF16 = register(RuntimeSpec(
+    name="tvm-bf16", label="TVM bf16", artifact="tvm-bf16", package="apache-tvm", peer=False,
+    load=lambda library, threads: load(library, threads, "tvm-bf16", "bf16")))

@@ -1,0 +1,154 @@
+"""compile/bf16.py: bf16 Winograd products on AVX-512 BF16 agree with torch at bf16's accuracy, build
+only where the CPU has them, and reach a benchmark record as the `tvm-bf16` runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from tvm import relax
+
+import targets
+from bench.run import bench_model
+from compile import bf16
+from compile.artifacts import NotBuildable, build_artifact
+from compile.pipeline import relax_for_target
+from compile.torch_import import torch_to_relax
+from compile.tuning import float_lanes
+from compile.winograd import ALPHA, data_transform, winograd_convs
+from conftest import model_under_test
+from errors import UserError
+from targets.config import host_cpu_flags
+
+HOST_HAS_BF16 = {"avx512f", "avx512_bf16"} <= host_cpu_flags()
+needs_bf16 = pytest.mark.skipif(not HOST_HAS_BF16, reason="this CPU has no AVX-512 BF16 to run the kernels")
+RULES = targets.BenchRules(threads=1, warmup=1, samples=3, min_duration_s=0.0)
+# bf16 keeps 8 mantissa bits (2^-9 relative rounding), and F(4x4, 3x3)'s output transform multiplies
+# by up to 8 per side: one conv lands within ~3% of its output range, 10x a direct bf16 conv's error.
+WINOGRAD_BF16_TOLERANCE = 0.05
+
+
+def bf16_values(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def library(mod: tvm.IRModule, target: tvm.target.Target, tmp_path) -> tvm.runtime.Module:
+    path = tmp_path / "lib.so"
+    tvm.compile(mod, target).export_library(str(path), options=[str(bf16.kernel_object(tmp_path))])
+    return tvm.runtime.load_module(str(path))
+
+
+@pytest.fixture(scope="module")
+def bf16_target():
+    return targets.resolve(targets.load_target("host"), isa_level="avx512bf16").tvm_target
+
+
+def test_rounding_is_to_nearest_even_like_torch():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.standard_normal(10_000).astype(np.float32) * 10 ** rng.uniform(-8, 8, 10_000),
+                             bf16_values(np.arange(0, 0x7F00, 7, dtype=np.uint16)) * np.float32(1 + 2 ** -8)])  # ties
+    expected = torch.from_numpy(values).bfloat16().view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(bf16.bf16_bits(values), expected)
+
+
+@needs_bf16
+@pytest.mark.parametrize("batch, rows, channels, columns", [(36, 64, 64, 64), (3, 13, 18, 37), (1, 8, 2, 5)])
+def test_products_block_multiplies_bf16_pairs_in_float32(batch, rows, channels, columns, bf16_target, tmp_path):
+    """Rows that are not whole blocks of 8 and columns that are not whole vectors of 16 (masked tails)."""
+    rng = np.random.default_rng(1)
+    u = rng.standard_normal((batch, rows, channels)).astype(np.float32)
+    v = rng.standard_normal((batch, channels, columns)).astype(np.float32)
+    v_words = bf16.bf16_bits(v).reshape(batch, channels // 2, 2, columns).transpose(0, 1, 3, 2)
+    func = bf16.products(batch, rows, channels, columns).with_attr("global_symbol", "products")
+    m = tvm.runtime.tensor(np.full((batch, rows, columns), np.nan, np.float32))
+    library(tvm.IRModule({"products": func}), bf16_target, tmp_path)["products"](
+        tvm.runtime.tensor(bf16.pack_rows(u)), tvm.runtime.tensor(np.ascontiguousarray(v_words).view(np.uint32)[..., 0]),
+        m)
+    expected = np.einsum("bkc,bct->bkt", bf16_values(bf16.bf16_bits(u)).astype(np.float64),
+                         bf16_values(bf16.bf16_bits(v)).astype(np.float64))
+    np.testing.assert_allclose(m.numpy(), expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+
+
+def test_bf16_data_transform_is_the_float_transform_rounded_and_paired(bf16_target):
+    shape = (2, 6, 18, 34)  # 4 x 8 tiles per item; 3 channel pairs
+    x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+    tiles = 2 * 4 * 8
+    outputs = {}
+    for paired, dtype, channels in ((False, "float32", 6), (True, "uint32", 3)):
+        func = data_transform(*shape, bf16_pairs=paired).with_attr("global_symbol", "transform")
+        out = tvm.runtime.tensor(np.zeros((ALPHA * ALPHA, channels, tiles), dtype))
+        tvm.compile(tvm.IRModule({"transform": func}), bf16_target)["transform"](tvm.runtime.tensor(x), out)
+        outputs[paired] = out.numpy()
+    halves = outputs[True].view(np.uint16).reshape(ALPHA * ALPHA, 3, tiles, 2).transpose(0, 1, 3, 2)
+    np.testing.assert_array_equal(halves.reshape(ALPHA * ALPHA, 6, tiles), bf16.bf16_bits(outputs[False]))
+
+
+@needs_bf16
+@pytest.mark.parametrize("batch, channels, out_channels, height, width, padding", [
+    (1, 64, 64, 66, 18, 0),  # a trunk conv after its reflection pad
+    (2, 32, 44, 20, 64, 1),  # batch, zero padding, output channels not whole blocks of 8
+])
+def test_winograd_conv_with_bf16_products_matches_torch(batch, channels, out_channels, height, width, padding,
+                                                       bf16_target, tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(channels, out_channels, 3, padding=padding), torch.nn.ReLU()).eval()
+    shape = (batch, channels, height, width)
+    mod, rewritten = winograd_convs(torch_to_relax(net, shape, "conv"), float_lanes(bf16_target), bf16_products=True)
+    assert rewritten == 1 and "winograd_products_bf16" in [gv.name_hint for gv in mod.get_global_vars()]
+    x = np.random.default_rng(1).standard_normal(shape).astype("float32")
+    got = relax.VirtualMachine(library(mod, bf16_target, tmp_path), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    with torch.inference_mode():
+        expected = net(torch.from_numpy(x)).numpy()
+    error = np.abs(got - expected).max() / np.abs(expected).max()
+    assert 1e-4 < error < WINOGRAD_BF16_TOLERANCE  # rounded to bf16 (an fp32 build is ~1e-6), and not wrong
+
+
+def test_odd_channel_counts_keep_float32_products(bf16_target):
+    net = torch.nn.Conv2d(33, 32, 3, padding=1).eval()
+    mod, rewritten = winograd_convs(torch_to_relax(net, (1, 33, 32, 32), "conv"), 16, bf16_products=True)
+    names = [gv.name_hint for gv in mod.get_global_vars()]
+    assert rewritten == 1 and "winograd_products" in names and "winograd_products_bf16" not in names
+
+
+class Trunk(torch.nn.Module):
+    """A generator's shape in small: 7x7 in, two residual 3x3 convs at 32x32 (64 Winograd tiles), 7x7 out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 32, 7, padding=3)
+        self.blocks = torch.nn.Sequential(*(torch.nn.Sequential(torch.nn.ReflectionPad2d(1), torch.nn.Conv2d(32, 32, 3),
+                                                                torch.nn.InstanceNorm2d(32), torch.nn.ReLU())
+                                            for _ in range(2)))
+        self.head = torch.nn.Conv2d(32, 3, 7, padding=3)
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x))
+        return torch.tanh(self.head(y + self.blocks(y)))
+
+
+@needs_bf16
+def test_bench_records_the_bf16_build_beside_fp32_with_its_psnr(tmp_path):
+    torch.manual_seed(0)
+    model = model_under_test(Trunk().eval(), (1, 3, 32, 32), "bf16-trunk", cache=tmp_path)
+    host = targets.resolve(targets.load_target("host"), isa_level="avx512bf16")
+    records = {r.runtime: r for r in bench_model(model, host, "bf16", ("tvm", "tvm-bf16"), RULES,
+                                                  report=lambda _: None)}
+    fp32, rounded = records["tvm"], records["tvm-bf16"]
+    assert (fp32.executed_precision, rounded.executed_precision) == ("fp32", "bf16")
+    assert rounded.valid and rounded.min_output_psnr_db == 40.0
+    assert 40.0 <= rounded.output_psnr_db < fp32.output_psnr_db  # rounded, within the bf16 rule
+    assert rounded.db_hash == fp32.db_hash and rounded.artifact_bytes > 0
+
+
+def test_without_a_bf16_level_the_record_says_so_and_the_build_refuses(tmp_path):
+    model = model_under_test(Trunk().eval(), (1, 3, 32, 32), "bf16-trunk", cache=tmp_path)
+    vnni = targets.resolve(targets.load_target("host"), isa_level="avx512vnni")
+    with pytest.raises(NotBuildable, match="isa level avx512vnni has no AVX-512 BF16 or AMX-BF16"):
+        build_artifact("tvm-bf16", model, vnni)
+    with pytest.raises(UserError, match="bf16 needs AVX-512 BF16"):
+        relax_for_target(model, vnni, "bf16")
+    with pytest.raises(UserError, match="unknown build precision 'fp8'"):
+        relax_for_target(model, vnni, "fp8")
+    records = bench_model(model, vnni, "no-bf16", ("tvm-bf16",), RULES, report=lambda _: None)
+    assert not records[0].valid and "has no AVX-512 BF16" in records[0].invalid_reason
