@@ -172,7 +172,7 @@ def _device_summary(group: pd.DataFrame, target: str, isa_level: str, href: str)
     latest = {(r["model"], r["variant"], r["runtime"]): r
               for r in group[group["run_id"] == latest_run].to_dict("records") if r["valid"]}
     ratios = [r["latency_p50_ms"] / peer["latency_p50_ms"] for (m, v, rt), r in latest.items()
-              if rt == COMPILER and (peer := best_peer(r, latest.values()))]
+              if is_compiler(rt) and (peer := best_peer(r, latest.values()))]
     return {
         "label": group["device"].iloc[-1],
         "target": target,
@@ -539,7 +539,7 @@ def _megabytes(size: int | None) -> str:
 
 def _tuned(record: dict) -> str:
     """Tuning applies to TVM only; an empty database builds the same code as none."""
-    if record["runtime"] != COMPILER:
+    if not is_compiler(record["runtime"]):
         return "—"
     trials = record["tuned_trials"]
     if is_missing(trials) or trials == 0:
@@ -565,6 +565,11 @@ def _over_tolerance(record: dict) -> bool:
     return outside_tolerance(record)
 
 
+def is_compiler(runtime: str) -> bool:
+    """TVM's own rows: its default build ("tvm") and its builds at another precision ("tvm-bf16")."""
+    return runtime == COMPILER or runtime.startswith(f"{COMPILER}-")
+
+
 def best_peer(record: dict, candidates) -> dict | None:
     """The fastest valid peer record of the same model and variant at the same or better output quality.
 
@@ -576,7 +581,7 @@ def best_peer(record: dict, candidates) -> dict | None:
         psnr = r.get("output_psnr_db")
         return EXACT_DB if is_missing(psnr) else min(psnr, EXACT_DB)
 
-    peers = [r for r in candidates if r["runtime"] != COMPILER and r["valid"] and r["latency_p50_ms"] > 0
+    peers = [r for r in candidates if not is_compiler(r["runtime"]) and r["valid"] and r["latency_p50_ms"] > 0
              and r["model"] == record["model"] and r["variant"] == record["variant"]
              and quality(r) >= quality(record) - SAME_QUALITY_DB]
     return min(peers, key=lambda r: r["latency_p50_ms"], default=None)
@@ -585,7 +590,7 @@ def best_peer(record: dict, candidates) -> dict | None:
 def _vs_best_peer(record: dict, latest: dict) -> str:
     """A valid TVM row's p50 ÷ its best peer's in the same run, naming the peer; "—" without one.
     Other rows get an empty cell: the ratio is TVM's."""
-    if record["runtime"] != COMPILER or not record["valid"]:
+    if not is_compiler(record["runtime"]) or not record["valid"]:
         return ""
     peer = best_peer(record, latest.values())
     return "—" if peer is None else f"{ratio_cell(record['latency_p50_ms'], peer['latency_p50_ms'])} {peer['runtime']}"

@@ -238,6 +238,23 @@ def test_a_faster_peer_of_lower_quality_is_not_the_best_peer(tmp_path):
     assert {(p.label, p.psnr_db) for p in pareto_front(latency)} == {("fp32 (openvino)", 45.0), ("fp32 (tvm)", math.inf)}
 
 
+def test_tvm_bf16_is_a_tvm_row_measured_against_peers_of_its_quality(tmp_path):
+    """TVM's bf16 build meets OpenVINO's bf16 default and the fp32 peers, never TVM's own fp32 build."""
+    runs = [
+        record("cyclegan-mobile", "tvm", 10.0, output_psnr_db=135.0),
+        record("cyclegan-mobile", "tvm-bf16", 4.0, output_psnr_db=61.0, min_output_psnr_db=40.0, tolerance=None,
+               executed_precision="bf16"),
+        record("cyclegan-mobile", "openvino", 5.0, output_psnr_db=62.0, min_output_psnr_db=40.0, tolerance=None,
+               executed_precision="bf16"),
+        record("cyclegan-mobile", "openvino-f32", 12.5, output_psnr_db=131.0),
+    ]
+    _, pages = render_with_pages(runs, tmp_path)
+    rows = {(r["model"], r["runtime"]): r for r in table_rows(parsed(pages["host-avx2.html"]), "records")}
+    assert rows[("cyclegan-mobile", "tvm-bf16")]["TVM ÷ best peer"] == f"{format_ratio(4.0 / 5.0)} openvino"
+    assert rows[("cyclegan-mobile", "tvm")]["TVM ÷ best peer"] == f"{format_ratio(10.0 / 12.5)} openvino-f32"
+    assert rows[("cyclegan-mobile", "tvm-bf16")]["ran"] == "bf16"
+
+
 def test_combined_psnr_adds_model_and_runtime_errors():
     from reports.html import EXACT_DB, combined_psnr
 
