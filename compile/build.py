@@ -26,7 +26,7 @@ from compile.int8 import LOWERING_ATTR, default_cpu_schedules
 from compile.tuning import hand_scheduled, prepare
 
 CACHE_DIR = Path(os.environ.get("LWGAN_CACHE", Path(__file__).resolve().parent.parent / "build" / "cache"))
-PIPELINE_VERSION = "22"  # bump when the import or build changes the code emitted
+PIPELINE_VERSION = "23"  # bump when the import or build changes the code emitted
 
 
 @dataclass(frozen=True)

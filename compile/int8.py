@@ -811,11 +811,12 @@ def _schedule_channel_reduction(func: tirx.PrimFunc, vector_lanes: int) -> tirx.
             sch.compute_inline(block)
         last = spatial[-1]
         loops = sch.get_loops(last)
-        if len(loops) <= kept:
+        per_channel = _leading_loops(sch, loops, kept)
+        if len(loops) <= per_channel:
             return None
-        outer = sch.fuse(*loops[:kept]) if kept > 1 else loops[0]
+        outer = sch.fuse(*loops[:per_channel]) if per_channel > 1 else loops[0]
         sch.parallel(outer)  # first: once the reductions are decomposed under it, it no longer can be
-        inner = sch.fuse(*loops[kept:]) if len(loops) > kept + 1 else loops[kept]
+        inner = sch.fuse(*loops[per_channel:]) if len(loops) > per_channel + 1 else loops[per_channel]
         if (_extent(sch, inner) or 1) % vector_lanes:
             return None
         sch.vectorize(sch.split(inner, [None, vector_lanes])[1])
@@ -837,6 +838,20 @@ def _schedule_channel_reduction(func: tirx.PrimFunc, vector_lanes: int) -> tirx.
     except ScheduleError:  # another shape of kernel: the generic rules take it
         return None
     return sch.mod["main"]
+
+
+def _leading_loops(sch: Schedule, loops: list, kept: int) -> int:
+    """How many leading output loops index the `kept` axes a norm's statistics keep: `kept` loops
+    and the unit loops among them. Legalized for batch 1, an instance norm reduces over the batch
+    axis too (statistics of shape (C,)), and the output's first loop, of extent 1, is then no
+    channel loop: parallel over it, a 128x128x128 norm ran on one core in 7 ms."""
+    count = taken = 0
+    for loop in loops:
+        if taken == kept:
+            break
+        count += 1
+        taken += _extent(sch, loop) != 1
+    return count
 
 
 def schedule_float_ops(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:

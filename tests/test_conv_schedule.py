@@ -12,6 +12,7 @@ from tvm import relax, te, tirx, topi
 
 from compile.build import with_default_schedules
 from compile.conv_schedule import PREPACKED, choose_tile, schedule_direct_conv
+from compile.int8 import default_cpu_schedules
 from compile.torch_import import torch_to_relax
 from compile.tuning import prepare
 
@@ -126,3 +127,29 @@ def test_weights_are_packed_once_at_build_time(host_target):
     with torch.inference_mode():
         expected = net(torch.from_numpy(x)).numpy()
     assert np.abs(vm["main"](tvm.runtime.tensor(x)).numpy() - expected).max() < TOLERANCE
+
+
+def test_instance_norm_schedule_runs_its_channels_in_parallel_and_matches_torch(host_target):
+    """Legalized at batch 1, the norm's statistics drop the batch axis: the schedule still splits the
+    channels over the cores (not the unit batch loop) and computes the same values."""
+    norm = torch.nn.Sequential(torch.nn.InstanceNorm2d(32, affine=True), torch.nn.ReLU()).eval()
+    with torch.no_grad():
+        norm[0].weight.uniform_(0.5, 1.5), norm[0].bias.uniform_(-0.5, 0.5)
+    shape = (1, 32, 64, 64)
+    prepared = prepare(torch_to_relax(norm, shape, "norm"), host_target)
+    [(gvar, func)] = [(g, f) for g, f in prepared.functions_items() if "instance_norm" in g.name_hint]
+    scheduled = default_cpu_schedules(prepared, host_target)[gvar]
+    assert _parallel_loops(scheduled) == {32}
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    out = relax.VirtualMachine(tvm.compile(default_cpu_schedules(prepared, host_target), host_target), tvm.cpu())
+    with torch.no_grad():
+        expected = norm(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(out["main"](tvm.runtime.tensor(x)).numpy(), expected, atol=1e-4)
+
+
+def _parallel_loops(func) -> set[int]:
+    """Extents of the parallel loops around any block of `func`."""
+    sch = tvm.s_tir.Schedule(func)
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    return {int(sch.get(loop).extent) for block in blocks for loop in sch.get_loops(block)
+            if sch.get(loop).kind == tvm.tirx.ForKind.PARALLEL}
