@@ -41,7 +41,7 @@ from compile.conv_schedule import PREPACKED
 from compile.database import TuningDatabase, trials_to_within
 from compile.int8 import INTEGER_CONV, MACS_ATTR
 from compile.pipeline import IMAGE_CHANNELS, ModelUnderTest, relax_for_target
-from compile.tuning import prepare
+from compile.passes import prepare
 from errors import UserError
 from lwgan_models.compression.evaluate import psnr_db
 from lwgan_models.registry import repo_relative

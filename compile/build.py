@@ -22,7 +22,8 @@ from tvm.s_tir import meta_schedule as ms
 from compile.conv_schedule import prepack_weights
 from compile.database import TuningDatabase
 from compile.int8 import LOWERING_ATTR, default_cpu_schedules
-from compile.tuning import hand_scheduled, prepare
+from compile.passes import prepare
+from compile.tuning import hand_scheduled
 
 CACHE_DIR = Path(os.environ.get("LWGAN_CACHE", Path(__file__).resolve().parent.parent / "build" / "cache"))
 PIPELINE_VERSION = "21"  # bump when the import or build changes the code emitted

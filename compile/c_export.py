@@ -39,13 +39,9 @@ import tvm_ffi
 from tvm import relax, s_tir, tirx
 
 from compile import qdq_integer
-from compile.onnx_import import graph_inputs, load_onnx, onnx_to_relax
+from compile.onnx_import import graph_inputs, load_onnx, onnx_to_relax, quantize_before_padding
 from compile.pipeline import ModelUnderTest
-from compile.qdq_integer import (
-    NATIVE_CONV,
-    integer_convolutions,
-    quantize_before_padding,
-)
+from compile.qdq_integer import NATIVE_CONV, integer_convolutions
 from errors import UserError
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "targets" / "mcu_templates"

@@ -66,7 +66,7 @@ from compile.int8_intrinsics import (
     pairs_fit_int16,
     register_int8_intrinsics,
 )
-from compile.tuning import float_lanes, prepare
+from compile.passes import float_lanes, prepare
 
 OPAQUE_PATTERN = 8  # relax's OpPatternKind.kOpaque: FuseOps fuses nothing into or after the kernel
 PORTABLE_LANES = 8  # int32 lanes of the untensorized kernel (LLVM vectorizes it for any CPU)

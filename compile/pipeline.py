@@ -25,9 +25,8 @@ from tvm import relax
 from compile.build import CACHE_DIR, CompiledModel, compile_model
 from compile.database import TuningDatabase, database_for
 from compile.int8 import LOWERING_ATTR, lower_quantized_convs
-from compile.onnx_import import (chain_onnx, declared_shape, graph_inputs, load_onnx, onnx_macs, onnx_peak_activation_bytes,
-                                 onnx_to_relax, static_input_shapes)
-from compile.qdq_integer import onnx_at_input_shape
+from compile.onnx_import import (chain_onnx, declared_shape, graph_inputs, load_onnx, onnx_at_input_shape, onnx_macs,
+                                 onnx_peak_activation_bytes, onnx_to_relax, static_input_shapes)
 from compile.qoperator import qdq_from_qoperator
 from compile.rewrites import fuse_friendly, subpixel_transposed_convs
 from compile.torch_import import torch_to_relax

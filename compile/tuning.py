@@ -20,7 +20,6 @@ from typing import Callable
 
 import tvm
 import tvm_ffi
-from tvm import relax
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.analysis import estimate_tir_flops
@@ -28,8 +27,7 @@ from tvm.s_tir.analysis import estimate_tir_flops
 from compile.conv_schedule import direct_conv_schedule
 from compile.database import CURVE_FILE, TuningDatabase
 from compile.intrinsics import register_cpu_tensor_intrinsics
-from compile.rewrites import fuse_friendly
-from compile.winograd import winograd_convs
+from compile.passes import float_lanes, prepare
 from errors import UserError
 from targets.config import TargetConfig
 from targets.threads import size_tvm_thread_pool
@@ -94,30 +92,6 @@ def board_measurement(config: TargetConfig) -> tuple[ms.builder.Builder, ms.runn
         max_workers=boards,
     )
     return builder, runner
-
-
-def float_lanes(target: tvm.target.Target) -> int:
-    """float32 lanes of the target CPU's vectors (16 on AVX-512, 8 on AVX2, 4 on NEON), at least 4."""
-    return max(tvm.target.codegen.llvm_get_vector_width(target) // 32, 4)
-
-
-def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """The passes before task extraction; the same ones must run before applying a database.
-
-    On CPUs the large 3x3 convolutions become hand-scheduled Winograd kernels (compile/winograd.py),
-    pads and an output tanh join the convolutions next to them (compile/rewrites.py), and tanh
-    becomes TVM's fast rational approximation: LLVM otherwise calls libm's scalar expf per element
-    (0.45 ms of a U-Net's RGB output, 49k values), and the approximation is ~1e-7 from libm."""
-    if target.kind.name == "llvm":
-        mod = relax.transform.FastMathTransform()(fuse_friendly(winograd_convs(mod, float_lanes(target))[0])[0])
-    with target:
-        return tvm.transform.Sequential(
-            [
-                relax.transform.DecomposeOpsForInference(),
-                relax.transform.CanonicalizeBindings(),
-                relax.get_pipeline("zero"),
-            ]
-        )(mod)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from tvm import relax, te, tirx, topi
 from compile.build import with_default_schedules
 from compile.conv_schedule import PREPACKED, choose_tile, schedule_direct_conv
 from compile.torch_import import torch_to_relax
-from compile.tuning import prepare
+from compile.passes import prepare
 
 TOLERANCE = 1e-5  # float32 sums of at most a few thousand products, in another order than torch's
 

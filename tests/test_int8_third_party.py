@@ -24,7 +24,7 @@ from bench.run import MIN_OUTPUT_PSNR_DB
 from compile.build import with_default_schedules
 from compile.int8 import LOWERING_ATTR
 from compile.pipeline import from_onnx_file, relax_for_target
-from compile.tuning import prepare
+from compile.passes import prepare
 from compile.qoperator import is_qoperator, qdq_from_qoperator
 from errors import UserError
 

@@ -22,11 +22,8 @@ from bench.run import MIN_OUTPUT_PSNR_DB, TOLERANCE, check_output, reference_out
 from bench.run import test_image as photo  # (not a test)
 from compile.c_export import Lifetime, export_c, plan_memory
 from compile.pipeline import ModelUnderTest, from_onnx_file, from_variant
-from compile.qdq_integer import (
-    fixed_point,
-    onnx_at_input_shape,
-    quantize_before_padding,
-)
+from compile.onnx_import import onnx_at_input_shape, quantize_before_padding
+from compile.qdq_integer import fixed_point
 from conftest import model_under_test
 from errors import UserError
 from lwgan_models.compression import quantize

@@ -43,7 +43,7 @@ def test_int8_build_counts_integer_conv_kernels_from_their_shapes(isa_level):
     from bench.run import _kernel_flops
     from compile.int8 import INTEGER_CONV
     from compile.pipeline import relax_for_target
-    from compile.tuning import prepare
+    from compile.passes import prepare
 
     model = from_variant(find_variant("cyclegan-resnet6-ngf16+ptq"))
     target = targets.resolve(targets.load_target("host"), isa_level=isa_level)

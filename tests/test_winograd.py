@@ -10,7 +10,8 @@ from tvm import relax
 from tvm.s_tir import meta_schedule as ms
 
 from compile.torch_import import torch_to_relax
-from compile.tuning import float_lanes, hand_scheduled, prepare
+from compile.passes import float_lanes, prepare
+from compile.tuning import hand_scheduled
 from compile.winograd import winograd_convs
 
 # F(4x4, 3x3) in float32 with TOPI's points: ~1e-6 relative error; the tolerance is relative to the output's range.
