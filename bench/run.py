@@ -37,11 +37,11 @@ from bench.runtimes import Inputs, Runtime, RuntimeSpec, named_inputs
 from bench.runtimes.tvm_vm import TvmRuntime
 from compile.artifacts import Artifact, NotBuildable, build_artifact
 from compile.build import CompiledModel
-from compile.conv_schedule import PREPACKED
 from compile.database import TuningDatabase, trials_to_within
 from compile.int8 import INTEGER_CONV, MACS_ATTR
-from compile.pipeline import IMAGE_CHANNELS, ModelUnderTest, relax_for_target
 from compile.passes import prepare
+from compile.pipeline import IMAGE_CHANNELS, ModelUnderTest, relax_for_target
+from compile.schedules.conv import PREPACKED
 from errors import UserError
 from lwgan_models.compression.evaluate import psnr_db
 from lwgan_models.registry import repo_relative
@@ -339,7 +339,7 @@ def _kernel_flops(built: tvm.IRModule) -> tuple[dict[str, float], set[str]]:
     The estimator cannot read the hand-scheduled integer kernels (tensorized dot-product intrinsics,
     AMX tiles), which carry their MACs instead (compile/int8.py); a kernel it cannot read otherwise
     is left out of the profile rather than failing the run.
-    Kernels whose weights the build packs (compile/conv_schedule.py) run under a suffixed name.
+    Kernels whose weights the build packs (compile/schedules/conv.py) run under a suffixed name.
     """
     flops: dict[str, float] = {}
     integer = set()

@@ -19,10 +19,11 @@ import tvm
 from tvm import relax
 from tvm.s_tir import meta_schedule as ms
 
-from compile.conv_schedule import prepack_weights
 from compile.database import TuningDatabase
-from compile.int8 import LOWERING_ATTR, default_cpu_schedules
+from compile.int8 import LOWERING_ATTR
 from compile.passes import prepare
+from compile.schedules.conv import prepack_weights
+from compile.schedules.default import default_cpu_schedules
 from compile.tuning import hand_scheduled
 
 CACHE_DIR = Path(os.environ.get("LWGAN_CACHE", Path(__file__).resolve().parent.parent / "build" / "cache"))

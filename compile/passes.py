@@ -10,7 +10,7 @@ import tvm
 from tvm import relax
 
 from compile.rewrites import fuse_friendly
-from compile.winograd import winograd_convs
+from compile.schedules.winograd import winograd_convs
 
 
 def float_lanes(target: tvm.target.Target) -> int:
@@ -21,7 +21,7 @@ def float_lanes(target: tvm.target.Target) -> int:
 def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """The passes before task extraction; the same ones must run before applying a database.
 
-    On CPUs the large 3x3 convolutions become hand-scheduled Winograd kernels (compile/winograd.py),
+    On CPUs the large 3x3 convolutions become hand-scheduled Winograd kernels (compile/schedules/winograd.py),
     pads and an output tanh join the convolutions next to them (compile/rewrites.py), and tanh
     becomes TVM's fast rational approximation: LLVM otherwise calls libm's scalar expf per element
     (0.45 ms of a U-Net's RGB output, 49k values), and the approximation is ~1e-7 from libm."""

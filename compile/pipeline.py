@@ -365,7 +365,7 @@ def relax_for_target(model: ModelUnderTest, target: ResolvedTarget) -> Callable[
     """The module to tune and build: int8 QDQ models get integer conv kernels (compile/int8.py).
 
     On CPUs (LLVM targets) a transposed convolution whose one wide 3x3 convolution form
-    compile/winograd.py runs as Winograd is imported in that form; others, and every transposed
+    compile/schedules/winograd.py runs as Winograd is imported in that form; others, and every transposed
     convolution on other targets, as the cheaper sub-pixel phases. An imported ONNX file's
     transposed convolutions become sub-pixel phases too (`subpixel_transposed_convs`); in an int8
     file each phase is then an integer convolution."""

@@ -24,10 +24,10 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.analysis import estimate_tir_flops
 
-from compile.conv_schedule import direct_conv_schedule
 from compile.database import CURVE_FILE, TuningDatabase
 from compile.intrinsics import register_cpu_tensor_intrinsics
 from compile.passes import float_lanes, prepare
+from compile.schedules.conv import direct_conv_schedule
 from errors import UserError
 from targets.config import TargetConfig
 from targets.threads import size_tvm_thread_pool
@@ -215,7 +215,7 @@ def seed_default_schedules(
     tasks: list, db: ms.database.Database, target: tvm.target.Target, builder: ms.builder.Builder,
     runner: ms.runner.Runner,
 ) -> int:
-    """Measure each conv task's default schedule (compile/conv_schedule.py) with the tuning runner
+    """Measure each conv task's default schedule (compile/schedules/conv.py) with the tuning runner
     and commit it as a record. The database then keeps whichever the runner measured faster, it or
     the search's best, and the search starts from it. Without this the U-Net's tuned database ran
     10.4 ms where the default schedules ran 9.0 ms. Returns how many records were committed."""

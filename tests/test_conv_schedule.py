@@ -1,4 +1,4 @@
-"""compile/conv_schedule.py: the default schedule of untuned fp32 convolutions agrees with torch, and
+"""compile/schedules/conv.py: the default schedule of untuned fp32 convolutions agrees with torch, and
 leaves every other kernel to the rules after it."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from torch import nn
 from tvm import relax, te, tirx, topi
 
 from compile.build import with_default_schedules
-from compile.conv_schedule import PREPACKED, choose_tile, schedule_direct_conv
-from compile.torch_import import torch_to_relax
 from compile.passes import prepare
+from compile.schedules.conv import PREPACKED, choose_tile, schedule_direct_conv
+from compile.torch_import import torch_to_relax
 
 TOLERANCE = 1e-5  # float32 sums of at most a few thousand products, in another order than torch's
 
