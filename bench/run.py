@@ -35,10 +35,10 @@ from bench.record import Record
 from bench.roofline import fma_peak_gflops, kernel_flops, kernel_profile
 from bench.runtimes import Inputs, Runtime, RuntimeSpec, named_inputs
 from bench.runtimes.tvm_vm import TvmRuntime
+from compile import INTEGER_CONV, MACS_ATTR
 from compile.artifacts import Artifact, NotBuildable, build_artifact
 from compile.build import CompiledModel
 from compile.database import TuningDatabase, trials_to_within
-from compile.int8 import INTEGER_CONV, MACS_ATTR
 from compile.passes import prepare
 from compile.pipeline import IMAGE_CHANNELS, ModelUnderTest, relax_for_target
 from compile.schedules.conv import PREPACKED
@@ -337,7 +337,7 @@ def _kernel_flops(built: tvm.IRModule) -> tuple[dict[str, float], set[str]]:
     """FLOPs per kernel by TVM's estimate, integer convs' ops from their shapes; and the integer kernels' names.
 
     The estimator cannot read the hand-scheduled integer kernels (tensorized dot-product intrinsics,
-    AMX tiles), which carry their MACs instead (compile/int8.py); a kernel it cannot read otherwise
+    AMX tiles), which carry their MACs instead (compile/int8/lowering.py); a kernel it cannot read otherwise
     is left out of the profile rather than failing the run.
     Kernels whose weights the build packs (compile/schedules/conv.py) run under a suffixed name.
     """

@@ -26,7 +26,7 @@ from onnx.reference import ReferenceEvaluator
 from tvm.relax.frontend.onnx import from_onnx
 from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
-from compile.qoperator import qdq_from_qoperator
+from compile.int8.qoperator import qdq_from_qoperator
 from errors import UserError
 
 # Folding QDQ pairs on weights would turn int8 weights back into float ones; the importer

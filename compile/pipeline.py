@@ -22,12 +22,13 @@ import torch
 import tvm
 from tvm import relax
 
+from compile import LOWERING_ATTR
 from compile.build import CACHE_DIR, CompiledModel, compile_model
 from compile.database import TuningDatabase, database_for
-from compile.int8 import LOWERING_ATTR, lower_quantized_convs
+from compile.int8.lowering import lower_quantized_convs
 from compile.onnx_import import (chain_onnx, declared_shape, graph_inputs, load_onnx, onnx_at_input_shape, onnx_macs,
                                  onnx_peak_activation_bytes, onnx_to_relax, static_input_shapes)
-from compile.qoperator import qdq_from_qoperator
+from compile.int8.qoperator import qdq_from_qoperator
 from compile.rewrites import fuse_friendly, subpixel_transposed_convs
 from compile.torch_import import torch_to_relax
 from compile.tuning import cross_compiler, tune
@@ -362,7 +363,7 @@ def database_to_apply(model: ModelUnderTest, target: ResolvedTarget) -> TuningDa
 
 
 def relax_for_target(model: ModelUnderTest, target: ResolvedTarget) -> Callable[[], tvm.IRModule]:
-    """The module to tune and build: int8 QDQ models get integer conv kernels (compile/int8.py).
+    """The module to tune and build: int8 QDQ models get integer conv kernels (compile/int8/lowering.py).
 
     On CPUs (LLVM targets) a transposed convolution whose one wide 3x3 convolution form
     compile/schedules/winograd.py runs as Winograd is imported in that form; others, and every transposed

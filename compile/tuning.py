@@ -156,7 +156,7 @@ def _takes_indices(task) -> bool:
 
 
 def hand_scheduled(task) -> bool:
-    """Kernels that arrive scheduled (compile/int8.py's tensorized integer convs) are not searched."""
+    """Kernels that arrive scheduled (compile/int8/lowering.py's tensorized integer convs) are not searched."""
     attrs = task.dispatched[0]["main"].attrs
     return bool(attrs is not None and attrs.get("tirx.is_scheduled", False))
 

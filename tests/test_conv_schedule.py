@@ -79,7 +79,7 @@ def test_te_float_conv_is_scheduled():
 
 
 def test_integer_and_non_conv_kernels_are_left_alone(host_target):
-    """int8 convs belong to compile/int8.py's kernels; a matmul or a grouped conv is not this loop nest."""
+    """int8 convs belong to compile/int8/lowering.py's kernels; a matmul or a grouped conv is not this loop nest."""
     assert schedule_direct_conv(_te_conv("int8", "int32"), 16) is None
     a, b = te.placeholder((64, 32), "float32", "a"), te.placeholder((32, 48), "float32", "b")
     assert schedule_direct_conv(te.create_prim_func([a, b, topi.matmul(a, b)]), 16) is None

@@ -4,9 +4,9 @@ TVM's ONNX frontend imports a QDQ file as the float graph it describes: every co
 dequantized input and dequantized weights and its float output is quantized again (fake quant).
 A microcontroller should instead multiply int8 by int8 into int32 and requantize with integers,
 so `integer_convolutions` rewrites each `quantize(conv2d(dequantize(x_q), dequantize(w_q)) + bias)`
-into exactly that (the qnn-style lowering that Relay once had): int8 weights, int32 accumulators
-and bias, and a per-channel fixed-point multiplier (31-bit mantissa, right shift, round half up)
-in place of the float scale. Everything between convolutions (instance norm, relu, add, reflection
+(as compile/int8/match.py finds it) into exactly that (the qnn-style lowering that Relay once had):
+int8 weights, int32 accumulators and bias, and a per-channel fixed-point multiplier (31-bit mantissa,
+right shift, round half up) in place of the float scale. Everything between convolutions (instance norm, relu, add, reflection
 pad, sub-pixel shuffle, tanh) stays as the float ops the file specifies, reading and writing the
 quantized tensors around it; `quantize_before_padding` (compile/onnx_import.py) makes the pads move
 uint8 codes instead of floats.
@@ -20,15 +20,14 @@ from dataclasses import dataclass
 import numpy as np
 import tvm
 from tvm import relax
-from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
-
+from compile import NATIVE_CONV
+from compile.int8.match import QuantizedConv, conv_matches, match_quantized_conv
 from errors import UserError
 
 # Requantization multiplies by an integer mantissa of this many bits, then shifts right.
 MULTIPLIER_BITS = 31
 QUANT_RANGE = {"uint8": (0, 255), "int8": (-128, 127)}
 HIGH_HALF_BITS = 32  # the native kernel requantizes from the high word of a 32 x 32-bit product
-NATIVE_CONV = "lwgan_conv2d_s8"  # the Cortex-M kernel in compile/mcu_kernels/conv2d_s8.c
 NATIVE_DEPTH_MULTIPLE = 8  # the kernel consumes taps eight at a time
 
 
@@ -50,24 +49,6 @@ def fixed_point(multipliers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         mantissas.append(mantissa)
         shifts.append(shift)
     return np.array(mantissas, dtype=np.int64), np.array(shifts, dtype=np.int64)
-
-
-def _pattern():
-    x_q, s_in, z_in = wildcard(), is_const(), is_const()
-    w_q, w_scale, w_zero = is_const(), is_const(), is_const()
-    conv = is_op("relax.nn.conv2d")(is_op("relax.dequantize")(x_q, s_in, z_in),
-                                    is_op("relax.dequantize")(w_q, w_scale, w_zero))
-    b_q, b_scale, b_zero = is_const(), is_const(), is_const()
-    bias = is_op("relax.reshape")(is_op("relax.dequantize")(b_q, b_scale, b_zero), wildcard())
-    s_out, z_out = is_const(), is_const()
-    quantize = is_op("relax.quantize")(is_op("relax.add")(conv, bias) | conv, s_out, z_out)
-    names = dict(x_q=x_q, s_in=s_in, z_in=z_in, w_q=w_q, w_scale=w_scale, w_zero=w_zero, conv=conv,
-                 b_q=b_q, b_scale=b_scale, b_zero=b_zero, s_out=s_out, z_out=z_out, quantize=quantize)
-    return quantize, names
-
-
-def _value(expr) -> np.ndarray:
-    return expr.value.numpy()
 
 
 @dataclass(frozen=True)
@@ -97,43 +78,42 @@ class FixedPointConv:
     out_shape: tuple[int, ...]
 
 
-def _fixed_point_conv(matched: dict) -> FixedPointConv:
+def _fixed_point_conv(found: QuantizedConv) -> FixedPointConv:
     """The integer form of a matched QDQ convolution, from its constants."""
-    conv = matched["conv"]
-    attrs = conv.attrs
+    match = found.conv
+    attrs = match.conv.attrs
     if attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW":
         raise UserError(f"integer conv: layout {attrs.data_layout}/{attrs.kernel_layout}; expected NCHW/OIHW")
-    if np.any(_value(matched["w_zero"]) != 0) or (matched["b_zero"] is not None and np.any(_value(matched["b_zero"]) != 0)):
+    if np.any(match.weight_zero != 0):  # (a bias with another zero point is not matched)
         raise UserError("integer conv: weight and bias zero points must be 0 (symmetric int8 weights)")
-    s_in = float(_value(matched["s_in"]))
-    z_in = int(_value(matched["z_in"]))
-    weights = _value(matched["w_q"]).astype(np.int64)
+    s_in = match.input.scale
+    z_in = match.input.zero_point
+    weights = match.weight.astype(np.int64)
     channels = weights.shape[0]
-    w_scale = np.broadcast_to(_value(matched["w_scale"]).astype(np.float64), (channels,))
+    w_scale = match.channel_scales(np.float64)
     acc_scale = s_in * w_scale  # one accumulator step in real units
-    b_scale = acc_scale if matched["b_scale"] is None else np.broadcast_to(
-        _value(matched["b_scale"]).astype(np.float64), (channels,))
-    if matched["b_q"] is None:  # a convolution exported without bias
+    if found.bias is None:  # a convolution exported without bias
         bias = np.zeros(channels, dtype=np.int64)
     else:
-        bias = np.round(_value(matched["b_q"]).astype(np.float64) * b_scale / acc_scale).astype(np.int64)
+        b_scale = found.bias.scale.astype(np.float64)
+        bias = np.round(found.bias.quantized.astype(np.float64) * b_scale / acc_scale).astype(np.int64)
     # The conv reads raw codes: subtract zero point * sum(weights) once per channel instead of per tap;
     # explicit padding with the zero point keeps the border exact.
     bias -= z_in * weights.sum(axis=(1, 2, 3))
     if np.abs(bias).max(initial=0) >= 2 ** 31:
         raise UserError("integer conv: bias does not fit int32 after zero-point folding")
-    out_dtype = str(matched["quantize"].attrs.out_dtype)
+    out_dtype = str(found.quantize.attrs.out_dtype)
     if out_dtype not in QUANT_RANGE:
         raise UserError(f"integer conv: quantized output type {out_dtype}; expected uint8 or int8")
-    mantissa, shift = fixed_point(acc_scale / float(_value(matched["s_out"])))
-    top, left, bottom, right = (int(p) for p in attrs.padding)
+    mantissa, shift = fixed_point(acc_scale / found.scale)
+    data = match.input.data
     return FixedPointConv(
         weights=weights.astype(np.int8), bias=bias, mantissa=mantissa, shift=shift, in_zero=z_in,
-        in_dtype=str(matched["x_q"].ty.dtype), out_zero=int(_value(matched["z_out"])), out_dtype=out_dtype,
-        padding=(top, left, bottom, right), strides=tuple(int(s) for s in attrs.strides),
+        in_dtype=str(data.ty.dtype), out_zero=found.zero_point, out_dtype=out_dtype,
+        padding=match.padding, strides=match.strides,
         dilation=tuple(int(d) for d in attrs.dilation), groups=int(attrs.groups),
-        in_shape=tuple(int(d) for d in matched["x_q"].ty.shape.values),
-        out_shape=tuple(int(d) for d in conv.ty.shape.values))
+        in_shape=tuple(int(d) for d in data.ty.shape.values),
+        out_shape=tuple(int(d) for d in match.conv.ty.shape.values))
 
 
 def _relax_conv(conv: FixedPointConv, data: relax.Expr) -> relax.Expr:
@@ -195,21 +175,42 @@ def integer_convolutions(mod: tvm.IRModule, native_kernels: bool = False) -> tup
     to it (`call_dps_packed(NATIVE_CONV, ...)`) instead of Relax operators. Also returns how many
     convolutions were rewritten and how many of those call the native kernel.
     """
-    pattern, names = _pattern()
-    rewritten = native = 0
-
-    def rewriter(expr, matchings):
-        nonlocal rewritten, native
-        rewritten += 1
-        conv = _fixed_point_conv({name: matchings.get(p) for name, p in names.items()})
-        if native_kernels and native_kernel_applies(conv):
-            native += 1
-            return _native_conv(conv, matchings[names["x_q"]])
-        return _relax_conv(conv, matchings[names["x_q"]])
-
-    main = rewrite_call(pattern, rewriter, mod["main"])
-    mod = mod.clone()
-    mod["main"] = main
-    return relax.transform.DeadCodeElimination()(mod), rewritten, native
+    main = mod["main"]
+    var2val = relax.analysis.get_var2val(main)
+    convs = conv_matches(var2val)
+    plans = {}
+    for var, value in var2val.items():
+        found = match_quantized_conv(value, convs, var2val)
+        if found is not None and (found.bias is None or found.bias.quantized is not None):  # a float bias stays float
+            plans[var] = _fixed_point_conv(found), found.conv.input.data
+    rewriter = _FixedPointRewriter(mod, plans, native_kernels)
+    rewriter.builder_.update_func(mod.get_global_var("main"), rewriter.visit_expr(main))
+    # One op for each repeated one: the frontend reshapes a constant once per reader, exporters quantize a
+    # tensor once per reading convolution.
+    merged = relax.transform.EliminateCommonSubexpr()(rewriter.builder_.get())
+    return relax.transform.DeadCodeElimination()(merged), len(plans), rewriter.native
 
 
+@relax.expr_functor.mutator
+class _FixedPointRewriter(relax.PyExprMutator):
+    """Each planned binding (a QDQ convolution's quantize) computed by its integer convolution instead."""
+
+    def __init__(self, mod: tvm.IRModule, plans: dict[relax.Var, tuple[FixedPointConv, relax.Var]],
+                 native_kernels: bool) -> None:
+        super().__init__(mod)
+        self.plans = plans
+        self.native_kernels = native_kernels
+        self.native = 0
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        if binding.var not in self.plans:
+            super().visit_var_binding_(binding)
+            return
+        conv, data = self.plans[binding.var]
+        if self.native_kernels and native_kernel_applies(conv):
+            self.native += 1
+            value = _native_conv(conv, self.visit_expr(data))
+        else:
+            value = _relax_conv(conv, self.visit_expr(data))
+        emit = self.builder_.emit if isinstance(binding.var, relax.DataflowVar) else self.builder_.emit_output
+        self.set_var_remap(binding.var, emit(value, binding.var.name))
