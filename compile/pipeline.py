@@ -26,6 +26,7 @@ from compile import LOWERING_ATTR
 from compile.build import CACHE_DIR, CompiledModel, compile_model
 from compile.database import TuningDatabase, database_for
 from compile.int8.lowering import lower_quantized_convs
+from compile.passes import prepare
 from compile.onnx_import import (chain_onnx, declared_shape, graph_inputs, load_onnx, onnx_at_input_shape, onnx_macs,
                                  onnx_peak_activation_bytes, onnx_to_relax, static_input_shapes)
 from compile.int8.qoperator import qdq_from_qoperator
@@ -382,6 +383,13 @@ def relax_for_target(model: ModelUnderTest, target: ResolvedTarget) -> Callable[
         return mod.with_attr(LOWERING_ATTR, summary.describe(ops, transposed, phases))
 
     return lowered
+
+
+def prepared_kernels(model: ModelUnderTest, target: ResolvedTarget) -> tvm.IRModule:
+    """The kernels `compile_for_target` builds for a CPU target, before scheduling, under the names the
+    built library runs them by (a per-kernel profile's names): for an int8 model its integer conv
+    kernels (`compile.INTEGER_CONV`, their MACs in `compile.MACS_ATTR`), not the fake-quant graph."""
+    return prepare(relax_for_target(model, target)(), target.tvm_target)
 
 
 def compile_for_target(model: ModelUnderTest, target: ResolvedTarget) -> CompiledModel:

@@ -42,12 +42,11 @@ def test_int8_build_counts_integer_conv_kernels_from_their_shapes(isa_level):
 
     from bench.run import _kernel_flops
     from compile import INTEGER_CONV
-    from compile.passes import prepare
-    from compile.pipeline import relax_for_target
+    from compile.pipeline import prepared_kernels
 
     model = from_variant(find_variant("cyclegan-resnet6-ngf16+ptq"))
     target = targets.resolve(targets.load_target("host"), isa_level=isa_level)
-    built = prepare(relax_for_target(model, target)(), target.tvm_target)
+    built = prepared_kernels(model, target)
     flops, integer = _kernel_flops(built)
     kernels = {gv.name_hint: f for gv, f in built.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
     convs = {name for name in kernels if name.startswith(INTEGER_CONV)}
