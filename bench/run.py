@@ -35,13 +35,12 @@ from bench.record import Record
 from bench.roofline import fma_peak_gflops, kernel_flops, kernel_profile
 from bench.runtimes import Inputs, Runtime, RuntimeSpec, named_inputs
 from bench.runtimes.tvm_vm import TvmRuntime
+from compile import INTEGER_CONV, MACS_ATTR
 from compile.artifacts import Artifact, NotBuildable, build_artifact
 from compile.build import CompiledModel
-from compile.conv_schedule import PREPACKED
 from compile.database import TuningDatabase, trials_to_within
-from compile.int8 import INTEGER_CONV, MACS_ATTR
-from compile.pipeline import IMAGE_CHANNELS, ModelUnderTest, relax_for_target
-from compile.tuning import prepare
+from compile.pipeline import IMAGE_CHANNELS, ModelUnderTest, prepared_kernels
+from compile.schedules.conv import PREPACKED
 from errors import UserError
 from lwgan_models.compression.evaluate import psnr_db
 from lwgan_models.registry import repo_relative
@@ -316,14 +315,12 @@ def target_fields(target: ResolvedTarget) -> dict:
 def _roofline(model: ModelUnderTest, target: ResolvedTarget, adapter: TvmRuntime, threads: int) -> dict:
     """Record fields: the FMA peak of this machine now, and each TVM kernel's share of it.
 
-    Kernels are those of the module compile_for_target builds (for int8, the integer conv kernels,
-    not the fake-quant graph), prepared as the build prepares it so that names match the library's.
+    Kernels are those compile_for_target builds, under the library's names (`prepared_kernels`).
     Integer kernels count integer ops (GOP/s); a float FMA peak is not theirs, so no fraction of it.
     """
     wait_for_idle_threads()  # TVM's workers spin after the timing; the microbenchmark would share their cores
     peak = fma_peak_gflops(threads)
-    built = prepare(relax_for_target(model, target)(), target.tvm_target)
-    flops, integer = _kernel_flops(built)
+    flops, integer = _kernel_flops(prepared_kernels(model, target))
     profile = kernel_profile(adapter.vm, adapter.args, flops, peak)
     for row in profile:
         if row["kernel"] in integer:
@@ -331,15 +328,13 @@ def _roofline(model: ModelUnderTest, target: ResolvedTarget, adapter: TvmRuntime
     return {"fma_peak_gflops": peak, "kernel_profile": profile}
 
 
-
-
 def _kernel_flops(built: tvm.IRModule) -> tuple[dict[str, float], set[str]]:
     """FLOPs per kernel by TVM's estimate, integer convs' ops from their shapes; and the integer kernels' names.
 
     The estimator cannot read the hand-scheduled integer kernels (tensorized dot-product intrinsics,
-    AMX tiles), which carry their MACs instead (compile/int8.py); a kernel it cannot read otherwise
+    AMX tiles), which carry their MACs instead (compile/int8/lowering.py); a kernel it cannot read otherwise
     is left out of the profile rather than failing the run.
-    Kernels whose weights the build packs (compile/conv_schedule.py) run under a suffixed name.
+    Kernels whose weights the build packs (compile/schedules/conv.py) run under a suffixed name.
     """
     flops: dict[str, float] = {}
     integer = set()

@@ -1,1 +1,9 @@
-"""Model import, compilation, tuning and the tuning database."""
+"""Model import, compilation, tuning and the tuning database.
+
+The names under which compiled code reaches the rest of the suite (bench's profiles, the tests):
+"""
+
+INTEGER_CONV = "int8_conv2d"  # the integer conv kernels of an int8 CPU build (the module numbers those after the first)
+MACS_ATTR = "lwgan.conv_macs"  # each integer conv kernel's multiply-adds, for the roofline profile
+LOWERING_ATTR = "lwgan.int8_lowering"  # the IRModule attribute carrying an int8 build's `LoweringSummary.describe`
+NATIVE_CONV = "lwgan_conv2d_s8"  # the hand-written Cortex-M kernel in compile/mcu_kernels/conv2d_s8.c

@@ -3,7 +3,7 @@
 Where the CPU has AVX-512 BF16 (`vdpbf16ps`: 32 bf16 products summed pairwise into 16 float32
 lanes, twice the float32 FMA rate), a bf16 build rounds both operands of each Winograd point
 product to bf16 and accumulates in float32: the transformed weights once at compile time, the
-transformed activations in the data transform's epilogue (compile/winograd.py). Everything else
+transformed activations in the data transform's epilogue (compile/schedules/winograd.py). Everything else
 (the transforms themselves, instance norm, padding, the convs Winograd does not take) stays float32.
 OpenVINO's bf16 rounds every conv's operands, so this is no less accurate than the peer it meets.
 

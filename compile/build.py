@@ -19,11 +19,12 @@ import tvm
 from tvm import relax
 from tvm.s_tir import meta_schedule as ms
 
-from compile import bf16
-from compile.conv_schedule import prepack_weights
+from compile import LOWERING_ATTR, bf16
 from compile.database import TuningDatabase
-from compile.int8 import LOWERING_ATTR, default_cpu_schedules
-from compile.tuning import hand_scheduled, prepare
+from compile.passes import prepare
+from compile.schedules.conv import prepack_weights
+from compile.schedules.default import default_cpu_schedules
+from compile.tuning import hand_scheduled
 
 CACHE_DIR = Path(os.environ.get("LWGAN_CACHE", Path(__file__).resolve().parent.parent / "build" / "cache"))
 PIPELINE_VERSION = "23"  # bump when the import or build changes the code emitted
@@ -39,7 +40,7 @@ class CompiledModel:
     database: Path  # the database applied (or looked for, when db_records == 0)
     db_skipped: int  # records that no longer replay and were left out (see TuningDatabase.open_for_reading)
     cache_hit: bool
-    lowering: str | None = None  # an int8 model's summary of which ops ran as integer kernels (compile/int8.py)
+    lowering: str | None = None  # an int8 model's summary of which ops ran as integer kernels (compile/int8/lowering.py)
 
     def load(self, device: tvm.runtime.Device | None = None) -> relax.VirtualMachine:
         return relax.VirtualMachine(tvm.runtime.load_module(str(self.library)), device or tvm.cpu())

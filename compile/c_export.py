@@ -19,7 +19,7 @@ scalar or a per-channel vector; `merge_into_consumers` does the same across kern
 movement (gathers, shuffles) and dequantization.
 
 int8 QDQ models are imported from their ONNX file and rewritten to integer convolutions first
-(compile/qdq_integer.py).
+(compile/int8/fixed_point.py).
 """
 
 from __future__ import annotations
@@ -38,14 +38,11 @@ import tvm
 import tvm_ffi
 from tvm import relax, s_tir, tirx
 
-from compile import qdq_integer
-from compile.onnx_import import graph_inputs, load_onnx, onnx_to_relax
+from compile import NATIVE_CONV
+from compile.int8 import fixed_point, match
+from compile.int8.fixed_point import integer_convolutions
+from compile.onnx_import import graph_inputs, load_onnx, onnx_to_relax, quantize_before_padding
 from compile.pipeline import ModelUnderTest
-from compile.qdq_integer import (
-    NATIVE_CONV,
-    integer_convolutions,
-    quantize_before_padding,
-)
 from errors import UserError
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "targets" / "mcu_templates"
@@ -373,7 +370,7 @@ class _Substitute(relax.PyExprMutator):
 
 
 def _is_native_call(expr) -> bool:
-    """A call of the hand-written MCU convolution (qdq_integer's `call_dps_packed(NATIVE_CONV, ...)`)."""
+    """A call of the hand-written MCU convolution (compile/int8/fixed_point.py's `call_dps_packed(NATIVE_CONV, ...)`)."""
     return (isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.call_dps_packed"
             and isinstance(expr.args[0], relax.ExternFunc) and expr.args[0].global_symbol == NATIVE_CONV)
 
@@ -704,7 +701,7 @@ def _export_key(model: ModelUnderTest, ram_lean: bool) -> str:
     """What an export depends on: the model (name, weights, shape, precision), the options, this code, TVM."""
     h = hashlib.sha256(f"{model.name}|{model.digest}|{model.precision}|{tuple(model.input_shape)}|{ram_lean}|"
                        f"{tvm.__version__}".encode())
-    for source in (Path(__file__), Path(qdq_integer.__file__), TEMPLATES_DIR / "tvm_shim.c",
+    for source in (Path(__file__), Path(fixed_point.__file__), Path(match.__file__), TEMPLATES_DIR / "tvm_shim.c",
                    *(NATIVE_KERNELS_DIR / name for name in NATIVE_SOURCES)):
         h.update(source.read_bytes())
     return h.hexdigest()

@@ -3,11 +3,16 @@
 TVM's ONNX frontend rejects Pad/Resize/Reshape operands computed at run time (typically
 `Shape -> Gather -> arithmetic`). At a fixed input shape those operands are constants, so we pin
 the inputs, fold the shape arithmetic with ONNX's reference evaluator and only then import.
+
+A fully convolutional file exported at one size runs at another once its Reshape targets are
+re-pinned (`onnx_at_input_shape`); `quantize_before_padding` reorders a QDQ file's pads so that
+they move quantized codes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 from pathlib import Path
@@ -21,7 +26,7 @@ from onnx.reference import ReferenceEvaluator
 from tvm.relax.frontend.onnx import from_onnx
 from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
-from compile.qoperator import qdq_from_qoperator
+from compile.int8.qoperator import qdq_from_qoperator
 from errors import UserError
 
 # Folding QDQ pairs on weights would turn int8 weights back into float ones; the importer
@@ -345,3 +350,122 @@ def onnx_macs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) 
         else:  # (..., M, K) x (K, N): one MAC per output element and K
             total += int(np.prod(out)) * int(x[-1])
     return total
+
+
+def quantize_before_padding(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy where each reflect/edge `Pad -> QuantizeLinear` is `QuantizeLinear -> Pad` (same values).
+
+    Such a pad only copies elements and quantization is elementwise, so the order does not change
+    a single value; but quantizing first lets instance norm + relu + quantize end in one kernel
+    writing uint8, and the pad of those uint8 codes is then computed inside the convolution
+    reading it, instead of materialising the padded float tensor (4x the bytes).
+    """
+    swapped = onnx.ModelProto()
+    swapped.CopyFrom(model)
+    graph = swapped.graph
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    order = list(graph.node)
+    for pad in list(order):
+        mode = next((onnx.helper.get_attribute_value(a) for a in pad.attribute if a.name == "mode"), b"constant")
+        users = readers.get(pad.output[0], [])
+        if pad.op_type != "Pad" or mode not in (b"reflect", b"edge") or pad.output[0] in outputs:
+            continue
+        if len(users) != 1 or users[0].op_type != "QuantizeLinear":
+            continue
+        quantize = users[0]
+        quantized = quantize.output[0]
+        quantize.input[0] = pad.input[0]
+        quantize.output[0] = f"{quantized}_unpadded"
+        pad.input[0] = quantize.output[0]
+        pad.output[0] = quantized
+        order.remove(quantize)
+        order.insert(order.index(pad), quantize)
+    del graph.node[:]
+    graph.node.extend(order)
+    del graph.value_info[:]  # intermediate types changed (the pad now carries uint8)
+    return swapped
+
+
+def onnx_at_input_shape(path: Path, shape: tuple[int, ...], cache_dir: Path) -> Path:
+    """A copy of a fully convolutional ONNX file whose input is pinned to `shape` (cached by content).
+
+    Exporters bake the traced spatial size into Reshape targets (here the sub-pixel shuffle's
+    `[1, 4C, H, W]`), so a file exported at 128x128 cannot run at 32x32 as is. For every Reshape
+    with a constant target, the trailing dims it shares with its input at the exported size are
+    replaced by that input's dims at the new size; anything else is refused.
+    """
+    model = load_onnx(path)
+    inputs = graph_inputs(model)
+    if len(inputs) != 1:
+        raise UserError(f"{path}: expected one image input, found {len(inputs)}")
+    old_shape = declared_shape(inputs[0])
+    shape = tuple(int(d) for d in shape)
+    if old_shape == shape:
+        return path
+    if old_shape is None or len(old_shape) != len(shape) or old_shape[:2] != shape[:2]:
+        raise UserError(f"{path}: input is declared {old_shape}; only the spatial size can change, got {shape}")
+    digest = hashlib.sha256(path.read_bytes() + repr(shape).encode()).hexdigest()[:16]
+    out = cache_dir / f"{path.stem}-{'x'.join(map(str, shape))}-{digest}.onnx"
+    if out.exists():
+        return out
+
+    old_shapes = _positive_shapes(model)
+    repinned = onnx.ModelProto()
+    repinned.CopyFrom(model)
+    dims = repinned.graph.input[[v.name for v in repinned.graph.input].index(inputs[0].name)].type.tensor_type.shape.dim
+    for dim, size in zip(dims, shape):
+        dim.Clear()
+        dim.dim_value = size
+    del repinned.graph.value_info[:]
+    for output in repinned.graph.output:
+        output.type.tensor_type.ClearField("shape")
+    initializers = {t.name: t for t in repinned.graph.initializer}
+    for node in repinned.graph.node:
+        if node.op_type != "Reshape" or node.input[1] not in initializers:
+            continue
+        new_shapes = _positive_shapes(repinned)  # after the Reshapes already fixed upstream
+        target = numpy_helper.to_array(initializers[node.input[1]]).astype(np.int64)
+        before, after = old_shapes.get(node.input[0]), new_shapes.get(node.input[0])
+        if before is None or after is None:
+            raise UserError(f"{path}: cannot infer the input shape of Reshape {node.name!r} to re-pin it")
+        fixed = _repin_target(tuple(int(d) for d in target), before, after)
+        if fixed is None:
+            raise UserError(f"{path}: Reshape {node.name!r} to {target.tolist()} does not scale with the input size")
+        initializers[node.input[1]].CopyFrom(numpy_helper.from_array(np.array(fixed, np.int64), node.input[1]))
+    try:
+        onnx.checker.check_model(onnx.shape_inference.infer_shapes(repinned, strict_mode=True))
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise UserError(f"{path}: does not run at input {shape} ({str(exc).strip().splitlines()[0]})") from exc
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".partial")
+    onnx.save(repinned, str(partial))
+    partial.replace(out)
+    return out
+
+
+def _positive_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Inferred shapes of the values whose every dim is a known positive size."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {}
+    for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        dims = declared_shape(value)
+        if dims is not None and all(isinstance(d, int) and d > 0 for d in dims):
+            shapes[value.name] = dims
+    return shapes
+
+
+def _repin_target(target: tuple[int, ...], before: tuple[int, ...], after: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The Reshape target at the new input size, if it keeps a common trailing block of dims."""
+    common = 0
+    while common < min(len(target), len(before)) and target[-1 - common] == before[-1 - common]:
+        common += 1
+    if common == 0:
+        return None
+    fixed = target[: len(target) - common] + after[len(after) - common :]
+    if int(np.prod(fixed)) != int(np.prod(after)) or before[: len(before) - common] != after[: len(after) - common]:
+        return None
+    return fixed

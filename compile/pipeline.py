@@ -22,14 +22,14 @@ import torch
 import tvm
 from tvm import relax
 
-from compile import bf16
+from compile import LOWERING_ATTR, bf16
 from compile.build import CACHE_DIR, CompiledModel, compile_model
 from compile.database import TuningDatabase, database_for
-from compile.int8 import LOWERING_ATTR, lower_quantized_convs
-from compile.onnx_import import (chain_onnx, declared_shape, graph_inputs, load_onnx, onnx_macs, onnx_peak_activation_bytes,
-                                 onnx_to_relax, static_input_shapes)
-from compile.qdq_integer import onnx_at_input_shape
-from compile.qoperator import qdq_from_qoperator
+from compile.int8.lowering import lower_quantized_convs
+from compile.passes import prepare
+from compile.onnx_import import (chain_onnx, declared_shape, graph_inputs, load_onnx, onnx_at_input_shape, onnx_macs,
+                                 onnx_peak_activation_bytes, onnx_to_relax, static_input_shapes)
+from compile.int8.qoperator import qdq_from_qoperator
 from compile.rewrites import fuse_friendly, subpixel_transposed_convs
 from compile.torch_import import torch_to_relax
 from compile.tuning import cross_compiler, tune
@@ -366,11 +366,11 @@ def database_to_apply(model: ModelUnderTest, target: ResolvedTarget) -> TuningDa
 
 def relax_for_target(model: ModelUnderTest, target: ResolvedTarget, precision: str = "fp32"
                      ) -> Callable[[], tvm.IRModule]:
-    """The module to tune and build: int8 QDQ models get integer conv kernels (compile/int8.py);
+    """The module to tune and build: int8 QDQ models get integer conv kernels (compile/int8/lowering.py);
     with `precision` "bf16", a float model's Winograd products run on bf16 (compile/bf16.py).
 
     On CPUs (LLVM targets) a transposed convolution whose one wide 3x3 convolution form
-    compile/winograd.py runs as Winograd is imported in that form; others, and every transposed
+    compile/schedules/winograd.py runs as Winograd is imported in that form; others, and every transposed
     convolution on other targets, as the cheaper sub-pixel phases. An imported ONNX file's
     transposed convolutions become sub-pixel phases too (`subpixel_transposed_convs`); in an int8
     file each phase is then an integer convolution."""
@@ -397,6 +397,13 @@ def relax_for_target(model: ModelUnderTest, target: ResolvedTarget, precision: s
         return mod.with_attr(LOWERING_ATTR, summary.describe(ops, transposed, phases))
 
     return lowered
+
+
+def prepared_kernels(model: ModelUnderTest, target: ResolvedTarget, precision: str = "fp32") -> tvm.IRModule:
+    """The kernels `compile_for_target` builds for a CPU target, before scheduling, under the names the
+    built library runs them by (a per-kernel profile's names): for an int8 model its integer conv
+    kernels (`compile.INTEGER_CONV`, their MACs in `compile.MACS_ATTR`), not the fake-quant graph."""
+    return prepare(relax_for_target(model, target, precision)(), target.tvm_target)
 
 
 def compile_for_target(model: ModelUnderTest, target: ResolvedTarget, precision: str = "fp32") -> CompiledModel:

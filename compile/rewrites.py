@@ -15,7 +15,7 @@
 their s*s sub-pixel phase convolutions, interleaved (the torch import does the same with
 lwgan_models/subpixel.py): TVM lowers conv2d_transpose as a convolution over a zero-dilated input
 and runs it with default loops, 179 ms for an ONNX CycleGAN that ONNX Runtime ran in 10 ms. A
-dequantized int8 weight stays int8 per phase, so each phase is a QDQ convolution compile/int8.py
+dequantized int8 weight stays int8 per phase, so each phase is a QDQ convolution compile/int8/lowering.py
 lowers to an integer kernel. A bias add (per output channel) goes onto each phase, and a per-tensor
 quantize after the interleave moves onto each phase too (`fuse_friendly`), so the phases requantize
 to uint8 in their epilogues.

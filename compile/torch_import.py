@@ -6,7 +6,7 @@ import torch
 import tvm
 from tvm.relax.frontend.torch import from_exported_program
 
-from compile import winograd
+from compile.schedules import winograd
 from errors import UserError
 from lwgan_models.subpixel import decompose_transposed_convs
 
@@ -22,7 +22,7 @@ def torch_to_relax(
     """Export `module` at `input_shape` and import it with weights as constants.
 
     Strided transposed convolutions are first rewritten as exact sub-pixel convolutions (see
-    lwgan_models/subpixel.py; with `fused_subpixel`, those whose one-convolution form compile/winograd.py
+    lwgan_models/subpixel.py; with `fused_subpixel`, those whose one-convolution form compile/schedules/winograd.py
     runs as Winograd are imported in that form). `unwrap_unit_return_tuple` makes `main` return a
     tensor rather than a 1-tuple, which a remote VM could not index.
     """

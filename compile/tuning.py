@@ -20,17 +20,14 @@ from typing import Callable
 
 import tvm
 import tvm_ffi
-from tvm import relax
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.analysis import estimate_tir_flops
 
-from compile.bf16 import BF16_ATTR
-from compile.conv_schedule import direct_conv_schedule
 from compile.database import CURVE_FILE, TuningDatabase
 from compile.intrinsics import register_cpu_tensor_intrinsics
-from compile.rewrites import fuse_friendly
-from compile.winograd import winograd_convs
+from compile.passes import float_lanes, prepare
+from compile.schedules.conv import direct_conv_schedule
 from errors import UserError
 from targets.config import TargetConfig
 from targets.threads import size_tvm_thread_pool
@@ -97,33 +94,6 @@ def board_measurement(config: TargetConfig) -> tuple[ms.builder.Builder, ms.runn
     return builder, runner
 
 
-def float_lanes(target: tvm.target.Target) -> int:
-    """float32 lanes of the target CPU's vectors (16 on AVX-512, 8 on AVX2, 4 on NEON), at least 4."""
-    return max(tvm.target.codegen.llvm_get_vector_width(target) // 32, 4)
-
-
-def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """The passes before task extraction; the same ones must run before applying a database.
-
-    On CPUs the large 3x3 convolutions become hand-scheduled Winograd kernels (compile/winograd.py;
-    with bf16 products where the module asks for bf16, compile/bf16.py),
-    pads and an output tanh join the convolutions next to them (compile/rewrites.py), and tanh
-    becomes TVM's fast rational approximation: LLVM otherwise calls libm's scalar expf per element
-    (0.45 ms of a U-Net's RGB output, 49k values), and the approximation is ~1e-7 from libm."""
-    if target.kind.name == "llvm":
-        bf16_products = bool(mod.attrs is not None and mod.attrs.get(BF16_ATTR))
-        mod = winograd_convs(mod, float_lanes(target), bf16_products)[0]
-        mod = relax.transform.FastMathTransform()(fuse_friendly(mod)[0])
-    with target:
-        return tvm.transform.Sequential(
-            [
-                relax.transform.DecomposeOpsForInference(),
-                relax.transform.CanonicalizeBindings(),
-                relax.get_pipeline("zero"),
-            ]
-        )(mod)
-
-
 @dataclass
 class TuningProgress:
     """Best measured latency per task; the model estimate is their weighted sum."""
@@ -186,7 +156,7 @@ def _takes_indices(task) -> bool:
 
 
 def hand_scheduled(task) -> bool:
-    """Kernels that arrive scheduled (compile/int8.py's tensorized integer convs) are not searched."""
+    """Kernels that arrive scheduled (compile/int8/lowering.py's tensorized integer convs) are not searched."""
     attrs = task.dispatched[0]["main"].attrs
     return bool(attrs is not None and attrs.get("tirx.is_scheduled", False))
 
@@ -245,7 +215,7 @@ def seed_default_schedules(
     tasks: list, db: ms.database.Database, target: tvm.target.Target, builder: ms.builder.Builder,
     runner: ms.runner.Runner,
 ) -> int:
-    """Measure each conv task's default schedule (compile/conv_schedule.py) with the tuning runner
+    """Measure each conv task's default schedule (compile/schedules/conv.py) with the tuning runner
     and commit it as a record. The database then keeps whichever the runner measured faster, it or
     the search's best, and the search starts from it. Without this the U-Net's tuned database ran
     10.4 ms where the default schedules ran 9.0 ms. Returns how many records were committed."""

@@ -12,7 +12,7 @@ checkpoint's numbers are used unchanged.
 a window covering all of them (at least 3x3, zeros elsewhere), with s*s x the output channels in
 pixel_shuffle's order. That costs more multiply-adds (a 4x4 stride-2 layer: 9 per output pixel and
 channel pair instead of 4), but it is one wide 3x3 convolution, which CPU compilers run as
-Winograd (compile/winograd.py: 4x fewer products) and at a far higher rate than four small ones.
+Winograd (compile/schedules/winograd.py: 4x fewer products) and at a far higher rate than four small ones.
 """
 
 from __future__ import annotations

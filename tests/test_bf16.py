@@ -15,8 +15,8 @@ from compile import bf16
 from compile.artifacts import NotBuildable, build_artifact
 from compile.pipeline import relax_for_target
 from compile.torch_import import torch_to_relax
-from compile.tuning import float_lanes
-from compile.winograd import ALPHA, data_transform, winograd_convs
+from compile.passes import float_lanes
+from compile.schedules.winograd import ALPHA, data_transform, winograd_convs
 from conftest import model_under_test
 from errors import UserError
 from targets.config import host_cpu_flags

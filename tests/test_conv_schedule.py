@@ -1,4 +1,4 @@
-"""compile/conv_schedule.py: the default schedule of untuned fp32 convolutions agrees with torch, and
+"""compile/schedules/conv.py: the default schedule of untuned fp32 convolutions agrees with torch, and
 leaves every other kernel to the rules after it."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from torch import nn
 from tvm import relax, te, tirx, topi
 
 from compile.build import with_default_schedules
-from compile.conv_schedule import PREPACKED, choose_tile, schedule_direct_conv
-from compile.int8 import default_cpu_schedules
+from compile.passes import prepare
+from compile.schedules.conv import PREPACKED, choose_tile, schedule_direct_conv
+from compile.schedules.default import default_cpu_schedules
 from compile.torch_import import torch_to_relax
-from compile.tuning import prepare
 
 TOLERANCE = 1e-5  # float32 sums of at most a few thousand products, in another order than torch's
 
@@ -80,7 +80,7 @@ def test_te_float_conv_is_scheduled():
 
 
 def test_integer_and_non_conv_kernels_are_left_alone(host_target):
-    """int8 convs belong to compile/int8.py's kernels; a matmul or a grouped conv is not this loop nest."""
+    """int8 convs belong to compile/int8/lowering.py's kernels; a matmul or a grouped conv is not this loop nest."""
     assert schedule_direct_conv(_te_conv("int8", "int32"), 16) is None
     a, b = te.placeholder((64, 32), "float32", "a"), te.placeholder((32, 48), "float32", "b")
     assert schedule_direct_conv(te.create_prim_func([a, b, topi.matmul(a, b)]), 16) is None

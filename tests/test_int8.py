@@ -1,4 +1,4 @@
-"""compile/int8.py: QDQ convolutions as real integer kernels (exact int32 accumulation, tensorized on x86)."""
+"""compile/int8/lowering.py: QDQ convolutions as real integer kernels (exact int32 accumulation, tensorized on x86)."""
 
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ import tvm
 from torch import nn
 from tvm import relax
 
-from compile import int8_amx
-from compile.int8 import (
+from compile.int8 import amx as int8_amx
+from compile.int8.lowering import (
     IntegerConv,
     build_kernel,
     lower_quantized_convs,
     pack_weight,
     plan_kernel,
 )
-from compile.int8_intrinsics import (
+from compile.int8.intrinsics import (
     AVX2_DOT_8X2_I16,
     AVX2_DOT_8X4,
     AVX2_PIXELS_8X4,

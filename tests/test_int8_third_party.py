@@ -19,14 +19,14 @@ from tvm import relax
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from torch import nn
 
-import targets
 from bench.run import MIN_OUTPUT_PSNR_DB
+from compile import LOWERING_ATTR
 from compile.build import with_default_schedules
-from compile.int8 import LOWERING_ATTR
+from compile.int8.qoperator import is_qoperator, qdq_from_qoperator
+from compile.passes import prepare
 from compile.pipeline import from_onnx_file, relax_for_target
-from compile.tuning import prepare
-from compile.qoperator import is_qoperator, qdq_from_qoperator
 from errors import UserError
+import targets
 
 SHAPE = (1, 3, 32, 32)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -17,16 +17,14 @@ import onnxruntime as ort
 import pytest
 import torch
 
-import targets
 from bench.run import MIN_OUTPUT_PSNR_DB, TOLERANCE, check_output, reference_output
+import targets
 from bench.run import test_image as photo  # (not a test)
+from compile import NATIVE_CONV
 from compile.c_export import Lifetime, export_c, plan_memory
+from compile.int8.fixed_point import fixed_point
+from compile.onnx_import import onnx_at_input_shape, quantize_before_padding
 from compile.pipeline import ModelUnderTest, from_onnx_file, from_variant
-from compile.qdq_integer import (
-    fixed_point,
-    onnx_at_input_shape,
-    quantize_before_padding,
-)
 from conftest import model_under_test
 from errors import UserError
 from lwgan_models.compression import quantize
@@ -180,7 +178,7 @@ def test_int8_c_export_uses_integer_convolutions_and_matches_the_qdq_reference(i
     convs = [n for n in onnx.load(qdq_file).graph.node if n.op_type == "Conv"]
     source = (export.directory / "model.c").read_text()
     assert len(re.findall(r"^static const int8_t c\d+\[", source, re.M)) == len(convs)  # int8 weights, one per conv
-    assert len(re.findall(r"^  if \(lwgan_conv2d_s8\(", source, re.M)) == len(convs)  # the SMLAD kernel runs them
+    assert len(re.findall(rf"^  if \({NATIVE_CONV}\(", source, re.M)) == len(convs)  # the SMLAD kernel runs them
     assert export.workspace_bytes == 0
 
 

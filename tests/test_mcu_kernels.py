@@ -19,11 +19,12 @@ import pytest
 import torch
 from torch import nn
 
-import targets
-from compile import c_export, qdq_integer
+from compile import NATIVE_CONV, c_export
+from compile.int8 import fixed_point
 from compile.pipeline import from_onnx_file
 from errors import UserError
 from lwgan_models.compression import quantize
+import targets
 from targets.mcu import (
     INSTRUCTION_CLASSES,
     build_firmware,
@@ -62,7 +63,7 @@ def conv_qdq(tmp_path_factory):
 
 
 def export(model, directory, native: bool):
-    original = qdq_integer.integer_convolutions
+    original = fixed_point.integer_convolutions
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(c_export, "integer_convolutions", lambda mod, native_kernels=False: original(mod, native))
         return c_export.export_c(model, directory, report=lambda _: None)
@@ -82,8 +83,8 @@ def inputs() -> list[np.ndarray]:
 
 def test_every_qdq_convolution_calls_the_native_kernel(exports):
     source = (exports[True].directory / "model.c").read_text()
-    assert len(re.findall(r"^  if \(lwgan_conv2d_s8\(", source, re.M)) == 4
-    assert "lwgan_conv2d_s8" not in (exports[False].directory / "model.c").read_text()
+    assert len(re.findall(rf"^  if \({NATIVE_CONV}\(", source, re.M)) == 4
+    assert NATIVE_CONV not in (exports[False].directory / "model.c").read_text()
 
 
 def test_native_kernel_equals_the_tvm_integer_lowering_on_the_host(exports):
@@ -110,7 +111,7 @@ def test_native_kernel_under_qemu_equals_the_host_and_counts_its_instructions(ex
     assert run.cycles_estimate(part.cycles) == round(expected) > run.instructions  # loads and branches cost more
 
 
-def reference_conv(conv: qdq_integer.FixedPointConv, codes: np.ndarray) -> np.ndarray:
+def reference_conv(conv: fixed_point.FixedPointConv, codes: np.ndarray) -> np.ndarray:
     """The integer convolution in numpy int64: zero-point padding, bias, (a * m + 2^(s-1)) >> s, clamp."""
     top, left, bottom, right = conv.padding
     padded = np.pad(codes.astype(np.int64), ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=conv.in_zero)
@@ -120,7 +121,7 @@ def reference_conv(conv: qdq_integer.FixedPointConv, codes: np.ndarray) -> np.nd
     acc = np.einsum("chwij,ocij->ohw", windows, conv.weights.astype(np.int64)) + conv.bias[:, None, None]
     shift = conv.shift[:, None, None]
     scaled = (acc * conv.mantissa[:, None, None] + (np.int64(1) << (shift - 1))) >> shift
-    lo, hi = qdq_integer.QUANT_RANGE[conv.out_dtype]
+    lo, hi = fixed_point.QUANT_RANGE[conv.out_dtype]
     return np.clip(scaled + conv.out_zero, lo, hi).astype(conv.out_dtype)[None]
 
 
@@ -135,13 +136,13 @@ def kernel_library(tmp_path_factory):
     return ctypes.CDLL(str(library))
 
 
-def run_kernel(library, conv: qdq_integer.FixedPointConv, codes: np.ndarray) -> np.ndarray:
-    arrays = qdq_integer.native_arguments(conv)
+def run_kernel(library, conv: fixed_point.FixedPointConv, codes: np.ndarray) -> np.ndarray:
+    arrays = fixed_point.native_arguments(conv)
     geometry = arrays["geometry"]
     scratch = np.zeros((c_export.NATIVE_SCRATCH_PER_TAP + geometry[3] + geometry[3] % 2) * geometry[-1], np.int16)
     output = np.zeros(conv.out_shape, conv.out_dtype)
     pointer = ctypes.c_void_p
-    status = library.lwgan_conv2d_s8(*(pointer(a.ctypes.data) for a in (
+    status = getattr(library, NATIVE_CONV)(*(pointer(a.ctypes.data) for a in (
         geometry, np.ascontiguousarray(codes), arrays["weights"], arrays["bias"], arrays["requant"], output, scratch)))
     assert status == 0
     return output
@@ -158,25 +159,25 @@ def test_native_kernel_matches_the_integer_reference(kernel_library, in_dtype, o
     in_h, in_w = 7, 9
     top, left, bottom, right = padding
     out_h, out_w = (in_h + top + bottom - window) // stride + 1, (in_w + left + right - window) // stride + 1
-    lo, hi = qdq_integer.QUANT_RANGE[in_dtype]
-    conv = qdq_integer.FixedPointConv(
+    lo, hi = fixed_point.QUANT_RANGE[in_dtype]
+    conv = fixed_point.FixedPointConv(
         weights=rng.integers(-127, 128, (out_c, in_c, window, window)).astype(np.int8),
         bias=rng.integers(-5000, 5000, out_c), mantissa=rng.integers(1 << 30, 1 << 31, out_c),
         shift=rng.integers(36, 42, out_c), in_zero=in_zero, in_dtype=in_dtype, out_zero=out_zero, out_dtype=out_dtype,
         padding=padding, strides=(stride, stride), dilation=(1, 1), groups=1, in_shape=(1, in_c, in_h, in_w),
         out_shape=(1, out_c, out_h, out_w))
-    assert qdq_integer.native_kernel_applies(conv)
+    assert fixed_point.native_kernel_applies(conv)
     codes = rng.integers(lo, hi + 1, conv.in_shape).astype(in_dtype)
     np.testing.assert_array_equal(run_kernel(kernel_library, conv, codes), reference_conv(conv, codes))
 
 
 def test_multipliers_of_a_quarter_or_more_stay_with_tvm():
-    conv = qdq_integer.FixedPointConv(
+    conv = fixed_point.FixedPointConv(
         weights=np.ones((1, 1, 1, 1), np.int8), bias=np.zeros(1, np.int64), mantissa=np.array([1 << 30]),
         shift=np.array([32]), in_zero=0, in_dtype="uint8", out_zero=0, out_dtype="uint8", padding=(0, 0, 0, 0),
         strides=(1, 1), dilation=(1, 1), groups=1, in_shape=(1, 1, 2, 2), out_shape=(1, 1, 2, 2))
-    assert not qdq_integer.native_kernel_applies(conv)
-    assert not qdq_integer.native_kernel_applies(dataclasses.replace(conv, shift=np.array([40]), groups=2))
+    assert not fixed_point.native_kernel_applies(conv)
+    assert not fixed_point.native_kernel_applies(dataclasses.replace(conv, shift=np.array([40]), groups=2))
 
 
 def test_classes_of_arm_mnemonics():

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-import targets
 from bench.roofline import fma_peak_gflops
 from bench.run import bench_model
 from compile.pipeline import from_variant
 from lwgan_models.registry import find_variant
+import targets
 from targets import BenchRules
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -41,13 +41,12 @@ def test_int8_build_counts_integer_conv_kernels_from_their_shapes(isa_level):
     import tvm
 
     from bench.run import _kernel_flops
-    from compile.int8 import INTEGER_CONV
-    from compile.pipeline import relax_for_target
-    from compile.tuning import prepare
+    from compile import INTEGER_CONV
+    from compile.pipeline import prepared_kernels
 
     model = from_variant(find_variant("cyclegan-resnet6-ngf16+ptq"))
     target = targets.resolve(targets.load_target("host"), isa_level=isa_level)
-    built = prepare(relax_for_target(model, target)(), target.tvm_target)
+    built = prepared_kernels(model, target)
     flops, integer = _kernel_flops(built)
     kernels = {gv.name_hint: f for gv, f in built.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
     convs = {name for name in kernels if name.startswith(INTEGER_CONV)}

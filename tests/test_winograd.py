@@ -1,4 +1,4 @@
-"""compile/winograd.py: Winograd F(4x4, 3x3) agrees with torch's direct convolution; only eligible convs change."""
+"""compile/schedules/winograd.py: Winograd F(4x4, 3x3) agrees with torch's direct convolution; only eligible convs change."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import tvm
 from tvm import relax
 from tvm.s_tir import meta_schedule as ms
 
+from compile.passes import float_lanes, prepare
+from compile.schedules.winograd import winograd_convs
 from compile.torch_import import torch_to_relax
-from compile.tuning import float_lanes, hand_scheduled, prepare
-from compile.winograd import winograd_convs
+from compile.tuning import hand_scheduled
 
 # F(4x4, 3x3) in float32 with TOPI's points: ~1e-6 relative error; the tolerance is relative to the output's range.
 RELATIVE_TOLERANCE = 2e-5

@@ -5,7 +5,7 @@ between DequantizeLinear/QuantizeLinear pairs; QOperator fuses them into QLinear
 QLinearMatMul and contrib ops (com.microsoft QLinearAdd, QLinearMul, QLinearSigmoid, ...), which
 TVM's ONNX frontend does not import. Each such op computes exactly "dequantize the inputs, run the
 float op, quantize the result", so it is rewritten as that: the integer convolution lowering
-(compile/int8.py, compile/qdq_integer.py) then finds the same patterns in both formats.
+(compile/int8/lowering.py, compile/int8/fixed_point.py) then finds the same patterns in both formats.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ reduction k: one broadcast 32-bit group of 4 activations against a [lanes x 4] w
 - AVX2 and VNNI with pixels as lanes (same instructions, the weights broadcast instead of the
   activations) for convolutions with fewer output channels than lanes (an RGB output layer).
 - AVX2 int16 (`vpmaddwd`, 8 lanes x 2): C[i] += sum_k A[k] * B[i, k] on int16, for the exact
-  integer Winograd convolution (compile/int8_winograd.py); int16 pair sums cannot overflow int32.
+  integer Winograd convolution (compile/int8/winograd.py); int16 pair sums cannot overflow int32.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from tvm.target.codegen import llvm_version_major, target_has_features
 
 AVX2_DOT_8X4 = "lwgan_dot_8x4_u8i8i32_avx2"
 AVX2_PIXELS_8X4 = "lwgan_dot_pixels_8x4_u8i8i32_avx2"  # 8 output pixels of one channel: for few channels
-AVX2_DOT_8X2_I16 = "lwgan_dot_8x2_i16i16i32_avx2"  # Winograd's transform domain (compile/int8_winograd.py)
+AVX2_DOT_8X2_I16 = "lwgan_dot_8x2_i16i16i32_avx2"  # Winograd's transform domain (compile/int8/winograd.py)
 VNNI_DOT_16X4 = "lwgan_dot_16x4_u8i8i32_vnni"
 VNNI_PIXELS_16X4 = "lwgan_dot_pixels_16x4_u8i8i32_vnni"  # 16 output pixels of one channel: for few channels
 REDUCTION = 4  # activations per 32-bit group: the k extent of every intrinsic here

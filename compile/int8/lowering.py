@@ -2,13 +2,13 @@
 
 TVM's ONNX frontend keeps QuantizeLinear/DequantizeLinear as `relax.quantize`/`relax.dequantize`,
 so a QDQ model compiled as is runs every convolution in float on fake-quantized values (and
-slower than the fp32 model, for the extra rounding passes). This pass finds
+slower than the fp32 model, for the extra rounding passes). This pass finds (compile/int8/match.py)
 
     quantize(conv2d(dequantize(x_u8), dequantize(w_i8)) [+ dequantize(b_i32)], s_out, z_out)
 
 and replaces it with one hand-scheduled TIR kernel: u8 x s8 products summed exactly in int32,
-tensorized with a dot-product intrinsic (compile/int8_intrinsics.py: AVX2 `vpmaddubsw` or AVX-512
-VNNI `vpdpbusd`) or run on AMX tiles (compile/int8_amx.py), with the requantization to uint8
+tensorized with a dot-product intrinsic (compile/int8/intrinsics.py: AVX2 `vpmaddubsw` or AVX-512
+VNNI `vpdpbusd`) or run on AMX tiles (compile/int8/amx.py), with the requantization to uint8
 fused into its epilogue. A conv whose output stays float (no quantize after it) gets the same
 kernel with a dequantizing epilogue. The float ops between convolutions (instance norm, ReLU,
 padding, tanh) stay float and fuse with the dequantize/quantize around them; the frontend's
@@ -33,9 +33,9 @@ Kernels (`plan_kernel` picks one per conv and target):
 - "pixels": for fewer output channels than lanes (an RGB output layer), the lanes are output
   pixels of one channel (8 on AVX2, 16 on VNNI) and the weights are broadcast, so no lane is wasted.
 - "winograd": 3x3 stride-1 convs with >= 64 channels on AVX2 run as exact integer Winograd
-  F(2x2, 3x3) (compile/int8_winograd.py), since there an integer multiply costs as much as a float one.
+  F(2x2, 3x3) (compile/int8/winograd.py), since there an integer multiply costs as much as a float one.
 - "amx": on CPUs with Intel AMX, convs with whole 16-channel output blocks run as int8 matrix
-  products on its tiles (compile/int8_amx.py), up to 3x a VNNI kernel's rate.
+  products on its tiles (compile/int8/amx.py), up to 3x a VNNI kernel's rate.
 Without a usable intrinsic (another ISA, or 8-bit weights whose int16 pair sums could saturate
 `vpmaddubsw`) the "channels" kernel runs as portable integer code that LLVM vectorizes.
 """
@@ -48,15 +48,11 @@ from dataclasses import dataclass
 import numpy as np
 import tvm
 from tvm import relax, te, tirx
-from tvm.ir import GenericConst
-from tvm.s_tir import Schedule, dlight
-from tvm.s_tir.dlight.analysis import normalize_prim_func
-from tvm.s_tir.schedule import ScheduleError
+from tvm.s_tir import Schedule
 
-from compile import int8_amx as amx
-from compile import int8_winograd as winograd
-from compile.conv_schedule import schedule_direct_conv
-from compile.int8_intrinsics import (
+from compile import INTEGER_CONV, MACS_ATTR
+from compile.int8 import amx, winograd
+from compile.int8.intrinsics import (
     AVX2_DOT_8X2_I16,
     AVX2_DOT_8X4,
     INTRINSICS,
@@ -66,7 +62,17 @@ from compile.int8_intrinsics import (
     pairs_fit_int16,
     register_int8_intrinsics,
 )
-from compile.tuning import float_lanes, prepare
+from compile.int8.match import (
+    Bias,
+    ConvMatch,
+    call_to,
+    conv_matches,
+    constant,
+    match_bias,
+    match_quantized_conv,
+    scalar,
+)
+from compile.schedules.default import schedule_float_ops
 
 OPAQUE_PATTERN = 8  # relax's OpPatternKind.kOpaque: FuseOps fuses nothing into or after the kernel
 PORTABLE_LANES = 8  # int32 lanes of the untensorized kernel (LLVM vectorizes it for any CPU)
@@ -78,12 +84,6 @@ OUTPUT_TILE = 8  # output pixels per micro-kernel: 8 accumulators + weights fit 
 # int8 3x3 and 7x7 convs at 256x256 got 40% slower).
 ALIASED_PLANE_BYTES = 4096
 ALIASED_TILE = 32
-# Float glue: 8 float32 lanes (one AVX2 register). 16 lanes, what LLVM reports even for
-# x86-64-v3, ran the padding kernels 2-5x slower; rows shorter than SHORT_ROW vectors are
-# vectorized with a predicated tail (see _schedule_injective).
-INJECTIVE_LANES = 8
-SHORT_ROW = 8
-MACS_ATTR = "lwgan.conv_macs"  # each integer conv kernel's multiply-adds, for the roofline profile
 
 
 @dataclass(frozen=True)
@@ -146,8 +146,8 @@ class KernelPlan:
 
     `layout` "channels": `lanes` output channels per vector, the activations broadcast;
     "pixels": `lanes` output pixels of one channel per vector, the weights broadcast (for
-    fewer channels than lanes); "winograd": exact integer Winograd (compile/int8_winograd.py);
-    "amx": matrix products on AMX tiles of `lanes` channels (compile/int8_amx.py);
+    fewer channels than lanes); "winograd": exact integer Winograd (compile/int8/winograd.py);
+    "amx": matrix products on AMX tiles of `lanes` channels (compile/int8/amx.py);
     "depthwise": one channel's pixels per vector (`_depthwise_kernel`).
     `intrinsic` None is portable integer code that LLVM vectorizes.
     """
@@ -422,146 +422,42 @@ def _parallel_packing(sch: Schedule) -> None:
 # Relax: find QDQ convolutions and replace them by kernel calls
 
 
-def _constant(expr: relax.Expr, var2val) -> np.ndarray | None:
-    while isinstance(expr, relax.Var) and expr in var2val:
-        expr = var2val[expr]
-    return expr.value.numpy() if isinstance(expr, GenericConst) else None
-
-
-def _call(expr: relax.Expr, op_name: str, var2val) -> relax.Call | None:
-    if isinstance(expr, relax.Var):
-        expr = var2val.get(expr)
-    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == op_name:
-        return expr
-    return None
-
-
-def _scalar(array: np.ndarray | None) -> float | None:
-    return float(array.reshape(-1)[0]) if array is not None and array.size == 1 else None
-
-
-@dataclass(frozen=True)
-class _QuantizedInput:
-    data: relax.Var  # the uint8 tensor
-    scale: float
-    zero_point: int
-
-
-@dataclass(frozen=True)
-class _ConvMatch:
-    input: _QuantizedInput
-    weight: np.ndarray  # int8 OIHW
-    weight_scale: np.ndarray  # float32 (OC,)
-    strides: tuple[int, int]
-    padding: tuple[int, int, int, int]
-    depthwise: bool
-
-
-def _match_conv(expr: relax.Expr, var2val) -> _ConvMatch | None:
-    """conv2d(dequantize(u8 tensor), dequantize(int8 constant)), NCHW/OIHW, undilated, ungrouped or depthwise."""
-    conv = _call(expr, "relax.nn.conv2d", var2val)
-    if conv is None:
-        return None
-    attrs = conv.attrs
+def _covered(match: ConvMatch) -> bool:
+    """The convs the integer kernels compute: a uint8 input of static NCHW shape, symmetric int8 weights
+    (one scale, or one per output channel), NCHW/OIHW, undilated, ungrouped or depthwise."""
+    attrs = match.conv.attrs
+    ty = match.input.data.ty
     if (
         any(int(d) != 1 for d in attrs.dilation)
         or (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW")
-    ):
-        return None
-    data_dq = _call(conv.args[0], "relax.dequantize", var2val)
-    weight_dq = _call(conv.args[1], "relax.dequantize", var2val)
-    if data_dq is None or weight_dq is None:
-        return None
-    source = data_dq.args[0]
-    scale, zero_point = (_scalar(_constant(a, var2val)) for a in data_dq.args[1:3])
-    ty = source.ty
-    if (
-        not isinstance(source, relax.Var)
         or ty.dtype != "uint8"
         or ty.shape is None
         or len(ty.shape) != 4
         or not all(isinstance(d, tirx.IntImm) for d in ty.shape)
-        or scale is None
-        or zero_point is None
+        or match.weight.dtype != np.int8
     ):
-        return None
-    weight = _constant(weight_dq.args[0], var2val)
-    weight_scale = _constant(weight_dq.args[1], var2val)
-    weight_zero = _constant(weight_dq.args[2], var2val)
-    if weight is None or weight.dtype != np.int8 or weight.ndim != 4 or weight_scale is None or weight_zero is None:
-        return None
-    out_channels = weight.shape[0]
-    groups = int(attrs.groups)
-    depthwise = groups == out_channels == int(ty.shape[1]) and weight.shape[1] == 1
-    if groups != 1 and not depthwise:
-        return None
-    per_channel = weight_scale.size == out_channels and (weight_scale.size == 1 or int(weight_dq.attrs.axis) == 0)
-    if weight_scale.size != 1 and not per_channel or np.any(weight_zero != 0):
-        return None
-    top, left, bottom, right = (int(p) for p in attrs.padding)
-    return _ConvMatch(
-        input=_QuantizedInput(source, scale, int(zero_point)),
-        weight=weight,
-        weight_scale=np.broadcast_to(weight_scale.reshape(-1).astype(np.float32), (out_channels,)),
-        strides=(int(attrs.strides[0]), int(attrs.strides[1])),
-        padding=(top, left, bottom, right),
-        depthwise=depthwise,
-    )
-
-
-@dataclass(frozen=True)
-class _Bias:
-    conv: relax.Var
-    quantized: np.ndarray | None  # int32 (OC,) when the bias is a dequantized int32 constant
-    scale: np.ndarray | None  # its float32 scale (OC,)
-    values: np.ndarray  # float32 (OC,): the bias as the float graph adds it
-
-
-def _is_channel_vector(expr: relax.Expr, out_channels: int) -> bool:
-    """Whether `expr` broadcasts along NCHW's channel axis: shape (..., OC, 1, 1), leading dims 1."""
-    shape = getattr(expr.ty, "shape", None)
-    if shape is None or not all(isinstance(d, tirx.IntImm) for d in shape):
         return False
-    dims = [int(d) for d in shape]
-    return len(dims) >= 3 and dims[-3:] == [out_channels, 1, 1] and all(d == 1 for d in dims[:-3])
-
-
-def _match_bias(expr: relax.Expr, out_channels_of, var2val) -> _Bias | None:
-    """add(conv, bias) with a per-channel bias: a reshaped dequantize of an int32 constant, or a float constant."""
-    add = _call(expr, "relax.add", var2val)
-    if add is None:
-        return None
-    for conv, bias in (add.args, add.args[::-1]):
-        out_channels = out_channels_of(conv)
-        if out_channels is None or not _is_channel_vector(bias, out_channels):
-            continue
-        reshape = _call(bias, "relax.reshape", var2val)
-        dq = _call(reshape.args[0] if reshape is not None else bias, "relax.dequantize", var2val)
-        if dq is not None:
-            quantized, scale, zero = (_constant(a, var2val) for a in dq.args[:3])
-            if quantized is None or scale is None or zero is None or np.any(zero != 0) or quantized.size != out_channels:
-                continue
-            quantized = quantized.reshape(-1).astype(np.int64)
-            scale = np.broadcast_to(scale.reshape(-1).astype(np.float32), (out_channels,))
-            return _Bias(conv, quantized, scale, (quantized.astype(np.float32) * scale).astype(np.float32))
-        values = _constant(bias, var2val)
-        if values is not None and values.dtype == np.float32:
-            return _Bias(conv, None, None, values.reshape(-1))
-    return None
+    out_channels = match.weight.shape[0]
+    if int(attrs.groups) != 1 and not match.depthwise:
+        return False
+    scale = match.weight_scale
+    per_channel = scale.size == out_channels and (scale.size == 1 or match.weight_axis == 0)
+    return not (scale.size != 1 and not per_channel or np.any(match.weight_zero != 0))
 
 
 def integer_conv(
-    match: _ConvMatch, bias: _Bias | None, output: tuple[float, int] | None, dequantized: bool = False
+    match: ConvMatch, bias: Bias | None, output: tuple[float, int] | None, dequantized: bool = False
 ) -> IntegerConv:
     """The integer form of a matched conv; `output` = (scale, zero point) when it is requantized,
     `dequantized` when the uint8 result is only ever dequantized again with the same parameters."""
+    weight_scale = match.channel_scales(np.float32)
     weight_sum = match.weight.astype(np.int64).sum(axis=(1, 2, 3))
     correction = -match.input.zero_point * weight_sum
-    real_scale = np.float64(np.float32(match.input.scale)) * match.weight_scale.astype(np.float64)
+    real_scale = np.float64(np.float32(match.input.scale)) * weight_scale.astype(np.float64)
     float_bias = np.zeros_like(real_scale)
     if bias is not None:
         exact = bias.quantized is not None and np.array_equal(
-            bias.scale, (np.float32(match.input.scale) * match.weight_scale).astype(np.float32)
+            bias.scale, (np.float32(match.input.scale) * weight_scale).astype(np.float32)
         )
         if exact:  # the bias lives on the accumulator's grid: fold it into the integer correction
             correction = correction + bias.quantized
@@ -597,11 +493,7 @@ def _plan_replacements(func: relax.Function) -> dict[relax.Var, _Replacement]:
     """Binding var -> the integer conv that computes it. A requantized conv replaces the quantize
     binding; a conv without output quantize replaces its bias add (or the conv itself)."""
     var2val = relax.analysis.get_var2val(func)
-    convs = {var: m for var in var2val if (m := _match_conv(var, var2val)) is not None}
-
-    def out_channels_of(expr):
-        match = convs.get(expr) if isinstance(expr, relax.Var) else None
-        return None if match is None else match.weight.shape[0]
+    convs = conv_matches(var2val, _covered)
 
     def replacement(match, bias, output, dequantized=False):
         shape = tuple(int(d) for d in match.input.data.ty.shape)
@@ -614,29 +506,22 @@ def _plan_replacements(func: relax.Function) -> dict[relax.Var, _Replacement]:
 
     plans, claimed = {}, set()
     for var, value in var2val.items():
-        quantize = _call(value, "relax.quantize", var2val)
-        if quantize is None or quantize.attrs.out_dtype != "uint8":
+        found = match_quantized_conv(value, convs, var2val)
+        if found is None or found.quantize.attrs.out_dtype != "uint8":
             continue
-        scale, zero_point = (_scalar(_constant(a, var2val)) for a in quantize.args[1:3])
-        if scale is None or zero_point is None:
-            continue
-        bias = _match_bias(quantize.args[0], out_channels_of, var2val)
-        conv_var = bias.conv if bias is not None else quantize.args[0]
-        match = convs.get(conv_var) if isinstance(conv_var, relax.Var) else None
-        if match is None:
-            continue
-        output = (scale, int(zero_point))
-        dequantize = _call(users[var][0], "relax.dequantize", var2val) if len(users[var]) == 1 else None
+        match, bias, conv_var = found.conv, found.bias, found.conv_var
+        output = (found.scale, found.zero_point)
+        dequantize = call_to(users[var][0], "relax.dequantize", var2val) if len(users[var]) == 1 else None
         if dequantize is not None and users[var][0] not in read_by_convs and _dequantizes_with(dequantize, output, var2val):
             plans[users[var][0]] = replacement(match, bias, output, dequantized=True)
             claimed.add(var)
         else:
             plans[var] = replacement(match, bias, output)
-        claimed.update({conv_var, quantize.args[0]})
+        claimed.update({conv_var, found.quantize.args[0]})
     for var, value in var2val.items():
         if var in claimed or var in plans:
             continue
-        bias = _match_bias(value, out_channels_of, var2val)
+        bias = match_bias(value, convs, var2val)
         if bias is not None and bias.conv not in claimed:
             plans[var] = replacement(convs[bias.conv], bias, None)
             claimed.add(bias.conv)
@@ -658,7 +543,7 @@ def _users(func: relax.Function, var2val) -> dict[relax.Var, list]:
 
 
 def _dequantizes_with(dequantize: relax.Call, output: tuple[float, int], var2val) -> bool:
-    scale, zero_point = (_scalar(_constant(a, var2val)) for a in dequantize.args[1:3])
+    scale, zero_point = (scalar(constant(a, var2val)) for a in dequantize.args[1:3])
     return scale is not None and zero_point is not None and (scale, int(zero_point)) == output
 
 
@@ -690,18 +575,18 @@ class _IntegerConvRewriter(relax.PyExprMutator):
 def _instance_norm_of(expr: relax.Expr, var2val) -> tuple[relax.Expr, float] | None:
     """(x, epsilon) when `expr` is the ONNX frontend's InstanceNormalization without its affine part:
     divide(subtract(x, mean(x)), sqrt(add(variance(x), eps))) over every axis after the channels."""
-    divide = _call(expr, "relax.divide", var2val)
+    divide = call_to(expr, "relax.divide", var2val)
     if divide is None:
         return None
-    subtract = _call(divide.args[0], "relax.subtract", var2val)
-    sqrt = _call(divide.args[1], "relax.sqrt", var2val)
+    subtract = call_to(divide.args[0], "relax.subtract", var2val)
+    sqrt = call_to(divide.args[1], "relax.sqrt", var2val)
     if subtract is None or sqrt is None:
         return None
     x = subtract.args[0]
-    mean = _call(subtract.args[1], "relax.mean", var2val)
-    shifted = _call(sqrt.args[0], "relax.add", var2val)
-    variance = _call(shifted.args[0], "relax.variance", var2val) if shifted is not None else None
-    epsilon = _scalar(_constant(shifted.args[1], var2val)) if shifted is not None else None
+    mean = call_to(subtract.args[1], "relax.mean", var2val)
+    shifted = call_to(sqrt.args[0], "relax.add", var2val)
+    variance = call_to(shifted.args[0], "relax.variance", var2val) if shifted is not None else None
+    epsilon = scalar(constant(shifted.args[1], var2val)) if shifted is not None else None
     shape = getattr(x.ty, "shape", None)
     if mean is None or variance is None or epsilon is None or shape is None or len(shape) < 3:
         return None
@@ -755,156 +640,7 @@ def fold_instance_norms(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
     return folder.builder_.get(), folder.folded
 
 
-def _schedule_injective(func: tirx.PrimFunc, vector_lanes: int = INJECTIVE_LANES) -> tirx.PrimFunc | None:
-    """Elementwise/layout kernels (quantize, padding, pixel shuffle, tanh): intermediate blocks
-    inlined, the outer loops split over the cores, the innermost vectorized in whole vectors, or
-    with one predicated tail when the row is short. A long row with a tail stays scalar: padding
-    and resizing read through non-affine indices, and measured on 130-136 wide rows the
-    predicated vector loop ran 1.3-3x slower than scalar code. None if it does not apply."""
-    sch = Schedule(func)
-    infos = normalize_prim_func(sch)
-    if not infos or not all(info.is_injective() for info in infos):
-        return None
-    for info in reversed(infos[:-1]):
-        try:
-            sch.compute_inline(info.block_rv)
-        except ScheduleError:  # e.g. read by more than one block: keep it as its own loop nest
-            pass
-    for block in sch.get_child_blocks(sch.get_sblock("root")):
-        loops = sch.get_loops(block)
-        if len(loops) > 1:
-            sch.parallel(sch.fuse(*loops[:-1]))
-            inner = loops[-1]
-            extent = int(sch.get(inner).extent)
-            if extent >= 2 * vector_lanes and (extent % vector_lanes == 0 or extent < SHORT_ROW * vector_lanes):
-                sch.vectorize(sch.split(inner, [None, vector_lanes])[1])
-        else:
-            sch.parallel(loops[0])
-    return sch.mod["main"]
-
-
-def _is_reduction(sch: Schedule, block) -> bool:
-    return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
-
-
-def _extent(sch: Schedule, loop) -> int | None:
-    extent = sch.get(loop).extent
-    return int(extent) if isinstance(extent, tirx.IntImm) else None
-
-
-def _schedule_channel_reduction(func: tirx.PrimFunc, vector_lanes: int) -> tirx.PrimFunc | None:
-    """Instance norm with what FuseOps joined to it (dequantize before; affine, ReLU, residual add,
-    quantize after): per (image, channel), in parallel, the spatial sums in `vector_lanes`
-    partial sums (rfactor, vectorized), then one vectorized pass writing the output, the
-    elementwise ops inlined into it. dlight's CPU rule summed serially and materialised every
-    elementwise intermediate, 6x slower on a 64x32x32 norm. None if the kernel is not of this form.
-    """
-    sch = Schedule(func)
-    blocks = sch.get_child_blocks(sch.get_sblock("root"))
-    reductions = [b for b in blocks if _is_reduction(sch, b)]
-    spatial = [b for b in blocks if not _is_reduction(sch, b)]
-    if not reductions or not spatial or sch.get(spatial[-1]).name_hint != sch.get(blocks[-1]).name_hint:
-        return None
-    kept = sum(iv.iter_type == tirx.IterVar.DataPar for iv in sch.get(reductions[0]).iter_vars)
-    try:
-        for block in spatial[:-1]:
-            sch.compute_inline(block)
-        last = spatial[-1]
-        loops = sch.get_loops(last)
-        per_channel = _leading_loops(sch, loops, kept)
-        if len(loops) <= per_channel:
-            return None
-        outer = sch.fuse(*loops[:per_channel]) if per_channel > 1 else loops[0]
-        sch.parallel(outer)  # first: once the reductions are decomposed under it, it no longer can be
-        inner = sch.fuse(*loops[per_channel:]) if len(loops) > per_channel + 1 else loops[per_channel]
-        if (_extent(sch, inner) or 1) % vector_lanes:
-            return None
-        sch.vectorize(sch.split(inner, [None, vector_lanes])[1])
-        for block in reductions:
-            block_loops = sch.get_loops(block)
-            reduce_loops = block_loops[kept:]
-            if not reduce_loops or len(sch.get(block).iter_vars) != len(block_loops):
-                return None
-            reduced = sch.fuse(*reduce_loops) if len(reduce_loops) > 1 else reduce_loops[0]
-            if (_extent(sch, reduced) or 1) % vector_lanes:
-                return None
-            partial = sch.rfactor(sch.split(reduced, [None, vector_lanes])[1], kept)
-            sch.compute_at(block, outer)
-            sch.compute_at(partial, outer)
-            lanes, steps = sch.get_loops(partial)[-2:]
-            sch.reorder(steps, lanes)
-            sch.vectorize(lanes)
-            sch.decompose_reduction(partial, steps)
-    except ScheduleError:  # another shape of kernel: the generic rules take it
-        return None
-    return sch.mod["main"]
-
-
-def _leading_loops(sch: Schedule, loops: list, kept: int) -> int:
-    """How many leading output loops index the `kept` axes a norm's statistics keep: `kept` loops
-    and the unit loops among them. Legalized for batch 1, an instance norm reduces over the batch
-    axis too (statistics of shape (C,)), and the output's first loop, of extent 1, is then no
-    channel loop: parallel over it, a 128x128x128 norm ran on one core in 7 ms."""
-    count = taken = 0
-    for loop in loops:
-        if taken == kept:
-            break
-        count += 1
-        taken += _extent(sch, loop) != 1
-    return count
-
-
-def schedule_float_ops(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """Legalize and fuse `mod`, then give every float kernel a CPU schedule.
-
-    After the lowering a QDQ model's convolutions are hand-scheduled integer kernels; what is
-    left is memory-bound float glue (instance norm, ReLU, padding, quantize, tanh) whose default
-    TVM loops are serial and scalar. Scheduled here (instance norms by
-    `_schedule_channel_reduction`, other reductions by dlight's CPU rule, parallel and vectorized
-    loops for the rest), the model needs no MetaSchedule run, which on a 2-core machine costs
-    hours for these 40-odd small tasks. `prepare` makes tanh TVM's fast rational approximation
-    (about 1e-7 from libm's, far below one quantization step) rather than a scalar libm call per
-    element.
-    """
-    return default_cpu_schedules(prepare(mod, target), target)
-
-
-def default_cpu_schedules(prepared: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """Schedule every kernel of a prepared module that has no schedule yet, for a CPU.
-
-    Instance norms get `_schedule_channel_reduction`, other reductions dlight's CPU rule, and
-    elementwise and data-movement kernels parallel, vectorized loops. Left alone, such a kernel
-    runs TVM's default loops: serial and scalar. That is the case for the kernels a database does not
-    cover, such as the gathers of reflection padding (never tuned), or tasks a budget did not reach.
-    float32 direct convolutions get `schedule_direct_conv`'s register-tiled kernel, their padding
-    and elementwise epilogue included; a convolution of another form (grouped, integer) keeps
-    TVM's loops.
-    """
-    lanes = float_lanes(target)
-    for gvar, func in prepared.functions_items():
-        if isinstance(func, tirx.PrimFunc) and not _is_scheduled(func):
-            scheduled = _schedule_channel_reduction(func, lanes)
-            if scheduled is None:
-                scheduled = schedule_direct_conv(func, lanes)
-            if scheduled is not None:
-                prepared[gvar] = scheduled.with_attr("tirx.is_scheduled", True)
-    with target:
-        prepared = dlight.ApplyDefaultSchedule(dlight.cpu.Reduction())(prepared)
-    for gvar, func in prepared.functions_items():
-        if isinstance(func, tirx.PrimFunc) and not _is_scheduled(func):
-            scheduled = _schedule_injective(func)
-            if scheduled is not None:
-                prepared[gvar] = scheduled.with_attr("tirx.is_scheduled", True)
-    return prepared
-
-
-def _is_scheduled(func: tirx.PrimFunc) -> bool:
-    return bool(func.attrs and func.attrs.get("tirx.is_scheduled", False))
-
-
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear", "Constant")
-INTEGER_CONV = "int8_conv2d"  # the name of the integer conv kernels (the module numbers those after the first)
-LOWERING_ATTR = "lwgan.int8_lowering"  # the IRModule attribute carrying `LoweringSummary.describe`
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ up to 64 input channels:
 - A tile (int8): 16 output channels x the block's input channels, from weights packed at compile
   time as [OC/16, C/64, KH, KW, 16, 64];
 - B tile (uint8): the block's input channels x 16 output pixels of a row, in the VNNI layout AMX
-  wants (rows of 4 channels x 16 pixels), which is the NCHW[4c] packing compile/int8.py makes for
+  wants (rows of 4 channels x 16 pixels), which is the NCHW[4c] packing compile/int8/lowering.py makes for
   VNNI: row r of the tile is channel group r, 16 consecutive pixels of 4 bytes;
 - C tiles (int32): 16 channels x 16 pixels, four of them (2 channel blocks x 2 pixel blocks)
   accumulated in tile registers over the whole reduction, then stored to a small buffer whose rows
@@ -35,7 +35,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 from tvm.target.codegen import target_has_features
 
-from compile.int8_intrinsics import REDUCTION
+from compile.int8.intrinsics import REDUCTION
 
 CHANNELS = 16  # output channels per tile (the A tile's rows)
 PIXELS = 16  # output pixels per tile (the C tile's 64-byte rows of int32)
@@ -105,7 +105,7 @@ def _tile(index: int):
 
 def amx_kernel(conv, input_shape: tuple[int, ...]) -> tirx.PrimFunc:
     """The PrimFunc (data, packed weight, correction, multiplier, offset) -> NCHW output for an
-    `IntegerConv` (compile/int8.py) that `applies`."""
+    `IntegerConv` (compile/int8/lowering.py) that `applies`."""
     n, channels, height, width = (int(d) for d in input_shape)
     _, out_channels, out_h, out_w = conv.output_shape(input_shape)
     _, _, kh, kw = conv.weight.shape

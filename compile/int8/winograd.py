@@ -12,9 +12,9 @@ instead of 36, and in integers it is exact:
     4 * acc = A^T (sum over channels of U . V) A                     (int32, no rounding)
 
 so |U|, |V| fit int16 and every product pair fits int32 (`vpmaddwd`, tensorized with the
-compile/int8_intrinsics.py int16 intrinsic); the kernel checks the int32 bound for the whole
+compile/int8/intrinsics.py int16 intrinsic); the kernel checks the int32 bound for the whole
 channel sum before it is chosen. The result is bit-identical to the direct integer convolution,
-and the requantizing epilogue is the same as compile/int8.py's.
+and the requantizing epilogue is the same as compile/int8/lowering.py's.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 from tvm import te, tirx
 from tvm.s_tir import Schedule
 
-from compile.int8_intrinsics import AVX2_DOT_8X2_I16, UINT8_MAX
+from compile.int8.intrinsics import AVX2_DOT_8X2_I16, UINT8_MAX
 
 B_T = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]])
 G2 = np.array([[2, 0, 0], [1, 1, 1], [1, -1, 1], [0, 0, 2]])  # 2 * G: integer
@@ -99,7 +99,7 @@ def _by_index(index, cases: list):
 
 def winograd_kernel(conv, input_shape: tuple[int, ...]):
     """The scheduled PrimFunc (data, U, correction, multiplier, offset) -> NCHW output for an
-    `IntegerConv` (compile/int8.py) with whole 8-channel blocks and an even output size."""
+    `IntegerConv` (compile/int8/lowering.py) with whole 8-channel blocks and an even output size."""
     n, channels, height, width = (int(d) for d in input_shape)
     _, out_channels, out_h, out_w = conv.output_shape(input_shape)
     tiles_h, tiles_w = out_h // 2, out_w // 2

@@ -1,0 +1,40 @@
+"""Graph preparation: the Relax passes every build and every tuning run apply before task extraction.
+
+They must be the same on both sides: a database is looked up by the kernels tuning extracted, so
+the module it is applied to must be prepared the same way.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+from compile.bf16 import BF16_ATTR
+from compile.rewrites import fuse_friendly
+from compile.schedules.winograd import winograd_convs
+
+
+def float_lanes(target: tvm.target.Target) -> int:
+    """float32 lanes of the target CPU's vectors (16 on AVX-512, 8 on AVX2, 4 on NEON), at least 4."""
+    return max(tvm.target.codegen.llvm_get_vector_width(target) // 32, 4)
+
+
+def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """The passes before task extraction; the same ones must run before applying a database.
+
+    On CPUs the large 3x3 convolutions become hand-scheduled Winograd kernels (compile/schedules/winograd.py;
+    with bf16 products where the module asks for bf16, compile/bf16.py), pads and an output tanh join the convolutions next to them (compile/rewrites.py), and tanh
+    becomes TVM's fast rational approximation: LLVM otherwise calls libm's scalar expf per element
+    (0.45 ms of a U-Net's RGB output, 49k values), and the approximation is ~1e-7 from libm."""
+    if target.kind.name == "llvm":
+        bf16_products = bool(mod.attrs is not None and mod.attrs.get(BF16_ATTR))
+        mod = winograd_convs(mod, float_lanes(target), bf16_products)[0]
+        mod = relax.transform.FastMathTransform()(fuse_friendly(mod)[0])
+    with target:
+        return tvm.transform.Sequential(
+            [
+                relax.transform.DecomposeOpsForInference(),
+                relax.transform.CanonicalizeBindings(),
+                relax.get_pipeline("zero"),
+            ]
+        )(mod)
