@@ -93,8 +93,10 @@ class Record:
     output_psnr_db: float | None = None  # output vs reference over the whole image
     min_output_psnr_db: float | None = None  # bf16/fp16/int8 rule: a rounding step may flip anywhere, so judge the image
     # Roofline (`invoke bench --roofline`, TVM only): the FMA peak measured in the same run, and per
-    # kernel [{kernel, calls, ms, gflop, gflops, peak_fraction}] per inference, slowest first.
+    # kernel [{kernel, calls, ms, gflop, gflops, peak, peak_fraction}] per inference, slowest first
+    # (`peak`: "fma", "bf16" or "integer", the peak its fraction is of; integer kernels have none).
     fma_peak_gflops: float | None = None
+    bf16_peak_gflops: float | None = None  # vdpbf16ps, measured beside the FMA peak for a bf16 build's roofline
     kernel_profile: list | None = None
     # Memory: the runtime process's peak resident set while timing (host), or the firmware's static RAM.
     peak_rss_bytes: int | None = None

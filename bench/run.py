@@ -32,10 +32,10 @@ from bench.harness import Timing, time_runtimes, wait_for_idle_threads
 from bench.memory import peak_rss_bytes
 from bench.places import PLACES
 from bench.record import Record
-from bench.roofline import fma_peak_gflops, kernel_flops, kernel_profile
+from bench.roofline import bf16_peak_gflops, fma_peak_gflops, kernel_flops, kernel_profile
 from bench.runtimes import Inputs, Runtime, RuntimeSpec, named_inputs
-from bench.runtimes.tvm_vm import TvmRuntime
-from compile import INTEGER_CONV, MACS_ATTR
+from bench.runtimes.tvm_vm import BUILD_PRECISION, TvmRuntime
+from compile import BF16_ATTR, MACS_ATTR
 from compile.artifacts import Artifact, NotBuildable, build_artifact
 from compile.build import CompiledModel
 from compile.database import TuningDatabase, trials_to_within
@@ -186,7 +186,7 @@ def _bench_at(
         peak_rss = (peak_rss_bytes(adapter.name, artifact.path, x, rules.threads)
                     if place.measures_memory else None)
         kernels = (_roofline(model, target, adapter, rules.threads)
-                   if roofline and adapter.name == "tvm" and place.name == "host" else {})
+                   if roofline and adapter.name in BUILD_PRECISION and place.name == "host" else {})
         if power.get("power_error"):
             report(f"  {model.name}: {adapter.name}: power not measured: {power['power_error']}")
         check = checks[adapter.name]
@@ -313,45 +313,51 @@ def target_fields(target: ResolvedTarget) -> dict:
 
 
 def _roofline(model: ModelUnderTest, target: ResolvedTarget, adapter: TvmRuntime, threads: int) -> dict:
-    """Record fields: the FMA peak of this machine now, and each TVM kernel's share of it.
+    """Record fields: the FMA peak of this machine now (and for a bf16 build, the vdpbf16ps peak), and
+    each TVM kernel's share of the peak of what it multiplies on.
 
     Kernels are those compile_for_target builds, under the library's names (`prepared_kernels`).
-    Integer kernels count integer ops (GOP/s); a float FMA peak is not theirs, so no fraction of it.
+    Integer kernels count integer ops (GOP/s); a float peak is not theirs, so no fraction of it.
     """
+    precision = BUILD_PRECISION[adapter.name]
     wait_for_idle_threads()  # TVM's workers spin after the timing; the microbenchmark would share their cores
-    peak = fma_peak_gflops(threads)
-    flops, integer = _kernel_flops(prepared_kernels(model, target))
-    profile = kernel_profile(adapter.vm, adapter.args, flops, peak)
+    peaks = {"fma": fma_peak_gflops(threads)}
+    if precision == "bf16":
+        peaks["bf16"] = bf16_peak_gflops(threads)
+    flops, peak_of = _kernel_flops(prepared_kernels(model, target, precision))
+    profile = kernel_profile(adapter.vm, adapter.args, flops, peaks["fma"])
     for row in profile:
-        if row["kernel"] in integer:
-            row["peak_fraction"] = None
-    return {"fma_peak_gflops": peak, "kernel_profile": profile}
+        row["peak"] = peak_of.get(row["kernel"], "fma")
+        row["peak_fraction"] = row["gflops"] / peaks[row["peak"]] if row["peak"] in peaks else None
+    return {"fma_peak_gflops": peaks["fma"], "bf16_peak_gflops": peaks.get("bf16"), "kernel_profile": profile}
 
 
-def _kernel_flops(built: tvm.IRModule) -> tuple[dict[str, float], set[str]]:
-    """FLOPs per kernel by TVM's estimate, integer convs' ops from their shapes; and the integer kernels' names.
+def _kernel_flops(built: tvm.IRModule) -> tuple[dict[str, float], dict[str, str]]:
+    """FLOPs per kernel by TVM's estimate, hand-scheduled convs' ops from their shapes; and which peak
+    judges a kernel where it is not the FMA's ("bf16", or "integer": none).
 
     The estimator cannot read the hand-scheduled integer kernels (tensorized dot-product intrinsics,
-    AMX tiles), which carry their MACs instead (compile/int8/lowering.py); a kernel it cannot read otherwise
-    is left out of the profile rather than failing the run.
-    Kernels whose weights the build packs (compile/schedules/conv.py) run under a suffixed name.
+    AMX tiles) or the bf16 products (a call into compile/x86_kernels), which carry their MACs instead
+    (`compile.MACS_ATTR`); a kernel it cannot read otherwise is left out of the profile rather than
+    failing the run. Kernels whose weights the build packs (compile/schedules/conv.py) run under a
+    suffixed name.
     """
     flops: dict[str, float] = {}
-    integer = set()
+    peak_of: dict[str, str] = {}
     for gvar, func in built.functions_items():
         if not isinstance(func, tvm.tirx.PrimFunc):
             continue
         name = gvar.name_hint
-        if name.startswith(INTEGER_CONV):
+        if func.attrs is not None and MACS_ATTR in func.attrs:
             flops[name] = 2.0 * int(func.attrs[MACS_ATTR])
-            integer.add(name)
+            peak_of[name] = "bf16" if func.attrs.get(BF16_ATTR) else "integer"
             continue
         try:
             flops.update(kernel_flops(tvm.IRModule({name: func})))
         except RuntimeError:  # tvm.error.InternalError: an op the estimator has no rule for
             continue
         flops[name + PREPACKED] = flops[name]  # the same kernel once the build packed its weights
-    return flops, integer
+    return flops, peak_of
 
 
 def measurement_fields(timing: Timing, check: OutputCheck) -> dict:

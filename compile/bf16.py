@@ -26,13 +26,13 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 from tvm.target.codegen import target_has_features
 
+from compile import BF16_ATTR, MACS_ATTR
 from errors import UserError
 
 KERNEL_SOURCE = Path(__file__).resolve().parent / "x86_kernels" / "gemm_bf16.c"
 BLOCK_FUNCTION = "lwgan_gemm_bf16_block"
 BLOCK_ROWS = 8  # output rows per call: ROWS in gemm_bf16.c
 COMPILER_FLAGS = ["-O3", "-mavx512f", "-mavx512bf16", "-fPIC", "-c"]
-BF16_ATTR = "lwgan.bf16"  # on a Relax module whose Winograd products are to run in bf16
 OPAQUE_PATTERN = 8  # relax's OpPatternKind.kOpaque: an extern call fuses with nothing
 
 
@@ -93,7 +93,8 @@ def products(batch: int, rows: int, channels: int, columns: int) -> tirx.PrimFun
     m[b] = u[b] v[b] with bf16 operands: one parallel task per (batch item, block of 8 rows)."""
     pairs, blocks = channels // 2, -(-rows // BLOCK_ROWS)
     with IRBuilder() as ib, T.prim_func(private=True):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE_PATTERN})
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE_PATTERN,
+                     BF16_ATTR: True, MACS_ATTR: batch * rows * channels * columns})
         u = T.arg("u", T.buffer((batch, blocks * BLOCK_ROWS, pairs), "uint32"))
         v = T.arg("v", T.buffer((batch, pairs, columns), "uint32"))
         m = T.arg("m", T.buffer((batch, rows, columns), "float32"))

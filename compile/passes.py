@@ -9,7 +9,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from compile.bf16 import BF16_ATTR
+from compile import BF16_ATTR
 from compile.rewrites import fuse_friendly
 from compile.schedules.winograd import winograd_convs
 

@@ -22,7 +22,7 @@ import torch
 import tvm
 from tvm import relax
 
-from compile import LOWERING_ATTR, bf16
+from compile import BF16_ATTR, LOWERING_ATTR, bf16
 from compile.build import CACHE_DIR, CompiledModel, compile_model
 from compile.database import TuningDatabase, database_for
 from compile.int8.lowering import lower_quantized_convs
@@ -385,7 +385,7 @@ def relax_for_target(model: ModelUnderTest, target: ResolvedTarget, precision: s
 
         def imported() -> tvm.IRModule:
             mod = subpixel_transposed_convs(model.make_relax(fused_subpixel=fused_subpixel))[0]
-            return mod.with_attr(bf16.BF16_ATTR, True) if precision == "bf16" else mod
+            return mod.with_attr(BF16_ATTR, True) if precision == "bf16" else mod
 
         return imported
 

@@ -420,18 +420,22 @@ ROOFLINE_KERNELS = 8  # the slowest kernels shown per model
 
 
 def _roofline_tables(records: pd.DataFrame) -> list[dict]:
-    """Per model, the latest TVM kernel profile: where the time goes and how close to the FMA peak it runs."""
+    """Per model and TVM build (fp32, bf16), the latest kernel profile: where the time goes and how close
+    each kernel runs to the peak of what it multiplies on (FMA, or vdpbf16ps for bf16 products)."""
     latest = {}
-    for r in records[records["runtime"] == COMPILER].to_dict("records"):
+    for r in records[records["runtime"].map(is_compiler)].to_dict("records"):
         if isinstance(r.get("kernel_profile"), list) and r["kernel_profile"]:
-            latest[r["model"]] = r
+            latest[(r["model"], r["runtime"])] = r
     tables = []
-    for model, r in sorted(latest.items()):
+    for (model, runtime), r in sorted(latest.items()):
         kernels = r["kernel_profile"]
         total_ms = sum(k["ms"] for k in kernels)
+        bf16_peak = r.get("bf16_peak_gflops")
         tables.append({
             "model": model,
+            "runtime": runtime,
             "peak": f"{r['fma_peak_gflops']:.1f}",
+            "bf16_peak": None if is_missing(bf16_peak) else f"{bf16_peak:.1f}",
             "total_ms": format_ms(total_ms),
             "rows": [{
                 "kernel": k["kernel"],
@@ -441,7 +445,7 @@ def _roofline_tables(records: pd.DataFrame) -> list[dict]:
                 "gflop": f"{k['gflop']:.3f}",
                 "gflops": f"{k['gflops']:.1f}",
                 "peak_fraction": "—" if is_missing(k.get("peak_fraction")) or not k["gflop"]
-                else f"{100 * k['peak_fraction']:.0f}%",
+                else f"{100 * k['peak_fraction']:.0f}%" + (" of bf16" if k.get("peak") == "bf16" else ""),
             } for k in kernels[:ROOFLINE_KERNELS]],
         })
     return tables

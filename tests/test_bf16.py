@@ -133,12 +133,18 @@ def test_bench_records_the_bf16_build_beside_fp32_with_its_psnr(tmp_path):
     model = model_under_test(Trunk().eval(), (1, 3, 32, 32), "bf16-trunk", cache=tmp_path)
     host = targets.resolve(targets.load_target("host"), isa_level="avx512bf16")
     records = {r.runtime: r for r in bench_model(model, host, "bf16", ("tvm", "tvm-bf16"), RULES,
-                                                  report=lambda _: None)}
+                                                  report=lambda _: None, roofline=True)}
     fp32, rounded = records["tvm"], records["tvm-bf16"]
     assert (fp32.executed_precision, rounded.executed_precision) == ("fp32", "bf16")
     assert rounded.valid and rounded.min_output_psnr_db == 40.0
     assert 40.0 <= rounded.output_psnr_db < fp32.output_psnr_db  # rounded, within the bf16 rule
     assert rounded.db_hash == fp32.db_hash and rounded.artifact_bytes > 0
+    # The roofline judges the bf16 products against the vdpbf16ps peak measured beside the FMA one.
+    assert rounded.bf16_peak_gflops > 0 and fp32.bf16_peak_gflops is None
+    products = [k for k in rounded.kernel_profile if k["kernel"].startswith("winograd_products_bf16")]
+    assert products and all(k["peak"] == "bf16" and k["gflop"] > 0 for k in products)
+    assert products[0]["peak_fraction"] == pytest.approx(products[0]["gflops"] / rounded.bf16_peak_gflops)
+    assert not any(k["kernel"].startswith("winograd_products_bf16") for k in fp32.kernel_profile)
 
 
 def test_without_a_bf16_level_the_record_says_so_and_the_build_refuses(tmp_path):

@@ -525,6 +525,19 @@ def test_roofline_table_shows_the_slowest_kernels_against_the_peak(tmp_path):
     assert "FMA peak 60.0 GFLOP/s" in pages["host-avx2.html"]
 
 
+def test_a_bf16_build_gets_its_own_roofline_with_products_against_the_bf16_peak(tmp_path):
+    kernels = [{"kernel": "winograd_products_bf16", "calls": 12.0, "ms": 10.0, "gflop": 2.0, "gflops": 200.0,
+                "peak": "bf16", "peak_fraction": 200.0 / 250.0},
+               {"kernel": "winograd_data_transform_bf16", "calls": 12.0, "ms": 2.0, "gflop": 0.1, "gflops": 50.0,
+                "peak": "fma", "peak_fraction": 50.0 / 125.0}]
+    runs = [record("gen", "tvm-bf16", 12.0, executed_precision="bf16", fma_peak_gflops=125.0, bf16_peak_gflops=250.0,
+                   kernel_profile=kernels)]
+    _, pages = render_with_pages(runs, tmp_path)
+    rows = table_rows(parsed(pages["host-avx2.html"]), "roofline-gen-tvm-bf16")
+    assert [row["of peak"] for row in rows] == ["80% of bf16", "40%"]
+    assert "gen · tvm-bf16 · FMA peak 125.0 GFLOP/s · bf16 peak 250.0 GFLOP/s" in pages["host-avx2.html"]
+
+
 def timed_variant(method: str, runtime: str, p50: float, run_id: str, **overrides) -> Record:
     """A variant of BASE (int8 unless told), or for "fp32" BASE itself, timed at `p50` in `run_id`."""
     base = {"precision": "fp32", "psnr_db": None, "ssim": None} if method == "fp32" else {}

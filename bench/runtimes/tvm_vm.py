@@ -151,18 +151,20 @@ def board_lost(board: str, runtime: str, exc: Exception) -> UserError:
     return UserError(f"board {board!r}: {runtime} failed on the board ({detail[-1] if detail else type(exc).__name__})")
 
 
-def load(library: Path, threads: int, name: str = "tvm", precision: str = "fp32") -> TvmRuntime:
+BUILD_PRECISION = {"tvm": "fp32", "tvm-bf16": "bf16"}  # TVM's runtimes: the precision each build runs a float model in
+
+
+def load(library: Path, threads: int, name: str = "tvm") -> TvmRuntime:
     import tvm
     from tvm import relax
 
     runtime = TvmRuntime(relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu()), tvm.cpu(), threads)
-    runtime.name, runtime.precision = name, precision
+    runtime.name, runtime.precision = name, BUILD_PRECISION[name]
     return runtime
 
 
 SPEC = register(RuntimeSpec(name="tvm", label="TVM", artifact="tvm", load=load, package="apache-tvm",
                             places=("host", "board"), peer=False))
 # The same model built with bf16 products (compile/bf16.py), on hosts with AVX-512 BF16 or AMX.
-SPEC_BF16 = register(RuntimeSpec(
-    name="tvm-bf16", label="TVM bf16", artifact="tvm-bf16", package="apache-tvm", peer=False,
-    load=lambda library, threads: load(library, threads, "tvm-bf16", "bf16")))
+SPEC_BF16 = register(RuntimeSpec(name="tvm-bf16", label="TVM bf16", artifact="tvm-bf16", package="apache-tvm",
+                                 peer=False, load=lambda library, threads: load(library, threads, "tvm-bf16")))
