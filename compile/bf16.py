@@ -1,15 +1,18 @@
-"""bf16 as a precision of the suite on x86: a float32 model whose Winograd products run on bf16.
+"""bf16 as a precision of the suite on x86: a float32 model whose convolutions multiply in bf16.
 
 Where the CPU has AVX-512 BF16 (`vdpbf16ps`: 32 bf16 products summed pairwise into 16 float32
-lanes, twice the float32 FMA rate), a bf16 build rounds both operands of each Winograd point
-product to bf16 and accumulates in float32: the transformed weights once at compile time, the
-transformed activations in the data transform's epilogue (compile/schedules/winograd.py). Everything else
-(the transforms themselves, instance norm, padding, the convs Winograd does not take) stays float32.
-OpenVINO's bf16 rounds every conv's operands, so this is no less accurate than the peer it meets.
+lanes), a bf16 build rounds both operands of its convolutions to bf16 and accumulates in float32:
+- Winograd convs (compile/schedules/winograd.py): the point products, on the transformed weights
+  (rounded once, at compile time) and the transformed activations (rounded in the data transform);
+- every other conv with at least 8 output channels (compile/schedules/bf16_conv.py): a direct
+  block on bf16 pairs of input channels, its input packed (and zero padded) once per conv.
+Transforms, instance norm, padding, activations and RGB output layers stay float32. Every build is
+judged against the fp32 reference by the bf16 rule (output PSNR >= 40 dB): Winograd's transforms
+amplify the rounding about tenfold, which a 9-block 256-channel network can feel.
 
-The block that multiplies is C (compile/x86_kernels/gemm_bf16.c, which says why), compiled here
-with the host compiler, cached by its source, and linked into the model's library; TIR calls it
-once per (point, block of 8 output channels) inside a parallel loop, so TVM's thread pool runs it.
+The blocks that multiply are C (compile/x86_kernels/gemm_bf16.c, which says why), compiled here
+with the host compiler, cached by their source, and linked into the model's library; TIR calls them
+inside parallel loops, so TVM's thread pool runs them.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import tvm
-from tvm import tirx
+from tvm import te, tirx
+from tvm.s_tir import Schedule
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 from tvm.target.codegen import target_has_features
@@ -88,6 +92,22 @@ def pack_rows(u: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(padded).view(np.uint32)
 
 
+def bf16_pair(low, high, lanes: int):
+    """Two float32 expressions of `lanes` lanes rounded to bf16 (to nearest even) and packed in one
+    uint32, `low` in bits 0-15: integer arithmetic on their bits, because TVM lowers bf16 vectors
+    to float32."""
+
+    def word(value: int):
+        scalar = tirx.const(value, "uint32")
+        return scalar if lanes == 1 else tirx.Broadcast(scalar, lanes)
+
+    def rounded(value):  # the bf16 in the top 16 bits, the bottom 16 cleared
+        bits = tirx.reinterpret("uint32" if lanes == 1 else f"uint32x{lanes}", value)
+        return (bits + word(0x7FFF) + ((bits >> word(16)) & word(1))) & word(0xFFFF0000)
+
+    return rounded(high) | (rounded(low) >> word(16))
+
+
 def products(batch: int, rows: int, channels: int, columns: int) -> tirx.PrimFunc:
     """(u from `pack_rows`, v uint32 [batch, channels / 2, columns]) -> m float32 [batch, rows, columns],
     m[b] = u[b] v[b] with bf16 operands: one parallel task per (batch item, block of 8 rows)."""
@@ -103,5 +123,74 @@ def products(batch: int, rows: int, channels: int, columns: int) -> tirx.PrimFun
                 "int32", BLOCK_FUNCTION, u.data, v.data, m.data,
                 *(tirx.Cast("int64", value) for value in (task // blocks, task % blocks * BLOCK_ROWS)),
                 *(tirx.const(value, "int64") for value in (rows, blocks * BLOCK_ROWS, pairs, columns)),
+            ))
+    return ib.get()
+
+
+CONV_FUNCTION = "lwgan_conv_bf16_block"
+CONV_STRIDES = (1, 2)  # what the direct block loads (stride 2: twice the words, the even ones kept)
+
+
+def pack_conv_weight(weight: np.ndarray) -> np.ndarray:
+    """OIHW float32 -> uint32 [OC/8][C/2][KH][KW][8]: bf16 pairs of adjacent input channels, eight
+    output channels side by side (one cache line per tap), zero-filled to whole pairs and blocks."""
+    out_channels, channels, kh, kw = weight.shape
+    blocks, pairs = -(-out_channels // BLOCK_ROWS), -(-channels // 2)
+    padded = np.zeros((blocks * BLOCK_ROWS, pairs * 2, kh, kw), np.float32)
+    padded[:out_channels, :channels] = weight
+    bits = bf16_bits(padded).reshape(blocks, BLOCK_ROWS, pairs, 2, kh, kw)
+    return np.ascontiguousarray(bits.transpose(0, 2, 4, 5, 1, 3)).view(np.uint32)[..., 0]
+
+
+def pack_input(shape: tuple[int, ...], padding: tuple[int, int, int, int]) -> tirx.PrimFunc:
+    """NCHW float32 -> uint32 [N][C/2][H + pads][W + pads]: bf16 pairs of adjacent channels, the
+    conv's zero padding (and a zero odd channel) written in, so the block never tests a border."""
+    n, channels, height, width = shape
+    top, left, bottom, right = padding
+    pairs = -(-channels // 2)
+    data = te.placeholder(shape, "float32", name="data")
+
+    def value(b, c, y, x):
+        inside = tirx.all(c < channels, y >= top, y < top + height, x >= left, x < left + width)
+        clamped = data[b, tirx.min(c, channels - 1), tirx.max(tirx.min(y - top, height - 1), 0),
+                       tirx.max(tirx.min(x - left, width - 1), 0)]
+        return tirx.if_then_else(inside, clamped, tirx.const(0.0, "float32"))
+
+    packed = te.compute((n, pairs, height + top + bottom, width + left + right),
+                        lambda b, i, y, x: bf16_pair(value(b, 2 * i, y, x), value(b, 2 * i + 1, y, x), 1),
+                        name="packed")
+    sch = Schedule(te.create_prim_func([data, packed]))
+    b, i, y, x = sch.get_loops(sch.get_sblock("packed"))
+    sch.parallel(sch.fuse(b, i, y))
+    lanes = next((v for v in (16, 8, 4) if (width + left + right) % v == 0), 1)
+    if lanes > 1:
+        sch.vectorize(sch.split(x, [None, lanes])[1])
+    scheduled = sch.mod["main"].without_attr("global_symbol")
+    return scheduled.with_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE_PATTERN})
+
+
+def direct_conv(packed_shape: tuple[int, ...], weight_shape: tuple[int, ...], stride: int,
+                out_hw: tuple[int, int]) -> tirx.PrimFunc:
+    """(packed input from `pack_input`, weight from `pack_conv_weight`, bias [OC]) -> NCHW float32:
+    one parallel task per (batch item, output row, block of 8 output channels)."""
+    n, pairs, padded_h, padded_w = packed_shape
+    out_channels, _, kh, kw = weight_shape
+    out_h, out_w = out_hw
+    blocks = -(-out_channels // BLOCK_ROWS)
+    macs = n * out_channels * out_h * out_w * pairs * 2 * kh * kw
+    with IRBuilder() as ib, T.prim_func(private=True):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE_PATTERN,
+                     BF16_ATTR: True, MACS_ATTR: macs})
+        x = T.arg("x", T.buffer(packed_shape, "uint32"))
+        w = T.arg("w", T.buffer((blocks, pairs, kh, kw, BLOCK_ROWS), "uint32"))
+        b = T.arg("bias", T.buffer((out_channels,), "float32"))
+        out = T.arg("out", T.buffer((n, out_channels, out_h, out_w), "float32"))
+        with T.sblock("root"), T.parallel(0, n * out_h * blocks) as task:
+            item, row, block = task // (out_h * blocks), task // blocks % out_h, task % blocks
+            T.evaluate(tirx.call_extern(
+                "int32", CONV_FUNCTION, T.address_of(x[item, 0, 0, 0]), w.data, b.data, T.address_of(out[item, 0, 0, 0]),
+                *(tirx.Cast("int64", value) for value in (block, row)),
+                *(tirx.const(value, "int64") for value in (out_channels, pairs, kh, kw, stride, padded_h, padded_w,
+                                                           out_h, out_w)),
             ))
     return ib.get()

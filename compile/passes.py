@@ -11,6 +11,7 @@ from tvm import relax
 
 from compile import BF16_ATTR
 from compile.rewrites import fuse_friendly
+from compile.schedules.bf16_conv import bf16_direct_convs
 from compile.schedules.winograd import winograd_convs
 
 
@@ -23,12 +24,16 @@ def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """The passes before task extraction; the same ones must run before applying a database.
 
     On CPUs the large 3x3 convolutions become hand-scheduled Winograd kernels (compile/schedules/winograd.py;
-    with bf16 products where the module asks for bf16, compile/bf16.py), pads and an output tanh join the convolutions next to them (compile/rewrites.py), and tanh
+    with bf16 products where the module asks for bf16, compile/bf16.py, and then its other convs
+    bf16 direct kernels, compile/schedules/bf16_conv.py), pads and an output tanh join the convolutions
+    next to them (compile/rewrites.py), and tanh
     becomes TVM's fast rational approximation: LLVM otherwise calls libm's scalar expf per element
     (0.45 ms of a U-Net's RGB output, 49k values), and the approximation is ~1e-7 from libm."""
     if target.kind.name == "llvm":
-        bf16_products = bool(mod.attrs is not None and mod.attrs.get(BF16_ATTR))
-        mod = winograd_convs(mod, float_lanes(target), bf16_products)[0]
+        in_bf16 = bool(mod.attrs is not None and mod.attrs.get(BF16_ATTR))
+        mod = winograd_convs(mod, float_lanes(target), in_bf16)[0]
+        if in_bf16:
+            mod = bf16_direct_convs(mod)[0]
         mod = relax.transform.FastMathTransform()(fuse_friendly(mod)[0])
     with target:
         return tvm.transform.Sequential(

@@ -16,6 +16,7 @@ from compile.artifacts import NotBuildable, build_artifact
 from compile.pipeline import relax_for_target
 from compile.torch_import import torch_to_relax
 from compile.passes import float_lanes
+from compile.schedules.bf16_conv import bf16_direct_convs
 from compile.schedules.winograd import ALPHA, data_transform, winograd_convs
 from conftest import model_under_test
 from errors import UserError
@@ -109,6 +110,47 @@ def test_odd_channel_counts_keep_float32_products(bf16_target):
     mod, rewritten = winograd_convs(torch_to_relax(net, (1, 33, 32, 32), "conv"), 16, bf16_products=True)
     names = [gv.name_hint for gv in mod.get_global_vars()]
     assert rewritten == 1 and "winograd_products" in names and "winograd_products_bf16" not in names
+
+
+def _op_names(mod: tvm.IRModule) -> list[str]:
+    return [binding.value.op.name for func in mod.functions.values() if isinstance(func, relax.Function)
+            for block in func.body.blocks for binding in block.bindings
+            if isinstance(binding.value, relax.Call) and isinstance(binding.value.op, tvm.ir.Op)]
+
+
+@needs_bf16
+@pytest.mark.parametrize("channels, out_channels, kernel, stride, padding, height, width, bias", [
+    (3, 16, 7, 1, 3, 32, 40, True),  # a generator's RGB stem
+    (16, 32, 3, 2, 1, 64, 64, True),  # a downsampling conv
+    (33, 20, 3, 2, 1, 17, 35, False),  # odd channels (a zero channel pads the last pair), 20 = 2.5 blocks, odd sizes
+    (64, 64, 1, 1, 0, 8, 8, True),  # 1x1, narrower than one 16-wide vector
+])
+def test_direct_bf16_conv_is_torch_on_bf16_operands(channels, out_channels, kernel, stride, padding, height, width,
+                                                   bias, bf16_target, tmp_path):
+    """Products of bf16 values are exact in float32, so the block equals torch's conv of the operands
+    rounded to bf16, up to the order of the float32 sums; the bias add joins the conv."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(channels, out_channels, kernel, stride=stride, padding=padding, bias=bias)
+    net = torch.nn.Sequential(conv, torch.nn.ReLU()).eval()
+    shape = (2, channels, height, width)
+    mod, rewritten = bf16_direct_convs(torch_to_relax(net, shape, "conv"))
+    assert rewritten == 1 and "relax.nn.conv2d" not in _op_names(mod) and "relax.add" not in _op_names(mod)
+    x = np.random.default_rng(1).standard_normal(shape).astype("float32")
+    got = relax.VirtualMachine(library(mod, bf16_target, tmp_path), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    with torch.inference_mode():
+        expected = torch.relu(torch.nn.functional.conv2d(
+            torch.from_numpy(x).bfloat16().float(), conv.weight.bfloat16().float(), conv.bias, stride=stride,
+            padding=padding)).numpy()
+    assert np.abs(got - expected).max() <= 1e-6 * np.abs(expected).max()
+
+
+def test_rgb_outputs_grouped_and_dilated_convs_stay_float32():
+    for conv, shape in [(torch.nn.Conv2d(16, 3, 7, padding=3), (1, 16, 32, 32)),
+                        (torch.nn.Conv2d(16, 16, 3, padding=1, groups=2), (1, 16, 32, 32)),
+                        (torch.nn.Conv2d(16, 16, 3, padding=2, dilation=2), (1, 16, 32, 32)),
+                        (torch.nn.Conv2d(16, 16, 3, stride=3), (1, 16, 33, 33))]:
+        mod, rewritten = bf16_direct_convs(torch_to_relax(conv.eval(), shape, "conv"))
+        assert rewritten == 0 and "relax.nn.conv2d" in _op_names(mod)
 
 
 class Trunk(torch.nn.Module):

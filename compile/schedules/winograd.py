@@ -124,7 +124,7 @@ def data_transform(batch: int, channels: int, height: int, width: int, bf16_pair
             tile = (n * rows + row) * cols + col
             tiles = tirx.Ramp(tile, 1, lanes) if lanes > 1 else tile
             for point in range(ALPHA * ALPHA):
-                value = bf16_pair(points[0][point], points[1][point], lanes) if bf16_pairs else points[0][point]
+                value = bf16.bf16_pair(points[0][point], points[1][point], lanes) if bf16_pairs else points[0][point]
                 T.buffer_store(v, value, [point, c, tiles])
     return ib.get()
 
@@ -140,22 +140,6 @@ def _transformed_tiles(x, row_index: list, start, lanes: int) -> list:
         d.append(first + shifted[2:])
     left = [[T.bind(_combine(B[:, e], [d[r][s] for r in range(ALPHA)])) for s in range(ALPHA)] for e in range(ALPHA)]
     return [_combine(B[:, f], left[e]) for e in range(ALPHA) for f in range(ALPHA)]
-
-
-def bf16_pair(low, high, lanes: int):
-    """Two float32 expressions of `lanes` lanes rounded to bf16 (to nearest even) and packed in one
-    uint32, `low` in bits 0-15: integer arithmetic on their bits, because TVM lowers bf16 vectors
-    to float32."""
-
-    def word(value: int):
-        scalar = tirx.const(value, "uint32")
-        return scalar if lanes == 1 else tirx.Broadcast(scalar, lanes)
-
-    def rounded(value):  # the bf16 in the top 16 bits, the bottom 16 cleared
-        bits = tirx.reinterpret("uint32" if lanes == 1 else f"uint32x{lanes}", value)
-        return (bits + word(0x7FFF) + ((bits >> word(16)) & word(1))) & word(0xFFFF0000)
-
-    return rounded(high) | (rounded(low) >> word(16))
 
 
 def inverse_transform(batch: int, channels: int, out_height: int, out_width: int, bias: bool) -> tirx.PrimFunc:
@@ -190,7 +174,7 @@ def inverse_transform(batch: int, channels: int, out_height: int, out_width: int
     return ib.get()
 
 
-def _constant_of(expr: relax.Expr, mutator: relax.PyExprMutator) -> np.ndarray | None:
+def constant_of(expr: relax.Expr, mutator: relax.PyExprMutator) -> np.ndarray | None:
     """The values of a constant, looking through bindings and reshapes (the importer reshapes a
     bias to [1, C, 1, 1]); their shape may differ from `expr`'s."""
     while True:
@@ -202,7 +186,7 @@ def _constant_of(expr: relax.Expr, mutator: relax.PyExprMutator) -> np.ndarray |
             return expr.value.numpy() if isinstance(expr, GenericConst) else None
 
 
-def _static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
+def static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
     ty = expr.ty
     if not isinstance(ty, relax.TensorType) or ty.shape is None:
         return None
@@ -229,7 +213,7 @@ def applies(call: relax.Call, weight: np.ndarray | None) -> bool:
         return False
     if attrs.out_dtype not in ("", "float32"):
         return False
-    in_shape, out_shape = _static_shape(call.args[0]), _static_shape(call)
+    in_shape, out_shape = static_shape(call.args[0]), static_shape(call)
     if in_shape is None or out_shape is None:
         return False
     return eligible(weight.shape[1], weight.shape[0], out_shape[2], out_shape[3])
@@ -250,19 +234,19 @@ class _WinogradRewriter(relax.PyExprMutator):
             return self._fold_bias(call)
         if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d"):
             return call
-        weight = _constant_of(call.args[1], self)
+        weight = constant_of(call.args[1], self)
         if not applies(call, weight):
             return call
         self.rewritten += 1
         data = call.args[0]
         top, left, bottom, right = (int(p) for p in call.attrs.padding)
         if top or left or bottom or right:
-            n, c, h, w = _static_shape(data)
+            n, c, h, w = static_shape(data)
             pad = self.builder_.add_func(zero_pad((n, c, h, w), (top, left, bottom, right)), "winograd_zero_pad")
             padded = relax.TensorType((n, c, h + top + bottom, w + left + right), "float32")
             data = self.builder_.emit(relax.call_tir(pad, [data], padded))
-        batch, channels, height, width = _static_shape(data)
-        _, out_channels, out_height, out_width = _static_shape(call)
+        batch, channels, height, width = static_shape(data)
+        _, out_channels, out_height, out_width = static_shape(call)
         tiles = batch * (out_height // TILE) * (out_width // TILE)
         points = ALPHA * ALPHA
         m_type = relax.TensorType((points, out_channels, tiles), "float32")
@@ -301,8 +285,8 @@ class _WinogradRewriter(relax.PyExprMutator):
             return call
         if bound.args[0] not in self.unbiased_inverses:
             return call
-        shape, bias = _static_shape(bound), _constant_of(bias, self)
-        if bias is None or bias.dtype != np.float32 or _static_shape(call.args[1]) not in (
+        shape, bias = static_shape(bound), constant_of(bias, self)
+        if bias is None or bias.dtype != np.float32 or static_shape(call.args[1]) not in (
             (1, shape[1], 1, 1), (shape[1], 1, 1)
         ):
             return call

@@ -61,3 +61,69 @@ int32_t lwgan_gemm_bf16_block(const uint32_t *u, const uint32_t *v, float *m, in
     }
     return 0;
 }
+
+/* A direct convolution's block: ROWS output channels (from k_block * ROWS) x one output image row
+ * oy, over every output column in chunks of 2 x 16, with bf16 operands and float32 accumulation.
+ *
+ *     x:    uint32 [pairs][padded_h][padded_w]    bf16 pairs of adjacent input channels (zero padded)
+ *     w:    uint32 [blocks][pairs][kh][kw][ROWS]  the same pairs of the weights, ROWS channels together
+ *     bias: float  [channels]
+ *     out:  float  [channels][out_h][out_w]
+ * The pointers are one batch item's. A stride of 2 loads twice the words and keeps the even ones.
+ */
+int32_t lwgan_conv_bf16_block(const uint32_t *x, const uint32_t *w, const float *bias, float *out, int64_t k_block,
+                              int64_t oy, int64_t channels, int64_t pairs, int64_t kh, int64_t kw, int64_t stride,
+                              int64_t padded_h, int64_t padded_w, int64_t out_h, int64_t out_w) {
+    const int64_t k0 = k_block * ROWS;
+    const int64_t stored_rows = channels - k0 < ROWS ? channels - k0 : ROWS;
+    const uint32_t *w_block = w + k_block * pairs * kh * kw * ROWS;
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    for (int64_t ox = 0; ox < out_w; ox += 2 * LANES) {
+        const __mmask16 store0 = tail_mask(out_w - ox);
+        const __mmask16 store1 = out_w - ox > LANES ? tail_mask(out_w - ox - LANES) : 0;
+        __m512 acc0[ROWS], acc1[ROWS];
+        for (int r = 0; r < ROWS; ++r) {
+            const __m512 start = r < stored_rows ? _mm512_set1_ps(bias[k0 + r]) : _mm512_setzero_ps();
+            acc0[r] = start;
+            acc1[r] = start;
+        }
+        for (int64_t i = 0; i < pairs; ++i) {
+            for (int64_t ky = 0; ky < kh; ++ky) {
+                const uint32_t *row = x + (i * padded_h + oy * stride + ky) * padded_w;
+                for (int64_t kx = 0; kx < kw; ++kx) {
+                    const int64_t first = ox * stride + kx;  /* the row's word under output column ox */
+                    const int64_t words = padded_w - first;  /* what the row still holds from there */
+                    __m512i v0, v1;
+                    if (stride == 1) {
+                        v0 = _mm512_maskz_loadu_epi32(tail_mask(words), row + first);
+                        v1 = _mm512_maskz_loadu_epi32(words > LANES ? tail_mask(words - LANES) : 0, row + first + LANES);
+                    } else {  /* stride 2 */
+                        const __m512i a = _mm512_maskz_loadu_epi32(tail_mask(words), row + first);
+                        const __m512i b = _mm512_maskz_loadu_epi32(words > LANES ? tail_mask(words - LANES) : 0,
+                                                                  row + first + LANES);
+                        const __m512i c = _mm512_maskz_loadu_epi32(words > 2 * LANES ? tail_mask(words - 2 * LANES) : 0,
+                                                                  row + first + 2 * LANES);
+                        const __m512i d = _mm512_maskz_loadu_epi32(words > 3 * LANES ? tail_mask(words - 3 * LANES) : 0,
+                                                                  row + first + 3 * LANES);
+                        v0 = _mm512_permutex2var_epi32(a, even, b);
+                        v1 = _mm512_permutex2var_epi32(c, even, d);
+                    }
+                    const uint32_t *taps = w_block + ((i * kh + ky) * kw + kx) * ROWS;
+                    for (int r = 0; r < ROWS; ++r) {
+                        const __m512bh weight = (__m512bh)_mm512_set1_epi32((int)taps[r]);
+                        acc0[r] = _mm512_dpbf16_ps(acc0[r], weight, (__m512bh)v0);
+                        acc1[r] = _mm512_dpbf16_ps(acc1[r], weight, (__m512bh)v1);
+                    }
+                }
+            }
+        }
+        for (int r = 0; r < ROWS; ++r) {
+            if (r < stored_rows) {
+                float *target = out + ((k0 + r) * out_h + oy) * out_w + ox;
+                _mm512_mask_storeu_ps(target, store0, acc0[r]);
+                _mm512_mask_storeu_ps(target + LANES, store1, acc1[r]);
+            }
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,84 @@
+"""A bf16 build's direct convolutions: every float32 conv that Winograd did not take runs as
+compile/bf16.py's `vdpbf16ps` block on bf16 pairs of channels, its bias added in the block.
+
+Which convs: constant weights, ungrouped, undilated, stride 1 or 2, NCHW, at least 8 output channels
+(a block computes 8: an RGB output layer would waste 5 of them, and stays float32).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from compile import bf16
+from compile.schedules.winograd import constant_of, static_shape
+
+
+def applies(call: relax.Call, weight: np.ndarray | None) -> bool:
+    attrs = call.attrs
+    if weight is None or weight.dtype != np.float32 or weight.ndim != 4 or weight.shape[0] < bf16.BLOCK_ROWS:
+        return False
+    if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW"):
+        return False
+    strides = {int(s) for s in attrs.strides}
+    if int(attrs.groups) != 1 or [int(d) for d in attrs.dilation] != [1, 1] or len(strides) != 1:
+        return False
+    return strides <= set(bf16.CONV_STRIDES) and attrs.out_dtype in ("", "float32") and \
+        static_shape(call.args[0]) is not None and static_shape(call) is not None
+
+
+@relax.expr_functor.mutator
+class _DirectRewriter(relax.PyExprMutator):
+    def __init__(self, mod: tvm.IRModule) -> None:
+        super().__init__(mod)
+        self.rewritten = 0
+        self.kernels: set[relax.GlobalVar] = set()  # the bf16 conv kernels (several convs may share one)
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.add":
+            return self._fold_bias(call)
+        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d"):
+            return call
+        weight = constant_of(call.args[1], self)
+        if not applies(call, weight):
+            return call
+        self.rewritten += 1
+        shape = static_shape(call.args[0])
+        padding = tuple(int(p) for p in call.attrs.padding)
+        pack = self.builder_.add_func(bf16.pack_input(shape, padding), "bf16_pack_input")
+        packed_shape = (shape[0], -(-shape[1] // 2), shape[2] + padding[0] + padding[2], shape[3] + padding[1] + padding[3])
+        packed = self.builder_.emit(relax.call_tir(pack, [call.args[0]], relax.TensorType(packed_shape, "uint32")))
+        out_shape = static_shape(call)
+        conv = self.builder_.add_func(
+            bf16.direct_conv(packed_shape, weight.shape, int(call.attrs.strides[0]), out_shape[2:]), "bf16_conv2d")
+        self.kernels.add(conv)
+        args = [packed, relax.const(bf16.pack_conv_weight(weight)), relax.const(np.zeros(weight.shape[0], np.float32))]
+        return relax.call_tir(conv, args, relax.TensorType(out_shape, "float32"))
+
+    def _fold_bias(self, call: relax.Call) -> relax.Expr:
+        """add(bf16 conv, constant [1, K, 1, 1]) -> the conv starting its sums from the bias."""
+        conv, bias = call.args
+        bound = self.lookup_binding(conv) if isinstance(conv, relax.Var) else None
+        if not (isinstance(bound, relax.Call) and bound.op == tvm.ir.Op.get("relax.call_tir")):
+            return call
+        kernel = bound.args[0]
+        if kernel not in self.kernels:
+            return call
+        shape, values = static_shape(bound), constant_of(bias, self)
+        if values is None or values.dtype != np.float32 or static_shape(bias) not in ((1, shape[1], 1, 1), (shape[1], 1, 1)):
+            return call
+        packed, weight, folded = bound.args[1].fields
+        if np.any(constant_of(folded, self)):  # a second add: leave it
+            return call
+        return relax.call_tir(kernel, [packed, weight, relax.const(values.reshape(-1))], bound.ty)
+
+
+def bf16_direct_convs(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
+    """Rewrite every eligible float32 convolution of `mod`'s Relax functions; returns (module, how many)."""
+    rewriter = _DirectRewriter(mod)
+    for gvar, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gvar, relax.analysis.remove_all_unused(rewriter.visit_expr(func)))
+    return rewriter.builder_.get(), rewriter.rewritten
