@@ -105,9 +105,10 @@ def test_winograd_conv_with_bf16_products_matches_torch(batch, channels, out_cha
     assert 1e-4 < error < WINOGRAD_BF16_TOLERANCE  # rounded to bf16 (an fp32 build is ~1e-6), and not wrong
 
 
-def test_odd_channel_counts_keep_float32_products(bf16_target):
-    net = torch.nn.Conv2d(33, 32, 3, padding=1).eval()
-    mod, rewritten = winograd_convs(torch_to_relax(net, (1, 33, 32, 32), "conv"), 16, bf16_products=True)
+@pytest.mark.parametrize("channels", [33, 256])  # odd: no whole pairs; wide: the teacher's trunk lost 21 dB
+def test_odd_and_wide_convs_keep_float32_products(channels):
+    net = torch.nn.Conv2d(channels, 32, 3, padding=1).eval()
+    mod, rewritten = winograd_convs(torch_to_relax(net, (1, channels, 32, 32), "conv"), 16, bf16_products=True)
     names = [gv.name_hint for gv in mod.get_global_vars()]
     assert rewritten == 1 and "winograd_products" in names and "winograd_products_bf16" not in names
 

@@ -251,7 +251,7 @@ class _WinogradRewriter(relax.PyExprMutator):
         points = ALPHA * ALPHA
         m_type = relax.TensorType((points, out_channels, tiles), "float32")
         u = transform_weight(weight)
-        if self.bf16 and channels % 2 == 0:  # products on bf16 pairs of adjacent channels (compile/bf16.py)
+        if self.bf16 and bf16.winograd_products_apply(channels):  # on bf16 pairs of adjacent channels
             transform = self.builder_.add_func(data_transform(batch, channels, height, width, bf16_pairs=True),
                                                "winograd_data_transform_bf16")
             v = self.builder_.emit(
