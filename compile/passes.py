@@ -12,6 +12,7 @@ from tvm import relax
 from compile import BF16_ATTR
 from compile.rewrites import fuse_friendly
 from compile.schedules.bf16_conv import bf16_direct_convs
+from compile.schedules.norm import schedule_instance_norms
 from compile.schedules.winograd import winograd_convs
 
 
@@ -28,7 +29,8 @@ def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     bf16 direct kernels, compile/schedules/bf16_conv.py), pads and an output tanh join the convolutions
     next to them (compile/rewrites.py), and tanh
     becomes TVM's fast rational approximation: LLVM otherwise calls libm's scalar expf per element
-    (0.45 ms of a U-Net's RGB output, 49k values), and the approximation is ~1e-7 from libm."""
+    (0.45 ms of a U-Net's RGB output, 49k values), and the approximation is ~1e-7 from libm. After
+    legalization and fusion the instance norms get their hand schedule (compile/schedules/norm.py)."""
     if target.kind.name == "llvm":
         in_bf16 = bool(mod.attrs is not None and mod.attrs.get(BF16_ATTR))
         mod = winograd_convs(mod, float_lanes(target), in_bf16)[0]
@@ -36,10 +38,11 @@ def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
             mod = bf16_direct_convs(mod)[0]
         mod = relax.transform.FastMathTransform()(fuse_friendly(mod)[0])
     with target:
-        return tvm.transform.Sequential(
+        mod = tvm.transform.Sequential(
             [
                 relax.transform.DecomposeOpsForInference(),
                 relax.transform.CanonicalizeBindings(),
                 relax.get_pipeline("zero"),
             ]
         )(mod)
+    return schedule_instance_norms(mod, float_lanes(target)) if target.kind.name == "llvm" else mod
