@@ -12,7 +12,7 @@ import tvm
 from tvm import relax
 
 from compile import bf16
-from compile.schedules.winograd import constant_of, static_shape
+from compile.schedules.winograd import channel_bias, constant_of, conv_weight, static_shape
 
 
 def applies(call: relax.Call, weight: np.ndarray | None) -> bool:
@@ -39,9 +39,7 @@ class _DirectRewriter(relax.PyExprMutator):
         call = super().visit_call_(call)
         if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.add":
             return self._fold_bias(call)
-        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d"):
-            return call
-        weight = constant_of(call.args[1], self)
+        weight = conv_weight(call, self)
         if not applies(call, weight):
             return call
         self.rewritten += 1
@@ -59,20 +57,14 @@ class _DirectRewriter(relax.PyExprMutator):
 
     def _fold_bias(self, call: relax.Call) -> relax.Expr:
         """add(bf16 conv, constant [1, K, 1, 1]) -> the conv starting its sums from the bias."""
-        conv, bias = call.args
-        bound = self.lookup_binding(conv) if isinstance(conv, relax.Var) else None
-        if not (isinstance(bound, relax.Call) and bound.op == tvm.ir.Op.get("relax.call_tir")):
+        found = channel_bias(call, self, self.kernels)
+        if found is None:
             return call
-        kernel = bound.args[0]
-        if kernel not in self.kernels:
-            return call
-        shape, values = static_shape(bound), constant_of(bias, self)
-        if values is None or values.dtype != np.float32 or static_shape(bias) not in ((1, shape[1], 1, 1), (shape[1], 1, 1)):
-            return call
-        packed, weight, folded = bound.args[1].fields
+        conv, bias = found
+        packed, weight, folded = conv.args[1].fields
         if np.any(constant_of(folded, self)):  # a second add: leave it
             return call
-        return relax.call_tir(kernel, [packed, weight, relax.const(values.reshape(-1))], bound.ty)
+        return relax.call_tir(conv.args[0], [packed, weight, relax.const(bias)], conv.ty)
 
 
 def bf16_direct_convs(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:

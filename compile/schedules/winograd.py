@@ -194,6 +194,28 @@ def static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
     return tuple(int(d) for d in dims) if all(isinstance(d, tvm.tirx.IntImm) for d in dims) else None
 
 
+def _is_op(call: relax.Call, name: str) -> bool:
+    return isinstance(call.op, tvm.ir.Op) and call.op.name == name
+
+
+def conv_weight(call: relax.Call, mutator: relax.PyExprMutator) -> np.ndarray | None:
+    """The constant weight of a conv2d call; None for another call or a weight computed at run time."""
+    return constant_of(call.args[1], mutator) if _is_op(call, "relax.nn.conv2d") else None
+
+
+def channel_bias(add: relax.Call, mutator: relax.PyExprMutator, kernels: set) -> tuple[relax.Call, np.ndarray] | None:
+    """Where `add` adds a float32 constant of one value per channel ([1, K, 1, 1] or [K, 1, 1]) to the
+    output of a call_tir of one of `kernels`: (that call, the K values), for the kernel to add instead."""
+    kernel_out, bias = add.args
+    bound = mutator.lookup_binding(kernel_out) if isinstance(kernel_out, relax.Var) else None
+    if not (isinstance(bound, relax.Call) and _is_op(bound, "relax.call_tir") and bound.args[0] in kernels):
+        return None
+    shape, values = static_shape(bound), constant_of(bias, mutator)
+    if values is None or values.dtype != np.float32 or static_shape(bias) not in ((1, shape[1], 1, 1), (shape[1], 1, 1)):
+        return None
+    return bound, values.reshape(-1)
+
+
 def eligible(in_channels: int, out_channels: int, out_height: int, out_width: int) -> bool:
     """Shapes where Winograd pays: enough channels both ways, and whole 4x4 tiles, enough of them."""
     whole_tiles = out_height % TILE == 0 and out_width % TILE == 0
@@ -230,11 +252,9 @@ class _WinogradRewriter(relax.PyExprMutator):
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
-        if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.add":
+        if _is_op(call, "relax.add"):
             return self._fold_bias(call)
-        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d"):
-            return call
-        weight = constant_of(call.args[1], self)
+        weight = conv_weight(call, self)
         if not applies(call, weight):
             return call
         self.rewritten += 1
@@ -279,18 +299,11 @@ class _WinogradRewriter(relax.PyExprMutator):
     def _fold_bias(self, call: relax.Call) -> relax.Expr:
         """add(winograd conv, constant [1, K, 1, 1]) -> the inverse transform adding the bias: one
         pass over the output instead of two."""
-        conv, bias = call.args
-        bound = self.lookup_binding(conv) if isinstance(conv, relax.Var) else None
-        if not (isinstance(bound, relax.Call) and bound.op == tvm.ir.Op.get("relax.call_tir")):
+        found = channel_bias(call, self, self.unbiased_inverses)
+        if found is None:
             return call
-        if bound.args[0] not in self.unbiased_inverses:
-            return call
-        shape, bias = static_shape(bound), constant_of(bias, self)
-        if bias is None or bias.dtype != np.float32 or static_shape(call.args[1]) not in (
-            (1, shape[1], 1, 1), (shape[1], 1, 1)
-        ):
-            return call
-        return self._inverse(bound.args[1].fields[0], shape, bias.reshape(-1))
+        inverse, bias = found
+        return self._inverse(inverse.args[1].fields[0], static_shape(inverse), bias)
 
 
 def winograd_convs(mod: tvm.IRModule, lanes: int, bf16_products: bool = False) -> tuple[tvm.IRModule, int]:
