@@ -18,6 +18,7 @@ inside parallel loops, so TVM's thread pool runs them.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 import shutil
 import subprocess
 from pathlib import Path
@@ -35,7 +36,7 @@ from errors import UserError
 
 KERNEL_SOURCE = Path(__file__).resolve().parent / "x86_kernels" / "gemm_bf16.c"
 BLOCK_FUNCTION = "lwgan_gemm_bf16_block"
-BLOCK_ROWS = 8  # output rows per call: ROWS in gemm_bf16.c
+BLOCK_ROWS = 8  # output rows per products call: ROWS in gemm_bf16.c
 COMPILER_FLAGS = ["-O3", "-mavx512f", "-mavx512bf16", "-fPIC", "-c"]
 OPAQUE_PATTERN = 8  # relax's OpPatternKind.kOpaque: an extern call fuses with nothing
 
@@ -138,18 +139,42 @@ def products(batch: int, rows: int, channels: int, columns: int) -> tirx.PrimFun
     return ib.get()
 
 
-CONV_FUNCTION = "lwgan_conv_bf16_block"
 CONV_STRIDES = (1, 2)  # what the direct block loads (stride 2: twice the words, the even ones kept)
+LANES = 16  # float32 lanes of a zmm register: output columns per vector
 
 
-def pack_conv_weight(weight: np.ndarray) -> np.ndarray:
-    """OIHW float32 -> uint32 [OC/8][C/2][KH][KW][8]: bf16 pairs of adjacent input channels, eight
-    output channels side by side (one cache line per tap), zero-filled to whole pairs and blocks."""
+@dataclass(frozen=True)
+class ConvBlock:
+    """One of gemm_bf16.c's direct conv blocks: `rows` output channels x `vecs` vectors of columns."""
+
+    function: str
+    rows: int
+    vecs: int
+
+    @property
+    def columns(self) -> int:
+        return self.vecs * LANES
+
+
+WIDE_BLOCK = ConvBlock("lwgan_conv_bf16_block", 8, 2)
+NARROW_BLOCK = ConvBlock("lwgan_conv_bf16_block_narrow", 4, 4)  # RGB outputs: 3 of 4 rows busy, not 3 of 8
+
+
+def conv_block(out_channels: int, out_width: int) -> ConvBlock | None:
+    """The block for a conv's output, or None where bf16 would not pay: a row narrower than the block's
+    columns leaves lanes idle (a U-Net's 8-wide convs ran 1.7x slower than their fp32 kernels)."""
+    block = NARROW_BLOCK if out_channels <= NARROW_BLOCK.rows else WIDE_BLOCK
+    return block if out_width >= block.columns else None
+
+
+def pack_conv_weight(weight: np.ndarray, rows: int) -> np.ndarray:
+    """OIHW float32 -> uint32 [OC/rows][C/2][KH][KW][rows]: bf16 pairs of adjacent input channels,
+    `rows` output channels side by side (one cache line per tap), zero-filled to whole pairs and blocks."""
     out_channels, channels, kh, kw = weight.shape
-    blocks, pairs = -(-out_channels // BLOCK_ROWS), -(-channels // 2)
-    padded = np.zeros((blocks * BLOCK_ROWS, pairs * 2, kh, kw), np.float32)
+    blocks, pairs = -(-out_channels // rows), -(-channels // 2)
+    padded = np.zeros((blocks * rows, pairs * 2, kh, kw), np.float32)
     padded[:out_channels, :channels] = weight
-    bits = bf16_bits(padded).reshape(blocks, BLOCK_ROWS, pairs, 2, kh, kw)
+    bits = bf16_bits(padded).reshape(blocks, rows, pairs, 2, kh, kw)
     return np.ascontiguousarray(bits.transpose(0, 2, 4, 5, 1, 3)).view(np.uint32)[..., 0]
 
 
@@ -181,26 +206,27 @@ def pack_input(shape: tuple[int, ...], padding: tuple[int, int, int, int]) -> ti
 
 
 def direct_conv(packed_shape: tuple[int, ...], weight_shape: tuple[int, ...], stride: int,
-                out_hw: tuple[int, int]) -> tirx.PrimFunc:
+                out_hw: tuple[int, int], block: ConvBlock) -> tirx.PrimFunc:
     """(packed input from `pack_input`, weight from `pack_conv_weight`, bias [OC]) -> NCHW float32:
-    one parallel task per (batch item, output row, block of 8 output channels)."""
+    one parallel task per (batch item, output row, block of output channels)."""
     n, pairs, padded_h, padded_w = packed_shape
     out_channels, _, kh, kw = weight_shape
     out_h, out_w = out_hw
-    blocks = -(-out_channels // BLOCK_ROWS)
+    blocks = -(-out_channels // block.rows)
     macs = n * out_channels * out_h * out_w * pairs * 2 * kh * kw
     with IRBuilder() as ib, T.prim_func(private=True):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE_PATTERN,
                      BF16_ATTR: True, MACS_ATTR: macs})
         x = T.arg("x", T.buffer(packed_shape, "uint32"))
-        w = T.arg("w", T.buffer((blocks, pairs, kh, kw, BLOCK_ROWS), "uint32"))
+        w = T.arg("w", T.buffer((blocks, pairs, kh, kw, block.rows), "uint32"))
         b = T.arg("bias", T.buffer((out_channels,), "float32"))
         out = T.arg("out", T.buffer((n, out_channels, out_h, out_w), "float32"))
         with T.sblock("root"), T.parallel(0, n * out_h * blocks) as task:
-            item, row, block = task // (out_h * blocks), task // blocks % out_h, task % blocks
+            item, row, k_block = task // (out_h * blocks), task // blocks % out_h, task % blocks
             T.evaluate(tirx.call_extern(
-                "int32", CONV_FUNCTION, T.address_of(x[item, 0, 0, 0]), w.data, b.data, T.address_of(out[item, 0, 0, 0]),
-                *(tirx.Cast("int64", value) for value in (block, row)),
+                "int32", block.function, T.address_of(x[item, 0, 0, 0]), w.data, b.data,
+                T.address_of(out[item, 0, 0, 0]),
+                *(tirx.Cast("int64", value) for value in (k_block, row)),
                 *(tirx.const(value, "int64") for value in (out_channels, pairs, kh, kw, stride, padded_h, padded_w,
                                                            out_h, out_w)),
             ))

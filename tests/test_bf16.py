@@ -121,10 +121,11 @@ def _op_names(mod: tvm.IRModule) -> list[str]:
 
 @needs_bf16
 @pytest.mark.parametrize("channels, out_channels, kernel, stride, padding, height, width, bias", [
-    (3, 16, 7, 1, 3, 32, 40, True),  # a generator's RGB stem
+    (3, 16, 7, 1, 3, 32, 40, True),  # a generator's RGB stem; 40 columns: one whole vector of 32 and a tail
     (16, 32, 3, 2, 1, 64, 64, True),  # a downsampling conv
-    (33, 20, 3, 2, 1, 17, 35, False),  # odd channels (a zero channel pads the last pair), 20 = 2.5 blocks, odd sizes
-    (64, 64, 1, 1, 0, 8, 8, True),  # 1x1, narrower than one 16-wide vector
+    (33, 20, 3, 2, 1, 17, 70, False),  # odd channels (a zero channel pads the last pair), 20 = 2.5 blocks, odd sizes
+    (64, 64, 1, 1, 0, 8, 40, True),  # 1x1
+    (16, 3, 7, 1, 3, 16, 70, True),  # an RGB output layer: the 4-channel block, 64 columns and a tail
 ])
 def test_direct_bf16_conv_is_torch_on_bf16_operands(channels, out_channels, kernel, stride, padding, height, width,
                                                    bias, bf16_target, tmp_path):
@@ -145,8 +146,10 @@ def test_direct_bf16_conv_is_torch_on_bf16_operands(channels, out_channels, kern
     assert np.abs(got - expected).max() <= 1e-6 * np.abs(expected).max()
 
 
-def test_rgb_outputs_grouped_and_dilated_convs_stay_float32():
+def test_narrow_grouped_dilated_and_stride_3_convs_stay_float32():
+    """Rows narrower than a block's columns would leave lanes idle (32; 64 for RGB outputs' block)."""
     for conv, shape in [(torch.nn.Conv2d(16, 3, 7, padding=3), (1, 16, 32, 32)),
+                        (torch.nn.Conv2d(16, 16, 3, padding=1), (1, 16, 16, 16)),
                         (torch.nn.Conv2d(16, 16, 3, padding=1, groups=2), (1, 16, 32, 32)),
                         (torch.nn.Conv2d(16, 16, 3, padding=2, dilation=2), (1, 16, 32, 32)),
                         (torch.nn.Conv2d(16, 16, 3, stride=3), (1, 16, 33, 33))]:

@@ -1,8 +1,8 @@
 """A bf16 build's direct convolutions: every float32 conv that Winograd did not take runs as
 compile/bf16.py's `vdpbf16ps` block on bf16 pairs of channels, its bias added in the block.
 
-Which convs: constant weights, ungrouped, undilated, stride 1 or 2, NCHW, at least 8 output channels
-(a block computes 8: an RGB output layer would waste 5 of them, and stays float32).
+Which convs: constant weights, ungrouped, undilated, stride 1 or 2, NCHW, and output rows at least
+as wide as the block's columns (`bf16.conv_block`: 32, or 64 for the 4-channel block RGB outputs get).
 """
 
 from __future__ import annotations
@@ -17,15 +17,17 @@ from compile.schedules.winograd import channel_bias, constant_of, conv_weight, s
 
 def applies(call: relax.Call, weight: np.ndarray | None) -> bool:
     attrs = call.attrs
-    if weight is None or weight.dtype != np.float32 or weight.ndim != 4 or weight.shape[0] < bf16.BLOCK_ROWS:
+    if weight is None or weight.dtype != np.float32 or weight.ndim != 4:
         return False
     if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW"):
         return False
     strides = {int(s) for s in attrs.strides}
     if int(attrs.groups) != 1 or [int(d) for d in attrs.dilation] != [1, 1] or len(strides) != 1:
         return False
+    out_shape = static_shape(call)
     return strides <= set(bf16.CONV_STRIDES) and attrs.out_dtype in ("", "float32") and \
-        static_shape(call.args[0]) is not None and static_shape(call) is not None
+        static_shape(call.args[0]) is not None and out_shape is not None and \
+        bf16.conv_block(weight.shape[0], out_shape[3]) is not None
 
 
 @relax.expr_functor.mutator
@@ -49,10 +51,12 @@ class _DirectRewriter(relax.PyExprMutator):
         packed_shape = (shape[0], -(-shape[1] // 2), shape[2] + padding[0] + padding[2], shape[3] + padding[1] + padding[3])
         packed = self.builder_.emit(relax.call_tir(pack, [call.args[0]], relax.TensorType(packed_shape, "uint32")))
         out_shape = static_shape(call)
+        block = bf16.conv_block(weight.shape[0], out_shape[3])
         conv = self.builder_.add_func(
-            bf16.direct_conv(packed_shape, weight.shape, int(call.attrs.strides[0]), out_shape[2:]), "bf16_conv2d")
+            bf16.direct_conv(packed_shape, weight.shape, int(call.attrs.strides[0]), out_shape[2:], block), "bf16_conv2d")
         self.kernels.add(conv)
-        args = [packed, relax.const(bf16.pack_conv_weight(weight)), relax.const(np.zeros(weight.shape[0], np.float32))]
+        args = [packed, relax.const(bf16.pack_conv_weight(weight, block.rows)),
+                relax.const(np.zeros(weight.shape[0], np.float32))]
         return relax.call_tir(conv, args, relax.TensorType(out_shape, "float32"))
 
     def _fold_bias(self, call: relax.Call) -> relax.Expr:

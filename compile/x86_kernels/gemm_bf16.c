@@ -62,30 +62,30 @@ int32_t lwgan_gemm_bf16_block(const uint32_t *u, const uint32_t *v, float *m, in
     return 0;
 }
 
-/* A direct convolution's block: ROWS output channels (from k_block * ROWS) x one output image row
- * oy, over every output column in chunks of 2 x 16, with bf16 operands and float32 accumulation.
+/* A direct convolution's block: `rows` output channels (from k_block * rows) x one output image row
+ * oy, over every output column in chunks of `vecs` x 16, with bf16 operands and float32 accumulation.
  *
  *     x:    uint32 [pairs][padded_h][padded_w]    bf16 pairs of adjacent input channels (zero padded)
- *     w:    uint32 [blocks][pairs][kh][kw][ROWS]  the same pairs of the weights, ROWS channels together
+ *     w:    uint32 [blocks][pairs][kh][kw][rows]  the same pairs of the weights, `rows` channels together
  *     bias: float  [channels]
  *     out:  float  [channels][out_h][out_w]
  * The pointers are one batch item's. A stride of 2 loads twice the words and keeps the even ones.
+ * `rows` x `vecs` accumulators: 8 x 2 for wide layers, 4 x 4 for an RGB output (3 channels would
+ * leave 5 of 8 rows idle).
  */
-int32_t lwgan_conv_bf16_block(const uint32_t *x, const uint32_t *w, const float *bias, float *out, int64_t k_block,
-                              int64_t oy, int64_t channels, int64_t pairs, int64_t kh, int64_t kw, int64_t stride,
-                              int64_t padded_h, int64_t padded_w, int64_t out_h, int64_t out_w) {
-    const int64_t k0 = k_block * ROWS;
-    const int64_t stored_rows = channels - k0 < ROWS ? channels - k0 : ROWS;
-    const uint32_t *w_block = w + k_block * pairs * kh * kw * ROWS;
+static inline __attribute__((always_inline)) int32_t conv_block(
+        const int rows, const int vecs, const uint32_t *x, const uint32_t *w, const float *bias, float *out,
+        int64_t k_block, int64_t oy, int64_t channels, int64_t pairs, int64_t kh, int64_t kw, int64_t stride,
+        int64_t padded_h, int64_t padded_w, int64_t out_h, int64_t out_w) {
+    const int64_t k0 = k_block * rows;
+    const int64_t stored_rows = channels - k0 < rows ? channels - k0 : rows;
+    const uint32_t *w_block = w + k_block * pairs * kh * kw * rows;
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    for (int64_t ox = 0; ox < out_w; ox += 2 * LANES) {
-        const __mmask16 store0 = tail_mask(out_w - ox);
-        const __mmask16 store1 = out_w - ox > LANES ? tail_mask(out_w - ox - LANES) : 0;
-        __m512 acc0[ROWS], acc1[ROWS];
-        for (int r = 0; r < ROWS; ++r) {
+    for (int64_t ox = 0; ox < out_w; ox += vecs * LANES) {
+        __m512 acc[rows][vecs];
+        for (int r = 0; r < rows; ++r) {
             const __m512 start = r < stored_rows ? _mm512_set1_ps(bias[k0 + r]) : _mm512_setzero_ps();
-            acc0[r] = start;
-            acc1[r] = start;
+            for (int j = 0; j < vecs; ++j) acc[r][j] = start;
         }
         for (int64_t i = 0; i < pairs; ++i) {
             for (int64_t ky = 0; ky < kh; ++ky) {
@@ -93,37 +93,48 @@ int32_t lwgan_conv_bf16_block(const uint32_t *x, const uint32_t *w, const float 
                 for (int64_t kx = 0; kx < kw; ++kx) {
                     const int64_t first = ox * stride + kx;  /* the row's word under output column ox */
                     const int64_t words = padded_w - first;  /* what the row still holds from there */
-                    __m512i v0, v1;
-                    if (stride == 1) {
-                        v0 = _mm512_maskz_loadu_epi32(tail_mask(words), row + first);
-                        v1 = _mm512_maskz_loadu_epi32(words > LANES ? tail_mask(words - LANES) : 0, row + first + LANES);
-                    } else {  /* stride 2 */
-                        const __m512i a = _mm512_maskz_loadu_epi32(tail_mask(words), row + first);
-                        const __m512i b = _mm512_maskz_loadu_epi32(words > LANES ? tail_mask(words - LANES) : 0,
-                                                                  row + first + LANES);
-                        const __m512i c = _mm512_maskz_loadu_epi32(words > 2 * LANES ? tail_mask(words - 2 * LANES) : 0,
-                                                                  row + first + 2 * LANES);
-                        const __m512i d = _mm512_maskz_loadu_epi32(words > 3 * LANES ? tail_mask(words - 3 * LANES) : 0,
-                                                                  row + first + 3 * LANES);
-                        v0 = _mm512_permutex2var_epi32(a, even, b);
-                        v1 = _mm512_permutex2var_epi32(c, even, d);
+                    __m512i v[vecs];
+                    for (int j = 0; j < vecs; ++j) {
+                        if (stride == 1) {
+                            v[j] = _mm512_maskz_loadu_epi32(words > j * LANES ? tail_mask(words - j * LANES) : 0,
+                                                            row + first + j * LANES);
+                        } else {  /* stride 2 */
+                            const int64_t at = 2 * j * LANES;
+                            const __m512i a = _mm512_maskz_loadu_epi32(words > at ? tail_mask(words - at) : 0,
+                                                                      row + first + at);
+                            const __m512i b = _mm512_maskz_loadu_epi32(
+                                words > at + LANES ? tail_mask(words - at - LANES) : 0, row + first + at + LANES);
+                            v[j] = _mm512_permutex2var_epi32(a, even, b);
+                        }
                     }
-                    const uint32_t *taps = w_block + ((i * kh + ky) * kw + kx) * ROWS;
-                    for (int r = 0; r < ROWS; ++r) {
+                    const uint32_t *taps = w_block + ((i * kh + ky) * kw + kx) * rows;
+                    for (int r = 0; r < rows; ++r) {
                         const __m512bh weight = (__m512bh)_mm512_set1_epi32((int)taps[r]);
-                        acc0[r] = _mm512_dpbf16_ps(acc0[r], weight, (__m512bh)v0);
-                        acc1[r] = _mm512_dpbf16_ps(acc1[r], weight, (__m512bh)v1);
+                        for (int j = 0; j < vecs; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], weight, (__m512bh)v[j]);
                     }
                 }
             }
         }
-        for (int r = 0; r < ROWS; ++r) {
+        for (int r = 0; r < rows; ++r) {
             if (r < stored_rows) {
                 float *target = out + ((k0 + r) * out_h + oy) * out_w + ox;
-                _mm512_mask_storeu_ps(target, store0, acc0[r]);
-                _mm512_mask_storeu_ps(target + LANES, store1, acc1[r]);
+                for (int j = 0; j < vecs; ++j) {
+                    const __mmask16 store = out_w - ox > j * LANES ? tail_mask(out_w - ox - j * LANES) : 0;
+                    _mm512_mask_storeu_ps(target + j * LANES, store, acc[r][j]);
+                }
             }
         }
     }
     return 0;
 }
+
+#define CONV_BLOCK(name, rows, vecs)                                                                                \
+    int32_t name(const uint32_t *x, const uint32_t *w, const float *bias, float *out, int64_t k_block, int64_t oy,  \
+                 int64_t channels, int64_t pairs, int64_t kh, int64_t kw, int64_t stride, int64_t padded_h,         \
+                 int64_t padded_w, int64_t out_h, int64_t out_w) {                                                  \
+        return conv_block(rows, vecs, x, w, bias, out, k_block, oy, channels, pairs, kh, kw, stride, padded_h,    \
+                          padded_w, out_h, out_w);                                                                  \
+    }
+
+CONV_BLOCK(lwgan_conv_bf16_block, 8, 2)
+CONV_BLOCK(lwgan_conv_bf16_block_narrow, 4, 4)
