@@ -696,20 +696,21 @@ def build(c, model, target="cortex-m4", shape=None, out=None, debug=False):
     subject = (from_variant(find_variant(model), input_shape) if VARIANT_SEPARATOR in model
                else from_registry(lwgan_models.load(model), input_shape))
     if config.tvm["kind"] == "opencl":
-        _build_opencl(subject, resolved, Path(out) if out else REPO_ROOT / "build" / "opencl" / config.name)
+        _build_opencl(subject, resolved, Path(out) if out else None)
     else:
-        _build_firmware(subject, config, Path(out) if out else None)
+        _build_firmware(subject, resolved, Path(out) if out else None)
 
 
-def _build_firmware(subject, config, out: Path | None) -> None:
+def _build_firmware(subject, resolved, out: Path | None) -> None:
     import numpy as np
 
+    from bench.firmware import export_and_build
     from bench.run import test_image
-    from targets.mcu import export_and_build, mcu_part
+    from targets.mcu import mcu_part
 
-    part = mcu_part(config)
+    part = mcu_part(resolved.config)
     directory = out or REPO_ROOT / "build" / "firmware" / f"{part.target}-{subject.name}"
-    export, firmware = export_and_build(subject, part, directory, report=say)
+    export, firmware = export_and_build(subject, resolved, directory, report=say, part=part)
     test_image(subject.input_shape).astype(np.dtype(export.input.dtype)).tofile(directory / "input.bin")
     say(f"{directory}: model.h declares model_run(input, output); drop model.c, model.h, kernels.c, tvm_shim.c "
         f"and include/ into a firmware. Weights {export.weights_bytes} B (flash), activation arena "
@@ -717,14 +718,15 @@ def _build_firmware(subject, config, out: Path | None) -> None:
         f"`make -C {directory} run` runs it under qemu on input.bin (the test image).")
 
 
-def _build_opencl(subject, resolved, directory: Path) -> None:
+def _build_opencl(subject, resolved, directory: Path | None) -> None:
     """The board's library and OpenCL C; every kernel compiled by pocl, then run in TVM's launch order and the
     output checked against the reference, since there is no GPU here."""
     from bench.run import check_output, reference_output, test_image
-    from compile.opencl import build_kernels, build_opencl, run_on_pocl
+    from compile.backends import compile_for_target
+    from compile.backends.opencl import build_kernels, run_on_pocl
 
     say(f"{subject.name}: compiling for {resolved.config.label}")
-    artifact = build_opencl(subject, resolved, directory)
+    artifact = compile_for_target(subject, resolved, out_dir=directory)
     kernels = build_kernels(artifact.source_file)
     say(f"{artifact.library} ({artifact.library.stat().st_size} B) and {artifact.source_file}: "
         f"{len(kernels)} kernels, all built by pocl's OpenCL C compiler ({artifact.compile_s:.0f} s to compile)")

@@ -16,8 +16,9 @@ from typing import Callable
 
 import torch
 
+from compile.backends import compile_for_target
 from compile.build import CACHE_DIR, CompiledModel
-from compile.pipeline import ModelUnderTest, compile_for_target
+from compile.pipeline import ModelUnderTest
 from errors import UserError
 from lwgan_models.tflite_export import convertible_program
 from targets import ResolvedTarget
@@ -55,8 +56,9 @@ def build_artifact(kind: str, model: ModelUnderTest, target: ResolvedTarget) -> 
 
 @artifact_kind("tvm")
 def tvm_library(model: ModelUnderTest, target: ResolvedTarget) -> Artifact:
-    compiled = compile_for_target(model, target)
-    return Artifact(compiled.library, compiled)
+    """The library compile's backend for the target's kind builds (a CPU's carries its tuning provenance)."""
+    built = compile_for_target(model, target)
+    return Artifact(built.library, built if isinstance(built, CompiledModel) else None)
 
 
 @artifact_kind("onnx")

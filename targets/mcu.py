@@ -1,4 +1,4 @@
-"""Microcontroller targets: build a generated C model into firmware, check it fits, run it under qemu.
+"""Microcontroller targets: build a C export of a model into firmware, check it fits, run it under qemu.
 
 A target with `connection = "qemu-system"` names a real part's budgets (flash, RAM) in its [mcu]
 table and the qemu-system-arm machine that emulates its core. The firmware links with the part's
@@ -26,14 +26,13 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
-from compile.c_export import TEMPLATES_DIR, CExport, export_c
-from compile.pipeline import ModelUnderTest
 from errors import UserError
 from targets.config import TargetConfig
 
 MiB = 1 << 20
+TEMPLATES_DIR = Path(__file__).resolve().parent / "mcu_templates"
 # RAM-backed regions of the qemu machines (from `info mtree` of qemu 7.2) and the core each emulates.
 QEMU_MACHINES = {
     "mps2-an385": ("cortex-m3", ((0x00000000, 4 * MiB), (0x20000000, 4 * MiB))),
@@ -66,6 +65,23 @@ PLUGIN_SOURCE = "pc_counts.c"
 FIRMWARE_SOURCES = ("startup.c", "semihosting.c", "semihosting.h", "main.c")
 QEMU = "qemu-system-arm"
 CC = "arm-none-eabi-gcc"
+
+
+class Tensor(Protocol):
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+class CProject(Protocol):
+    """A model exported as C, what firmware is built from (compile's "c" backend makes them: `CExport`)."""
+
+    directory: Path
+    model: str
+    input: Tensor
+    output: Tensor
+    weights_bytes: int  # const arrays (flash)
+    arena_bytes: int  # planned activations (RAM)
+    workspace_bytes: int  # kernels' scratch pool (RAM)
 
 
 @dataclass(frozen=True)
@@ -150,7 +166,7 @@ def _fill(template: str, values: dict[str, object]) -> str:
     return text
 
 
-def write_firmware_project(export: CExport, part: McuPart, stack_bytes: int = STACK_BYTES) -> None:
+def write_firmware_project(export: CProject, part: McuPart, stack_bytes: int = STACK_BYTES) -> None:
     """Add the harness (startup, semihosting, main), linker script and Makefile to an exported model."""
     directory = export.directory
     for name in FIRMWARE_SOURCES:
@@ -170,7 +186,7 @@ class FirmwareTooLarge(UserError):
         self.overflow = overflow
 
 
-def build_firmware(export: CExport, part: McuPart, stack_bytes: int = STACK_BYTES,
+def build_firmware(export: CProject, part: McuPart, stack_bytes: int = STACK_BYTES,
                    report: Callable[[str], None] = print) -> Firmware:
     """Build firmware.elf with the project's Makefile; a model that does not fit the part is a UserError."""
     _require(CC, "gcc-arm-none-eabi")
@@ -190,31 +206,7 @@ def build_firmware(export: CExport, part: McuPart, stack_bytes: int = STACK_BYTE
     return Firmware(elf=elf, flash_bytes=flash, ram_bytes=ram, stack_bytes=stack_bytes, toolchain=toolchain_versions())
 
 
-def export_and_build(model: ModelUnderTest, part: McuPart, project_dir: Path, report: Callable[[str], None] = print,
-                     export_dir: Callable[[bool], Path] | None = None) -> tuple[CExport, Firmware]:
-    """Export `model` as C into `project_dir` and build its firmware for `part`.
-
-    The first export keeps paddings as buffers (fewer instructions); if that overflows the part's
-    RAM, the model is exported again computing paddings inside the convolutions (less RAM).
-    With `export_dir(ram_lean)`, exports are kept there (reusable across targets) and copied.
-    """
-    ram_lean = False
-    while True:
-        where = export_dir(ram_lean) if export_dir else project_dir
-        export = export_c(model, where, report, ram_lean=ram_lean)
-        if where != project_dir:
-            shutil.copytree(where, project_dir, dirs_exist_ok=True)
-            export = dataclasses.replace(export, directory=project_dir)
-        try:
-            return export, build_firmware(export, part, report=report)
-        except FirmwareTooLarge as exc:
-            if ram_lean or "RAM" not in exc.overflow:
-                raise
-            report(f"  {model.name}: {exc}; exporting again with paddings computed inside the convolutions")
-            ram_lean = True
-
-
-def _budget_message(export: CExport, part: McuPart, stack_bytes: int, overflow: dict[str, int]) -> str:
+def _budget_message(export: CProject, part: McuPart, stack_bytes: int, overflow: dict[str, int]) -> str:
     parts = []
     if "FLASH" in overflow:
         parts.append(f"flash {part.flash_bytes + overflow['FLASH']} bytes > {part.flash_bytes} "
