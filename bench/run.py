@@ -31,7 +31,7 @@ from bench.energy import measure_energy
 from bench.harness import Timing, time_runtimes, wait_for_idle_threads
 from bench.memory import peak_rss_bytes
 from bench.places import PLACES
-from bench.record import Record
+from bench.record import Record, append_records
 from bench.roofline import fma_peak_gflops, kernel_flops, kernel_profile
 from bench.runtimes import Inputs, Runtime, RuntimeSpec, named_inputs
 from bench.runtimes.tvm_vm import TvmRuntime
@@ -129,6 +129,32 @@ def bench_model(
                              probe, roofline, base, place)
     finally:
         place.close()
+
+
+def bench_models(
+    models: list[ModelUnderTest],
+    target: ResolvedTarget,
+    run_id: str,
+    out: Path,
+    runtimes: tuple[str, ...] | None = None,
+    rules: BenchRules | None = None,
+    report: Callable[[str], None] = print,
+    samples_dir: Path | None = None,
+    roofline: bool = False,
+) -> list[Record]:
+    """`bench_model` of each model in turn, its records appended to `out` as soon as it is measured (an
+    interruption keeps them); a compressed variant is timed beside its fp32 base (same input shape) where
+    `models` holds it. Returns every record."""
+    bases = {(m.name, m.input_shape): m for m in models if m.variant == "fp32"}
+    records = []
+    for index, model in enumerate(models, 1):
+        report(f"[{index}/{len(models)}] {model.name}")
+        base = bases.get((model.base_model, model.input_shape)) if model.variant != "fp32" else None
+        measured = bench_model(model, target, run_id, runtimes, rules, report, samples_dir=samples_dir,
+                               roofline=roofline, base=base)
+        append_records(measured, out)
+        records += measured
+    return records
 
 
 def _bench_at(
