@@ -174,7 +174,8 @@ def bench(c, target="host", model=None, onnx=None, runtimes=None, samples=None, 
     say(f"run {run_id}: {len(subjects)} model(s) on {resolved.config.label} [{resolved.db_key}], {rules.threads} threads")
     samples_dir = out.parent / f"{run_id}.samples"
     with _keeping_records(out, samples_dir):
-        records = bench_models(subjects, resolved, run_id, out, chosen, rules, say, samples_dir, roofline)
+        records = bench_models(subjects, resolved, run_id, out, say, runtimes=chosen, rules=rules,
+                               samples_dir=samples_dir, roofline=roofline)
     say(f"records: {out}")
     if any(not r.valid and r.beyond_tolerance() for r in records):
         raise Exit("error: some outputs differ from the reference beyond tolerance (records kept, marked invalid)", code=2)

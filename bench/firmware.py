@@ -32,11 +32,11 @@ from bench.run import (
     test_image,
 )
 from compile.backends import compile_for_target
-from compile.backends.c import CExport
 from compile.build import CACHE_DIR
 from compile.pipeline import ModelUnderTest
 from targets import ResolvedTarget
 from targets.mcu import (
+    CExport,
     Firmware,
     FirmwareTooLarge,
     McuPart,

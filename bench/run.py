@@ -131,27 +131,17 @@ def bench_model(
         place.close()
 
 
-def bench_models(
-    models: list[ModelUnderTest],
-    target: ResolvedTarget,
-    run_id: str,
-    out: Path,
-    runtimes: tuple[str, ...] | None = None,
-    rules: BenchRules | None = None,
-    report: Callable[[str], None] = print,
-    samples_dir: Path | None = None,
-    roofline: bool = False,
-) -> list[Record]:
-    """`bench_model` of each model in turn, its records appended to `out` as soon as it is measured (an
-    interruption keeps them); a compressed variant is timed beside its fp32 base (same input shape) where
-    `models` holds it. Returns every record."""
+def bench_models(models: list[ModelUnderTest], target: ResolvedTarget, run_id: str, out: Path,
+                 report: Callable[[str], None] = print, **options) -> list[Record]:
+    """`bench_model` of each model in turn (with `options`: runtimes, rules, samples_dir, roofline), its
+    records appended to `out` as soon as it is measured (an interruption keeps them); a compressed variant
+    is timed beside its fp32 base (same input shape) where `models` holds it. Returns every record."""
     bases = {(m.name, m.input_shape): m for m in models if m.variant == "fp32"}
     records = []
     for index, model in enumerate(models, 1):
         report(f"[{index}/{len(models)}] {model.name}")
         base = bases.get((model.base_model, model.input_shape)) if model.variant != "fp32" else None
-        measured = bench_model(model, target, run_id, runtimes, rules, report, samples_dir=samples_dir,
-                               roofline=roofline, base=base)
+        measured = bench_model(model, target, run_id, report=report, base=base, **options)
         append_records(measured, out)
         records += measured
     return records

@@ -1,4 +1,4 @@
-"""Microcontroller targets: build a C export of a model into firmware, check it fits, run it under qemu.
+"""Microcontroller targets: build a C export of a model (`CExport`) into firmware, check it fits, run it under qemu.
 
 A target with `connection = "qemu-system"` names a real part's budgets (flash, RAM) in its [mcu]
 table and the qemu-system-arm machine that emulates its core. The firmware links with the part's
@@ -26,13 +26,17 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
+
+import numpy as np
+import tvm
 
 from errors import UserError
 from targets.config import TargetConfig
 
 MiB = 1 << 20
 TEMPLATES_DIR = Path(__file__).resolve().parent / "mcu_templates"
+MODEL_SOURCES = ("kernels.c", "model.c", "tvm_shim.c", "conv2d_s8.c")  # what a firmware project compiles (plus include/)
 # RAM-backed regions of the qemu machines (from `info mtree` of qemu 7.2) and the core each emulates.
 QEMU_MACHINES = {
     "mps2-an385": ("cortex-m3", ((0x00000000, 4 * MiB), (0x20000000, 4 * MiB))),
@@ -67,21 +71,36 @@ QEMU = "qemu-system-arm"
 CC = "arm-none-eabi-gcc"
 
 
-class Tensor(Protocol):
+@dataclass(frozen=True)
+class TensorInfo:
     shape: tuple[int, ...]
-    nbytes: int
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * tvm.DataType(self.dtype).bits // 8
 
 
-class CProject(Protocol):
-    """A model exported as C, what firmware is built from (compile's "c" backend makes them: `CExport`)."""
+@dataclass(frozen=True)
+class CExport:
+    """A model exported as a C project, what firmware is built from (compile's "c" backend writes them):
+the folder and the numbers that describe it."""
 
     directory: Path
     model: str
-    input: Tensor
-    output: Tensor
+    precision: str
+    input: TensorInfo
+    output: TensorInfo
     weights_bytes: int  # const arrays (flash)
     arena_bytes: int  # planned activations (RAM)
+    peak_live_bytes: int  # lower bound for any arena
     workspace_bytes: int  # kernels' scratch pool (RAM)
+    kernel_calls: int
+    ram_lean: bool = False  # paddings computed inside the convolutions reading them
+
+    @property
+    def sources(self) -> list[Path]:
+        return [self.directory / name for name in MODEL_SOURCES]
 
 
 @dataclass(frozen=True)
@@ -166,7 +185,7 @@ def _fill(template: str, values: dict[str, object]) -> str:
     return text
 
 
-def write_firmware_project(export: CProject, part: McuPart, stack_bytes: int = STACK_BYTES) -> None:
+def write_firmware_project(export: CExport, part: McuPart, stack_bytes: int = STACK_BYTES) -> None:
     """Add the harness (startup, semihosting, main), linker script and Makefile to an exported model."""
     directory = export.directory
     for name in FIRMWARE_SOURCES:
@@ -186,7 +205,7 @@ class FirmwareTooLarge(UserError):
         self.overflow = overflow
 
 
-def build_firmware(export: CProject, part: McuPart, stack_bytes: int = STACK_BYTES,
+def build_firmware(export: CExport, part: McuPart, stack_bytes: int = STACK_BYTES,
                    report: Callable[[str], None] = print) -> Firmware:
     """Build firmware.elf with the project's Makefile; a model that does not fit the part is a UserError."""
     _require(CC, "gcc-arm-none-eabi")
@@ -206,7 +225,7 @@ def build_firmware(export: CProject, part: McuPart, stack_bytes: int = STACK_BYT
     return Firmware(elf=elf, flash_bytes=flash, ram_bytes=ram, stack_bytes=stack_bytes, toolchain=toolchain_versions())
 
 
-def _budget_message(export: CProject, part: McuPart, stack_bytes: int, overflow: dict[str, int]) -> str:
+def _budget_message(export: CExport, part: McuPart, stack_bytes: int, overflow: dict[str, int]) -> str:
     parts = []
     if "FLASH" in overflow:
         parts.append(f"flash {part.flash_bytes + overflow['FLASH']} bytes > {part.flash_bytes} "

@@ -46,6 +46,7 @@ from compile.onnx_import import graph_inputs, load_onnx, onnx_to_relax, quantize
 from compile.pipeline import ModelUnderTest
 from errors import UserError
 from targets import ResolvedTarget
+from targets.mcu import MODEL_SOURCES, CExport, TensorInfo
 
 ALIGNMENT = 16  # bytes; every arena buffer starts on this boundary (vector loads, DMA)
 C_TYPES = {"float32": "float", "int8": "int8_t", "uint8": "uint8_t", "int16": "int16_t", "int32": "int32_t",
@@ -62,7 +63,6 @@ KERNEL_HEADERS = {
 # Hand-written C copied into exports: the kernels, and the shim that is all the runtime TVM's kernels need.
 NATIVE_KERNELS_DIR = Path(__file__).resolve().parent.parent / "mcu_kernels"
 NATIVE_SOURCES = ("conv2d_s8.c", "conv2d_s8.h", "mcu_math.h", "tvm_shim.c")
-MODEL_SOURCES = ("kernels.c", "model.c", "tvm_shim.c", "conv2d_s8.c")  # what a firmware project compiles (plus include/)
 EXPORT_MANIFEST = "export.json"  # what the export holds and the key it was made under
 
 
@@ -489,16 +489,6 @@ class Step:
 NATIVE_SCRATCH_PER_TAP = 5
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    shape: tuple[int, ...]
-    dtype: str
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * tvm.DataType(self.dtype).bits // 8
-
-
 @dataclass
 class LoweredModel:
     """Everything model.c needs: the call sequence, the tensors it touches and the kernels' C."""
@@ -631,27 +621,6 @@ def workspace_bytes(kernels_c: str) -> int:
 
 
 # ----------------------------------------------------------------------------- C generation
-
-
-@dataclass(frozen=True)
-class CExport:
-    """A generated C project folder and the numbers that describe it."""
-
-    directory: Path
-    model: str
-    precision: str
-    input: TensorInfo
-    output: TensorInfo
-    weights_bytes: int  # const arrays (flash)
-    arena_bytes: int  # planned activations (RAM)
-    peak_live_bytes: int  # lower bound for any arena
-    workspace_bytes: int  # kernels' scratch pool (RAM)
-    kernel_calls: int
-    ram_lean: bool = False  # paddings computed inside the convolutions reading them
-
-    @property
-    def sources(self) -> list[Path]:
-        return [self.directory / name for name in MODEL_SOURCES]
 
 
 def export_c(model: ModelUnderTest, out_dir: Path, report: Callable[[str], None] = print,
