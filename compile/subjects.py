@@ -38,7 +38,7 @@ def models_under_test(model: str | None, onnx: str | None, shape: str | list[str
     ]
 
 
-def parse_shape(text: str) -> tuple[int, ...]:
+def _shape(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(d) for d in text.lower().split("x"))
     except ValueError:
@@ -61,8 +61,8 @@ def _named(item: str, flag: str, form: str) -> tuple[str, str]:
 def _shapes(values: str | list[str] | None) -> tuple[tuple[int, ...] | None, dict[str, tuple[int, ...]]]:
     """--shape: one NxCxHxW (the image input's), and/or NAME=SHAPE pins of an ONNX file's inputs."""
     items = _items(values)
-    unnamed = [parse_shape(item) for item in items if "=" not in item]
+    unnamed = [_shape(item) for item in items if "=" not in item]
     if len(unnamed) > 1:
         raise UserError(f"--shape {', '.join(items)}: one shape without a name (the image input's); name the others")
     named = dict(_named(item, "--shape", "NAME=NxCxHxW") for item in items if "=" in item)
-    return (unnamed[0] if unnamed else None), {name: parse_shape(text) for name, text in named.items()}
+    return (unnamed[0] if unnamed else None), {name: _shape(text) for name, text in named.items()}
