@@ -44,39 +44,6 @@ def cli(func):
     return wrapper
 
 
-def _models_under_test(model: str | None, onnx: str | None, shape: str | list[str] | None, checkpoint: str | None,
-                       demo_only: bool, inputs: list[str] | None = None, image: str | None = None):
-    """Registry models and variants by name (default: the demo set and its compressed variants) or one
-    ONNX file, all checked before any work. int8 QDQ variants are re-pinned to any --shape; an ONNX
-    file's inputs are pinned by name (--shape NAME=SHAPE) and fed from .npy files (--input NAME=FILE)."""
-    import lwgan_models
-    from compile.pipeline import from_onnx_files, from_registry, from_variant
-    from lwgan_models.registry import VARIANT_SEPARATOR, find_variant, variants
-
-    input_shape, shapes = _shapes(shape)
-    values = dict(_named(item, "--input", "NAME=FILE.npy") for item in _items(inputs))
-    if onnx:
-        if model or checkpoint:
-            raise UserError("--onnx benchmarks one file; it takes no --model or --checkpoint")
-        return [from_onnx_files(onnx.split(","), input_shape, shapes, values, image)]
-    if shapes or values or image:
-        raise UserError("--shape NAME=SHAPE, --input and --image name the inputs of an --onnx file; "
-                        "a registry model takes --shape NxCxHxW")
-    if model:
-        names = [m.strip() for m in model.split(",") if m.strip()]
-    else:
-        bases = [n for n in lwgan_models.names() if lwgan_models.get(n).demo or not demo_only]
-        names = [name for base in bases for name in (base, *variants(base))]
-    chosen = {name: find_variant(name) if VARIANT_SEPARATOR in name else lwgan_models.get(name) for name in names}
-    if checkpoint and (len(names) != 1 or VARIANT_SEPARATOR in names[0]):
-        raise UserError(f"--checkpoint {checkpoint} needs exactly one base --model, got {', '.join(names)}")
-    return [
-        from_variant(found, input_shape) if VARIANT_SEPARATOR in name
-        else from_registry(lwgan_models.load(name, checkpoint), input_shape)
-        for name, found in chosen.items()
-    ]
-
-
 def _count(value, flag: str, default: int) -> int:
     """A positive whole number from a flag (invoke passes untyped flags as strings)."""
     if value is None:
@@ -88,36 +55,6 @@ def _count(value, flag: str, default: int) -> int:
     if number <= 0:
         raise UserError(f"--{flag} {value!r}: expected a positive whole number")
     return number
-
-
-def _shape(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(d) for d in text.lower().split("x"))
-    except ValueError:
-        raise UserError(f"--shape {text!r}: expected NxCxHxW, e.g. 1x3x256x256") from None
-
-
-def _items(values: str | list[str] | None) -> list[str]:
-    """A repeatable flag's values, each of which may also list several, separated by commas or semicolons."""
-    texts = [values] if isinstance(values, str) else list(values or [])
-    return [item.strip() for text in texts for item in text.replace(";", ",").split(",") if item.strip()]
-
-
-def _named(item: str, flag: str, form: str) -> tuple[str, str]:
-    name, equals, value = item.rpartition("=")
-    if not (equals and name and value):
-        raise UserError(f"{flag} {item!r}: expected {form}")
-    return name, value
-
-
-def _shapes(values: str | list[str] | None) -> tuple[tuple[int, ...] | None, dict[str, tuple[int, ...]]]:
-    """--shape: one NxCxHxW (the image input's), and/or NAME=SHAPE pins of an ONNX file's inputs."""
-    items = _items(values)
-    unnamed = [_shape(item) for item in items if "=" not in item]
-    if len(unnamed) > 1:
-        raise UserError(f"--shape {', '.join(items)}: one shape without a name (the image input's); name the others")
-    named = dict(_named(item, "--shape", "NAME=NxCxHxW") for item in items if "=" in item)
-    return (unnamed[0] if unnamed else None), {name: _shape(text) for name, text in named.items()}
 
 
 @contextlib.contextmanager
@@ -169,6 +106,7 @@ def tune(c, model=None, onnx=None, target="host", shape=None, input=None, image=
          isa=None, focus=None, debug=False):
     """Tune with MetaSchedule (XGBoost cost model); appends to autotune_logs/<target-level>/<model>/."""
     from compile.pipeline import database_of, tune_for_target
+    from compile.subjects import models_under_test
 
     resolved = _target(target, isa)
     if resolved.config.tuning_trials == 0:
@@ -178,7 +116,7 @@ def tune(c, model=None, onnx=None, target="host", shape=None, input=None, image=
     focus = _count(focus, "focus", None)
     if not (model or onnx):
         raise UserError("say what to tune: --model NAME or --onnx FILE")
-    for subject in _models_under_test(model, onnx, shape, checkpoint=None, demo_only=False, inputs=input, image=image):
+    for subject in models_under_test(model, onnx, shape, checkpoint=None, demo_only=False, inputs=input, image=image):
         database = database_of(subject, resolved)
         say(f"{subject.name}: {database.record_count()} records so far in {database.path}")
         started = time.time()
@@ -215,9 +153,10 @@ def bench(c, target="host", model=None, onnx=None, runtimes=None, samples=None, 
     """Benchmark models side by side; appends records to reports/results/<run-id>.jsonl."""
     import dataclasses
 
-    from bench.record import RESULTS_DIR, append_records
-    from bench.run import bench_model, new_run_id
+    from bench.record import RESULTS_DIR
+    from bench.run import bench_models, new_run_id
     from bench.runtimes import parse as parse_runtimes
+    from compile.subjects import models_under_test
 
     resolved = _target(target, isa)
     config = resolved.config
@@ -228,25 +167,17 @@ def bench(c, target="host", model=None, onnx=None, runtimes=None, samples=None, 
     if not (onnx or all_models):  # the device's own default set, where its config names one
         model = model or ",".join(config.default_models) or None
         shape = shape or (config.default_input_shape and "x".join(map(str, config.default_input_shape)))
-    subjects = _models_under_test(model, onnx, shape, checkpoint, demo_only=not all_models, inputs=input, image=image)
+    subjects = models_under_test(model, onnx, shape, checkpoint, demo_only=not all_models, inputs=input, image=image)
     chosen = tuple(spec.name for spec in parse_runtimes(runtimes.split(","), config.place)) if runtimes else None
     run_id = new_run_id()
     out = (Path(results) if results else RESULTS_DIR) / f"{run_id}.jsonl"
     say(f"run {run_id}: {len(subjects)} model(s) on {resolved.config.label} [{resolved.db_key}], {rules.threads} threads")
-    # a compressed variant is timed beside its fp32 base (same input shape), if the run has it
-    bases = {(s.name, s.input_shape): s for s in subjects if s.variant == "fp32"}
-    failed = []
     samples_dir = out.parent / f"{run_id}.samples"
     with _keeping_records(out, samples_dir):
-        for index, subject in enumerate(subjects, 1):
-            say(f"[{index}/{len(subjects)}] {subject.name}")
-            base = bases.get((subject.base_model, subject.input_shape)) if subject.variant != "fp32" else None
-            records = bench_model(subject, resolved, run_id, chosen, rules, say,
-                                  samples_dir=samples_dir, roofline=roofline, base=base)
-            append_records(records, out)  # per model, so an interruption keeps what was measured
-            failed += [r for r in records if not r.valid]
+        records = bench_models(subjects, resolved, run_id, out, say, runtimes=chosen, rules=rules,
+                               samples_dir=samples_dir, roofline=roofline)
     say(f"records: {out}")
-    if any(r.beyond_tolerance() for r in failed):
+    if any(not r.valid and r.beyond_tolerance() for r in records):
         raise Exit("error: some outputs differ from the reference beyond tolerance (records kept, marked invalid)", code=2)
 
 
@@ -267,10 +198,10 @@ def bench(c, target="host", model=None, onnx=None, runtimes=None, samples=None, 
 def robustness(c, model, variants=None, epsilon=None, steps=None, size=None, images=None, results=None, isa=None,
                debug=False):
     """FGSM and PGD against a generator and its compressed variants; appends records to reports/results/<run-id>.jsonl."""
-    from bench.record import RESULTS_DIR, append_records
-    from bench.robustness import (EPSILONS, PGD_STEPS, TABLE_HEADER, by_probe, heldout, plan, probe_model,
-                                  teacher_and_variants)
+    from bench.record import RESULTS_DIR
+    from bench.robustness import EPSILONS, PGD_STEPS, TABLE_HEADER, heldout, plan, probe_models, teacher_and_variants
     from bench.run import new_run_id
+    from compile.subjects import models_under_test
 
     names = teacher_and_variants(model, [m.strip() for m in variants.split(",") if m.strip()] if variants else None)
     try:
@@ -281,19 +212,14 @@ def robustness(c, model, variants=None, epsilon=None, steps=None, size=None, ima
     pixels = _count(size, "size", 64)
     attacked = heldout(pixels, _count(images, "images", None))
     resolved = _target("host", isa)
-    subjects = _models_under_test(",".join(names), None, f"1x3x{pixels}x{pixels}", None, demo_only=False)
+    subjects = models_under_test(",".join(names), None, f"1x3x{pixels}x{pixels}", None, demo_only=False)
     run_id = new_run_id()
     out = (Path(results) if results else RESULTS_DIR) / f"{run_id}.jsonl"
     say(f"run {run_id}: {len(subjects)} model(s), {len(probes)} probes each, {len(attacked)} held-out images "
         f"at {pixels}x{pixels}, TVM on {resolved.config.label} [{resolved.db_key}]")
     say(TABLE_HEADER)
-    teacher = None
     with _keeping_records(out, out.parent / f"{run_id}.samples"):
-        for index, subject in enumerate(subjects, 1):
-            say(f"[{index}/{len(subjects)}] {subject.name}")
-            records = probe_model(subject, resolved, run_id, attacked, probes, teacher, say)
-            append_records(records, out)  # per model, so an interruption keeps what was measured
-            teacher = teacher or by_probe(records)
+        probe_models(subjects, resolved, run_id, attacked, probes, out, say)
     say(f"records: {out}")
 
 
@@ -439,11 +365,12 @@ def profile(c, model=None, onnx=None, target="host", runtimes=None, shape=None, 
     """Per-op profile of each runtime (TVM kernels, OpenVINO nodes, ORT nodes, torch ops) as CSV or JSON."""
     from bench.profile import profile_model, write_profile
     from bench.runtimes import installed
+    from compile.subjects import models_under_test
 
     resolved = _target(target, isa)
     chosen = tuple(runtimes.split(",")) if runtimes else tuple(spec.name for spec in installed("host"))
     threads = _count(threads, "threads", resolved.config.bench.threads)
-    subjects = _models_under_test(model, onnx, shape, None, demo_only=True)
+    subjects = models_under_test(model, onnx, shape, None, demo_only=True)
     if out and len(subjects) > 1:
         raise UserError(f"--out names one file, and {len(subjects)} models would be profiled; give one --model")
     for subject in subjects:
@@ -686,54 +613,18 @@ board.add_task(board_down)
 def build(c, model, target="cortex-m4", shape=None, out=None, debug=False):
     """Build a model for a device whose code is not benchmarked here: a standalone C project and firmware for a
     microcontroller, or a GPU board's library whose OpenCL kernels are compiled and run with pocl."""
-    import lwgan_models
-    from compile.pipeline import from_registry, from_variant
-    from lwgan_models.registry import VARIANT_SEPARATOR, find_variant
+    from bench.standalone import build_standalone
+    from compile.subjects import models_under_test
 
     resolved = _target(target, None)
-    config = resolved.config
-    input_shape = _shape(shape) if shape else config.default_input_shape
-    subject = (from_variant(find_variant(model), input_shape) if VARIANT_SEPARATOR in model
-               else from_registry(lwgan_models.load(model), input_shape))
-    if config.tvm["kind"] == "opencl":
-        _build_opencl(subject, resolved, Path(out) if out else REPO_ROOT / "build" / "opencl" / config.name)
-    else:
-        _build_firmware(subject, config, Path(out) if out else None)
-
-
-def _build_firmware(subject, config, out: Path | None) -> None:
-    import numpy as np
-
-    from bench.run import test_image
-    from targets.mcu import export_and_build, mcu_part
-
-    part = mcu_part(config)
-    directory = out or REPO_ROOT / "build" / "firmware" / f"{part.target}-{subject.name}"
-    export, firmware = export_and_build(subject, part, directory, report=say)
-    test_image(subject.input_shape).astype(np.dtype(export.input.dtype)).tofile(directory / "input.bin")
-    say(f"{directory}: model.h declares model_run(input, output); drop model.c, model.h, kernels.c, tvm_shim.c "
-        f"and include/ into a firmware. Weights {export.weights_bytes} B (flash), activation arena "
-        f"{export.arena_bytes} B; this build: flash {firmware.flash_bytes} B, RAM {firmware.ram_bytes} B. "
-        f"`make -C {directory} run` runs it under qemu on input.bin (the test image).")
-
-
-def _build_opencl(subject, resolved, directory: Path) -> None:
-    """The board's library and OpenCL C; every kernel compiled by pocl, then run in TVM's launch order and the
-    output checked against the reference, since there is no GPU here."""
-    from bench.run import check_output, reference_output, test_image
-    from compile.opencl import build_kernels, build_opencl, run_on_pocl
-
-    say(f"{subject.name}: compiling for {resolved.config.label}")
-    artifact = build_opencl(subject, resolved, directory)
-    kernels = build_kernels(artifact.source_file)
-    say(f"{artifact.library} ({artifact.library.stat().st_size} B) and {artifact.source_file}: "
-        f"{len(kernels)} kernels, all built by pocl's OpenCL C compiler ({artifact.compile_s:.0f} s to compile)")
-    x = test_image(subject.input_shape)
-    check = check_output(subject, "opencl-pocl", run_on_pocl(artifact, x, kernels), reference_output(subject, x))
-    say(f"run on pocl (CPU) in TVM's launch order: max abs error {check.max_abs_err:.1e}, {check.psnr_db:.1f} dB "
-        "against the reference" + ("" if not check.violations else "; " + "; ".join(check.violations)))
-    if check.violations:
-        raise Exit(f"error: {subject.name}: OpenCL output differs from the reference beyond tolerance", code=2)
+    default_shape = resolved.config.default_input_shape
+    subjects = models_under_test(model, None, shape or (default_shape and "x".join(map(str, default_shape))), None,
+                                 demo_only=False)
+    if len(subjects) != 1:
+        raise UserError(f"--model {model}: build takes one model")
+    check = build_standalone(subjects[0], resolved, Path(out) if out else None, report=say)
+    if check is not None and check.violations:
+        raise Exit(f"error: {subjects[0].name}: OpenCL output differs from the reference beyond tolerance", code=2)
 
 
 namespace = Collection(train, compress, tune, bench, report, demo, build, runtimes, profile, robustness)

@@ -1,6 +1,6 @@
 """Benchmark a model as microcontroller firmware: export to C, build, run once under qemu, record.
 
-The firmware path has no TVM runtime: compile/c_export.py writes the model as C, targets/mcu.py
+The firmware path has no TVM runtime: compile's "c" backend writes the model as C, targets/mcu.py
 builds it with arm-none-eabi-gcc against the part's flash and RAM budgets and runs it under
 qemu-system-arm. What is measured is deterministic (image sizes, the planned arena, executed
 instructions), so one run suffices and there is no latency: qemu does not model a core's timing.
@@ -12,8 +12,10 @@ by whole-image PSNR >= 30 dB (integer requantization may flip single rounding st
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -29,10 +31,20 @@ from bench.run import (
     target_fields,
     test_image,
 )
+from compile.backends import compile_for_target
 from compile.build import CACHE_DIR
 from compile.pipeline import ModelUnderTest
 from targets import ResolvedTarget
-from targets.mcu import export_and_build, mcu_part, plugin_library, run_firmware
+from targets.mcu import (
+    CExport,
+    Firmware,
+    FirmwareTooLarge,
+    McuPart,
+    build_firmware,
+    mcu_part,
+    plugin_library,
+    run_firmware,
+)
 
 RUNTIME = "c-firmware"
 FIRMWARE_DIR = CACHE_DIR / "firmware"
@@ -46,6 +58,33 @@ def export_dir(model: ModelUnderTest, ram_lean: bool) -> Path:
 def firmware_dir(model: ModelUnderTest, target: ResolvedTarget) -> Path:
     """Where the export plus a target's harness, linker script and firmware are built (kept for inspection)."""
     return FIRMWARE_DIR / target.config.name / f"{model.name}-{model.digest}"
+
+
+def export_and_build(model: ModelUnderTest, target: ResolvedTarget, project_dir: Path,
+                     report: Callable[[str], None] = print, export_dir: Callable[[bool], Path] | None = None,
+                     part: McuPart | None = None) -> tuple[CExport, Firmware]:
+    """Export `model` as C into `project_dir` (compile's backend of the target's kind) and build its
+    firmware for `part` (default: the target's part).
+
+    The first export keeps paddings as buffers (fewer instructions); if that overflows the part's
+    RAM, the model is exported again computing paddings inside the convolutions (less RAM).
+    With `export_dir(ram_lean)`, exports are kept there (reusable across targets) and copied.
+    """
+    part = part or mcu_part(target.config)
+    ram_lean = False
+    while True:
+        where = export_dir(ram_lean) if export_dir else project_dir
+        export = compile_for_target(model, target, out_dir=where, report=report, ram_lean=ram_lean)
+        if where != project_dir:
+            shutil.copytree(where, project_dir, dirs_exist_ok=True)
+            export = dataclasses.replace(export, directory=project_dir)
+        try:
+            return export, build_firmware(export, part, report=report)
+        except FirmwareTooLarge as exc:
+            if ram_lean or "RAM" not in exc.overflow:
+                raise
+            report(f"  {model.name}: {exc}; exporting again with paddings computed inside the convolutions")
+            ram_lean = True
 
 
 def bench_firmware(
@@ -62,8 +101,8 @@ def bench_firmware(
     sample = save_sample(reference, samples_dir / f"{model.name}.png") if samples_dir else None
 
     report(f"  {model.name}: exporting C for {part.target} ({model.precision}, input {'x'.join(map(str, model.input_shape))})")
-    export, firmware = export_and_build(model, part, firmware_dir(model, target), report,
-                                        export_dir=lambda ram_lean: export_dir(model, ram_lean))
+    export, firmware = export_and_build(model, target, firmware_dir(model, target), report,
+                                        export_dir=lambda ram_lean: export_dir(model, ram_lean), part=part)
     report(f"  {model.name}: running under qemu-system-arm -M {part.machine}")
     run = run_firmware(firmware, part, x.astype(export.input.dtype).tobytes(), export.output.nbytes,
                        plugin=plugin_library(FIRMWARE_DIR / "tools") if part.cycles else None)

@@ -34,7 +34,7 @@ from torch import nn
 
 from bench import runtimes as runtime_registry
 from bench.places import HostPlace
-from bench.record import Record, robustness_verdict
+from bench.record import Record, append_records, robustness_verdict
 from bench.run import check_output, executed_precision, model_fields, target_fields
 from compile.artifacts import build_artifact
 from compile.pipeline import ModelUnderTest
@@ -181,6 +181,18 @@ def probe_model(model: ModelUnderTest, target: ResolvedTarget, run_id: str, imag
 def by_probe(records: list[Record]) -> dict[Probe, float | None]:
     """A teacher's torch PSNRs, keyed by probe, for its variants' records."""
     return {Probe(r.attack, r.epsilon, r.attack_steps): r.adversarial_psnr_db for r in records}
+
+
+def probe_models(models: list[ModelUnderTest], target: ResolvedTarget, run_id: str, images: torch.Tensor,
+                 probes: list[Probe], out: Path, report: Callable[[str], None] = print) -> None:
+    """`probe_model` of the teacher (the first model), then of each variant against it; each model's
+    records are appended to `out` as soon as it is probed (an interruption keeps them)."""
+    teacher = None
+    for index, model in enumerate(models, 1):
+        report(f"[{index}/{len(models)}] {model.name}")
+        records = probe_model(model, target, run_id, images, probes, teacher, report)
+        append_records(records, out)
+        teacher = teacher or by_probe(records)
 
 
 TABLE_HEADER = (f"{'model':38s} {'attack':6s} {'steps':>5s} {'eps':>4s} {'torch dB':>9s} {'TVM dB':>8s} "

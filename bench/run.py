@@ -31,7 +31,7 @@ from bench.energy import measure_energy
 from bench.harness import Timing, time_runtimes, wait_for_idle_threads
 from bench.memory import peak_rss_bytes
 from bench.places import PLACES
-from bench.record import Record
+from bench.record import Record, append_records
 from bench.roofline import bf16_peak_gflops, fma_peak_gflops, kernel_flops, kernel_profile
 from bench.runtimes import Inputs, Runtime, RuntimeSpec, named_inputs
 from bench.runtimes.tvm_vm import BUILD_PRECISION, TvmRuntime
@@ -129,6 +129,22 @@ def bench_model(
                              probe, roofline, base, place)
     finally:
         place.close()
+
+
+def bench_models(models: list[ModelUnderTest], target: ResolvedTarget, run_id: str, out: Path,
+                 report: Callable[[str], None] = print, **options) -> list[Record]:
+    """`bench_model` of each model in turn (with `options`: runtimes, rules, samples_dir, roofline), its
+    records appended to `out` as soon as it is measured (an interruption keeps them); a compressed variant
+    is timed beside its fp32 base (same input shape) where `models` holds it. Returns every record."""
+    bases = {(m.name, m.input_shape): m for m in models if m.variant == "fp32"}
+    records = []
+    for index, model in enumerate(models, 1):
+        report(f"[{index}/{len(models)}] {model.name}")
+        base = bases.get((model.base_model, model.input_shape)) if model.variant != "fp32" else None
+        measured = bench_model(model, target, run_id, report=report, base=base, **options)
+        append_records(measured, out)
+        records += measured
+    return records
 
 
 def _bench_at(

@@ -17,8 +17,9 @@ from typing import Callable
 import torch
 
 from compile import bf16
+from compile.backends import compile_for_target
 from compile.build import CACHE_DIR, CompiledModel
-from compile.pipeline import ModelUnderTest, compile_for_target
+from compile.pipeline import ModelUnderTest
 from errors import UserError
 from lwgan_models.tflite_export import convertible_program
 from targets import ResolvedTarget
@@ -56,8 +57,9 @@ def build_artifact(kind: str, model: ModelUnderTest, target: ResolvedTarget) -> 
 
 @artifact_kind("tvm")
 def tvm_library(model: ModelUnderTest, target: ResolvedTarget) -> Artifact:
-    compiled = compile_for_target(model, target)
-    return Artifact(compiled.library, compiled)
+    """The library compile's backend for the target's kind builds (a CPU's carries its tuning provenance)."""
+    built = compile_for_target(model, target)
+    return Artifact(built.library, built if isinstance(built, CompiledModel) else None)
 
 
 @artifact_kind("tvm-bf16")
@@ -69,7 +71,7 @@ def tvm_bf16_library(model: ModelUnderTest, target: ResolvedTarget) -> Artifact:
     if not bf16.available(target.tvm_target):
         raise NotBuildable(f"isa level {target.isa_level or 'none'} has no AVX-512 BF16 or AMX-BF16: "
                            "bf16 falls back to the fp32 build")
-    compiled = compile_for_target(model, target, "bf16")
+    compiled = compile_for_target(model, target, precision="bf16")
     return Artifact(compiled.library, compiled)
 
 

@@ -1,4 +1,5 @@
-"""The compile stage's public interface: a model under test -> tuned, built artifact for a target.
+"""Models under test, their tuning databases and tuning, and the Relax module a target's build starts from
+(the builds themselves: compile/backends/, `compile_for_target`).
 
 A model under test is either a registry generator (torch, imported through torch.export) or a
 user's ONNX file (imported through the ONNX frontend after shape folding). Everything downstream
@@ -23,7 +24,7 @@ import tvm
 from tvm import relax
 
 from compile import BF16_ATTR, LOWERING_ATTR, bf16
-from compile.build import CACHE_DIR, CompiledModel, compile_model
+from compile.build import CACHE_DIR
 from compile.database import TuningDatabase, database_for
 from compile.int8.lowering import lower_quantized_convs
 from compile.passes import prepare
@@ -32,7 +33,7 @@ from compile.onnx_import import (chain_onnx, declared_shape, graph_inputs, load_
 from compile.int8.qoperator import qdq_from_qoperator
 from compile.rewrites import fuse_friendly, subpixel_transposed_convs
 from compile.torch_import import torch_to_relax
-from compile.tuning import cross_compiler, tune
+from compile.tuning import tune
 from errors import UserError
 from lwgan_models import LoadedModel
 from lwgan_models.onnx_export import export_onnx as lwgan_export_onnx
@@ -404,16 +405,6 @@ def prepared_kernels(model: ModelUnderTest, target: ResolvedTarget, precision: s
     built library runs them by (a per-kernel profile's names): for an int8 model its integer conv
     kernels (`compile.INTEGER_CONV`, their MACs in `compile.MACS_ATTR`), not the fake-quant graph."""
     return prepare(relax_for_target(model, target, precision)(), target.tvm_target)
-
-
-def compile_for_target(model: ModelUnderTest, target: ResolvedTarget, precision: str = "fp32") -> CompiledModel:
-    """Build from the committed database (no tuning); a cache hit skips import and codegen. `precision`
-    "bf16" runs a float model's Winograd products on bf16 where the CPU has AVX-512 BF16."""
-    database = database_to_apply(model, target)
-    fcompile = cross_compiler(target.config) if target.config.cross else None  # a board's library
-    digest = model.digest if precision == "fp32" else f"{model.digest}+{precision}"
-    return compile_model(relax_for_target(model, target, precision), target.tvm_target, database, digest,
-                         model.input_shape, fcompile=fcompile)
 
 
 def tune_for_target(

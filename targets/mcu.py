@@ -1,4 +1,4 @@
-"""Microcontroller targets: build a generated C model into firmware, check it fits, run it under qemu.
+"""Microcontroller targets: build a C export of a model (`CExport`) into firmware, check it fits, run it under qemu.
 
 A target with `connection = "qemu-system"` names a real part's budgets (flash, RAM) in its [mcu]
 table and the qemu-system-arm machine that emulates its core. The firmware links with the part's
@@ -28,12 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from compile.c_export import TEMPLATES_DIR, CExport, export_c
-from compile.pipeline import ModelUnderTest
+import numpy as np
+import tvm
+
 from errors import UserError
 from targets.config import TargetConfig
 
 MiB = 1 << 20
+TEMPLATES_DIR = Path(__file__).resolve().parent / "mcu_templates"
+MODEL_SOURCES = ("kernels.c", "model.c", "tvm_shim.c", "conv2d_s8.c")  # what a firmware project compiles (plus include/)
 # RAM-backed regions of the qemu machines (from `info mtree` of qemu 7.2) and the core each emulates.
 QEMU_MACHINES = {
     "mps2-an385": ("cortex-m3", ((0x00000000, 4 * MiB), (0x20000000, 4 * MiB))),
@@ -66,6 +69,38 @@ PLUGIN_SOURCE = "pc_counts.c"
 FIRMWARE_SOURCES = ("startup.c", "semihosting.c", "semihosting.h", "main.c")
 QEMU = "qemu-system-arm"
 CC = "arm-none-eabi-gcc"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * tvm.DataType(self.dtype).bits // 8
+
+
+@dataclass(frozen=True)
+class CExport:
+    """A model exported as a C project, what firmware is built from (compile's "c" backend writes them):
+the folder and the numbers that describe it."""
+
+    directory: Path
+    model: str
+    precision: str
+    input: TensorInfo
+    output: TensorInfo
+    weights_bytes: int  # const arrays (flash)
+    arena_bytes: int  # planned activations (RAM)
+    peak_live_bytes: int  # lower bound for any arena
+    workspace_bytes: int  # kernels' scratch pool (RAM)
+    kernel_calls: int
+    ram_lean: bool = False  # paddings computed inside the convolutions reading them
+
+    @property
+    def sources(self) -> list[Path]:
+        return [self.directory / name for name in MODEL_SOURCES]
 
 
 @dataclass(frozen=True)
@@ -188,30 +223,6 @@ def build_firmware(export: CExport, part: McuPart, stack_bytes: int = STACK_BYTE
     report(f"  firmware: flash {flash} / {part.flash_bytes} bytes, RAM {ram} / {part.ram_bytes} bytes "
            f"(arena {export.arena_bytes}, stack {stack_bytes})")
     return Firmware(elf=elf, flash_bytes=flash, ram_bytes=ram, stack_bytes=stack_bytes, toolchain=toolchain_versions())
-
-
-def export_and_build(model: ModelUnderTest, part: McuPart, project_dir: Path, report: Callable[[str], None] = print,
-                     export_dir: Callable[[bool], Path] | None = None) -> tuple[CExport, Firmware]:
-    """Export `model` as C into `project_dir` and build its firmware for `part`.
-
-    The first export keeps paddings as buffers (fewer instructions); if that overflows the part's
-    RAM, the model is exported again computing paddings inside the convolutions (less RAM).
-    With `export_dir(ram_lean)`, exports are kept there (reusable across targets) and copied.
-    """
-    ram_lean = False
-    while True:
-        where = export_dir(ram_lean) if export_dir else project_dir
-        export = export_c(model, where, report, ram_lean=ram_lean)
-        if where != project_dir:
-            shutil.copytree(where, project_dir, dirs_exist_ok=True)
-            export = dataclasses.replace(export, directory=project_dir)
-        try:
-            return export, build_firmware(export, part, report=report)
-        except FirmwareTooLarge as exc:
-            if ram_lean or "RAM" not in exc.overflow:
-                raise
-            report(f"  {model.name}: {exc}; exporting again with paddings computed inside the convolutions")
-            ram_lean = True
 
 
 def _budget_message(export: CExport, part: McuPart, stack_bytes: int, overflow: dict[str, int]) -> str:

@@ -16,9 +16,9 @@ import lwgan_models
 import targets
 from compile.build import compile_model
 from compile.database import CURVE_FILE, THREADS_FILE, TuningDatabase, trials_to_within
+from compile.passes import prepare
 from compile.pipeline import source_digest
 from compile.torch_import import torch_to_relax
-from compile.passes import prepare
 from compile.tuning import local_builder, seed_default_schedules, tune
 from errors import UserError
 from targets.threads import size_tvm_thread_pool

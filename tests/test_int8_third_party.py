@@ -19,6 +19,7 @@ from tvm import relax
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from torch import nn
 
+import targets
 from bench.run import MIN_OUTPUT_PSNR_DB
 from compile import LOWERING_ATTR
 from compile.build import with_default_schedules
@@ -26,7 +27,6 @@ from compile.int8.qoperator import is_qoperator, qdq_from_qoperator
 from compile.passes import prepare
 from compile.pipeline import from_onnx_file, relax_for_target
 from errors import UserError
-import targets
 
 SHAPE = (1, 3, 32, 32)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -1,4 +1,4 @@
-"""The microcontroller path: Relax -> plain C (compile/c_export.py), firmware and qemu (targets/mcu.py),
+"""The microcontroller path: Relax -> plain C (compile/backends/c.py), firmware and qemu (targets/mcu.py),
 records (bench/firmware.py). Tiny generators keep the default run short; the shipped variants are slow."""
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from bench.run import MIN_OUTPUT_PSNR_DB, TOLERANCE, check_output, reference_output
 import targets
+from bench.run import MIN_OUTPUT_PSNR_DB, TOLERANCE, check_output, reference_output
+from bench.firmware import export_and_build
 from bench.run import test_image as photo  # (not a test)
 from compile import NATIVE_CONV
-from compile.c_export import Lifetime, export_c, plan_memory
+from compile.backends.c import Lifetime, export_c, plan_memory
 from compile.int8.fixed_point import fixed_point
 from compile.onnx_import import onnx_at_input_shape, quantize_before_padding
 from compile.pipeline import ModelUnderTest, from_onnx_file, from_variant
@@ -35,7 +36,6 @@ from targets.mcu import (
     Firmware,
     FirmwareTooLarge,
     build_firmware,
-    export_and_build,
     mcu_part,
     run_firmware,
 )
@@ -236,21 +236,22 @@ def test_a_part_that_qemu_cannot_emulate_is_refused(edit, message, tmp_path):
 @needs_arm_gcc
 def test_a_model_short_of_ram_is_exported_lean_else_refused(fp32_export, tmp_path):
     model, export = fp32_export
-    part = mcu_part(targets.load_target("cortex-m4"))
+    target = targets.resolve(targets.load_target("cortex-m4"))
+    part = mcu_part(target.config)
     lean_dir = tmp_path / "lean-export"
     exports = lambda ram_lean: lean_dir if ram_lean else export.directory  # noqa: E731 (the fixture's export is reused)
-    _, roomy = export_and_build(model, part, tmp_path / "roomy", lambda _: None, export_dir=exports)
+    _, roomy = export_and_build(model, target, tmp_path / "roomy", lambda _: None, export_dir=exports)
     messages = []
     with pytest.raises(FirmwareTooLarge) as info:  # 8 KB: not even the lean export fits
-        export_and_build(model, dataclasses.replace(part, ram_bytes=8192), tmp_path / "tiny", messages.append,
-                         export_dir=exports)
+        export_and_build(model, target, tmp_path / "tiny", messages.append, export_dir=exports,
+                         part=dataclasses.replace(part, ram_bytes=8192))
     assert any("exporting again with paddings computed inside the convolutions" in m for m in messages)
     message = str(info.value)
     assert "\n" not in message and "does not fit" in message and "RAM" in info.value.overflow
     assert re.search(r"RAM \d+ bytes > 8192 \(activation arena \d+", message)
     # one byte short of what the regular export needs: the lean one fits, and still computes the same
-    lean, firmware = export_and_build(model, dataclasses.replace(part, ram_bytes=roomy.ram_bytes - 1),
-                                      tmp_path / "tight", lambda _: None, export_dir=exports)
+    lean, firmware = export_and_build(model, target, tmp_path / "tight", lambda _: None, export_dir=exports,
+                                      part=dataclasses.replace(part, ram_bytes=roomy.ram_bytes - 1))
     assert lean.ram_lean and lean.arena_bytes < export.arena_bytes and firmware.ram_bytes < roomy.ram_bytes
     x = photo(SHAPE)
     assert np.abs(run_on_host(lean, x) - reference_output(model, x)).max() <= TOLERANCE["fp32"]

@@ -19,12 +19,13 @@ import pytest
 import torch
 from torch import nn
 
-from compile import NATIVE_CONV, c_export
+import targets
+from compile import NATIVE_CONV
+from compile.backends import c as c_export
 from compile.int8 import fixed_point
 from compile.pipeline import from_onnx_file
 from errors import UserError
 from lwgan_models.compression import quantize
-import targets
 from targets.mcu import (
     INSTRUCTION_CLASSES,
     build_firmware,

@@ -16,9 +16,9 @@ from bench.record import append_records, load_records
 from bench.run import TOLERANCE, bench_model, model_inputs, reference_output
 from bench.run import test_image as photo  # (not a test)
 from compile.pipeline import InputSpec, from_onnx_file
+from compile.subjects import models_under_test
 from errors import UserError
 from reports import render_report
-from tasks import _models_under_test
 
 STYLES, EMBEDDING = 4, 16
 RULES = targets.BenchRules(threads=1, warmup=1, samples=3, min_duration_s=0.0)
@@ -121,7 +121,7 @@ def test_a_conditional_style_net_with_shape_computed_pads_benches_on_tvm_and_ort
     """Pinned through the CLI's parsing (names, separated by a semicolon); 30x22 is no multiple of 4."""
     graph_ops = {node.op_type for node in __import__("onnx").load(models["conditional"]).graph.node}
     assert {"Shape", "Pad"} <= graph_ops  # the pads really are computed from the shape
-    (model,) = _models_under_test(None, models["conditional"], ["image=1x3x30x22;style_weights=1x4"], None, False)
+    (model,) = models_under_test(None, models["conditional"], ["image=1x3x30x22;style_weights=1x4"], None, False)
     assert model.kind == "generator" and model.input_shape == (1, 3, 30, 22)
     records = bench(model, host)
     assert records[0].inputs == [
@@ -164,15 +164,15 @@ def test_a_style_predictor_is_kind_other_checked_against_ort_and_reported_apart(
 def test_a_style_predictor_chained_into_its_transformer_benches_as_one_model(models, host):
     """--onnx A,B: the predictor's embedding feeds the transformer's input of that name; two photo-like
     inputs remain, so --image says which one is the content (the style image gets a seeded fill)."""
-    (model,) = _models_under_test(None, f"{models['predictor']},{models['transformer']}",
-                                  "style_image=1x3x32x32,1x16x16x3", None, False, image="content")
+    (model,) = models_under_test(None, f"{models['predictor']},{models['transformer']}",
+                                 "style_image=1x3x32x32,1x16x16x3", None, False, image="content")
     assert model.name == "style_predictor+transformer" and model.kind == "generator"
     assert [(spec.name, spec.fill) for spec in model.inputs] == [("style_image", "uniform"), ("content", "image")]
     assert model.weights.startswith(f"{models['predictor']}@sha256:") and f" + {models['transformer']}@" in model.weights
     bench(model, host)
     with pytest.raises(UserError, match=r"conditional_style\.onnx: no input is named like an output of "
                                         r".*style_predictor\.onnx \(style_embedding\)"):
-        _models_under_test(None, f"{models['predictor']},{models['conditional']}", None, None, False)
+        models_under_test(None, f"{models['predictor']},{models['conditional']}", None, None, False)
 
 
 def test_fills_are_deterministic_and_fit_the_dtype():
@@ -202,14 +202,14 @@ def test_bad_inputs_are_one_line_errors_naming_the_input(models, tmp_path, monke
 
 
 def test_cli_parsing_of_shapes_and_inputs(models):
-    (model,) = _models_under_test(None, models["conditional"], ["1x3x16x16", "style_weights=1x4"], None, False)
+    (model,) = models_under_test(None, models["conditional"], ["1x3x16x16", "style_weights=1x4"], None, False)
     assert [spec.shape for spec in model.inputs] == [(1, 3, 16, 16), (1, STYLES)]  # unnamed: the image input's
     with pytest.raises(UserError, match=r"--shape 'image=': expected NAME=NxCxHxW"):
-        _models_under_test(None, models["conditional"], ["image="], None, False)
+        models_under_test(None, models["conditional"], ["image="], None, False)
     with pytest.raises(UserError, match="name the inputs of an --onnx file"):
-        _models_under_test("nst-cin4-w16", None, ["image=1x3x32x32"], None, False)
+        models_under_test("nst-cin4-w16", None, ["image=1x3x32x32"], None, False)
     with pytest.raises(UserError, match=r"--image content: no input named 'content'"):
-        _models_under_test(None, models["conditional"], "1x3x16x16", None, False, image="content")
+        models_under_test(None, models["conditional"], "1x3x16x16", None, False, image="content")
 
 
 def test_boards_refuse_multi_input_models_before_connecting(models):

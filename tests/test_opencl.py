@@ -1,4 +1,4 @@
-"""compile/opencl.py: generators built for the Mali board (rock5b) as OpenCL.
+"""compile/backends/opencl.py: generators built for the Mali board (rock5b) as OpenCL.
 
 Every kernel of the generated source must build with pocl (a real OpenCL C compiler), the library
 for the board and the .cl file are written, and the kernels run on pocl in TVM's launch order match
@@ -19,7 +19,7 @@ import tvm
 from tvm import relax
 
 import targets
-from compile import opencl
+from compile.backends import opencl
 from compile.pipeline import from_registry, from_variant
 from errors import UserError
 from lwgan_models import load

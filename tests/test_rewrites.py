@@ -12,9 +12,9 @@ from tvm import relax
 
 from compile.build import with_default_schedules
 from compile.onnx_import import onnx_to_relax
+from compile.passes import prepare
 from compile.rewrites import fuse_friendly, subpixel_transposed_convs
 from compile.torch_import import torch_to_relax
-from compile.passes import prepare
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

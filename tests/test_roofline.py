@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+import targets
 from bench.roofline import fma_peak_gflops
 from bench.run import bench_model
 from compile.pipeline import from_variant
 from lwgan_models.registry import find_variant
-import targets
 from targets import BenchRules
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

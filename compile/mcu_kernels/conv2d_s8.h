@@ -1,5 +1,5 @@
 /* Integer convolution for Cortex-M: 8-bit codes x int8 weights -> int32 -> requantized 8-bit codes.
- * Emitted by compile/c_export.py for the QDQ convolutions of int8 models; see conv2d_s8.c. */
+ * Emitted by compile/backends/c.py for the QDQ convolutions of int8 models; see conv2d_s8.c. */
 #ifndef LWGAN_CONV2D_S8_H
 #define LWGAN_CONV2D_S8_H
 

@@ -1,4 +1,4 @@
-"""Relax -> a plain C project for microcontrollers: TVM-generated kernels plus a static driver.
+"""The "c" backend: Relax -> a plain C project for microcontrollers, TVM-generated kernels plus a static driver.
 
 microTVM and TVM's AOT executor are gone upstream, so the suite lowers the model itself. Relax's
 legalised, fused `main` is a fixed sequence of kernel calls at static shapes; this module turns it
@@ -39,13 +39,15 @@ import tvm_ffi
 from tvm import relax, s_tir, tirx
 
 from compile import NATIVE_CONV
+from compile.backends import register
 from compile.int8 import fixed_point, match
 from compile.int8.fixed_point import integer_convolutions
 from compile.onnx_import import graph_inputs, load_onnx, onnx_to_relax, quantize_before_padding
 from compile.pipeline import ModelUnderTest
 from errors import UserError
+from targets import ResolvedTarget
+from targets.mcu import MODEL_SOURCES, CExport, TensorInfo
 
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "targets" / "mcu_templates"
 ALIGNMENT = 16  # bytes; every arena buffer starts on this boundary (vector loads, DMA)
 C_TYPES = {"float32": "float", "int8": "int8_t", "uint8": "uint8_t", "int16": "int16_t", "int32": "int32_t",
            "int64": "int64_t", "bool": "uint8_t"}
@@ -58,9 +60,9 @@ KERNEL_HEADERS = {
     "tvm/runtime/base.h": ("tvm", "include/tvm/runtime/base.h"),
     "tvm/runtime/c_backend_api.h": ("tvm", "include/tvm/runtime/c_backend_api.h"),
 }
-NATIVE_KERNELS_DIR = Path(__file__).resolve().parent / "mcu_kernels"  # hand-written kernels, copied into exports
-NATIVE_SOURCES = ("conv2d_s8.c", "conv2d_s8.h", "mcu_math.h")
-MODEL_SOURCES = ("kernels.c", "model.c", "tvm_shim.c", "conv2d_s8.c")  # what a firmware project compiles (plus include/)
+# Hand-written C copied into exports: the kernels, and the shim that is all the runtime TVM's kernels need.
+NATIVE_KERNELS_DIR = Path(__file__).resolve().parent.parent / "mcu_kernels"
+NATIVE_SOURCES = ("conv2d_s8.c", "conv2d_s8.h", "mcu_math.h", "tvm_shim.c")
 EXPORT_MANIFEST = "export.json"  # what the export holds and the key it was made under
 
 
@@ -487,16 +489,6 @@ class Step:
 NATIVE_SCRATCH_PER_TAP = 5
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    shape: tuple[int, ...]
-    dtype: str
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * tvm.DataType(self.dtype).bits // 8
-
-
 @dataclass
 class LoweredModel:
     """Everything model.c needs: the call sequence, the tensors it touches and the kernels' C."""
@@ -631,27 +623,6 @@ def workspace_bytes(kernels_c: str) -> int:
 # ----------------------------------------------------------------------------- C generation
 
 
-@dataclass(frozen=True)
-class CExport:
-    """A generated C project folder and the numbers that describe it."""
-
-    directory: Path
-    model: str
-    precision: str
-    input: TensorInfo
-    output: TensorInfo
-    weights_bytes: int  # const arrays (flash)
-    arena_bytes: int  # planned activations (RAM)
-    peak_live_bytes: int  # lower bound for any arena
-    workspace_bytes: int  # kernels' scratch pool (RAM)
-    kernel_calls: int
-    ram_lean: bool = False  # paddings computed inside the convolutions reading them
-
-    @property
-    def sources(self) -> list[Path]:
-        return [self.directory / name for name in MODEL_SOURCES]
-
-
 def export_c(model: ModelUnderTest, out_dir: Path, report: Callable[[str], None] = print,
              ram_lean: bool = False) -> CExport:
     """Write `model` as a C project (kernels.c, model.c, model.h, tvm_shim.c, include/) into `out_dir`.
@@ -682,7 +653,6 @@ def export_c(model: ModelUnderTest, out_dir: Path, report: Callable[[str], None]
     (out_dir / "kernels.c").write_text(lowered.kernels_c)
     (out_dir / "model.h").write_text(_model_h(model, lowered, plan))
     (out_dir / "model.c").write_text(_model_c(model, lowered, plan))
-    shutil.copy(TEMPLATES_DIR / "tvm_shim.c", out_dir / "tvm_shim.c")
     for name in NATIVE_SOURCES:
         shutil.copy(NATIVE_KERNELS_DIR / name, out_dir / name)
     _copy_headers(out_dir / "include")
@@ -697,11 +667,19 @@ def export_c(model: ModelUnderTest, out_dir: Path, report: Callable[[str], None]
     return export
 
 
+@register("c")
+def c_project(model: ModelUnderTest, target: ResolvedTarget, out_dir: Path, report: Callable[[str], None] = print,
+              ram_lean: bool = False) -> CExport:
+    """The "c" backend: `export_c` into `out_dir` (the same project for every part: the part's budgets
+    are the firmware's, targets/mcu.py)."""
+    return export_c(model, out_dir, report, ram_lean)
+
+
 def _export_key(model: ModelUnderTest, ram_lean: bool) -> str:
     """What an export depends on: the model (name, weights, shape, precision), the options, this code, TVM."""
     h = hashlib.sha256(f"{model.name}|{model.digest}|{model.precision}|{tuple(model.input_shape)}|{ram_lean}|"
                        f"{tvm.__version__}".encode())
-    for source in (Path(__file__), Path(fixed_point.__file__), Path(match.__file__), TEMPLATES_DIR / "tvm_shim.c",
+    for source in (Path(__file__), Path(fixed_point.__file__), Path(match.__file__),
                    *(NATIVE_KERNELS_DIR / name for name in NATIVE_SOURCES)):
         h.update(source.read_bytes())
     return h.hexdigest()
@@ -746,7 +724,7 @@ def _c_identifier(text: str) -> str:
 
 def _model_h(model: ModelUnderTest, lowered: LoweredModel, plan: MemoryPlan) -> str:
     inp, out = lowered.tensors["input"], lowered.tensors["output"]
-    return f"""/* Generated by compile/c_export.py for {model.name} ({model.precision}); do not edit. */
+    return f"""/* Generated by compile/backends/c.py for {model.name} ({model.precision}); do not edit. */
 #ifndef LWGAN_MODEL_H
 #define LWGAN_MODEL_H
 
@@ -774,7 +752,7 @@ const char* model_last_error(void);
 
 def _model_c(model: ModelUnderTest, lowered: LoweredModel, plan: MemoryPlan) -> str:
     lines = [
-        f"/* Generated by compile/c_export.py for {model.name} ({model.precision}); do not edit.",
+        f"/* Generated by compile/backends/c.py for {model.name} ({model.precision}); do not edit.",
         f" * {len(lowered.steps)} kernel calls; weights {sum(a.nbytes for a in lowered.constants.values())} bytes (flash);",
         f" * activation arena {plan.arena_bytes} bytes (lower bound {plan.peak_live_bytes}). */",
         "#include <stddef.h>",

@@ -1,4 +1,4 @@
-"""Build a model for an OpenCL GPU board (Mali) and check its kernels on this machine.
+"""The "opencl" backend: a model for an OpenCL GPU board (Mali), and its kernels checked on this machine.
 
 TVM's default GPU pipeline legalizes the Relax graph and schedules every PrimFunc with dlight's
 rules (Matmul, GEMV, Reduction, GeneralReduction, and Fallback for the convolutions), which bind
@@ -25,11 +25,13 @@ import numpy as np
 import tvm
 from tvm import relax, tirx
 
+from compile.backends import register
 from compile.pipeline import ModelUnderTest
 from compile.tuning import cross_compiler
 from errors import UserError
 from targets import ResolvedTarget
 
+OUT_DIR = Path(__file__).resolve().parents[2] / "build" / "opencl"
 # TVM's OpenCL runtime splits the module's source at these markers and builds each kernel as its own
 # program (one section: declarations of all kernels, then one kernel's definition).
 KERNEL_MARKER = "// Function: "
@@ -92,12 +94,15 @@ class OpenCLArtifact:
         """Read on demand: a construct the pocl runner cannot follow never fails the build itself."""
         if self.graph is None or self.host_code is None:
             raise LaunchPlanError(f"TVM {tvm.__version__} no longer runs {_GRAPH_PASS} and {_HOST_PASS}; "
-                                  "update compile/opencl.py")
+                                  "update compile/backends/opencl.py")
         return launch_plan(self.graph, self.host_code)
 
 
-def build_opencl(model: ModelUnderTest, target: ResolvedTarget, out_dir: Path) -> OpenCLArtifact:
-    """Compile `model` for the target's GPU; write `<name>-<shape>.so` and `.cl` into `out_dir`."""
+@register("opencl")
+def build_opencl(model: ModelUnderTest, target: ResolvedTarget, out_dir: Path | None = None) -> OpenCLArtifact:
+    """Compile `model` for the target's GPU; write `<name>-<shape>.so` and `.cl` into `out_dir`
+    (default build/opencl/<target>/)."""
+    out_dir = out_dir or OUT_DIR / target.config.name
     tvm_target = target.tvm_target
     if tvm_target.kind.name != "opencl":
         raise UserError(f"target {target.config.name!r} is of kind {tvm_target.kind.name!r}; "
