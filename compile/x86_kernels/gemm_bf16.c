@@ -71,8 +71,47 @@ int32_t lwgan_gemm_bf16_block(const uint32_t *u, const uint32_t *v, float *m, in
  *     out:  float  [channels][out_h][out_w]
  * The pointers are one batch item's. A stride of 2 loads twice the words and keeps the even ones.
  * `rows` x `vecs` accumulators: 8 x 2 for wide layers, 4 x 4 for an RGB output (3 channels would
- * leave 5 of 8 rows idle).
+ * leave 5 of 8 rows idle). The loops over them are unrolled so that they stay in registers (rolled,
+ * gcc kept them in memory: one load and one store per vdpbf16ps, 3x slower).
  */
+#define MAX_ROWS 8
+#define MAX_VECS 4
+
+/* One chunk's sums over every input pair and tap. `rows`, `vecs`, `stride` and `masked` are constants
+ * where it is inlined: only chunks that reach the end of a row need masked loads. */
+static inline __attribute__((always_inline)) void accumulate_chunk(
+        const int rows, const int vecs, const int stride, const int masked, __m512 acc[MAX_ROWS][MAX_VECS],
+        const uint32_t *x, const uint32_t *w_block, int64_t ox, int64_t oy, int64_t pairs, int64_t kh, int64_t kw,
+        int64_t padded_h, int64_t padded_w) {
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    for (int64_t i = 0; i < pairs; ++i) {
+        for (int64_t ky = 0; ky < kh; ++ky) {
+            const uint32_t *row = x + (i * padded_h + oy * stride + ky) * padded_w;
+            for (int64_t kx = 0; kx < kw; ++kx) {
+                const int64_t first = ox * stride + kx;  /* the row's word under output column ox */
+                const int64_t words = padded_w - first;  /* what the row still holds from there */
+                __m512i loaded[2 * MAX_VECS], v[MAX_VECS];
+                _Pragma("GCC unroll 8")
+                for (int j = 0; j < stride * vecs; ++j) {
+                    const __mmask16 mask = !masked ? (__mmask16)0xFFFF
+                                                   : words > j * LANES ? tail_mask(words - j * LANES) : 0;
+                    loaded[j] = _mm512_maskz_loadu_epi32(mask, row + first + j * LANES);
+                }
+                _Pragma("GCC unroll 8")
+                for (int j = 0; j < vecs; ++j)  /* stride 2: the even words of two loads */
+                    v[j] = stride == 1 ? loaded[j] : _mm512_permutex2var_epi32(loaded[2 * j], even, loaded[2 * j + 1]);
+                const uint32_t *taps = w_block + ((i * kh + ky) * kw + kx) * rows;
+                _Pragma("GCC unroll 8")
+                for (int r = 0; r < rows; ++r) {
+                    const __m512bh weight = (__m512bh)_mm512_set1_epi32((int)taps[r]);
+                    _Pragma("GCC unroll 8")
+                    for (int j = 0; j < vecs; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], weight, (__m512bh)v[j]);
+                }
+            }
+        }
+    }
+}
+
 static inline __attribute__((always_inline)) int32_t conv_block(
         const int rows, const int vecs, const uint32_t *x, const uint32_t *w, const float *bias, float *out,
         int64_t k_block, int64_t oy, int64_t channels, int64_t pairs, int64_t kh, int64_t kw, int64_t stride,
@@ -80,44 +119,29 @@ static inline __attribute__((always_inline)) int32_t conv_block(
     const int64_t k0 = k_block * rows;
     const int64_t stored_rows = channels - k0 < rows ? channels - k0 : rows;
     const uint32_t *w_block = w + k_block * pairs * kh * kw * rows;
-    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     for (int64_t ox = 0; ox < out_w; ox += vecs * LANES) {
-        __m512 acc[rows][vecs];
+        __m512 acc[MAX_ROWS][MAX_VECS];  /* fixed sizes: a variable-length array would stay in memory */
+        _Pragma("GCC unroll 8")
         for (int r = 0; r < rows; ++r) {
             const __m512 start = r < stored_rows ? _mm512_set1_ps(bias[k0 + r]) : _mm512_setzero_ps();
+            _Pragma("GCC unroll 8")
             for (int j = 0; j < vecs; ++j) acc[r][j] = start;
         }
-        for (int64_t i = 0; i < pairs; ++i) {
-            for (int64_t ky = 0; ky < kh; ++ky) {
-                const uint32_t *row = x + (i * padded_h + oy * stride + ky) * padded_w;
-                for (int64_t kx = 0; kx < kw; ++kx) {
-                    const int64_t first = ox * stride + kx;  /* the row's word under output column ox */
-                    const int64_t words = padded_w - first;  /* what the row still holds from there */
-                    __m512i v[vecs];
-                    for (int j = 0; j < vecs; ++j) {
-                        if (stride == 1) {
-                            v[j] = _mm512_maskz_loadu_epi32(words > j * LANES ? tail_mask(words - j * LANES) : 0,
-                                                            row + first + j * LANES);
-                        } else {  /* stride 2 */
-                            const int64_t at = 2 * j * LANES;
-                            const __m512i a = _mm512_maskz_loadu_epi32(words > at ? tail_mask(words - at) : 0,
-                                                                      row + first + at);
-                            const __m512i b = _mm512_maskz_loadu_epi32(
-                                words > at + LANES ? tail_mask(words - at - LANES) : 0, row + first + at + LANES);
-                            v[j] = _mm512_permutex2var_epi32(a, even, b);
-                        }
-                    }
-                    const uint32_t *taps = w_block + ((i * kh + ky) * kw + kx) * rows;
-                    for (int r = 0; r < rows; ++r) {
-                        const __m512bh weight = (__m512bh)_mm512_set1_epi32((int)taps[r]);
-                        for (int j = 0; j < vecs; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], weight, (__m512bh)v[j]);
-                    }
-                }
-            }
-        }
+        /* whole loads for every tap: the last word any of them reads is inside the padded row */
+        const int whole = ox * stride + kw - 1 + stride * vecs * LANES <= padded_w;
+        if (stride == 1 && whole)
+            accumulate_chunk(rows, vecs, 1, 0, acc, x, w_block, ox, oy, pairs, kh, kw, padded_h, padded_w);
+        else if (stride == 1)
+            accumulate_chunk(rows, vecs, 1, 1, acc, x, w_block, ox, oy, pairs, kh, kw, padded_h, padded_w);
+        else if (whole)
+            accumulate_chunk(rows, vecs, 2, 0, acc, x, w_block, ox, oy, pairs, kh, kw, padded_h, padded_w);
+        else
+            accumulate_chunk(rows, vecs, 2, 1, acc, x, w_block, ox, oy, pairs, kh, kw, padded_h, padded_w);
+        _Pragma("GCC unroll 8")
         for (int r = 0; r < rows; ++r) {
             if (r < stored_rows) {
                 float *target = out + ((k0 + r) * out_h + oy) * out_w + ox;
+                _Pragma("GCC unroll 8")
                 for (int j = 0; j < vecs; ++j) {
                     const __mmask16 store = out_w - ox > j * LANES ? tail_mask(out_w - ox - j * LANES) : 0;
                     _mm512_mask_storeu_ps(target + j * LANES, store, acc[r][j]);
