@@ -153,3 +153,29 @@ def _parallel_loops(func) -> set[int]:
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     return {int(sch.get(loop).extent) for block in blocks for loop in sch.get_loops(block)
             if sch.get(loop).kind == tvm.tirx.ForKind.PARALLEL}
+
+
+@pytest.mark.parametrize("batch_in_statistics", [True, False])
+def test_channel_statistics_run_in_parallel_whichever_axes_they_keep(batch_in_statistics):
+    """A norm's statistics of shape (N, C) (ONNX's instance norm) or (C,) (torch's, legalized at batch 1):
+    either way the output's batch and channel loops are the parallel ones, and the values are right."""
+    from compile.schedules.norm import schedule_channel_reduction
+
+    shape = (1, 16, 32, 32)
+    data = te.placeholder(shape, "float32", name="data")
+    h, w = te.reduce_axis((0, 32), "h"), te.reduce_axis((0, 32), "w")
+    if batch_in_statistics:
+        sums = te.compute((1, 16), lambda n, c: te.sum(data[n, c, h, w], axis=[h, w]), name="sums")
+        mean = lambda n, c: sums[n, c]
+    else:
+        n_axis = te.reduce_axis((0, 1), "n")
+        sums = te.compute((16,), lambda c: te.sum(data[n_axis, c, h, w], axis=[n_axis, h, w]), name="sums")
+        mean = lambda n, c: sums[c]
+    out = te.compute(shape, lambda n, c, y, x: data[n, c, y, x] - mean(n, c) / 1024.0, name="out")
+    scheduled = schedule_channel_reduction(te.create_prim_func([data, out]), 16)
+    assert scheduled is not None and _parallel_loops(scheduled) == {16}
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    result = tvm.runtime.tensor(np.zeros(shape, np.float32))
+    tvm.compile(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")}), "llvm")["main"](
+        tvm.runtime.tensor(x), result)
+    np.testing.assert_allclose(result.numpy(), x - x.mean(axis=(2, 3), keepdims=True), atol=1e-5)

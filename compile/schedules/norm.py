@@ -53,8 +53,8 @@ def schedule_channel_reduction(func: tirx.PrimFunc, vector_lanes: int) -> tirx.P
             sch.compute_inline(block)
         last = spatial[-1]
         loops = sch.get_loops(last)
-        per_channel = _leading_loops(sch, loops, kept)
-        if len(loops) <= per_channel:
+        per_channel = _statistics_loops(sch, last, reductions)
+        if not 0 < per_channel < len(loops):
             return None
         outer = sch.fuse(*loops[:per_channel]) if per_channel > 1 else loops[0]
         sch.parallel(outer)  # first: once the reductions are decomposed under it, it no longer can be
@@ -82,15 +82,15 @@ def schedule_channel_reduction(func: tirx.PrimFunc, vector_lanes: int) -> tirx.P
     return sch.mod["main"]
 
 
-def _leading_loops(sch: Schedule, loops: list, kept: int) -> int:
-    """How many leading output loops index the `kept` axes a norm's statistics keep: `kept` loops
-    and the unit loops among them. Legalized for batch 1, an instance norm reduces over the batch
-    axis too (statistics of shape (C,)), and the output's first loop, of extent 1, is then no
-    channel loop: parallel over it, a 128x128x128 norm ran on one core in 7 ms."""
-    count = taken = 0
-    for loop in loops:
-        if taken == kept:
-            break
-        count += 1
-        taken += _extent(sch, loop) != 1
-    return count
+def _statistics_loops(sch: Schedule, last, reductions: list) -> int:
+    """How many leading loops of the output block index the norm's statistics (the reductions' outputs):
+    the loops over batch and channel, which then run in parallel. Legalized for batch 1, an instance norm
+    may reduce over the batch axis too (statistics of shape (C,), read at [c]) or keep it (shape (N, C),
+    read at [n, c]); the output's loops are (n, c, h, w) either way. Taking only as many loops as the
+    statistics have axes ran a 128x128x128 norm of the first kind on one core in 7 ms."""
+    statistics = [region.source for block in reductions for region in sch.get(block).writes]
+    output = sch.get(last)
+    indexed = [index.min for region in output.reads if any(region.source.same_as(s) for s in statistics)
+               for index in region.region]
+    positions = [i for i, iv in enumerate(output.iter_vars) if any(iv.var.same_as(v) for v in indexed)]
+    return max(positions) + 1 if positions else 0
