@@ -4,11 +4,11 @@ Where the CPU has AVX-512 BF16 (`vdpbf16ps`: 32 bf16 products summed pairwise in
 lanes), a bf16 build rounds both operands of its convolutions to bf16 and accumulates in float32:
 - Winograd convs (compile/schedules/winograd.py): the point products, on the transformed weights
   (rounded once, at compile time) and the transformed activations (rounded in the data transform);
-- every other conv with at least 8 output channels (compile/schedules/bf16_conv.py): a direct
-  block on bf16 pairs of input channels, its input packed (and zero padded) once per conv.
-Transforms, instance norm, padding, activations and RGB output layers stay float32. Every build is
-judged against the fp32 reference by the bf16 rule (output PSNR >= 40 dB): Winograd's transforms
-amplify the rounding about tenfold, which a 9-block 256-channel network can feel.
+- every other conv of stride 1 or 2 whose output rows fill a block (compile/schedules/bf16_conv.py):
+  a direct block on bf16 pairs of input channels, its input packed (and zero padded) once per conv.
+Transforms, instance norm, padding and activations stay float32. Every build is judged against the
+fp32 reference by the bf16 rule (output PSNR >= 40 dB): Winograd's transforms amplify the rounding
+about tenfold, which a 9-block 256-channel network feels (`WINOGRAD_MAX_CHANNELS`).
 
 The blocks that multiply are C (compile/x86_kernels/gemm_bf16.c, which says why), compiled here
 with the host compiler, cached by their source, and linked into the model's library; TIR calls them
@@ -18,9 +18,9 @@ inside parallel loops, so TVM's thread pool runs them.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -210,10 +210,10 @@ def direct_conv(packed_shape: tuple[int, ...], weight_shape: tuple[int, ...], st
     """(packed input from `pack_input`, weight from `pack_conv_weight`, bias [OC]) -> NCHW float32:
     one parallel task per (batch item, output row, block of output channels)."""
     n, pairs, padded_h, padded_w = packed_shape
-    out_channels, _, kh, kw = weight_shape
+    out_channels, channels, kh, kw = weight_shape
     out_h, out_w = out_hw
     blocks = -(-out_channels // block.rows)
-    macs = n * out_channels * out_h * out_w * pairs * 2 * kh * kw
+    macs = n * out_channels * out_h * out_w * channels * kh * kw  # the conv's own, not the zero channel's
     with IRBuilder() as ib, T.prim_func(private=True):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE_PATTERN,
                      BF16_ATTR: True, MACS_ATTR: macs})

@@ -61,7 +61,7 @@ def test_unknown_model():
 
 def test_unknown_runtime_lists_the_registry():
     assert_one_line_error(invoke("bench", "--runtimes", "tvm,tensorrt"), "unknown runtime 'tensorrt'",
-                          "registered: tvm, torch, onnxruntime, openvino, openvino-f32, litert")
+                          "registered: tvm, tvm-bf16, torch, onnxruntime, openvino, openvino-f32, litert")
 
 
 def test_unknown_target():
