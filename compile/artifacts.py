@@ -64,7 +64,7 @@ def tvm_library(model: ModelUnderTest, target: ResolvedTarget) -> Artifact:
 
 @artifact_kind("tvm-bf16")
 def tvm_bf16_library(model: ModelUnderTest, target: ResolvedTarget) -> Artifact:
-    """The float model built with bf16 products (compile/bf16.py); not buildable for an int8 model or
+    """The float model built to multiply in bf16 (compile/bf16.py); not buildable for an int8 model or
     on a CPU without a bf16 level, which the record then says."""
     if model.precision != "fp32":
         raise NotBuildable(f"{model.name} is {model.precision}: it runs integer kernels, not a bf16 build")

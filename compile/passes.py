@@ -24,13 +24,13 @@ def float_lanes(target: tvm.target.Target) -> int:
 def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """The passes before task extraction; the same ones must run before applying a database.
 
-    On CPUs the large 3x3 convolutions become hand-scheduled Winograd kernels (compile/schedules/winograd.py;
-    with bf16 products where the module asks for bf16, compile/bf16.py, and then its other convs
-    bf16 direct kernels, compile/schedules/bf16_conv.py), pads and an output tanh join the convolutions
-    next to them (compile/rewrites.py), and tanh
-    becomes TVM's fast rational approximation: LLVM otherwise calls libm's scalar expf per element
-    (0.45 ms of a U-Net's RGB output, 49k values), and the approximation is ~1e-7 from libm. After
-    legalization and fusion the instance norms get their hand schedule (compile/schedules/norm.py)."""
+    On CPUs the large 3x3 convolutions become hand-scheduled Winograd kernels (compile/schedules/winograd.py);
+    in a module marked for bf16 (`compile.BF16_ATTR`) their products and the other convolutions
+    multiply in bf16 (compile/bf16.py, compile/schedules/bf16_conv.py). Pads and an output tanh join
+    the convolutions next to them (compile/rewrites.py), and tanh becomes TVM's fast rational
+    approximation: LLVM otherwise calls libm's scalar expf per element (0.45 ms of a U-Net's RGB
+    output, 49k values), and the approximation is ~1e-7 from libm. After legalization and fusion the
+    instance norms get their hand schedule (compile/schedules/norm.py)."""
     if target.kind.name == "llvm":
         in_bf16 = bool(mod.attrs is not None and mod.attrs.get(BF16_ATTR))
         mod = winograd_convs(mod, float_lanes(target), in_bf16)[0]

@@ -368,7 +368,7 @@ def database_to_apply(model: ModelUnderTest, target: ResolvedTarget) -> TuningDa
 def relax_for_target(model: ModelUnderTest, target: ResolvedTarget, precision: str = "fp32"
                      ) -> Callable[[], tvm.IRModule]:
     """The module to tune and build: int8 QDQ models get integer conv kernels (compile/int8/lowering.py);
-    with `precision` "bf16", a float model's Winograd products run on bf16 (compile/bf16.py).
+    with `precision` "bf16", a float model's convolutions multiply in bf16 (compile/bf16.py).
 
     On CPUs (LLVM targets) a transposed convolution whose one wide 3x3 convolution form
     compile/schedules/winograd.py runs as Winograd is imported in that form; others, and every transposed

@@ -165,6 +165,6 @@ def load(library: Path, threads: int, name: str = "tvm") -> TvmRuntime:
 
 SPEC = register(RuntimeSpec(name="tvm", label="TVM", artifact="tvm", load=load, package="apache-tvm",
                             places=("host", "board"), peer=False))
-# The same model built with bf16 products (compile/bf16.py), on hosts with AVX-512 BF16 or AMX.
+# The same model built to multiply in bf16 (compile/bf16.py), on hosts with AVX-512 BF16 (or AMX, which has it too).
 SPEC_BF16 = register(RuntimeSpec(name="tvm-bf16", label="TVM bf16", artifact="tvm-bf16", package="apache-tvm",
                                  peer=False, load=lambda library, threads: load(library, threads, "tvm-bf16")))
