@@ -1,13 +1,14 @@
-/* bf16 matrix products with fp32 accumulation for x86 CPUs with AVX-512 BF16 (vdpbf16ps).
+/* bf16 blocks with fp32 accumulation for x86 CPUs with AVX-512 BF16 (vdpbf16ps): the Winograd point
+ * products (a matrix product, below) and direct convolutions (further down).
  *
  * Why C: TVM 0.27 legalizes every bfloat16 vector to float32 or uint16 before LLVM codegen
  * (BF16ComputeLegalize / BF16StorageLegalize run for every non-CUDA target), and its LLVM codegen
  * has no bfloat type, so `llvm.x86.avx512bf16.dpbf16ps.512` (declared on <32 x bfloat> since LLVM
- * 17) cannot be called from TIR. TVM's TIR keeps the loops around this block (parallel over
- * blocks, the transforms before and after); this file is one register-tiled block, called through
- * `T.call_extern` and linked into the model's library.
+ * 17) cannot be called from TIR. TVM's TIR keeps the loops around these blocks (parallel over
+ * blocks, the transforms and packing before and after); each function here is one register-tiled
+ * block, called through `T.call_extern` and linked into the model's library.
  *
- * One call computes, for one batch item b and one block of ROWS output rows starting at row0,
+ * The products block computes, for one batch item b and one block of ROWS output rows from row0,
  *
  *     m[b][k][t] = sum over c of u[b][k][c] * v[b][c][t]      (k in block, every t)
  *
