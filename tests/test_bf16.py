@@ -146,6 +146,23 @@ def test_direct_bf16_conv_is_torch_on_bf16_operands(channels, out_channels, kern
     assert np.abs(got - expected).max() <= 1e-6 * np.abs(expected).max()
 
 
+@needs_bf16
+def test_sub_pixel_phases_of_a_transposed_conv_run_as_bf16_blocks(bf16_target, tmp_path):
+    """A transposed conv's phases slice their weights out of its weight in the graph: folded to
+    constants, the four 64-wide RGB phases run on the bf16 block (and agree with torch)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.ConvTranspose2d(32, 3, 4, stride=2, padding=1), torch.nn.Tanh()).eval()
+    model = model_under_test(net, (1, 32, 64, 64), "bf16-phases", cache=tmp_path)  # phases 64 wide
+    host = targets.resolve(targets.load_target("host"), isa_level="avx512bf16")
+    mod, rewritten = bf16_direct_convs(relax_for_target(model, host)())
+    assert rewritten == 4 and "relax.nn.conv2d" not in _op_names(mod)
+    x = np.random.default_rng(3).standard_normal(model.input_shape).astype("float32")
+    got = relax.VirtualMachine(library(mod, bf16_target, tmp_path), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    with torch.inference_mode():
+        expected = net(torch.from_numpy(x)).numpy()
+    assert 1e-4 < np.abs(got - expected).max() < 2e-2  # rounded to bf16, and right
+
+
 def test_narrow_grouped_dilated_and_stride_3_convs_stay_float32():
     """Rows narrower than a block's columns would leave lanes idle (32; 64 for RGB outputs' block)."""
     for conv, shape in [(torch.nn.Conv2d(16, 3, 7, padding=3), (1, 16, 32, 32)),

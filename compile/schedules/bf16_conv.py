@@ -72,7 +72,11 @@ class _DirectRewriter(relax.PyExprMutator):
 
 
 def bf16_direct_convs(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
-    """Rewrite every eligible float32 convolution of `mod`'s Relax functions; returns (module, how many)."""
+    """Rewrite every eligible float32 convolution of `mod`'s Relax functions; returns (module, how many).
+
+    Constants are folded first: a transposed conv's sub-pixel phases slice their weights out of its
+    weight in the graph, and only constant weights can be packed for the block."""
+    mod = relax.transform.FoldConstant()(mod)
     rewriter = _DirectRewriter(mod)
     for gvar, func in mod.functions_items():
         if isinstance(func, relax.Function):
