@@ -120,15 +120,17 @@ def kernel_flops(lowered: tvm.IRModule) -> dict[str, float]:
 
 
 def kernel_profile(vm: relax.VirtualMachine, args: list[tvm.runtime.Tensor], flops: dict[str, float],
-                   peak_gflops: float, runs: int = PROFILE_RUNS) -> list[dict]:
+                   peaks: dict[str, float], peak_of: dict[str, str], runs: int = PROFILE_RUNS) -> list[dict]:
     """Per kernel with a FLOP count (`args`: `main`'s inputs): calls and milliseconds per inference, GFLOP/s and
-    fraction of peak, slowest first."""
+    fraction of the peak of what it multiplies on (`peak_of[kernel]`, "fma" where absent; a kernel whose peak
+    is not in `peaks`, an integer one, gets none), slowest first."""
     totals = kernel_times(vm, args, runs, keep=lambda name: name in flops)
     rows = []
     for name, seconds in totals.items():
         calls = len(seconds) / runs
         ms = 1e3 * sum(seconds) / runs
         gflops = flops[name] * calls / (ms / 1e3) / 1e9 if ms > 0 else 0.0
-        rows.append({"kernel": name, "calls": calls, "ms": ms, "gflop": flops[name] * calls / 1e9,
-                     "gflops": gflops, "peak_fraction": gflops / peak_gflops if peak_gflops else None})
+        peak = peak_of.get(name, "fma")
+        rows.append({"kernel": name, "calls": calls, "ms": ms, "gflop": flops[name] * calls / 1e9, "gflops": gflops,
+                     "peak": peak, "peak_fraction": gflops / peaks[peak] if peaks.get(peak) else None})
     return sorted(rows, key=lambda row: -row["ms"])

@@ -341,10 +341,7 @@ def _roofline(model: ModelUnderTest, target: ResolvedTarget, adapter: TvmRuntime
     if precision == "bf16":
         peaks["bf16"] = bf16_peak_gflops(threads)
     flops, peak_of = _kernel_flops(prepared_kernels(model, target, precision))
-    profile = kernel_profile(adapter.vm, adapter.args, flops, peaks["fma"])
-    for row in profile:
-        row["peak"] = peak_of.get(row["kernel"], "fma")
-        row["peak_fraction"] = row["gflops"] / peaks[row["peak"]] if row["peak"] in peaks else None
+    profile = kernel_profile(adapter.vm, adapter.args, flops, peaks, peak_of)
     return {"fma_peak_gflops": peaks["fma"], "bf16_peak_gflops": peaks.get("bf16"), "kernel_profile": profile}
 
 

@@ -31,14 +31,13 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 from tvm.target.codegen import target_has_features
 
-from compile import BF16_ATTR, MACS_ATTR
+from compile import BF16_ATTR, MACS_ATTR, OPAQUE_PATTERN
 from errors import UserError
 
 KERNEL_SOURCE = Path(__file__).resolve().parent / "x86_kernels" / "gemm_bf16.c"
 BLOCK_FUNCTION = "lwgan_gemm_bf16_block"
 BLOCK_ROWS = 8  # output rows per products call: ROWS in gemm_bf16.c
 COMPILER_FLAGS = ["-O3", "-mavx512f", "-mavx512bf16", "-fPIC", "-c"]
-OPAQUE_PATTERN = 8  # relax's OpPatternKind.kOpaque: an extern call fuses with nothing
 
 
 # F(4x4, 3x3)'s transforms amplify bf16's rounding about tenfold. The shipped generators' 64-channel

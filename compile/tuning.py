@@ -27,6 +27,7 @@ from tvm.s_tir.analysis import estimate_tir_flops
 from compile.database import CURVE_FILE, TuningDatabase
 from compile.intrinsics import register_cpu_tensor_intrinsics
 from compile.passes import float_lanes, prepare
+from compile.schedules import is_scheduled
 from compile.schedules.conv import direct_conv_schedule
 from errors import UserError
 from targets.config import TargetConfig
@@ -157,8 +158,7 @@ def _takes_indices(task) -> bool:
 
 def hand_scheduled(task) -> bool:
     """Kernels that arrive scheduled (compile/int8/lowering.py's tensorized integer convs) are not searched."""
-    attrs = task.dispatched[0]["main"].attrs
-    return bool(attrs is not None and attrs.get("tirx.is_scheduled", False))
+    return is_scheduled(task.dispatched[0]["main"])
 
 
 @derived_object

@@ -38,7 +38,7 @@ import tvm
 import tvm_ffi
 from tvm import relax, s_tir, tirx
 
-from compile import NATIVE_CONV
+from compile import NATIVE_CONV, OPAQUE_PATTERN
 from compile.backends import register
 from compile.int8 import fixed_point, match
 from compile.int8.fixed_point import integer_convolutions
@@ -183,7 +183,6 @@ def fold_constants(mod: tvm.IRModule) -> tvm.IRModule:
 
 
 INLINE_ATTR = "mcu_inline_into_consumers"
-OPAQUE = 8  # relax OpPatternKind kOpaque: FuseOps leaves the kernel alone
 MAX_UNROLLED_TAPS = 49  # a 7x7 window: unrolled, each tap's index arithmetic folds into constants
 
 
@@ -197,7 +196,7 @@ def keep_dequantize_unfused(mod: tvm.IRModule) -> tvm.IRModule:
     mod = mod.clone()
     for gvar, func in list(mod.functions_items()):
         if isinstance(func, tirx.PrimFunc) and _dequantizes(func):
-            mod[gvar] = func.with_attr("op_pattern", OPAQUE).with_attr(INLINE_ATTR, True)
+            mod[gvar] = func.with_attr("op_pattern", OPAQUE_PATTERN).with_attr(INLINE_ATTR, True)
     return mod
 
 

@@ -50,7 +50,7 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.s_tir import Schedule
 
-from compile import INTEGER_CONV, MACS_ATTR
+from compile import INTEGER_CONV, MACS_ATTR, OPAQUE_PATTERN
 from compile.int8 import amx, winograd
 from compile.int8.intrinsics import (
     AVX2_DOT_8X2_I16,
@@ -74,7 +74,6 @@ from compile.int8.match import (
 )
 from compile.schedules.default import schedule_float_ops
 
-OPAQUE_PATTERN = 8  # relax's OpPatternKind.kOpaque: FuseOps fuses nothing into or after the kernel
 PORTABLE_LANES = 8  # int32 lanes of the untensorized kernel (LLVM vectorizes it for any CPU)
 OUTPUT_TILE = 8  # output pixels per micro-kernel: 8 accumulators + weights fit 16 AVX2 registers
 # With 16 channels per block, a tile's epilogue writes 16 channel planes. Where a plane is a multiple

@@ -12,7 +12,7 @@ import tvm
 from tvm import relax
 
 from compile import bf16
-from compile.schedules.winograd import channel_bias, constant_of, conv_weight, static_shape
+from compile.schedules.winograd import ConvRewriter, constant_of, rewrite_convs, static_shape
 
 
 def applies(call: relax.Call, weight: np.ndarray | None) -> bool:
@@ -31,20 +31,11 @@ def applies(call: relax.Call, weight: np.ndarray | None) -> bool:
 
 
 @relax.expr_functor.mutator
-class _DirectRewriter(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule) -> None:
-        super().__init__(mod)
-        self.rewritten = 0
-        self.kernels: set[relax.GlobalVar] = set()  # the bf16 conv kernels (several convs may share one)
+class _DirectRewriter(ConvRewriter):
+    def accepts(self, call: relax.Call, weight: np.ndarray | None) -> bool:
+        return applies(call, weight)
 
-    def visit_call_(self, call: relax.Call) -> relax.Expr:
-        call = super().visit_call_(call)
-        if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.add":
-            return self._fold_bias(call)
-        weight = conv_weight(call, self)
-        if not applies(call, weight):
-            return call
-        self.rewritten += 1
+    def rewrite(self, call: relax.Call, weight: np.ndarray) -> relax.Expr:
         shape = static_shape(call.args[0])
         padding = tuple(int(p) for p in call.attrs.padding)
         pack = self.builder_.add_func(bf16.pack_input(shape, padding), "bf16_pack_input")
@@ -54,20 +45,16 @@ class _DirectRewriter(relax.PyExprMutator):
         block = bf16.conv_block(weight.shape[0], out_shape[3])
         conv = self.builder_.add_func(
             bf16.direct_conv(packed_shape, weight.shape, int(call.attrs.strides[0]), out_shape[2:], block), "bf16_conv2d")
-        self.kernels.add(conv)
+        self.kernels.add(conv)  # several convs may share one kernel: the bias is an argument
         args = [packed, relax.const(bf16.pack_conv_weight(weight, block.rows)),
                 relax.const(np.zeros(weight.shape[0], np.float32))]
         return relax.call_tir(conv, args, relax.TensorType(out_shape, "float32"))
 
-    def _fold_bias(self, call: relax.Call) -> relax.Expr:
-        """add(bf16 conv, constant [1, K, 1, 1]) -> the conv starting its sums from the bias."""
-        found = channel_bias(call, self, self.kernels)
-        if found is None:
-            return call
-        conv, bias = found
+    def with_bias(self, add: relax.Call, conv: relax.Call, bias: np.ndarray) -> relax.Expr:
+        """The conv starting its sums from the bias."""
         packed, weight, folded = conv.args[1].fields
         if np.any(constant_of(folded, self)):  # a second add: leave it
-            return call
+            return add
         return relax.call_tir(conv.args[0], [packed, weight, relax.const(bias)], conv.ty)
 
 
@@ -77,8 +64,4 @@ def bf16_direct_convs(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
     Constants are folded first: a transposed conv's sub-pixel phases slice their weights out of its
     weight in the graph, and only constant weights can be packed for the block."""
     mod = relax.transform.FoldConstant()(mod)
-    rewriter = _DirectRewriter(mod)
-    for gvar, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            rewriter.builder_.update_func(gvar, relax.analysis.remove_all_unused(rewriter.visit_expr(func)))
-    return rewriter.builder_.get(), rewriter.rewritten
+    return rewrite_convs(_DirectRewriter(mod), mod)

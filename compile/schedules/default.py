@@ -15,6 +15,7 @@ from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.schedule import ScheduleError
 
 from compile.passes import float_lanes, prepare
+from compile.schedules import is_scheduled
 from compile.schedules.conv import schedule_direct_conv
 
 # Float glue: 8 float32 lanes (one AVX2 register). 16 lanes, what LLVM reports even for
@@ -79,19 +80,17 @@ def default_cpu_schedules(prepared: tvm.IRModule, target: tvm.target.Target) -> 
     """
     lanes = float_lanes(target)
     for gvar, func in prepared.functions_items():
-        if isinstance(func, tirx.PrimFunc) and not _is_scheduled(func):
+        if isinstance(func, tirx.PrimFunc) and not is_scheduled(func):
             scheduled = schedule_direct_conv(func, lanes)
             if scheduled is not None:
                 prepared[gvar] = scheduled.with_attr("tirx.is_scheduled", True)
     with target:
         prepared = dlight.ApplyDefaultSchedule(dlight.cpu.Reduction())(prepared)
     for gvar, func in prepared.functions_items():
-        if isinstance(func, tirx.PrimFunc) and not _is_scheduled(func):
+        if isinstance(func, tirx.PrimFunc) and not is_scheduled(func):
             scheduled = _schedule_injective(func)
             if scheduled is not None:
                 prepared[gvar] = scheduled.with_attr("tirx.is_scheduled", True)
     return prepared
 
 
-def _is_scheduled(func: tirx.PrimFunc) -> bool:
-    return bool(func.attrs and func.attrs.get("tirx.is_scheduled", False))

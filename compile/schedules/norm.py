@@ -14,11 +14,13 @@ from tvm import tirx
 from tvm.s_tir import Schedule
 from tvm.s_tir.schedule import ScheduleError
 
+from compile.schedules import is_scheduled
+
 
 def schedule_instance_norms(mod: tvm.IRModule, vector_lanes: int) -> tvm.IRModule:
     """Every unscheduled kernel of `mod` of the channel-reduction form, scheduled and marked so."""
     for gvar, func in mod.functions_items():
-        if isinstance(func, tirx.PrimFunc) and not (func.attrs and func.attrs.get("tirx.is_scheduled", False)):
+        if isinstance(func, tirx.PrimFunc) and not is_scheduled(func):
             scheduled = schedule_channel_reduction(func, vector_lanes)
             if scheduled is not None:
                 mod[gvar] = scheduled.with_attr("tirx.is_scheduled", True)

@@ -32,7 +32,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 from tvm.topi.nn.winograd_util import _cook_toom_convolution, _interpolation_points
 
-from compile import bf16
+from compile import OPAQUE_PATTERN, bf16
 
 TILE = 4  # output pixels per tile side
 KERNEL = 3
@@ -95,8 +95,8 @@ def zero_pad(shape: tuple[int, ...], padding: tuple[int, int, int, int]) -> tirx
     batch, channel, *_ = sch.get_loops(sch.get_sblock("padded"))
     sch.parallel(sch.fuse(batch, channel))
     scheduled = sch.mod["main"].without_attr("global_symbol")
-    # opaque (kOpaque = 8): left injective, FuseOps would join it to its producer again
-    return scheduled.with_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+    # opaque: left injective, FuseOps would join it to its producer again
+    return scheduled.with_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE_PATTERN})
 
 
 def data_transform(batch: int, channels: int, height: int, width: int, bf16_pairs: bool = False) -> tirx.PrimFunc:
@@ -198,12 +198,12 @@ def _is_op(call: relax.Call, name: str) -> bool:
     return isinstance(call.op, tvm.ir.Op) and call.op.name == name
 
 
-def conv_weight(call: relax.Call, mutator: relax.PyExprMutator) -> np.ndarray | None:
+def _conv_weight(call: relax.Call, mutator: relax.PyExprMutator) -> np.ndarray | None:
     """The constant weight of a conv2d call; None for another call or a weight computed at run time."""
     return constant_of(call.args[1], mutator) if _is_op(call, "relax.nn.conv2d") else None
 
 
-def channel_bias(add: relax.Call, mutator: relax.PyExprMutator, kernels: set) -> tuple[relax.Call, np.ndarray] | None:
+def _channel_bias(add: relax.Call, mutator: relax.PyExprMutator, kernels: set) -> tuple[relax.Call, np.ndarray] | None:
     """Where `add` adds a float32 constant of one value per channel ([1, K, 1, 1] or [K, 1, 1]) to the
     output of a call_tir of one of `kernels`: (that call, the K values), for the kernel to add instead."""
     kernel_out, bias = add.args
@@ -241,23 +241,48 @@ def applies(call: relax.Call, weight: np.ndarray | None) -> bool:
     return eligible(weight.shape[1], weight.shape[0], out_shape[2], out_shape[3])
 
 
-@relax.expr_functor.mutator
-class _WinogradRewriter(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, lanes: int, bf16: bool) -> None:
+class ConvRewriter(relax.PyExprMutator):
+    """Replaces each conv2d call with constant weights that `accepts` by what `rewrite` returns, and an
+    add of a constant per-channel bias to the output of one of the `kernels` it emitted by what
+    `with_bias` returns. Subclasses, decorated with `relax.expr_functor.mutator`, supply the three;
+    `rewrite_convs` runs one over a module."""
+
+    def __init__(self, mod: tvm.IRModule) -> None:
         super().__init__(mod)
-        self.lanes = lanes
-        self.bf16 = bf16
         self.rewritten = 0
-        self.unbiased_inverses: set[relax.GlobalVar] = set()  # inverse transforms a bias may fold into
+        self.kernels: set[relax.GlobalVar] = set()  # kernels a following bias add may fold into
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
         if _is_op(call, "relax.add"):
-            return self._fold_bias(call)
-        weight = conv_weight(call, self)
-        if not applies(call, weight):
+            found = _channel_bias(call, self, self.kernels)
+            return call if found is None else self.with_bias(call, *found)
+        weight = _conv_weight(call, self)
+        if not self.accepts(call, weight):
             return call
         self.rewritten += 1
+        return self.rewrite(call, weight)
+
+
+def rewrite_convs(rewriter: ConvRewriter, mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
+    """`rewriter` run over every Relax function of `mod`; returns (module, how many convs it rewrote)."""
+    for gvar, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gvar, relax.analysis.remove_all_unused(rewriter.visit_expr(func)))
+    return rewriter.builder_.get(), rewriter.rewritten
+
+
+@relax.expr_functor.mutator
+class _WinogradRewriter(ConvRewriter):
+    def __init__(self, mod: tvm.IRModule, lanes: int, bf16: bool) -> None:
+        super().__init__(mod)
+        self.lanes = lanes
+        self.bf16 = bf16
+
+    def accepts(self, call: relax.Call, weight: np.ndarray | None) -> bool:
+        return applies(call, weight)
+
+    def rewrite(self, call: relax.Call, weight: np.ndarray) -> relax.Expr:
         data = call.args[0]
         top, left, bottom, right = (int(p) for p in call.attrs.padding)
         if top or left or bottom or right:
@@ -292,28 +317,19 @@ class _WinogradRewriter(relax.PyExprMutator):
     def _inverse(self, m: relax.Expr, shape: tuple[int, ...], bias: np.ndarray | None) -> relax.Call:
         inverse = self.builder_.add_func(inverse_transform(*shape, bias is not None), "winograd_inverse_transform")
         if bias is None:
-            self.unbiased_inverses.add(inverse)
+            self.kernels.add(inverse)
         args = [m] if bias is None else [m, relax.const(bias)]
         return relax.call_tir(inverse, args, relax.TensorType(shape, "float32"))
 
-    def _fold_bias(self, call: relax.Call) -> relax.Expr:
-        """add(winograd conv, constant [1, K, 1, 1]) -> the inverse transform adding the bias: one
-        pass over the output instead of two."""
-        found = channel_bias(call, self, self.unbiased_inverses)
-        if found is None:
-            return call
-        inverse, bias = found
+    def with_bias(self, add: relax.Call, inverse: relax.Call, bias: np.ndarray) -> relax.Expr:
+        """The inverse transform adding the bias: one pass over the output instead of two."""
         return self._inverse(inverse.args[1].fields[0], static_shape(inverse), bias)
 
 
 def winograd_convs(mod: tvm.IRModule, lanes: int, bf16_products: bool = False) -> tuple[tvm.IRModule, int]:
     """Rewrite every eligible convolution of `mod`'s Relax functions for a CPU with `lanes`-float
     vectors, with `bf16_products` on bf16 operands (compile/bf16.py); returns (module, how many)."""
-    rewriter = _WinogradRewriter(mod, lanes, bf16_products)
-    for gvar, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            rewriter.builder_.update_func(gvar, relax.analysis.remove_all_unused(rewriter.visit_expr(func)))
-    return rewriter.builder_.get(), rewriter.rewritten
+    return rewrite_convs(_WinogradRewriter(mod, lanes, bf16_products), mod)
 
 
 def point_products(out_channels: int, channels: int, tiles: int, lanes: int) -> tirx.PrimFunc:
