@@ -71,6 +71,22 @@ def test_products_block_multiplies_bf16_pairs_in_float32(batch, rows, channels, 
     np.testing.assert_allclose(m.numpy(), expected, rtol=0, atol=1e-4 * np.abs(expected).max())
 
 
+def test_reflected_data_transform_is_the_transform_of_the_padded_input(bf16_target):
+    shape = (2, 4, 16, 32)  # 8 tiles a row; 2 channel pairs
+    x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="reflect")
+    tiles = 2 * 4 * 8
+    for paired, dtype, channels in ((False, "float32", 4), (True, "uint32", 2)):
+        outputs = []
+        for source, reflected in ((padded, False), (x, True)):
+            func = data_transform(*source.shape, bf16_pairs=paired, reflected=reflected)
+            out = tvm.runtime.tensor(np.zeros((ALPHA * ALPHA, channels, tiles), dtype))
+            tvm.compile(tvm.IRModule({"transform": func.with_attr("global_symbol", "transform")}), bf16_target)[
+                "transform"](tvm.runtime.tensor(source), out)
+            outputs.append(out.numpy())
+        np.testing.assert_array_equal(outputs[1], outputs[0])
+
+
 def test_bf16_data_transform_is_the_float_transform_rounded_and_paired(bf16_target):
     shape = (2, 6, 18, 34)  # 4 x 8 tiles per item; 3 channel pairs
     x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)

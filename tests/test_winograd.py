@@ -53,6 +53,24 @@ def test_winograd_conv_matches_torch(batch, channels, out_channels, height, widt
     assert np.abs(got - expected).max() <= RELATIVE_TOLERANCE * np.abs(expected).max()
 
 
+@pytest.mark.parametrize("height, width, reads_pad", [
+    (32, 32, True),  # a residual trunk at 128x128 input: 8 tiles a row, one vector step
+    (16, 64, True),  # 16 tiles a row; taller than wide
+    (32, 40, False),  # 10 tiles a row: several steps, so the pad stays a kernel of its own
+])
+def test_reflection_pad_is_read_by_the_data_transform(height, width, reads_pad, host_target):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.ReflectionPad2d(1), torch.nn.Conv2d(64, 48, 3), torch.nn.ReLU()).eval()
+    shape = (1, 64, height, width)
+    mod, rewritten = winograd_convs(torch_to_relax(net, shape, "conv"), float_lanes(host_target))
+    assert rewritten == 1 and _op_count(mod, "relax.take") == (0 if reads_pad else 2)
+    x = np.random.default_rng(1).standard_normal(shape).astype("float32")
+    got = relax.VirtualMachine(tvm.compile(mod, host_target), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    with torch.inference_mode():
+        expected = net(torch.from_numpy(x)).numpy()
+    assert np.abs(got - expected).max() <= RELATIVE_TOLERANCE * np.abs(expected).max()
+
+
 @pytest.mark.parametrize(
     "conv, shape",
     [

@@ -99,16 +99,19 @@ def zero_pad(shape: tuple[int, ...], padding: tuple[int, int, int, int]) -> tirx
     return scheduled.with_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE_PATTERN})
 
 
-def data_transform(batch: int, channels: int, height: int, width: int, bf16_pairs: bool = False) -> tirx.PrimFunc:
+def data_transform(batch: int, channels: int, height: int, width: int, bf16_pairs: bool = False,
+                   reflected: bool = False) -> tirx.PrimFunc:
     """[N, C, H, W] (already padded) -> V [36, C, P] float32, P = N x tile rows x tile columns; with
     `bf16_pairs`, V [36, C/2, P] uint32, each word two adjacent channels' values rounded to bf16
-    (compile/bf16.py's operand layout: channel 2i in the low half).
+    (compile/bf16.py's operand layout: channel 2i in the low half). With `reflected`, the input is
+    unpadded and the transform reads it reflection-padded by one pixel (`reflection_fits` says where).
 
     Each step transforms `lanes` tiles of a tile row at once: column s of tile t is input column
     TILE t + s; columns 0-3 come from a load at the tiles' start, 4-5 from one two columns later
     (as its columns 2-3), which ends inside the padded row.
     """
-    rows, cols = (height - KERNEL + 1) // TILE, (width - KERNEL + 1) // TILE
+    pad = 2 if reflected else 0
+    rows, cols = (height + pad - KERNEL + 1) // TILE, (width + pad - KERNEL + 1) // TILE
     lanes = _vector_tiles(cols)
     group = 2 if bf16_pairs else 1  # channels per stored value
     with IRBuilder() as ib, T.prim_func(private=True):
@@ -119,8 +122,9 @@ def data_transform(batch: int, channels: int, height: int, width: int, bf16_pair
         with T.sblock("root"), T.parallel(0, batch * (channels // group)) as bc, T.serial(0, rows) as row, \
                 T.serial(0, cols // lanes) as chunk:
             n, c, col = bc // (channels // group), bc % (channels // group), chunk * lanes
-            points = [_transformed_tiles(x, [n, c * group + member, row * TILE], col * TILE, lanes)
-                      for member in range(group)]
+            tile_rows = [[n, c * group + member, row * TILE] for member in range(group)]
+            points = [_reflected_tiles(x, index, height, width, lanes) if reflected else
+                      _transformed_tiles(x, index, col * TILE, lanes) for index in tile_rows]
             tile = (n * rows + row) * cols + col
             tiles = tirx.Ramp(tile, 1, lanes) if lanes > 1 else tile
             for point in range(ALPHA * ALPHA):
@@ -129,17 +133,47 @@ def data_transform(batch: int, channels: int, height: int, width: int, bf16_pair
     return ib.get()
 
 
+def reflection_fits(width: int) -> bool:
+    """Whether `data_transform` can read a `width`-wide input reflection-padded: its tile row is one
+    vector step (up to 16 tiles, 64 columns), so both borders are known when the code is written."""
+    cols = width // TILE
+    return width % TILE == 0 and cols > 1 and _vector_tiles(cols) == cols
+
+
+def _reflect(index, size: int):
+    """Index into a dimension of `size` reflection-padded by one: -1 -> 1, size -> size - 2."""
+    last = size - 1
+    if isinstance(index, int):
+        return last - abs(last - abs(index))
+    return last - tirx.abs(last - tirx.abs(index))
+
+
+def _transform_rows(d: list) -> list:
+    """B^T d B from the 6 x 6 input values `d[r][s]` (each `lanes` tiles wide), as 36 expressions
+    (point e * ALPHA + f): 2 x 6 short sums per point instead of 36 products."""
+    left = [[T.bind(_combine(B[:, e], [d[r][s] for r in range(ALPHA)])) for s in range(ALPHA)] for e in range(ALPHA)]
+    return [_combine(B[:, f], left[e]) for e in range(ALPHA) for f in range(ALPHA)]
+
+
 def _transformed_tiles(x, row_index: list, start, lanes: int) -> list:
-    """B^T d B of `lanes` tiles of one channel's tile row, as 36 expressions (point e * ALPHA + f):
-    2 x 6 short sums per point instead of 36 products."""
+    """The transformed points of `lanes` tiles of one channel's tile row of a padded input."""
     d = []
     for r in range(ALPHA):
         index = [*row_index[:2], row_index[2] + r]
         first = _row_columns(x, index, start, lanes)
         shifted = _row_columns(x, index, start + 2, lanes)
         d.append(first + shifted[2:])
-    left = [[T.bind(_combine(B[:, e], [d[r][s] for r in range(ALPHA)])) for s in range(ALPHA)] for e in range(ALPHA)]
-    return [_combine(B[:, f], left[e]) for e in range(ALPHA) for f in range(ALPHA)]
+    return _transform_rows(d)
+
+
+def _reflected_tiles(x, row_index: list, height: int, width: int, lanes: int) -> list:
+    """The same for a whole tile row of the unpadded input read reflection-padded: each input row is
+    one load, its six column phases (border columns reflected) picked out by shuffles."""
+    d = []
+    for r in range(ALPHA):
+        row = tirx.BufferLoad(x, [*row_index[:2], _reflect(row_index[2] + r - 1, height), tirx.Ramp(0, 1, width)])
+        d.append([tirx.Shuffle([row], [_reflect(TILE * t + s - 1, width) for t in range(lanes)]) for s in range(ALPHA)])
+    return _transform_rows(d)
 
 
 def inverse_transform(batch: int, channels: int, out_height: int, out_width: int, bias: bool) -> tirx.PrimFunc:
@@ -216,6 +250,47 @@ def _channel_bias(add: relax.Call, mutator: relax.PyExprMutator, kernels: set) -
     return bound, values.reshape(-1)
 
 
+_INDEX_ARITHMETIC = {"relax.abs": np.abs, "relax.add": np.add, "relax.subtract": np.subtract}
+
+
+def _index_values(expr: relax.Expr, mutator: relax.PyExprMutator) -> np.ndarray | None:
+    """The values of an index tensor computed from constants and aranges by abs, add and subtract
+    (how torch.export writes a reflection pad's indices); None for anything else."""
+    value = constant_of(expr, mutator)
+    if value is not None or not isinstance(expr, relax.Var):
+        return value
+    bound = mutator.lookup_binding(expr)
+    if not isinstance(bound, relax.Call) or not isinstance(bound.op, tvm.ir.Op):
+        return None
+    if bound.op.name == "relax.arange":
+        bounds = list(bound.args)
+        return np.arange(*(b.value for b in bounds)) if all(isinstance(b, tirx.IntImm) for b in bounds) else None
+    operation = _INDEX_ARITHMETIC.get(bound.op.name)
+    operands = [_index_values(arg, mutator) for arg in bound.args] if operation else [None]
+    return None if any(o is None for o in operands) else operation(*operands)
+
+
+def reflection_padded(data: relax.Expr, mutator: relax.PyExprMutator) -> relax.Expr | None:
+    """x where `data` is x reflection-padded by one pixel on each side, as torch.export writes
+    ReflectionPad2d(1): a take along the rows then one along the columns, each with indices computed
+    from an arange."""
+    takes = []
+    for _ in range(2):
+        bound = mutator.lookup_binding(data) if isinstance(data, relax.Var) else None
+        if not (isinstance(bound, relax.Call) and _is_op(bound, "relax.take")):
+            return None
+        takes.append(bound)
+        data = bound.args[0]
+    shape = static_shape(data)
+    if shape is None or len(shape) != 4 or {int(take.attrs.axis) for take in takes} != {2, 3}:
+        return None
+    for take in takes:
+        size, indices = shape[int(take.attrs.axis)], _index_values(take.args[1], mutator)
+        if indices is None or indices.tolist() != [_reflect(i - 1, size) for i in range(size + 2)]:
+            return None
+    return data
+
+
 def eligible(in_channels: int, out_channels: int, out_height: int, out_width: int) -> bool:
     """Shapes where Winograd pays: enough channels both ways, and whole 4x4 tiles, enough of them."""
     whole_tiles = out_height % TILE == 0 and out_width % TILE == 0
@@ -283,32 +358,34 @@ class _WinogradRewriter(ConvRewriter):
         return applies(call, weight)
 
     def rewrite(self, call: relax.Call, weight: np.ndarray) -> relax.Expr:
-        data = call.args[0]
+        data, reflected = call.args[0], False
         top, left, bottom, right = (int(p) for p in call.attrs.padding)
         if top or left or bottom or right:
             n, c, h, w = static_shape(data)
             pad = self.builder_.add_func(zero_pad((n, c, h, w), (top, left, bottom, right)), "winograd_zero_pad")
             padded = relax.TensorType((n, c, h + top + bottom, w + left + right), "float32")
             data = self.builder_.emit(relax.call_tir(pad, [data], padded))
+        else:
+            unpadded = reflection_padded(data, self)
+            if unpadded is not None and reflection_fits(static_shape(unpadded)[3]):
+                data, reflected = unpadded, True
         batch, channels, height, width = static_shape(data)
         _, out_channels, out_height, out_width = static_shape(call)
         tiles = batch * (out_height // TILE) * (out_width // TILE)
         points = ALPHA * ALPHA
         m_type = relax.TensorType((points, out_channels, tiles), "float32")
         u = transform_weight(weight)
-        if self.bf16 and bf16.winograd_products_apply(channels):  # on bf16 pairs of adjacent channels
-            transform = self.builder_.add_func(data_transform(batch, channels, height, width, bf16_pairs=True),
-                                               "winograd_data_transform_bf16")
-            v = self.builder_.emit(
-                relax.call_tir(transform, [data], relax.TensorType((points, channels // 2, tiles), "uint32")))
+        paired = self.bf16 and bf16.winograd_products_apply(channels)  # bf16 pairs of adjacent channels
+        transform = self.builder_.add_func(data_transform(batch, channels, height, width, paired, reflected),
+                                           "winograd_data_transform_bf16" if paired else "winograd_data_transform")
+        v_type = relax.TensorType((points, channels // 2, tiles), "uint32") if paired else \
+            relax.TensorType((points, channels, tiles), "float32")
+        v = self.builder_.emit(relax.call_tir(transform, [data], v_type))
+        if paired:
             products = self.builder_.add_func(bf16.products(points, out_channels, channels, tiles),
                                               "winograd_products_bf16")
             m = self.builder_.emit(relax.call_tir(products, [relax.const(bf16.pack_rows(u)), v], m_type))
         else:
-            transform = self.builder_.add_func(data_transform(batch, channels, height, width),
-                                               "winograd_data_transform")
-            v = self.builder_.emit(
-                relax.call_tir(transform, [data], relax.TensorType((points, channels, tiles), "float32")))
             products = self.builder_.add_func(point_products(out_channels, channels, tiles, self.lanes),
                                               "winograd_products")
             m = self.builder_.emit(relax.call_tir(products, [relax.const(u), v], m_type))
