@@ -13,6 +13,7 @@ from compile import BF16_ATTR
 from compile.rewrites import fuse_friendly
 from compile.schedules.bf16_conv import bf16_direct_convs
 from compile.schedules.norm import schedule_instance_norms
+from compile.schedules.pad import reflection_pads
 from compile.schedules.winograd import winograd_convs
 
 
@@ -26,7 +27,8 @@ def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
 
     On CPUs the large 3x3 convolutions become hand-scheduled Winograd kernels (compile/schedules/winograd.py);
     in a module marked for bf16 (`compile.BF16_ATTR`) their products and the other convolutions
-    multiply in bf16 (compile/bf16.py, compile/schedules/bf16_conv.py). Pads and an output tanh join
+    multiply in bf16 (compile/bf16.py, compile/schedules/bf16_conv.py). Reflection pads the importer
+    wrote as gathers become one vectorized kernel (compile/schedules/pad.py). Zero pads and an output tanh join
     the convolutions next to them (compile/rewrites.py), and tanh becomes TVM's fast rational
     approximation: LLVM otherwise calls libm's scalar expf per element (0.45 ms of a U-Net's RGB
     output, 49k values), and the approximation is ~1e-7 from libm. After legalization and fusion the
@@ -36,6 +38,7 @@ def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         mod = winograd_convs(mod, float_lanes(target), in_bf16)[0]
         if in_bf16:
             mod = bf16_direct_convs(mod)[0]
+        mod = reflection_pads(mod)[0]
         mod = relax.transform.FastMathTransform()(fuse_friendly(mod)[0])
     with target:
         mod = tvm.transform.Sequential(

@@ -12,7 +12,8 @@ import tvm
 from tvm import relax
 
 from compile import bf16
-from compile.schedules.winograd import ConvRewriter, constant_of, rewrite_convs, static_shape
+from compile.schedules.graph import constant_of, static_shape
+from compile.schedules.winograd import ConvRewriter, rewrite_convs
 
 
 def applies(call: relax.Call, weight: np.ndarray | None) -> bool:

@@ -25,14 +25,15 @@ from __future__ import annotations
 
 import numpy as np
 import tvm
-from tvm import relax, te, tirx, topi
-from tvm.ir import GenericConst
+from tvm import relax, te, tirx
 from tvm.s_tir import Schedule
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 from tvm.topi.nn.winograd_util import _cook_toom_convolution, _interpolation_points
 
-from compile import OPAQUE_PATTERN, bf16
+from compile import bf16
+from compile.schedules.graph import bound_call, constant_of, is_op, rewrite_functions, static_shape
+from compile.schedules.pad import reflect, reflection_padded, zero_pad
 
 TILE = 4  # output pixels per tile side
 KERNEL = 3
@@ -84,21 +85,6 @@ def _row_columns(buffer, index: list, start, lanes: int) -> list:
     return [tirx.Shuffle([row], [phase + TILE * t for t in range(lanes)]) for phase in range(TILE)]
 
 
-def zero_pad(shape: tuple[int, ...], padding: tuple[int, int, int, int]) -> tirx.PrimFunc:
-    """NCHW zero padding (top, left, bottom, right) as its own scheduled kernel: as a Relax pad,
-    FuseOps joined it to the instance norm before it, whose channel-parallel schedule then no
-    longer applied (0.6 ms instead of 0.05 for a 64x64x64 norm)."""
-    top, left, bottom, right = padding
-    data = te.placeholder(shape, "float32", name="data")
-    padded = topi.nn.pad(data, [0, 0, top, left], [0, 0, bottom, right], name="padded")
-    sch = Schedule(te.create_prim_func([data, padded]))
-    batch, channel, *_ = sch.get_loops(sch.get_sblock("padded"))
-    sch.parallel(sch.fuse(batch, channel))
-    scheduled = sch.mod["main"].without_attr("global_symbol")
-    # opaque: left injective, FuseOps would join it to its producer again
-    return scheduled.with_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE_PATTERN})
-
-
 def data_transform(batch: int, channels: int, height: int, width: int, bf16_pairs: bool = False,
                    reflected: bool = False) -> tirx.PrimFunc:
     """[N, C, H, W] (already padded) -> V [36, C, P] float32, P = N x tile rows x tile columns; with
@@ -140,14 +126,6 @@ def reflection_fits(width: int) -> bool:
     return width % TILE == 0 and cols > 1 and _vector_tiles(cols) == cols
 
 
-def _reflect(index, size: int):
-    """Index into a dimension of `size` reflection-padded by one: -1 -> 1, size -> size - 2."""
-    last = size - 1
-    if isinstance(index, int):
-        return last - abs(last - abs(index))
-    return last - tirx.abs(last - tirx.abs(index))
-
-
 def _transform_rows(d: list) -> list:
     """B^T d B from the 6 x 6 input values `d[r][s]` (each `lanes` tiles wide), as 36 expressions
     (point e * ALPHA + f): 2 x 6 short sums per point instead of 36 products."""
@@ -171,8 +149,8 @@ def _reflected_tiles(x, row_index: list, height: int, width: int, lanes: int) ->
     one load, its six column phases (border columns reflected) picked out by shuffles."""
     d = []
     for r in range(ALPHA):
-        row = tirx.BufferLoad(x, [*row_index[:2], _reflect(row_index[2] + r - 1, height), tirx.Ramp(0, 1, width)])
-        d.append([tirx.Shuffle([row], [_reflect(TILE * t + s - 1, width) for t in range(lanes)]) for s in range(ALPHA)])
+        row = tirx.BufferLoad(x, [*row_index[:2], reflect(row_index[2] + r, height), tirx.Ramp(0, 1, width)])
+        d.append([tirx.Shuffle([row], [reflect(TILE * t + s, width) for t in range(lanes)]) for s in range(ALPHA)])
     return _transform_rows(d)
 
 
@@ -208,87 +186,22 @@ def inverse_transform(batch: int, channels: int, out_height: int, out_width: int
     return ib.get()
 
 
-def constant_of(expr: relax.Expr, mutator: relax.PyExprMutator) -> np.ndarray | None:
-    """The values of a constant, looking through bindings and reshapes (the importer reshapes a
-    bias to [1, C, 1, 1]); their shape may differ from `expr`'s."""
-    while True:
-        if isinstance(expr, relax.Var):
-            expr = mutator.lookup_binding(expr)
-        elif isinstance(expr, relax.Call) and expr.op == tvm.ir.Op.get("relax.reshape"):
-            expr = expr.args[0]
-        else:
-            return expr.value.numpy() if isinstance(expr, GenericConst) else None
-
-
-def static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
-    ty = expr.ty
-    if not isinstance(ty, relax.TensorType) or ty.shape is None:
-        return None
-    dims = list(ty.shape)
-    return tuple(int(d) for d in dims) if all(isinstance(d, tvm.tirx.IntImm) for d in dims) else None
-
-
-def _is_op(call: relax.Call, name: str) -> bool:
-    return isinstance(call.op, tvm.ir.Op) and call.op.name == name
-
-
 def _conv_weight(call: relax.Call, mutator: relax.PyExprMutator) -> np.ndarray | None:
     """The constant weight of a conv2d call; None for another call or a weight computed at run time."""
-    return constant_of(call.args[1], mutator) if _is_op(call, "relax.nn.conv2d") else None
+    return constant_of(call.args[1], mutator) if is_op(call, "relax.nn.conv2d") else None
 
 
 def _channel_bias(add: relax.Call, mutator: relax.PyExprMutator, kernels: set) -> tuple[relax.Call, np.ndarray] | None:
     """Where `add` adds a float32 constant of one value per channel ([1, K, 1, 1] or [K, 1, 1]) to the
     output of a call_tir of one of `kernels`: (that call, the K values), for the kernel to add instead."""
     kernel_out, bias = add.args
-    bound = mutator.lookup_binding(kernel_out) if isinstance(kernel_out, relax.Var) else None
-    if not (isinstance(bound, relax.Call) and _is_op(bound, "relax.call_tir") and bound.args[0] in kernels):
+    bound = bound_call(kernel_out, mutator, "relax.call_tir")
+    if bound is None or bound.args[0] not in kernels:
         return None
     shape, values = static_shape(bound), constant_of(bias, mutator)
     if values is None or values.dtype != np.float32 or static_shape(bias) not in ((1, shape[1], 1, 1), (shape[1], 1, 1)):
         return None
     return bound, values.reshape(-1)
-
-
-_INDEX_ARITHMETIC = {"relax.abs": np.abs, "relax.add": np.add, "relax.subtract": np.subtract}
-
-
-def _index_values(expr: relax.Expr, mutator: relax.PyExprMutator) -> np.ndarray | None:
-    """The values of an index tensor computed from constants and aranges by abs, add and subtract
-    (how torch.export writes a reflection pad's indices); None for anything else."""
-    value = constant_of(expr, mutator)
-    if value is not None or not isinstance(expr, relax.Var):
-        return value
-    bound = mutator.lookup_binding(expr)
-    if not isinstance(bound, relax.Call) or not isinstance(bound.op, tvm.ir.Op):
-        return None
-    if bound.op.name == "relax.arange":
-        bounds = list(bound.args)
-        return np.arange(*(b.value for b in bounds)) if all(isinstance(b, tirx.IntImm) for b in bounds) else None
-    operation = _INDEX_ARITHMETIC.get(bound.op.name)
-    operands = [_index_values(arg, mutator) for arg in bound.args] if operation else [None]
-    return None if any(o is None for o in operands) else operation(*operands)
-
-
-def reflection_padded(data: relax.Expr, mutator: relax.PyExprMutator) -> relax.Expr | None:
-    """x where `data` is x reflection-padded by one pixel on each side, as torch.export writes
-    ReflectionPad2d(1): a take along the rows then one along the columns, each with indices computed
-    from an arange."""
-    takes = []
-    for _ in range(2):
-        bound = mutator.lookup_binding(data) if isinstance(data, relax.Var) else None
-        if not (isinstance(bound, relax.Call) and _is_op(bound, "relax.take")):
-            return None
-        takes.append(bound)
-        data = bound.args[0]
-    shape = static_shape(data)
-    if shape is None or len(shape) != 4 or {int(take.attrs.axis) for take in takes} != {2, 3}:
-        return None
-    for take in takes:
-        size, indices = shape[int(take.attrs.axis)], _index_values(take.args[1], mutator)
-        if indices is None or indices.tolist() != [_reflect(i - 1, size) for i in range(size + 2)]:
-            return None
-    return data
 
 
 def eligible(in_channels: int, out_channels: int, out_height: int, out_width: int) -> bool:
@@ -329,7 +242,7 @@ class ConvRewriter(relax.PyExprMutator):
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
-        if _is_op(call, "relax.add"):
+        if is_op(call, "relax.add"):
             found = _channel_bias(call, self, self.kernels)
             return call if found is None else self.with_bias(call, *found)
         weight = _conv_weight(call, self)
@@ -341,10 +254,7 @@ class ConvRewriter(relax.PyExprMutator):
 
 def rewrite_convs(rewriter: ConvRewriter, mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
     """`rewriter` run over every Relax function of `mod`; returns (module, how many convs it rewrote)."""
-    for gvar, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            rewriter.builder_.update_func(gvar, relax.analysis.remove_all_unused(rewriter.visit_expr(func)))
-    return rewriter.builder_.get(), rewriter.rewritten
+    return rewrite_functions(rewriter, mod), rewriter.rewritten
 
 
 @relax.expr_functor.mutator
@@ -366,9 +276,9 @@ class _WinogradRewriter(ConvRewriter):
             padded = relax.TensorType((n, c, h + top + bottom, w + left + right), "float32")
             data = self.builder_.emit(relax.call_tir(pad, [data], padded))
         else:
-            unpadded = reflection_padded(data, self)
-            if unpadded is not None and reflection_fits(static_shape(unpadded)[3]):
-                data, reflected = unpadded, True
+            found = reflection_padded(data, self)
+            if found is not None and found[1] == 1 and reflection_fits(static_shape(found[0])[3]):
+                data, reflected = found[0], True
         batch, channels, height, width = static_shape(data)
         _, out_channels, out_height, out_width = static_shape(call)
         tiles = batch * (out_height // TILE) * (out_width // TILE)
