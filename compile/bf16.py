@@ -144,11 +144,13 @@ LANES = 16  # float32 lanes of a zmm register: output columns per vector
 
 @dataclass(frozen=True)
 class ConvBlock:
-    """One of gemm_bf16.c's direct conv blocks: `rows` output channels x `vecs` vectors of columns."""
+    """One of gemm_bf16.c's direct conv blocks: `rows` output channels x `vecs` vectors of columns; a
+    block for narrow rows fills each vector with whole output rows, `image_rows` of them per call."""
 
     function: str
     rows: int
     vecs: int
+    image_rows: int = 1
 
     @property
     def columns(self) -> int:
@@ -157,13 +159,19 @@ class ConvBlock:
 
 WIDE_BLOCK = ConvBlock("lwgan_conv_bf16_block", 8, 2)
 NARROW_BLOCK = ConvBlock("lwgan_conv_bf16_block_narrow", 4, 4)  # RGB outputs: 3 of 4 rows busy, not 3 of 8
+ROW_BLOCKS = {16: ConvBlock("lwgan_conv_bf16_rows16", 8, 2, 2), 8: ConvBlock("lwgan_conv_bf16_rows8", 8, 2, 4)}
 
 
-def conv_block(out_channels: int, out_width: int) -> ConvBlock | None:
-    """The block for a conv's output, or None where bf16 would not pay: a row narrower than the block's
-    columns leaves lanes idle (a U-Net's 8-wide convs ran 1.7x slower than their fp32 kernels)."""
+def conv_block(out_channels: int, out_height: int, out_width: int) -> ConvBlock | None:
+    """The block for a conv's output, or None where bf16 would not pay: rows of 16 or 8 columns take
+    whole rows per vector, other rows narrower than the block's columns would leave lanes idle."""
     block = NARROW_BLOCK if out_channels <= NARROW_BLOCK.rows else WIDE_BLOCK
-    return block if out_width >= block.columns else None
+    if out_width >= block.columns:
+        return block
+    rows_block = ROW_BLOCKS.get(out_width)
+    if rows_block is None or out_channels <= NARROW_BLOCK.rows or out_height % rows_block.image_rows:
+        return None
+    return rows_block
 
 
 def pack_conv_weight(weight: np.ndarray, rows: int) -> np.ndarray:
@@ -220,8 +228,9 @@ def direct_conv(packed_shape: tuple[int, ...], weight_shape: tuple[int, ...], st
         w = T.arg("w", T.buffer((blocks, pairs, kh, kw, block.rows), "uint32"))
         b = T.arg("bias", T.buffer((out_channels,), "float32"))
         out = T.arg("out", T.buffer((n, out_channels, out_h, out_w), "float32"))
-        with T.sblock("root"), T.parallel(0, n * out_h * blocks) as task:
-            item, row, k_block = task // (out_h * blocks), task // blocks % out_h, task % blocks
+        groups = out_h // block.image_rows  # output rows a call computes: one, or a narrow block's several
+        with T.sblock("root"), T.parallel(0, n * groups * blocks) as task:
+            item, row, k_block = task // (groups * blocks), task // blocks % groups, task % blocks
             T.evaluate(tirx.call_extern(
                 "int32", block.function, T.address_of(x[item, 0, 0, 0]), w.data, b.data,
                 T.address_of(out[item, 0, 0, 0]),

@@ -142,6 +142,10 @@ def _op_names(mod: tvm.IRModule) -> list[str]:
     (33, 20, 3, 2, 1, 17, 70, False),  # odd channels (a zero channel pads the last pair), 20 = 2.5 blocks, odd sizes
     (64, 64, 1, 1, 0, 8, 40, True),  # 1x1
     (16, 3, 7, 1, 3, 16, 70, True),  # an RGB output layer: the 4-channel block, 64 columns and a tail
+    (64, 32, 4, 2, 1, 32, 32, True),  # a U-Net's downsampling to 16-column rows, one a vector
+    (16, 16, 3, 1, 1, 16, 16, True),  # 16 columns, stride 1
+    (40, 16, 2, 1, 0, 9, 9, True),  # a sub-pixel phase's 2x2 conv to 8 columns: two rows in each vector
+    (32, 24, 3, 2, 1, 16, 16, False),  # 8 columns at stride 2; 24 channels = 3 blocks
 ])
 def test_direct_bf16_conv_is_torch_on_bf16_operands(channels, out_channels, kernel, stride, padding, height, width,
                                                    bias, bf16_target, tmp_path):
@@ -180,9 +184,11 @@ def test_sub_pixel_phases_of_a_transposed_conv_run_as_bf16_blocks(bf16_target, t
 
 
 def test_narrow_grouped_dilated_and_stride_3_convs_stay_float32():
-    """Rows narrower than a block's columns would leave lanes idle (32; 64 for RGB outputs' block)."""
+    """Rows narrower than a block's columns would leave lanes idle (32; 64 for RGB outputs' block), unless
+    whole rows fill its vectors (16 or 8 columns, as many rows as a block takes)."""
     for conv, shape in [(torch.nn.Conv2d(16, 3, 7, padding=3), (1, 16, 32, 32)),
-                        (torch.nn.Conv2d(16, 16, 3, padding=1), (1, 16, 16, 16)),
+                        (torch.nn.Conv2d(16, 16, 3, padding=1), (1, 16, 12, 12)),
+                        (torch.nn.Conv2d(16, 16, 3, padding=1), (1, 16, 6, 8)),
                         (torch.nn.Conv2d(16, 16, 3, padding=1, groups=2), (1, 16, 32, 32)),
                         (torch.nn.Conv2d(16, 16, 3, padding=2, dilation=2), (1, 16, 32, 32)),
                         (torch.nn.Conv2d(16, 16, 3, stride=3), (1, 16, 33, 33))]:

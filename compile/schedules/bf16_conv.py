@@ -2,7 +2,8 @@
 compile/bf16.py's `vdpbf16ps` block on bf16 pairs of channels, its bias added in the block.
 
 Which convs: constant weights, ungrouped, undilated, stride 1 or 2, NCHW, and output rows at least
-as wide as the block's columns (`bf16.conv_block`: 32, or 64 for the 4-channel block RGB outputs get).
+as wide as the block's columns (`bf16.conv_block`: 32, or 64 for the 4-channel block RGB outputs get),
+or rows of 16 or 8 columns, which a block takes several at a time.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def applies(call: relax.Call, weight: np.ndarray | None) -> bool:
     out_shape = static_shape(call)
     return strides <= set(bf16.CONV_STRIDES) and attrs.out_dtype in ("", "float32") and \
         static_shape(call.args[0]) is not None and out_shape is not None and \
-        bf16.conv_block(weight.shape[0], out_shape[3]) is not None
+        bf16.conv_block(weight.shape[0], *out_shape[2:]) is not None
 
 
 @relax.expr_functor.mutator
@@ -43,7 +44,7 @@ class _DirectRewriter(ConvRewriter):
         packed_shape = (shape[0], -(-shape[1] // 2), shape[2] + padding[0] + padding[2], shape[3] + padding[1] + padding[3])
         packed = self.builder_.emit(relax.call_tir(pack, [call.args[0]], relax.TensorType(packed_shape, "uint32")))
         out_shape = static_shape(call)
-        block = bf16.conv_block(weight.shape[0], out_shape[3])
+        block = bf16.conv_block(weight.shape[0], *out_shape[2:])
         conv = self.builder_.add_func(
             bf16.direct_conv(packed_shape, weight.shape, int(call.attrs.strides[0]), out_shape[2:], block), "bf16_conv2d")
         self.kernels.add(conv)  # several convs may share one kernel: the bias is an argument

@@ -163,3 +163,89 @@ static inline __attribute__((always_inline)) int32_t conv_block(
 
 CONV_BLOCK(lwgan_conv_bf16_block, 8, 2)
 CONV_BLOCK(lwgan_conv_bf16_block_narrow, 4, 4)
+
+/* The same block for output rows narrower than a vector (16 or 8 columns, a U-Net's inner layers):
+ * each of the `vecs` vectors holds `segs` = 16 / out_w whole output rows, so one call computes `rows`
+ * channels x vecs x segs output rows from oy0 = group x vecs x segs, every lane busy. A row's input
+ * words are contiguous (stride 1) or the even words of 32 (stride 2); with segs = 2 the second row's
+ * go to lanes 8-15 (a masked load, or the second half of the permute). Masked loads keep every read
+ * inside the padded row. */
+static inline __attribute__((always_inline)) void accumulate_rows(
+        const int rows, const int vecs, const int segs, const int stride, __m512 acc[MAX_ROWS][MAX_VECS],
+        const uint32_t *x, const uint32_t *w_block, int64_t oy0, int64_t pairs, int64_t kh, int64_t kw,
+        int64_t padded_h, int64_t padded_w) {
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    for (int64_t i = 0; i < pairs; ++i) {
+        for (int64_t ky = 0; ky < kh; ++ky) {
+            for (int64_t kx = 0; kx < kw; ++kx) {
+                const int64_t words = padded_w - kx;  /* what each row holds from its first word on */
+                const __mmask16 first_half = tail_mask(words);
+                const __mmask16 second_half = words > LANES ? tail_mask(words - LANES) : 0;
+                __m512i v[MAX_VECS];
+                _Pragma("GCC unroll 8")
+                for (int j = 0; j < vecs; ++j) {
+                    const int64_t oy = oy0 + j * segs;
+                    const uint32_t *a = x + (i * padded_h + oy * stride + ky) * padded_w + kx;
+                    const uint32_t *b = a + stride * padded_w;  /* the next output row's words */
+                    if (segs == 1 && stride == 1)
+                        v[j] = _mm512_maskz_loadu_epi32(first_half, a);
+                    else if (segs == 1)
+                        v[j] = _mm512_permutex2var_epi32(_mm512_maskz_loadu_epi32(first_half, a), even,
+                                                         _mm512_maskz_loadu_epi32(second_half, a + LANES));
+                    else if (stride == 1)
+                        v[j] = _mm512_mask_loadu_epi32(_mm512_maskz_loadu_epi32(0x00FF, a), 0xFF00, b - LANES / 2);
+                    else
+                        v[j] = _mm512_permutex2var_epi32(_mm512_maskz_loadu_epi32(first_half, a), even,
+                                                         _mm512_maskz_loadu_epi32(first_half, b));
+                }
+                const uint32_t *taps = w_block + ((i * kh + ky) * kw + kx) * rows;
+                _Pragma("GCC unroll 8")
+                for (int r = 0; r < rows; ++r) {
+                    const __m512bh weight = (__m512bh)_mm512_set1_epi32((int)taps[r]);
+                    _Pragma("GCC unroll 8")
+                    for (int j = 0; j < vecs; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], weight, (__m512bh)v[j]);
+                }
+            }
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) int32_t conv_rows_block(
+        const int rows, const int vecs, const int segs, const uint32_t *x, const uint32_t *w, const float *bias,
+        float *out, int64_t k_block, int64_t group, int64_t channels, int64_t pairs, int64_t kh, int64_t kw,
+        int64_t stride, int64_t padded_h, int64_t padded_w, int64_t out_h, int64_t out_w) {
+    const int64_t k0 = k_block * rows, oy0 = group * vecs * segs;
+    const int64_t stored_rows = channels - k0 < rows ? channels - k0 : rows;
+    const uint32_t *w_block = w + k_block * pairs * kh * kw * rows;
+    __m512 acc[MAX_ROWS][MAX_VECS];
+    _Pragma("GCC unroll 8")
+    for (int r = 0; r < rows; ++r) {
+        const __m512 start = r < stored_rows ? _mm512_set1_ps(bias[k0 + r]) : _mm512_setzero_ps();
+        _Pragma("GCC unroll 8")
+        for (int j = 0; j < vecs; ++j) acc[r][j] = start;
+    }
+    if (stride == 1)
+        accumulate_rows(rows, vecs, segs, 1, acc, x, w_block, oy0, pairs, kh, kw, padded_h, padded_w);
+    else
+        accumulate_rows(rows, vecs, segs, 2, acc, x, w_block, oy0, pairs, kh, kw, padded_h, padded_w);
+    _Pragma("GCC unroll 8")
+    for (int r = 0; r < rows; ++r) {
+        if (r < stored_rows) {
+            float *target = out + ((k0 + r) * out_h + oy0) * out_w;  /* out_w x segs = 16: vectors are contiguous */
+            _Pragma("GCC unroll 8")
+            for (int j = 0; j < vecs; ++j) _mm512_storeu_ps(target + j * LANES, acc[r][j]);
+        }
+    }
+    return 0;
+}
+
+#define CONV_ROWS_BLOCK(name, rows, vecs, segs)                                                                    \
+    int32_t name(const uint32_t *x, const uint32_t *w, const float *bias, float *out, int64_t k_block,              \
+                 int64_t group, int64_t channels, int64_t pairs, int64_t kh, int64_t kw, int64_t stride,            \
+                 int64_t padded_h, int64_t padded_w, int64_t out_h, int64_t out_w) {                                \
+        return conv_rows_block(rows, vecs, segs, x, w, bias, out, k_block, group, channels, pairs, kh, kw, stride, \
+                               padded_h, padded_w, out_h, out_w);                                                   \
+    }
+
+CONV_ROWS_BLOCK(lwgan_conv_bf16_rows16, 8, 2, 1)
+CONV_ROWS_BLOCK(lwgan_conv_bf16_rows8, 8, 2, 2)
