@@ -173,11 +173,13 @@ def test_requantizing_epilogue_rounds_half_to_even_and_clamps_like_quantize_line
 
 
 VNNI_SHAPES = [  # (C, OC, kernel, strides, padding, H, W, layout)
-    (64, 64, (3, 3), (1, 1), (1, 1, 1, 1), 10, 12, "channels"),  # residual conv: 3x3 runs direct on VNNI
+    (64, 64, (3, 3), (1, 1), (1, 1, 1, 1), 10, 12, "channels"),  # residual conv: 3x3 runs direct on VNNI; 12 wide
     (3, 16, (7, 7), (1, 1), (0, 0, 0, 0), 13, 14, "channels"),  # stem
     (16, 32, (3, 3), (2, 2), (1, 1, 1, 1), 9, 11, "channels"),  # strided downsampling
     (16, 3, (7, 7), (1, 1), (0, 0, 0, 0), 11, 40, "pixels"),  # RGB output layer: 16 pixels per vector
     (8, 3, (2, 1), (1, 1), (0, 0, 1, 0), 6, 5, "pixels"),  # sub-pixel phase conv, fewer pixels than lanes
+    (32, 24, (3, 3), (1, 1), (1, 1, 1, 1), 5, 64, "pixels"),  # rows of whole 32-pixel blocks: 3 blocks of 8 channels
+    (3, 16, (7, 7), (1, 1), (0, 0, 0, 0), 8, 38, "pixels"),  # stem on 32-wide rows: 3 channels, one zero-filled group
 ]
 VNNI_INTRINSIC_OF = {"channels": VNNI_DOT_16X4, "pixels": VNNI_PIXELS_16X4}
 

@@ -31,7 +31,8 @@ Kernels (`plan_kernel` picks one per conv and target):
   intrinsic's int32 vector width), accumulators are NCHW[lanes c] in registers per tile of 8
   output pixels, and the epilogue writes NCHW again.
 - "pixels": for fewer output channels than lanes (an RGB output layer), the lanes are output
-  pixels of one channel (8 on AVX2, 16 on VNNI) and the weights are broadcast, so no lane is wasted.
+  pixels of one channel (8 on AVX2, 16 on VNNI) and the weights are broadcast, so no lane is wasted;
+  on VNNI also for wide stride-1 layers, whose broadcast weights vpdpbusd reads from memory itself.
 - "winograd": 3x3 stride-1 convs with >= 64 channels on AVX2 run as exact integer Winograd
   F(2x2, 3x3) (compile/int8/winograd.py), since there an integer multiply costs as much as a float one.
 - "amx": on CPUs with Intel AMX, convs with whole 16-channel output blocks run as int8 matrix
@@ -58,6 +59,7 @@ from compile.int8.intrinsics import (
     INTRINSICS,
     PIXELS_INTRINSIC,
     REDUCTION,
+    VNNI_DOT_16X4,
     intrinsic_for,
     pairs_fit_int16,
     register_int8_intrinsics,
@@ -83,6 +85,12 @@ OUTPUT_TILE = 8  # output pixels per micro-kernel: 8 accumulators + weights fit 
 # int8 3x3 and 7x7 convs at 256x256 got 40% slower).
 ALIASED_PLANE_BYTES = 4096
 ALIASED_TILE = 32
+# Pixels as lanes for wide layers too, on VNNI: the broadcast weight group is vpdpbusd's own memory
+# operand ({1to16}), where the channels kernel broadcasts activations into registers first. A block
+# of 8 output channels x 2 vectors of 16 pixels: a 64 -> 64 3x3 conv at 64x64 ran 1.28 -> 0.77 ms,
+# 32 -> 32 at 64x64 0.49 -> 0.22 ms; rows of 32 ran as fast as before, narrower ones slower.
+PIXEL_CHANNEL_BLOCK = 8
+PIXEL_VECTORS = 2
 
 
 @dataclass(frozen=True)
@@ -176,9 +184,17 @@ def plan_kernel(conv: IntegerConv, input_shape: tuple[int, ...], target: tvm.tar
         return KernelPlan(AVX2_DOT_8X2_I16, winograd.LANES, "winograd")
     if saturates and not pairs_fit_int16(pack_weight(conv.weight, lanes)):
         return KernelPlan(None, PORTABLE_LANES)
-    if conv.weight.shape[0] < lanes and conv.strides == (1, 1):
+    if conv.strides == (1, 1) and (conv.weight.shape[0] < lanes or _wide_rows(conv, input_shape, intrinsic)):
         return KernelPlan(PIXELS_INTRINSIC[intrinsic], lanes, "pixels")
     return KernelPlan(intrinsic, lanes)
+
+
+def _wide_rows(conv: IntegerConv, input_shape: tuple[int, ...], intrinsic: str) -> bool:
+    """Whether a VNNI conv's output rows and channels fill whole pixel blocks (`PIXEL_CHANNEL_BLOCK`)."""
+    lanes = INTRINSICS[intrinsic][0]
+    out_channels, out_w = conv.weight.shape[0], conv.output_shape(input_shape)[3]
+    return intrinsic == VNNI_DOT_16X4 and out_channels % PIXEL_CHANNEL_BLOCK == 0 and \
+        out_w % (PIXEL_VECTORS * lanes) == 0
 
 
 def pack_weight(weight: np.ndarray, lanes: int) -> np.ndarray:
@@ -249,10 +265,16 @@ def _direct_kernel(conv: IntegerConv, input_shape: tuple[int, ...], plan: Kernel
     pixels = plan.layout == "pixels"
     lanes = plan.lanes
     oc_blocks, c_blocks = -(-out_channels // lanes), -(-channels // REDUCTION)
-    # Output pixels per micro-kernel: 8 (channel lanes) or as many pixel vectors as keep about
-    # 12 accumulators in the 16 AVX2 registers (pixel lanes).
+    # Output pixels per micro-kernel: 8 (channel lanes) or, with pixel lanes, `PIXEL_VECTORS` vectors
+    # of a block of channels, or for fewer channels as many vectors as keep about 12 accumulators in
+    # the 16 AVX2 registers.
     aliased = lanes >= 16 and kh == kw == 1 and (out_h * out_w) % ALIASED_PLANE_BYTES == 0
-    tile = min(ALIASED_TILE if aliased else OUTPUT_TILE, out_w) if not pixels else lanes * max(1, min(4, 12 // out_channels))
+    if not pixels:
+        tile = min(ALIASED_TILE if aliased else OUTPUT_TILE, out_w)
+    elif out_channels % PIXEL_CHANNEL_BLOCK == 0 and out_w % (PIXEL_VECTORS * lanes) == 0:
+        tile = PIXEL_VECTORS * lanes
+    else:
+        tile = lanes * max(1, min(4, 12 // out_channels))
     padded_w = -(-out_w // tile) * tile  # whole tiles: the extra columns are computed and dropped
     stride_h, stride_w = conv.strides
     top, left = conv.padding[:2]
@@ -383,19 +405,23 @@ def _schedule_channels(func: tirx.PrimFunc, plan: KernelPlan, tile: int) -> tirx
 
 
 def _schedule_pixels(func: tirx.PrimFunc, plan: KernelPlan, tile: int) -> tirx.PrimFunc:
-    """Micro-kernel: every output channel x `tile` pixels of a row (`tile / lanes` vectors),
-    accumulators in registers over the whole reduction; rows split over the cores."""
+    """Micro-kernel: a block of output channels (`PIXEL_CHANNEL_BLOCK`, or all of them where fewer or
+    not whole blocks) x `tile` pixels of a row (`tile / lanes` vectors), accumulators in registers
+    over the whole reduction; rows and channel blocks split over the cores."""
     sch = Schedule(func)
     conv = sch.get_sblock("acc")
     b, oc, y, x, rc, ry, rx, ri = sch.get_loops(conv)
+    out_channels = sch.get(oc).extent.value
+    block = PIXEL_CHANNEL_BLOCK if out_channels % PIXEL_CHANNEL_BLOCK == 0 else out_channels
+    oc_outer, oc_inner = sch.split(oc, [None, block])
     x_outer, x_vector, x_lane = sch.split(x, [None, tile // plan.lanes, plan.lanes])
-    sch.reorder(b, y, x_outer, rc, ry, rx, oc, x_vector, x_lane, ri)
+    sch.reorder(b, oc_outer, y, x_outer, rc, ry, rx, oc_inner, x_vector, x_lane, ri)
     _fuse_epilogue(sch, conv, x_outer)
-    sch.parallel(sch.fuse(b, y))
+    sch.parallel(sch.fuse(b, oc_outer, y))
     init = sch.decompose_reduction(conv, rc)
     sch.tensorize(x_lane, plan.intrinsic)
     sch.unroll(x_vector)
-    sch.unroll(oc)
+    sch.unroll(oc_inner)
     sch.vectorize(sch.get_loops(init)[-1])
     epilogue_x = sch.get_loops(sch.get_sblock("epilogue"))[-1]
     sch.vectorize(sch.split(epilogue_x, [None, plan.lanes])[1])
