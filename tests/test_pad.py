@@ -32,6 +32,37 @@ def test_reflection_pad_kernel_matches_torch(pad, shape, host_target):
     np.testing.assert_array_equal(got, net(torch.from_numpy(x)).numpy())
 
 
+class _UpsampleConv(torch.nn.Module):
+    """A style-transfer decoder layer: nearest x2 upsampling, reflection pad, conv."""
+
+    def __init__(self, pad: int) -> None:
+        super().__init__()
+        self.layer = torch.nn.Sequential(torch.nn.Upsample(scale_factor=2, mode="nearest"),
+                                         torch.nn.ReflectionPad2d(pad), torch.nn.Conv2d(8, 8, 2 * pad + 1))
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+@pytest.mark.parametrize("pad, shape", [(1, (1, 8, 16, 16)), (4, (2, 8, 5, 9))])
+def test_upsampling_before_a_reflection_pad_joins_its_kernel(pad, shape, host_target):
+    torch.manual_seed(0)
+    net = _UpsampleConv(pad).eval()
+    mod, replaced = reflection_pads(torch_to_relax(net, shape, "upsample"))
+    assert replaced == 1 and not {"relax.take", "relax.image.resize2d"} & set(_ops(mod))
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    got = relax.VirtualMachine(tvm.compile(mod, host_target), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    with torch.inference_mode():
+        expected = net(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bilinear_upsampling_stays_its_own_op():
+    net = torch.nn.Sequential(torch.nn.Upsample(scale_factor=2, mode="bilinear"), torch.nn.ReflectionPad2d(1)).eval()
+    mod, replaced = reflection_pads(torch_to_relax(net, (1, 2, 6, 6), "bilinear"))
+    assert replaced == 1 and "relax.image.resize2d" in _ops(mod)
+
+
 def test_other_gathers_are_left_alone():
     mod = torch_to_relax(torch.nn.ReplicationPad2d(1).eval(), (1, 2, 6, 6), "replicate")
     before = _ops(mod)

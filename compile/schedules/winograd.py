@@ -33,7 +33,7 @@ from tvm.topi.nn.winograd_util import _cook_toom_convolution, _interpolation_poi
 
 from compile import bf16
 from compile.schedules.graph import bound_call, constant_of, is_op, rewrite_functions, static_shape
-from compile.schedules.pad import reflect, reflection_padded, zero_pad
+from compile.schedules.pad import nearest_upsampled, reflect, reflection_padded, zero_pad
 
 TILE = 4  # output pixels per tile side
 KERNEL = 3
@@ -277,7 +277,9 @@ class _WinogradRewriter(ConvRewriter):
             data = self.builder_.emit(relax.call_tir(pad, [data], padded))
         else:
             found = reflection_padded(data, self)
-            if found is not None and found[1] == 1 and reflection_fits(static_shape(found[0])[3]):
+            # an upsampled input stays padded: one kernel upsamples and pads it (compile/schedules/pad.py)
+            if found is not None and found[1] == 1 and reflection_fits(static_shape(found[0])[3]) and \
+                    nearest_upsampled(found[0], self) is None:
                 data, reflected = found[0], True
         batch, channels, height, width = static_shape(data)
         _, out_channels, out_height, out_width = static_shape(call)
