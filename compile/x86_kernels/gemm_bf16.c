@@ -78,6 +78,29 @@ int32_t lwgan_gemm_bf16_block(const uint32_t *u, const uint32_t *v, float *m, in
 #define MAX_ROWS 8
 #define MAX_VECS 4
 
+/* Each accumulator of a block's `rows` channels starts from its channel's bias (rows past the
+ * conv's channels from zero). */
+static inline __attribute__((always_inline)) void start_from_bias(
+        const int rows, const int vecs, __m512 acc[MAX_ROWS][MAX_VECS], const float *bias, int64_t stored_rows) {
+    _Pragma("GCC unroll 8")
+    for (int r = 0; r < rows; ++r) {
+        const __m512 start = r < stored_rows ? _mm512_set1_ps(bias[r]) : _mm512_setzero_ps();
+        _Pragma("GCC unroll 8")
+        for (int j = 0; j < vecs; ++j) acc[r][j] = start;
+    }
+}
+
+/* One tap: each channel's weight pair, broadcast, times the `vecs` vectors of input pairs. */
+static inline __attribute__((always_inline)) void multiply_tap(
+        const int rows, const int vecs, __m512 acc[MAX_ROWS][MAX_VECS], const uint32_t *taps, const __m512i *v) {
+    _Pragma("GCC unroll 8")
+    for (int r = 0; r < rows; ++r) {
+        const __m512bh weight = (__m512bh)_mm512_set1_epi32((int)taps[r]);
+        _Pragma("GCC unroll 8")
+        for (int j = 0; j < vecs; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], weight, (__m512bh)v[j]);
+    }
+}
+
 /* One chunk's sums over every input pair and tap. `rows`, `vecs`, `stride` and `masked` are constants
  * where it is inlined: only chunks that reach the end of a row need masked loads. */
 static inline __attribute__((always_inline)) void accumulate_chunk(
@@ -101,13 +124,7 @@ static inline __attribute__((always_inline)) void accumulate_chunk(
                 _Pragma("GCC unroll 8")
                 for (int j = 0; j < vecs; ++j)  /* stride 2: the even words of two loads */
                     v[j] = stride == 1 ? loaded[j] : _mm512_permutex2var_epi32(loaded[2 * j], even, loaded[2 * j + 1]);
-                const uint32_t *taps = w_block + ((i * kh + ky) * kw + kx) * rows;
-                _Pragma("GCC unroll 8")
-                for (int r = 0; r < rows; ++r) {
-                    const __m512bh weight = (__m512bh)_mm512_set1_epi32((int)taps[r]);
-                    _Pragma("GCC unroll 8")
-                    for (int j = 0; j < vecs; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], weight, (__m512bh)v[j]);
-                }
+                multiply_tap(rows, vecs, acc, w_block + ((i * kh + ky) * kw + kx) * rows, v);
             }
         }
     }
@@ -122,12 +139,7 @@ static inline __attribute__((always_inline)) int32_t conv_block(
     const uint32_t *w_block = w + k_block * pairs * kh * kw * rows;
     for (int64_t ox = 0; ox < out_w; ox += vecs * LANES) {
         __m512 acc[MAX_ROWS][MAX_VECS];  /* fixed sizes: a variable-length array would stay in memory */
-        _Pragma("GCC unroll 8")
-        for (int r = 0; r < rows; ++r) {
-            const __m512 start = r < stored_rows ? _mm512_set1_ps(bias[k0 + r]) : _mm512_setzero_ps();
-            _Pragma("GCC unroll 8")
-            for (int j = 0; j < vecs; ++j) acc[r][j] = start;
-        }
+        start_from_bias(rows, vecs, acc, bias + k0, stored_rows);
         /* whole loads for every tap: the last word any of them reads is inside the padded row */
         const int whole = ox * stride + kw - 1 + stride * vecs * LANES <= padded_w;
         if (stride == 1 && whole)
@@ -198,13 +210,7 @@ static inline __attribute__((always_inline)) void accumulate_rows(
                         v[j] = _mm512_permutex2var_epi32(_mm512_maskz_loadu_epi32(first_half, a), even,
                                                          _mm512_maskz_loadu_epi32(first_half, b));
                 }
-                const uint32_t *taps = w_block + ((i * kh + ky) * kw + kx) * rows;
-                _Pragma("GCC unroll 8")
-                for (int r = 0; r < rows; ++r) {
-                    const __m512bh weight = (__m512bh)_mm512_set1_epi32((int)taps[r]);
-                    _Pragma("GCC unroll 8")
-                    for (int j = 0; j < vecs; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], weight, (__m512bh)v[j]);
-                }
+                multiply_tap(rows, vecs, acc, w_block + ((i * kh + ky) * kw + kx) * rows, v);
             }
         }
     }
@@ -218,12 +224,7 @@ static inline __attribute__((always_inline)) int32_t conv_rows_block(
     const int64_t stored_rows = channels - k0 < rows ? channels - k0 : rows;
     const uint32_t *w_block = w + k_block * pairs * kh * kw * rows;
     __m512 acc[MAX_ROWS][MAX_VECS];
-    _Pragma("GCC unroll 8")
-    for (int r = 0; r < rows; ++r) {
-        const __m512 start = r < stored_rows ? _mm512_set1_ps(bias[k0 + r]) : _mm512_setzero_ps();
-        _Pragma("GCC unroll 8")
-        for (int j = 0; j < vecs; ++j) acc[r][j] = start;
-    }
+    start_from_bias(rows, vecs, acc, bias + k0, stored_rows);
     if (stride == 1)
         accumulate_rows(rows, vecs, segs, 1, acc, x, w_block, oy0, pairs, kh, kw, padded_h, padded_w);
     else
