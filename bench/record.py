@@ -94,9 +94,11 @@ class Record:
     min_output_psnr_db: float | None = None  # bf16/fp16/int8 rule: a rounding step may flip anywhere, so judge the image
     # Roofline (`invoke bench --roofline`, TVM only): the FMA peak measured in the same run, and per
     # kernel [{kernel, calls, ms, gflop, gflops, peak, peak_fraction}] per inference, slowest first
-    # (`peak`: "fma", "bf16" or "integer", the peak its fraction is of; integer kernels have none).
+    # (`peak`: "fma", "bf16" or "integer", the peak its fraction is of; integer kernels have one at a
+    # VNNI level, none yet at an AMX level, whose tile kernels no microbenchmark here measures).
     fma_peak_gflops: float | None = None
     bf16_peak_gflops: float | None = None  # vdpbf16ps, measured beside the FMA peak for a bf16 build's roofline
+    int8_peak_gops: float | None = None  # vpdpbusd, measured beside the FMA peak for an int8 build on VNNI
     kernel_profile: list | None = None
     # Memory: the runtime process's peak resident set while timing (host), or the firmware's static RAM.
     peak_rss_bytes: int | None = None

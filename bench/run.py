@@ -32,13 +32,14 @@ from bench.harness import Timing, time_runtimes, wait_for_idle_threads
 from bench.memory import peak_rss_bytes
 from bench.places import PLACES
 from bench.record import Record, append_records
-from bench.roofline import bf16_peak_gflops, fma_peak_gflops, kernel_flops, kernel_profile
+from bench.roofline import bf16_peak_gflops, fma_peak_gflops, int8_peak_gops, kernel_flops, kernel_profile
 from bench.runtimes import Inputs, Runtime, RuntimeSpec, named_inputs
 from bench.runtimes.tvm_vm import BUILD_PRECISION, TvmRuntime
 from compile import BF16_ATTR, MACS_ATTR
 from compile.artifacts import Artifact, NotBuildable, build_artifact
 from compile.build import CompiledModel
 from compile.database import TuningDatabase, trials_to_within
+from compile.int8.lowering import runs_on_vnni
 from compile.pipeline import IMAGE_CHANNELS, ModelUnderTest, prepared_kernels
 from compile.schedules.conv import PREPACKED
 from errors import UserError
@@ -329,8 +330,9 @@ def target_fields(target: ResolvedTarget) -> dict:
 
 
 def _roofline(model: ModelUnderTest, target: ResolvedTarget, adapter: TvmRuntime, threads: int) -> dict:
-    """Record fields: the FMA peak of this machine now (and for a bf16 build, the vdpbf16ps peak), and
-    each TVM kernel's share of the peak of what it multiplies on.
+    """Record fields: the FMA peak of this machine now (and for a bf16 build the vdpbf16ps peak, for an
+    int8 build at a VNNI level the vpdpbusd peak), and each TVM kernel's share of the peak of what it
+    multiplies on.
 
     Kernels are those compile_for_target builds, under the library's names (`prepared_kernels`).
     Integer kernels count integer ops (GOP/s); a float peak is not theirs, so no fraction of it.
@@ -340,14 +342,17 @@ def _roofline(model: ModelUnderTest, target: ResolvedTarget, adapter: TvmRuntime
     peaks = {"fma": fma_peak_gflops(threads)}
     if precision == "bf16":
         peaks["bf16"] = bf16_peak_gflops(threads)
+    if model.precision == "int8" and runs_on_vnni(target.tvm_target):
+        peaks["integer"] = int8_peak_gops(threads)
     flops, peak_of = _kernel_flops(prepared_kernels(model, target, precision))
     profile = kernel_profile(adapter.vm, adapter.args, flops, peaks, peak_of)
-    return {"fma_peak_gflops": peaks["fma"], "bf16_peak_gflops": peaks.get("bf16"), "kernel_profile": profile}
+    return {"fma_peak_gflops": peaks["fma"], "bf16_peak_gflops": peaks.get("bf16"),
+            "int8_peak_gops": peaks.get("integer"), "kernel_profile": profile}
 
 
 def _kernel_flops(built: tvm.IRModule) -> tuple[dict[str, float], dict[str, str]]:
     """FLOPs per kernel by TVM's estimate, hand-scheduled convs' ops from their shapes; and which peak
-    judges a kernel where it is not the FMA's ("bf16", or "integer": none).
+    judges a kernel where it is not the FMA's ("bf16", or "integer").
 
     The estimator cannot read the hand-scheduled integer kernels (tensorized dot-product intrinsics,
     AMX tiles) or the bf16 products (a call into compile/x86_kernels), which carry their MACs instead

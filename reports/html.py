@@ -419,9 +419,13 @@ def combined_psnr(model_db: float, runtime_db: float | None) -> float:
 ROOFLINE_KERNELS = 8  # the slowest kernels shown per model
 
 
+PEAK_SUFFIX = {"bf16": " of bf16", "integer": " of int8"}  # a fraction not of the FMA peak says whose
+
+
 def _roofline_tables(records: pd.DataFrame) -> list[dict]:
     """Per model and TVM build (fp32, bf16), the latest kernel profile: where the time goes and how close
-    each kernel runs to the peak of what it multiplies on (FMA, or vdpbf16ps for bf16 products)."""
+    each kernel runs to the peak of what it multiplies on (FMA, vdpbf16ps for bf16 products, vpdpbusd for
+    int8 convs on VNNI)."""
     latest = {}
     for r in records[records["runtime"].map(is_compiler)].to_dict("records"):
         if isinstance(r.get("kernel_profile"), list) and r["kernel_profile"]:
@@ -430,12 +434,13 @@ def _roofline_tables(records: pd.DataFrame) -> list[dict]:
     for (model, runtime), r in sorted(latest.items()):
         kernels = r["kernel_profile"]
         total_ms = sum(k["ms"] for k in kernels)
-        bf16_peak = r.get("bf16_peak_gflops")
+        bf16_peak, int8_peak = r.get("bf16_peak_gflops"), r.get("int8_peak_gops")
         tables.append({
             "model": model,
             "runtime": runtime,
             "peak": f"{r['fma_peak_gflops']:.1f}",
             "bf16_peak": None if is_missing(bf16_peak) else f"{bf16_peak:.1f}",
+            "int8_peak": None if is_missing(int8_peak) else f"{int8_peak:.1f}",
             "total_ms": format_ms(total_ms),
             "rows": [{
                 "kernel": k["kernel"],
@@ -445,7 +450,7 @@ def _roofline_tables(records: pd.DataFrame) -> list[dict]:
                 "gflop": f"{k['gflop']:.3f}",
                 "gflops": f"{k['gflops']:.1f}",
                 "peak_fraction": "—" if is_missing(k.get("peak_fraction")) or not k["gflop"]
-                else f"{100 * k['peak_fraction']:.0f}%" + (" of bf16" if k.get("peak") == "bf16" else ""),
+                else f"{100 * k['peak_fraction']:.0f}%" + PEAK_SUFFIX.get(k.get("peak"), ""),
             } for k in kernels[:ROOFLINE_KERNELS]],
         })
     return tables

@@ -538,6 +538,18 @@ def test_a_bf16_build_gets_its_own_roofline_with_products_against_the_bf16_peak(
     assert "gen · tvm-bf16 · FMA peak 125.0 GFLOP/s · bf16 peak 250.0 GFLOP/s" in pages["host-avx2.html"]
 
 
+def test_an_int8_roofline_judges_integer_convs_against_the_int8_peak(tmp_path):
+    kernels = [{"kernel": "int8_conv2d", "calls": 1.0, "ms": 1.0, "gflop": 0.3, "gflops": 300.0, "peak": "integer",
+                "peak_fraction": 300.0 / 900.0},
+               {"kernel": "fused_instance_norm", "calls": 1.0, "ms": 0.5, "gflop": 0.0, "gflops": 0.0, "peak": "fma",
+                "peak_fraction": 0.0}]
+    runs = [record("gen", "tvm", 1.5, fma_peak_gflops=200.0, int8_peak_gops=900.0, kernel_profile=kernels)]
+    _, pages = render_with_pages(runs, tmp_path)
+    rows = table_rows(parsed(pages["host-avx2.html"]), "roofline-gen")
+    assert [row["of peak"] for row in rows] == ["33% of int8", "—"]
+    assert "FMA peak 200.0 GFLOP/s · int8 peak 900.0 GOP/s" in pages["host-avx2.html"]
+
+
 def timed_variant(method: str, runtime: str, p50: float, run_id: str, **overrides) -> Record:
     """A variant of BASE (int8 unless told), or for "fp32" BASE itself, timed at `p50` in `run_id`."""
     base = {"precision": "fp32", "psnr_db": None, "ssim": None} if method == "fp32" else {}

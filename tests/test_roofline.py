@@ -5,11 +5,14 @@ from __future__ import annotations
 import pytest
 
 import targets
-from bench.roofline import fma_peak_gflops
+from bench.roofline import fma_peak_gflops, int8_peak_gops
 from bench.run import bench_model
 from compile.pipeline import from_variant
 from lwgan_models.registry import find_variant
 from targets import BenchRules
+from targets.config import host_cpu_flags
+
+HOST_HAS_VNNI = {"avx512_vnni", "avx512bw"} <= host_cpu_flags()
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -31,6 +34,23 @@ def test_bench_roofline_profiles_every_conv_kernel_of_the_model():
     assert sum(k["gflop"] for k in convs) * 1e9 == pytest.approx(2 * record.macs, rel=0.1)
     assert record.fma_peak_gflops > 0
     assert [k["ms"] for k in record.kernel_profile] == sorted((k["ms"] for k in record.kernel_profile), reverse=True)
+
+
+@pytest.mark.skipif(not HOST_HAS_VNNI, reason="this CPU has no AVX-512 VNNI")
+def test_int8_peak_is_a_dot_product_rate_above_the_fma_peak():
+    # vpdpbusd does 64 multiply-adds where an FMA does 16: whatever its issue rate, well above
+    assert 2 * fma_peak_gflops(1) < int8_peak_gops(1) < 4000.0
+
+
+@pytest.mark.skipif(not HOST_HAS_VNNI, reason="this CPU has no AVX-512 VNNI")
+def test_an_int8_build_on_vnni_judges_its_conv_kernels_against_the_int8_peak():
+    model = from_variant(find_variant("cyclegan-resnet6-ngf16+ptq"), (1, 3, 32, 32))
+    rules = BenchRules(threads=1, warmup=1, samples=3, min_duration_s=0.01)
+    host = targets.resolve(targets.load_target("host"), isa_level="avx512vnni")
+    [record] = bench_model(model, host, "t", ("tvm",), rules, report=lambda _: None, roofline=True)
+    convs = [k for k in record.kernel_profile if k["peak"] == "integer"]
+    assert record.int8_peak_gops > record.fma_peak_gflops and len(convs) >= 5
+    assert all(k["peak_fraction"] == pytest.approx(k["gflops"] / record.int8_peak_gops) for k in convs)
 
 
 @pytest.mark.parametrize("isa_level", ["amx", "avx512vnni"])

@@ -197,6 +197,11 @@ def _wide_rows(conv: IntegerConv, input_shape: tuple[int, ...], intrinsic: str) 
         out_w % (PIXEL_VECTORS * lanes) == 0
 
 
+def runs_on_vnni(target: tvm.target.Target) -> bool:
+    """Whether an int8 build's conv kernels multiply with VNNI's vpdpbusd (a VNNI level without AMX tiles)."""
+    return intrinsic_for(target) == VNNI_DOT_16X4 and not amx.available(target)
+
+
 def pack_weight(weight: np.ndarray, lanes: int) -> np.ndarray:
     """OIHW int8 -> [OC/lanes, C/4, KH, KW, lanes, 4], zero-filled to whole blocks."""
     oc, c, kh, kw = weight.shape
