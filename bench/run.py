@@ -191,6 +191,8 @@ def _bench_at(
         timed.append(place.load(runtime_registry.get("tvm"), build_artifact("tvm", base, target).path, rules.threads))
         timed[-1].prepare(x)
         alongside = f" and {base.name} on tvm"
+    peaks = (_machine_peaks(model, target, {precisions[a.name] for a in adapters if a.name in BUILD_PRECISION},
+                            rules.threads) if roofline and place.name == "host" else {})
     report(f"  {model.name}: timing {', '.join(a.name for a in adapters)}{alongside} on the {place.name} "
            f"({rules.samples}+ samples each, interleaved)")
     timings = time_runtimes(timed, rules)
@@ -202,8 +204,7 @@ def _bench_at(
         power = measure_energy(adapter, probe, rules)
         peak_rss = (peak_rss_bytes(adapter.name, artifact.path, x, rules.threads)
                     if place.measures_memory else None)
-        kernels = (_roofline(model, target, adapter, rules.threads)
-                   if roofline and adapter.name in BUILD_PRECISION and place.name == "host" else {})
+        kernels = _roofline(model, target, adapter, peaks) if peaks and adapter.name in BUILD_PRECISION else {}
         if power.get("power_error"):
             report(f"  {model.name}: {adapter.name}: power not measured: {power['power_error']}")
         check = checks[adapter.name]
@@ -329,24 +330,31 @@ def target_fields(target: ResolvedTarget) -> dict:
             "target_digest": target.digest}
 
 
-def _roofline(model: ModelUnderTest, target: ResolvedTarget, adapter: TvmRuntime, threads: int) -> dict:
-    """Record fields: the FMA peak of this machine now (and for a bf16 build the vdpbf16ps peak, for an
-    int8 build at a VNNI level the vpdpbusd peak), and each TVM kernel's share of the peak of what it
-    multiplies on.
-
-    Kernels are those compile_for_target builds, under the library's names (`prepared_kernels`).
-    Integer kernels count integer ops (GOP/s); a float peak is not theirs, so no fraction of it.
-    """
-    precision = BUILD_PRECISION[adapter.name]
-    wait_for_idle_threads()  # TVM's workers spin after the timing; the microbenchmark would share their cores
+def _machine_peaks(model: ModelUnderTest, target: ResolvedTarget, precisions: set[str], threads: int) -> dict:
+    """The peaks a roofline of these TVM builds is judged against: the FMA's, vdpbf16ps's for a bf16
+    build, vpdpbusd's for an int8 build at a VNNI level. Each is measured once per run, before any
+    timing: measured after one, a runtime's thread pool still spinning halved a peak."""
+    wait_for_idle_threads()
     peaks = {"fma": fma_peak_gflops(threads)}
-    if precision == "bf16":
+    if "bf16" in precisions:
         peaks["bf16"] = bf16_peak_gflops(threads)
     if model.precision == "int8" and runs_on_vnni(target.tvm_target):
         peaks["integer"] = int8_peak_gops(threads)
+    return peaks
+
+
+def _roofline(model: ModelUnderTest, target: ResolvedTarget, adapter: TvmRuntime, peaks: dict) -> dict:
+    """Record fields: the peaks (`_machine_peaks`) and each TVM kernel's share of the peak of what it
+    multiplies on.
+
+    Kernels are those compile_for_target builds, under the library's names (`prepared_kernels`).
+    Integer kernels count integer ops (GOP/s), against the int8 peak where there is one.
+    """
+    precision = BUILD_PRECISION[adapter.name]
+    wait_for_idle_threads()  # TVM's workers spin after the timing; the profile would share their cores
     flops, peak_of = _kernel_flops(prepared_kernels(model, target, precision))
     profile = kernel_profile(adapter.vm, adapter.args, flops, peaks, peak_of)
-    return {"fma_peak_gflops": peaks["fma"], "bf16_peak_gflops": peaks.get("bf16"),
+    return {"fma_peak_gflops": peaks["fma"], "bf16_peak_gflops": peaks.get("bf16") if precision == "bf16" else None,
             "int8_peak_gops": peaks.get("integer"), "kernel_profile": profile}
 
 
