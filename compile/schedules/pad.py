@@ -4,10 +4,10 @@ a style-transfer net's every 3x3 and 7x7 conv reads a reflection-padded input).
 torch.export writes ReflectionPad2d(p) as two gathers (`take` along the rows, then along the
 columns, with index tensors computed from an arange): scalar loads through an index, 0.73 ms for
 the teacher's 256x64x64 trunk activations. `reflection_pads` makes each such pair one kernel that
-copies every row with one vector load and store and writes the 2p border columns, and takes in a
-nearest-neighbour upsampling before the pad (a style-transfer net's decoder; TOPI's resize ran
-0.45 ms for 32x128x128 outputs, scalar); where a Winograd
-conv reads the pad, its data transform reads the unpadded input instead (compile/schedules/winograd.py).
+copies every row with one vector load and store and writes the 2p border columns. It takes in a
+nearest-neighbour upsampling before the pad (a style-transfer net's decoder: TOPI's resize ran
+scalar, 0.45 ms for 32x128x128 outputs). Where a Winograd conv reads the pad, its data transform
+reads the unpadded input instead (compile/schedules/winograd.py).
 """
 
 from __future__ import annotations
