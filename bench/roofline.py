@@ -9,6 +9,7 @@ before code generation, matched by name (FuseOps names them the same way for tun
 from __future__ import annotations
 
 import functools
+import string
 import subprocess
 import tempfile
 from pathlib import Path
@@ -51,61 +52,43 @@ int main(void) {
   return 0;
 }
 """
-# The same for AVX-512 BF16's vdpbf16ps: 32 bf16 products summed pairwise into 16 float32 lanes, 64 FLOP each.
-BF16_PEAK_SOURCE = r"""
+# The same for an AVX-512 dot-product instruction: `accumulator` chains of `step` on operands `a`, `b`,
+# each step `ops` operations (a multiply-add is two), summed with `reduce` at the end.
+DOT_PEAK_TEMPLATE = string.Template(r"""
 #include <immintrin.h>
 #include <omp.h>
 #include <stdio.h>
 #define ITERATIONS 4000000L
-#define STEP(x) x = _mm512_dpbf16_ps(x, a, b)
+#define STEP(x) x = $step(x, a, b)
+#define START(k) $start(k)
 int main(void) {
   double start = omp_get_wtime();
-  float sink = 0;
+  double sink = 0;
   #pragma omp parallel reduction(+:sink)
   {
-    __m512bh a = (__m512bh)_mm512_set1_epi32(0x3f803f80), b = (__m512bh)_mm512_set1_epi32(0x3f7f3f7f);
+    $operands
     /* distinct starting values: equal chains would be merged into one by the compiler */
-    __m512 x0 = _mm512_set1_ps(0), x1 = _mm512_set1_ps(1), x2 = _mm512_set1_ps(2), x3 = _mm512_set1_ps(3),
-           x4 = _mm512_set1_ps(4), x5 = _mm512_set1_ps(5), x6 = _mm512_set1_ps(6), x7 = _mm512_set1_ps(7),
-           x8 = _mm512_set1_ps(8), x9 = _mm512_set1_ps(9);
+    $accumulator x0 = START(0), x1 = START(1), x2 = START(2), x3 = START(3), x4 = START(4), x5 = START(5),
+                 x6 = START(6), x7 = START(7), x8 = START(8), x9 = START(9);
     for (long n = 0; n < ITERATIONS; n++) {  /* 10 independent chains hide the latency */
       STEP(x0); STEP(x1); STEP(x2); STEP(x3); STEP(x4); STEP(x5); STEP(x6); STEP(x7); STEP(x8); STEP(x9);
     }
-    __m512 total = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7 + x8 + x9;
-    sink += _mm512_reduce_add_ps(total);
+    $accumulator total = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7 + x8 + x9;
+    sink += $reduce(total);
   }
   double seconds = omp_get_wtime() - start;
-  printf("%.3f %g\n", 2.0 * 32 * 10 * ITERATIONS * omp_get_max_threads() / seconds / 1e9, sink);
+  printf("%.3f %g\n", $ops * 10.0 * ITERATIONS * omp_get_max_threads() / seconds / 1e9, sink);
   return 0;
 }
-"""
-# The same for AVX-512 VNNI's vpdpbusd: 64 u8 x s8 products summed in fours into 16 int32 lanes, 128 ops each.
-INT8_PEAK_SOURCE = r"""
-#include <immintrin.h>
-#include <omp.h>
-#include <stdio.h>
-#define ITERATIONS 4000000L
-#define STEP(x) x = _mm512_dpbusd_epi32(x, a, b)
-int main(void) {
-  double start = omp_get_wtime();
-  long sink = 0;
-  #pragma omp parallel reduction(+:sink)
-  {
-    __m512i a = _mm512_set1_epi32(0x01020304), b = _mm512_set1_epi32(0x01010101);
-    __m512i x0 = _mm512_set1_epi32(0), x1 = _mm512_set1_epi32(1), x2 = _mm512_set1_epi32(2), x3 = _mm512_set1_epi32(3),
-            x4 = _mm512_set1_epi32(4), x5 = _mm512_set1_epi32(5), x6 = _mm512_set1_epi32(6), x7 = _mm512_set1_epi32(7),
-            x8 = _mm512_set1_epi32(8), x9 = _mm512_set1_epi32(9);
-    for (long n = 0; n < ITERATIONS; n++) {  /* 10 independent chains hide the latency */
-      STEP(x0); STEP(x1); STEP(x2); STEP(x3); STEP(x4); STEP(x5); STEP(x6); STEP(x7); STEP(x8); STEP(x9);
-    }
-    __m512i total = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7 + x8 + x9;
-    sink += _mm512_reduce_add_epi32(total);
-  }
-  double seconds = omp_get_wtime() - start;
-  printf("%.3f %ld\n", 2.0 * 64 * 10 * ITERATIONS * omp_get_max_threads() / seconds / 1e9, sink);
-  return 0;
-}
-"""
+""")
+# AVX-512 BF16's vdpbf16ps: 32 bf16 products summed pairwise into 16 float32 lanes, 64 FLOP each.
+BF16_PEAK_SOURCE = DOT_PEAK_TEMPLATE.substitute(
+    step="_mm512_dpbf16_ps", start="_mm512_set1_ps", accumulator="__m512", reduce="_mm512_reduce_add_ps", ops=64,
+    operands="__m512bh a = (__m512bh)_mm512_set1_epi32(0x3f803f80), b = (__m512bh)_mm512_set1_epi32(0x3f7f3f7f);")
+# AVX-512 VNNI's vpdpbusd: 64 u8 x s8 products summed in fours into 16 int32 lanes, 128 ops each.
+INT8_PEAK_SOURCE = DOT_PEAK_TEMPLATE.substitute(
+    step="_mm512_dpbusd_epi32", start="_mm512_set1_epi32", accumulator="__m512i", reduce="_mm512_reduce_add_epi32",
+    ops=128, operands="__m512i a = _mm512_set1_epi32(0x01020304), b = _mm512_set1_epi32(0x01010101);")
 PROFILE_RUNS = 5
 
 
