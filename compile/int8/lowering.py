@@ -190,11 +190,14 @@ def plan_kernel(conv: IntegerConv, input_shape: tuple[int, ...], target: tvm.tar
 
 
 def _wide_rows(conv: IntegerConv, input_shape: tuple[int, ...], intrinsic: str) -> bool:
-    """Whether a VNNI conv's output rows and channels fill whole pixel blocks (`PIXEL_CHANNEL_BLOCK`)."""
-    lanes = INTRINSICS[intrinsic][0]
+    """Whether a VNNI conv's output fills whole pixel blocks."""
     out_channels, out_w = conv.weight.shape[0], conv.output_shape(input_shape)[3]
-    return intrinsic == VNNI_DOT_16X4 and out_channels % PIXEL_CHANNEL_BLOCK == 0 and \
-        out_w % (PIXEL_VECTORS * lanes) == 0
+    return intrinsic == VNNI_DOT_16X4 and _fills_pixel_blocks(out_channels, out_w, INTRINSICS[intrinsic][0])
+
+
+def _fills_pixel_blocks(out_channels: int, out_w: int, lanes: int) -> bool:
+    """Whether output channels and rows come in whole blocks of `PIXEL_CHANNEL_BLOCK` x `PIXEL_VECTORS` vectors."""
+    return out_channels % PIXEL_CHANNEL_BLOCK == 0 and out_w % (PIXEL_VECTORS * lanes) == 0
 
 
 def runs_on_vnni(target: tvm.target.Target) -> bool:
@@ -276,7 +279,7 @@ def _direct_kernel(conv: IntegerConv, input_shape: tuple[int, ...], plan: Kernel
     aliased = lanes >= 16 and kh == kw == 1 and (out_h * out_w) % ALIASED_PLANE_BYTES == 0
     if not pixels:
         tile = min(ALIASED_TILE if aliased else OUTPUT_TILE, out_w)
-    elif out_channels % PIXEL_CHANNEL_BLOCK == 0 and out_w % (PIXEL_VECTORS * lanes) == 0:
+    elif _fills_pixel_blocks(out_channels, out_w, lanes):
         tile = PIXEL_VECTORS * lanes
     else:
         tile = lanes * max(1, min(4, 12 // out_channels))
