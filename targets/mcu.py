@@ -28,11 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-import tvm
 
 from errors import UserError
 from targets.config import TargetConfig
+from targets.tensors import TensorInfo
 
 MiB = 1 << 20
 TEMPLATES_DIR = Path(__file__).resolve().parent / "mcu_templates"
@@ -69,16 +68,6 @@ PLUGIN_SOURCE = "pc_counts.c"
 FIRMWARE_SOURCES = ("startup.c", "semihosting.c", "semihosting.h", "main.c")
 QEMU = "qemu-system-arm"
 CC = "arm-none-eabi-gcc"
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    shape: tuple[int, ...]
-    dtype: str
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * tvm.DataType(self.dtype).bits // 8
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,8 @@ from compile.onnx_import import graph_inputs, load_onnx, onnx_to_relax, quantize
 from compile.pipeline import ModelUnderTest
 from errors import UserError
 from targets import ResolvedTarget
-from targets.mcu import MODEL_SOURCES, CExport, TensorInfo
+from targets.mcu import MODEL_SOURCES, CExport
+from targets.tensors import TensorInfo
 
 ALIGNMENT = 16  # bytes; every arena buffer starts on this boundary (vector loads, DMA)
 C_TYPES = {"float32": "float", "int8": "int8_t", "uint8": "uint8_t", "int16": "int16_t", "int32": "int32_t",

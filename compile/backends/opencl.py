@@ -30,6 +30,7 @@ from compile.pipeline import ModelUnderTest
 from compile.tuning import cross_compiler
 from errors import UserError
 from targets import ResolvedTarget
+from targets.tensors import TensorInfo
 
 OUT_DIR = Path(__file__).resolve().parents[2] / "build" / "opencl"
 # TVM's OpenCL runtime splits the module's source at these markers and builds each kernel as its own
@@ -51,16 +52,6 @@ class LaunchPlanError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Tensor:
-    shape: tuple[int, ...]
-    dtype: str
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
-
-
-@dataclass(frozen=True)
 class KernelLaunch:
     kernel: str
     buffers: tuple[int, ...]  # buffer ids, in the kernel's parameter order
@@ -72,10 +63,10 @@ class KernelLaunch:
 class LaunchPlan:
     """The model as TVM's host code runs it: device buffers and the kernel launches, in order."""
 
-    buffers: tuple[Tensor, ...]  # a reshape shares its input's buffer, so an id may carry several views
+    buffers: tuple[TensorInfo, ...]  # a reshape shares its input's buffer, so an id may carry several views
     constants: dict[int, np.ndarray]  # buffer id -> weights uploaded before the first launch
-    input: tuple[int, Tensor]
-    output: tuple[int, Tensor]
+    input: tuple[int, TensorInfo]
+    output: tuple[int, TensorInfo]
     launches: tuple[KernelLaunch, ...]
 
 
@@ -231,18 +222,18 @@ def launch_plan(graph: tvm.IRModule, host: tvm.IRModule) -> LaunchPlan:
     main = graph["main"]
     if len(main.params) != 1:
         raise LaunchPlanError(f"expected one model input, found {len(main.params)}")
-    tensors: list[Tensor] = []
+    tensors: list[TensorInfo] = []
     constants: dict[int, np.ndarray] = {}
     where: dict[relax.Var, int] = {}
 
-    def new_buffer(tensor: Tensor) -> int:
+    def new_buffer(tensor: TensorInfo) -> int:
         tensors.append(tensor)
         return len(tensors) - 1
 
     def buffer_of(expr: relax.Expr) -> int:
         if isinstance(expr, tvm.ir.GenericConst):
             value = expr.value.numpy()
-            constants[new_buffer(Tensor(value.shape, str(value.dtype)))] = value
+            constants[new_buffer(TensorInfo(value.shape, str(value.dtype)))] = value
             return len(tensors) - 1
         if expr in where:
             return where[expr]
@@ -271,11 +262,11 @@ def launch_plan(graph: tvm.IRModule, host: tvm.IRModule) -> LaunchPlan:
                       (where[result], _tensor_of(result)), tuple(launches))
 
 
-def _tensor_of(var: relax.Var) -> Tensor:
+def _tensor_of(var: relax.Var) -> TensorInfo:
     ty = var.ty
     if not isinstance(ty, relax.TensorType):
         raise LaunchPlanError(f"{var.name} is a {type(ty).__name__}, not a tensor")
-    return Tensor(tuple(int(d) for d in ty.shape.values), str(ty.dtype))
+    return TensorInfo(tuple(int(d) for d in ty.shape.values), str(ty.dtype))
 
 
 def _host_launches(host: tvm.IRModule, name: str, buffer_ids: list[int]) -> list[KernelLaunch]:
