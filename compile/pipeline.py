@@ -106,7 +106,7 @@ class ModelUnderTest:
     size_fp32_bytes: int
     input_shape: tuple[int, ...]  # the image input's (a model without one: its first input's)
     digest: str
-    make_relax: Callable[..., tvm.IRModule]  # (fused_subpixel=False): see torch_to_relax
+    make_relax: Callable[..., tvm.IRModule]  # (fused_for=None): see torch_to_relax
     onnx_file: Callable[[], Path]
     torch_module: torch.nn.Module | None = None  # None for ONNX files: no torch baseline
     base_model: str = ""  # the registry model a variant was made from ("" for a user's ONNX file)
@@ -142,7 +142,7 @@ def from_registry(loaded: LoadedModel, input_shape: tuple[int, ...] | None = Non
         size_fp32_bytes=loaded.size_fp32_bytes,
         input_shape=shape,
         digest=digest,
-        make_relax=lambda fused_subpixel=False: torch_to_relax(loaded.module, shape, loaded.spec.name, fused_subpixel),
+        make_relax=lambda fused_for=None: torch_to_relax(loaded.module, shape, loaded.spec.name, fused_for),
         onnx_file=lambda: export_onnx(loaded.module, shape, digest),
         torch_module=loaded.module,
     )
@@ -205,7 +205,7 @@ def from_onnx_file(path: str | Path, input_shape: tuple[int, ...] | None = None,
         input_shape=shape,
         # one input: the key builds before several inputs were kept
         digest=hashlib.sha256(f"{sha}|{shape if len(shapes) == 1 else shapes}".encode()).hexdigest()[:24],
-        make_relax=lambda fused_subpixel=False: mod,
+        make_relax=lambda fused_for=None: mod,
         onnx_file=lambda: path,
         inputs=specs,
         kind="generator" if _image_like(mod["main"].ret_ty) else "other",
@@ -370,9 +370,9 @@ def relax_for_target(model: ModelUnderTest, target: ResolvedTarget, precision: s
     """The module to tune and build: int8 QDQ models get integer conv kernels (compile/int8/lowering.py);
     with `precision` "bf16", a float model's convolutions multiply in bf16 (compile/bf16.py).
 
-    On CPUs (LLVM targets) a transposed convolution whose one wide 3x3 convolution form
-    compile/schedules/winograd.py runs as Winograd is imported in that form; others, and every transposed
-    convolution on other targets, as the cheaper sub-pixel phases. An imported ONNX file's
+    On CPUs (LLVM targets) a transposed convolution whose one wide 3x3 convolution form pays at the
+    build's precision (compile/torch_import.py `fused_form_pays`) is imported in that form; others, and
+    every transposed convolution on other targets, as the cheaper sub-pixel phases. An imported ONNX file's
     transposed convolutions become sub-pixel phases too (`subpixel_transposed_convs`); in an int8
     file each phase is then an integer convolution."""
     if precision not in PRECISIONS:
@@ -382,10 +382,10 @@ def relax_for_target(model: ModelUnderTest, target: ResolvedTarget, precision: s
             raise UserError(f"{model.name}: bf16 builds start from a float32 model, not an {model.precision} one")
         bf16.require(target.tvm_target)
     if model.precision != "int8":
-        fused_subpixel = target.tvm_target.kind.name == "llvm"
+        fused_for = precision if target.tvm_target.kind.name == "llvm" else None
 
         def imported() -> tvm.IRModule:
-            mod = subpixel_transposed_convs(model.make_relax(fused_subpixel=fused_subpixel))[0]
+            mod = subpixel_transposed_convs(model.make_relax(fused_for=fused_for))[0]
             return mod.with_attr(BF16_ATTR, True) if precision == "bf16" else mod
 
         return imported

@@ -47,5 +47,5 @@ def model_under_test(module: torch.nn.Module, shape: tuple[int, ...], name: str 
     params = sum(p.numel() for p in module.parameters())
     return ModelUnderTest(name=name, family="cyclegan", variant="fp32", precision="fp32", weights="random",
                           params=params, macs=0, size_fp32_bytes=4 * params, input_shape=shape, digest=digest,
-                          make_relax=lambda fused_subpixel=False: torch_to_relax(module, shape, name, fused_subpixel),
+                          make_relax=lambda fused_for=None: torch_to_relax(module, shape, name, fused_for),
                           onnx_file=lambda: export_onnx(module, shape, digest, cache), torch_module=module)

@@ -183,6 +183,20 @@ def test_sub_pixel_phases_of_a_transposed_conv_run_as_bf16_blocks(bf16_target, t
     assert 1e-4 < np.abs(got - expected).max() < 2e-2  # rounded to bf16, and right
 
 
+@needs_bf16
+@pytest.mark.parametrize("kernel, output_padding, fused_in_bf16", [(3, 1, False), (4, 0, True)])
+def test_bf16_builds_fuse_transposed_convs_only_where_winograd_multiplies_less(kernel, output_padding, fused_in_bf16):
+    """A CycleGAN's 3x3 stride-2 layer costs the same products fused (Winograd) as in phases, so a bf16
+    build runs its phases as direct blocks; a U-Net's 4x4 one stays fused. fp32 builds fuse both."""
+    net = torch.nn.Sequential(torch.nn.ConvTranspose2d(32, 16, kernel, stride=2, padding=1,
+                                                   output_padding=output_padding)).eval()
+    model = model_under_test(net, (1, 32, 32, 32), f"convt{kernel}")
+    host = targets.resolve(targets.load_target("host"), isa_level="avx512bf16")
+    convs = {precision: _op_names(relax_for_target(model, host, precision)()).count("relax.nn.conv2d")
+             for precision in ("fp32", "bf16")}
+    assert convs == {"fp32": 1, "bf16": 1 if fused_in_bf16 else 4}
+
+
 def test_narrow_grouped_dilated_and_stride_3_convs_stay_float32():
     """Rows narrower than a block's columns would leave lanes idle (32; 64 for RGB outputs' block), unless
     whole rows fill its vectors (16 or 8 columns, as many rows as a block takes)."""

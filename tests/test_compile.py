@@ -40,7 +40,7 @@ def _build(module, shape, target, database, cache_dir, name="tiny"):
     """Imported as for the host (compile.pipeline.relax_for_target): transposed convs as one wide conv."""
     digest = source_digest(name, module, shape)
     return compile_model(
-        lambda: torch_to_relax(module, shape, name, fused_subpixel=True), target.tvm_target, database, digest, shape,
+        lambda: torch_to_relax(module, shape, name, fused_for="fp32"), target.tvm_target, database, digest, shape,
         cache_dir,
     )
 
