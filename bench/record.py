@@ -68,6 +68,7 @@ class Record:
     tuning_db: str | None = None  # autotune_logs/<target-level>/<model>, relative to the repo
     tuned_tasks: str | None = None  # "tuned/total" tasks that found a database record
     int8_lowering: str | None = None  # an int8 build: which convolutions ran as integer kernels, which ops in float
+    bf16_plan: str | None = None  # a bf16 build: which wide Winograd convs its calibrated error budget put in bf16
     tuning_curve: list | None = None  # [[trials, best estimated latency ms], ...] replayed from the database
     trials_to_10pct: int | None = None  # trials until the curve came within 10% of its final latency
     # Timing (milliseconds over the timed samples, after warm-up).

@@ -215,7 +215,7 @@ def _bench_at(
             executed_precision=precisions[adapter.name],
             artifact_bytes=artifact.path.stat().st_size,
             peak_rss_bytes=peak_rss,
-            **(tvm_build_fields(artifact.build) if artifact.build else {}),
+            **(tvm_build_fields(artifact.build, precisions[adapter.name]) if artifact.build else {}),
             **measurement_fields(timing, check),
             base_latency_p50_ms=base_p50 if adapter.name == "tvm" else None,
             timestamp=stamp,
@@ -396,7 +396,7 @@ def measurement_fields(timing: Timing, check: OutputCheck) -> dict:
 def report_tuning(model: ModelUnderTest, target: ResolvedTarget, compiled: CompiledModel,
                   report: Callable[[str], None]) -> None:
     """Say which database the build applied, or why none: a user must know whether TVM ran tuned; and for
-    an int8 file, which of its ops ran as integer kernels."""
+    an int8 file, which of its ops ran as integer kernels; for a bf16 build, its calibrated plan."""
     if compiled.lowering:
         report(f"  {model.name}: {compiled.lowering}")
     if compiled.total_tasks == 0:
@@ -411,10 +411,11 @@ def report_tuning(model: ModelUnderTest, target: ResolvedTarget, compiled: Compi
                    "in this TVM and were left out")
 
 
-def tvm_build_fields(build: CompiledModel) -> dict:
-    """What a TVM record says of its build: the database applied, how much of the model it tuned, its cost."""
+def tvm_build_fields(build: CompiledModel, precision: str) -> dict:
+    """What a TVM record says of its build: the database applied, how much of the model it tuned, its cost,
+    and how it lowered its precision (an int8 file's integer kernels, a bf16 build's calibrated plan)."""
     fields = {"db_hash": build.db_hash, "tuned_tasks": f"{build.tuned_tasks}/{build.total_tasks}",
-              "int8_lowering": build.lowering}
+              "bf16_plan" if precision == "bf16" else "int8_lowering": build.lowering}
     if build.db_records:
         fields.update(tuned_trials=build.db_records, tuning_db=repo_relative(build.database),
                       **tuning_cost(build.database))

@@ -46,9 +46,15 @@ COMPILER_FLAGS = ["-O3", "-mavx512f", "-mavx512bf16", "-fPIC", "-c"]
 WINOGRAD_MAX_CHANNELS = 128
 
 
-def winograd_products_apply(channels: int) -> bool:
-    """Whether a Winograd conv with `channels` input channels multiplies in bf16 in a bf16 build."""
-    return channels % 2 == 0 and channels <= WINOGRAD_MAX_CHANNELS
+def winograd_products_apply(channels: int, calibrated: bool = False) -> bool:
+    """Whether a Winograd conv with `channels` input channels multiplies in bf16 in a bf16 build; a wider
+    one only where the model's calibrated error budget chose it (compile/bf16_budget.py)."""
+    return channels % 2 == 0 and (channels <= WINOGRAD_MAX_CHANNELS or calibrated)
+
+
+def weight_digest(weight: np.ndarray) -> str:
+    """A conv's identity across torch and Relax (compile/bf16_budget.py): its float32 OIHW weights."""
+    return hashlib.sha256(np.ascontiguousarray(weight, np.float32).tobytes()).hexdigest()[:16]
 
 
 def available(target: tvm.target.Target) -> bool:

@@ -27,7 +27,7 @@ from compile.schedules.default import default_cpu_schedules
 from compile.tuning import hand_scheduled
 
 CACHE_DIR = Path(os.environ.get("LWGAN_CACHE", Path(__file__).resolve().parent.parent / "build" / "cache"))
-PIPELINE_VERSION = "36"  # bump when the import or build changes the code emitted
+PIPELINE_VERSION = "37"  # bump when the import or build changes the code emitted
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class CompiledModel:
     database: Path  # the database applied (or looked for, when db_records == 0)
     db_skipped: int  # records that no longer replay and were left out (see TuningDatabase.open_for_reading)
     cache_hit: bool
-    lowering: str | None = None  # an int8 model's summary of which ops ran as integer kernels (compile/int8/lowering.py)
+    lowering: str | None = None  # an int8 model's integer kernels (compile/int8/lowering.py), a bf16 one's plan (bf16_budget)
 
     def load(self, device: tvm.runtime.Device | None = None) -> relax.VirtualMachine:
         return relax.VirtualMachine(tvm.runtime.load_module(str(self.library)), device or tvm.cpu())

@@ -23,7 +23,7 @@ import torch
 import tvm
 from tvm import relax
 
-from compile import BF16_ATTR, LOWERING_ATTR, bf16
+from compile import BF16_ATTR, BF16_WIDE_ATTR, LOWERING_ATTR, bf16, bf16_budget
 from compile.build import CACHE_DIR
 from compile.database import TuningDatabase, database_for
 from compile.int8.lowering import lower_quantized_convs
@@ -368,7 +368,9 @@ def database_to_apply(model: ModelUnderTest, target: ResolvedTarget) -> TuningDa
 def relax_for_target(model: ModelUnderTest, target: ResolvedTarget, precision: str = "fp32"
                      ) -> Callable[[], tvm.IRModule]:
     """The module to tune and build: int8 QDQ models get integer conv kernels (compile/int8/lowering.py);
-    with `precision` "bf16", a float model's convolutions multiply in bf16 (compile/bf16.py).
+    with `precision` "bf16", a float model's convolutions multiply in bf16 (compile/bf16.py), its Winograd
+    convs wider than `bf16.WINOGRAD_MAX_CHANNELS` only where its calibrated error budget allows
+    (compile/bf16_budget.py; an ONNX file's keep float32 products).
 
     On CPUs (LLVM targets) a transposed convolution whose one wide 3x3 convolution form pays at the
     build's precision (compile/torch_import.py `fused_form_pays`) is imported in that form; others, and
@@ -386,7 +388,15 @@ def relax_for_target(model: ModelUnderTest, target: ResolvedTarget, precision: s
 
         def imported() -> tvm.IRModule:
             mod = subpixel_transposed_convs(model.make_relax(fused_for=fused_for))[0]
-            return mod.with_attr(BF16_ATTR, True) if precision == "bf16" else mod
+            if precision != "bf16":
+                return mod
+            mod = mod.with_attr(BF16_ATTR, True)
+            if model.torch_module is None:  # an ONNX file: its wide Winograd convs keep float32 products
+                return mod
+            budget = bf16_budget.calibrate(model.torch_module, model.input_shape)
+            if not budget.wide:
+                return mod
+            return mod.with_attr(BF16_WIDE_ATTR, sorted(budget.chosen)).with_attr(LOWERING_ATTR, budget.describe())
 
         return imported
 

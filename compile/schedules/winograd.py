@@ -259,10 +259,11 @@ def rewrite_convs(rewriter: ConvRewriter, mod: tvm.IRModule) -> tuple[tvm.IRModu
 
 @relax.expr_functor.mutator
 class _WinogradRewriter(ConvRewriter):
-    def __init__(self, mod: tvm.IRModule, lanes: int, bf16: bool) -> None:
+    def __init__(self, mod: tvm.IRModule, lanes: int, bf16: bool, wide_in_bf16: set[str]) -> None:
         super().__init__(mod)
         self.lanes = lanes
         self.bf16 = bf16
+        self.wide_in_bf16 = wide_in_bf16
 
     def accepts(self, call: relax.Call, weight: np.ndarray | None) -> bool:
         return applies(call, weight)
@@ -287,7 +288,8 @@ class _WinogradRewriter(ConvRewriter):
         points = ALPHA * ALPHA
         m_type = relax.TensorType((points, out_channels, tiles), "float32")
         u = transform_weight(weight)
-        paired = self.bf16 and bf16.winograd_products_apply(channels)  # bf16 pairs of adjacent channels
+        calibrated = bf16.weight_digest(weight) in self.wide_in_bf16
+        paired = self.bf16 and bf16.winograd_products_apply(channels, calibrated)  # bf16 pairs of adjacent channels
         transform = self.builder_.add_func(data_transform(batch, channels, height, width, paired, reflected),
                                            "winograd_data_transform_bf16" if paired else "winograd_data_transform")
         v_type = relax.TensorType((points, channels // 2, tiles), "uint32") if paired else \
@@ -315,10 +317,12 @@ class _WinogradRewriter(ConvRewriter):
         return self._inverse(inverse.args[1].fields[0], static_shape(inverse), bias)
 
 
-def winograd_convs(mod: tvm.IRModule, lanes: int, bf16_products: bool = False) -> tuple[tvm.IRModule, int]:
+def winograd_convs(mod: tvm.IRModule, lanes: int, bf16_products: bool = False,
+                   wide_in_bf16: set[str] = frozenset()) -> tuple[tvm.IRModule, int]:
     """Rewrite every eligible convolution of `mod`'s Relax functions for a CPU with `lanes`-float
-    vectors, with `bf16_products` on bf16 operands (compile/bf16.py); returns (module, how many)."""
-    return rewrite_convs(_WinogradRewriter(mod, lanes, bf16_products), mod)
+    vectors, with `bf16_products` on bf16 operands (compile/bf16.py; of the convs wider than
+    `bf16.WINOGRAD_MAX_CHANNELS`, those whose weight digest is in `wide_in_bf16`); returns (module, how many)."""
+    return rewrite_convs(_WinogradRewriter(mod, lanes, bf16_products, wide_in_bf16), mod)
 
 
 def point_products(out_channels: int, channels: int, tiles: int, lanes: int) -> tirx.PrimFunc:
