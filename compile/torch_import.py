@@ -19,7 +19,8 @@ def fused_form_pays(precision: str):
     bf16: only where Winograd also multiplies less than the phases, whose taps are the kernel's
     (kh kw / s^2 per output pixel, against Winograd's (ALPHA / TILE)^2): the phases run as direct
     bf16 blocks, with no transforms and a quarter of bf16 Winograd's rounding error. A CycleGAN's
-    3x3 stride-2 layers (9/4 each way) run as phases, a U-Net's 4x4 ones (16/4) fused."""
+    3x3 stride-2 layers cost 9/4 products per output pixel either way and run as phases; a U-Net's
+    4x4 ones cost 16/4 as phases and stay fused."""
     def pays(convt: torch.nn.ConvTranspose2d, in_size: tuple[int, int]) -> bool:
         stride = convt.stride[0]
         if not winograd.eligible(convt.in_channels, convt.out_channels * stride**2, *in_size):
@@ -36,8 +37,8 @@ def torch_to_relax(
 
     Strided transposed convolutions are first rewritten as exact sub-pixel convolutions (see
     lwgan_models/subpixel.py; with `fused_for` a build precision, those whose one-convolution form
-    pays at that precision are imported in that form: `fused_form_pays`). `unwrap_unit_return_tuple` makes `main` return a
-    tensor rather than a 1-tuple, which a remote VM could not index.
+    pays at that precision are imported in that form: `fused_form_pays`). `unwrap_unit_return_tuple`
+    makes `main` return a tensor rather than a 1-tuple, which a remote VM could not index.
     """
     example = torch.zeros(*input_shape)
     try:
