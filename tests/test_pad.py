@@ -1,4 +1,4 @@
-"""compile/schedules/pad.py: torch's reflection pads become one kernel that pads exactly as torch does."""
+"""compile/schedules/pad.py: torch's and ONNX's reflection pads become one kernel that pads exactly as torch does."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import torch
 import tvm
 from tvm import relax
 
-from compile.schedules.pad import reflection_pads
+from compile.onnx_import import onnx_to_relax
+from compile.schedules.pad import mirror_pad_width, reflection_pads
 from compile.torch_import import torch_to_relax
+from lwgan_models.onnx_export import export_onnx
 
 
 def _ops(mod: tvm.IRModule) -> list[str]:
@@ -69,3 +71,37 @@ def test_other_gathers_are_left_alone():
     assert before.count("relax.take") == 2  # a take along each axis, as for a reflection
     rewritten, replaced = reflection_pads(mod)
     assert replaced == 0 and _ops(rewritten) == before
+
+
+@pytest.mark.parametrize("upsampled, pad, shape", [
+    (False, 3, (1, 3, 20, 37)),  # an RGB stem's pad, odd width
+    (False, 1, (2, 5, 8, 16)),
+    (True, 1, (1, 8, 16, 16)),  # a style-transfer decoder: nearest x2, then the pad
+    (True, 4, (2, 8, 5, 9)),
+])
+def test_onnx_reflect_pads_become_the_same_kernel(upsampled, pad, shape, host_target, tmp_path):
+    """The ONNX importer writes a reflect Pad as TOPI's mirror_pad function; it becomes the vectorized
+    kernel too (with a nearest upsampling before it), and pads as torch does."""
+    torch.manual_seed(0)
+    net = (_UpsampleConv(pad) if upsampled else torch.nn.Sequential(torch.nn.ReflectionPad2d(pad))).eval()
+    imported = onnx_to_relax(export_onnx(net, shape, tmp_path / "pad.onnx"))
+    pads = [f for gv, f in imported.functions_items() if gv.name_hint.startswith("mirror_pad")]
+    assert [mirror_pad_width(f) for f in pads] == [pad]
+    mod, replaced = reflection_pads(imported)
+    called = [binding.value.args[0].name_hint for block in mod["main"].body.blocks for binding in block.bindings
+              if isinstance(binding.value, relax.Call) and binding.value.op.name == "relax.call_tir"]
+    assert replaced == 1 and called == ["reflection_pad"] and "relax.image.resize2d" not in _ops(mod)
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    got = relax.VirtualMachine(tvm.compile(mod, host_target), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    with torch.inference_mode():
+        expected = net(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_other_tir_functions_are_no_mirror_pads(tmp_path):
+    """A zero pad and an edge (replicate) pad are TIR functions of the same shape: neither is read as a reflection."""
+    for layer in (torch.nn.ZeroPad2d(2), torch.nn.ReplicationPad2d(2)):
+        imported = onnx_to_relax(export_onnx(torch.nn.Sequential(layer).eval(), (1, 3, 8, 8), tmp_path / "pad.onnx"))
+        functions = [f for gv, f in imported.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+        assert all(mirror_pad_width(f) is None for f in functions)
+        assert reflection_pads(imported)[1] == 0

@@ -7,7 +7,9 @@ the teacher's 256x64x64 trunk activations. `reflection_pads` makes each such pai
 copies every row with one vector load and store and writes the 2p border columns. It takes in a
 nearest-neighbour upsampling before the pad (a style-transfer net's decoder: TOPI's resize ran
 scalar, 0.45 ms for 32x128x128 outputs). Where a Winograd conv reads the pad, its data transform
-reads the unpadded input instead (compile/schedules/winograd.py).
+reads the unpadded input instead (compile/schedules/winograd.py). The ONNX importer writes a reflect
+Pad as TOPI's mirror_pad, whose loops run scalar (0.13 ms for an int8 CycleGAN's 16x134x134 output
+pad, fused with its quantize): those become the same kernel (`mirror_pad_width` reads their widths).
 """
 
 from __future__ import annotations
@@ -45,6 +47,38 @@ def reflect(index, size: int, pad: int = 1):
     if isinstance(position, int):
         return last - abs(last - abs(position))
     return last - tirx.abs(last - tirx.abs(position))
+
+
+def mirror_pad_width(func: tirx.PrimFunc) -> int | None:
+    """p where `func` reflection-pads an NCHW tensor by p on every side of both spatial axes in one
+    block, as the ONNX importer writes a reflect Pad (`topi.nn.mirror_pad(..., "REFLECT")`): read off
+    the input index each output position loads. None for any other function."""
+    if len(func.params) != 2 or not all(isinstance(p.ty, tirx.BufferType) for p in func.params):
+        return None
+    source, target = func.params
+    store = func.body
+    while not isinstance(store, tirx.BufferStore):  # down the block and loop nest to its one store
+        store = store.block.body if hasattr(store, "block") else getattr(store, "body", None)
+        if store is None:
+            return None
+    load = store.value
+    shapes = [tuple(int(d) for d in p.ty.shape) for p in func.params]
+    if not (isinstance(load, tvm.ir.TensorLoad) and load.source.same_as(source) and store.buffer.same_as(target)
+            and len(shapes[0]) == len(shapes[1]) == 4 and all(isinstance(i, tirx.Var) for i in store.indices)):
+        return None
+    analyzer = tvm.sym.Analyzer()
+    pads = []
+    for position, index, size, padded in zip(store.indices, load.indices, *shapes):
+        pad = (padded - size) // 2
+        loaded = []
+        for p in range(padded):
+            analyzer.bind(position, tirx.const(p, str(position.ty)), allow_override=True)
+            loaded.append(analyzer.simplify(index))
+        if not (0 <= pad < size and padded == size + 2 * pad and all(isinstance(v, tirx.IntImm) for v in loaded)
+                and [int(v) for v in loaded] == [reflect(p, size, pad) for p in range(padded)]):
+            return None
+        pads.append(pad)
+    return pads[2] if pads[0] == pads[1] == 0 < pads[2] == pads[3] else None
 
 
 def reflection_padded(data: relax.Expr, mutator: relax.PyExprMutator) -> tuple[relax.Expr, int] | None:
@@ -134,7 +168,14 @@ class _ReflectionPads(relax.PyExprMutator):
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
-        found = _reflection_of(call, self) if is_op(call, "relax.take") else None
+        if is_op(call, "relax.take"):
+            found = _reflection_of(call, self)
+        elif is_op(call, "relax.call_tir") and len(call.args[1].fields) == 1 and \
+                isinstance(self.builder_.get()[call.args[0]], tirx.PrimFunc):
+            pad = mirror_pad_width(self.builder_.get()[call.args[0]])
+            found = None if pad is None else (call.args[1].fields[0], pad)
+        else:
+            found = None
         if found is None:
             return call
         (data, pad), scale = found, 1
@@ -147,7 +188,7 @@ class _ReflectionPads(relax.PyExprMutator):
 
 
 def reflection_pads(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
-    """`mod` with each reflection pad its importer wrote as two takes made one `reflection_pad`
-    kernel; returns (module, how many)."""
+    """`mod` with each reflection pad its importer wrote as two takes (torch.export) or as TOPI's
+    scalar mirror_pad (the ONNX importer) made one `reflection_pad` kernel; returns (module, how many)."""
     rewriter = _ReflectionPads(mod)
     return rewrite_functions(rewriter, mod), rewriter.replaced
