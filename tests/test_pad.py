@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import tvm
-from tvm import relax
+from tvm import relax, topi
 
 from compile.onnx_import import onnx_to_relax
 from compile.schedules.pad import mirror_pad_width, reflection_pads
@@ -105,3 +105,41 @@ def test_other_tir_functions_are_no_mirror_pads(tmp_path):
         functions = [f for gv, f in imported.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
         assert all(mirror_pad_width(f) is None for f in functions)
         assert reflection_pads(imported)[1] == 0
+
+
+def _padded_and_quantized(shape, pad: int, also_float: bool) -> tvm.IRModule:
+    """An int8 file's pad before a conv, as the ONNX importer writes it: TOPI's mirror_pad, then a
+    uint8 quantize; with `also_float`, the float pad is read by a float op too."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            padded = bb.emit_te(topi.nn.mirror_pad, x, [0, 0, pad, pad], [0, 0, pad, pad], "REFLECT")
+            quantized = bb.emit(relax.op.quantize(padded, relax.const(0.5, "float32"), relax.const(128, "uint8"),
+                                                  axis=1, out_dtype="uint8"))
+            result = bb.emit_output(relax.Tuple([quantized, bb.emit(relax.op.add(padded, padded))])
+                                    if also_float else quantized)
+        bb.emit_func_output(result)
+    return bb.get()
+
+
+@pytest.mark.parametrize("also_float", [False, True])
+def test_a_quantize_after_the_pad_joins_its_kernel_exactly(also_float, host_target):
+    """Values halfway between two steps and past both ends of uint8 come out as relax.quantize writes them;
+    a pad read by a float op too keeps its float output, and the quantize its own kernel."""
+    shape = (1, 3, 6, 19)
+    mod = _padded_and_quantized(shape, 2, also_float)
+    rewritten, replaced = reflection_pads(mod)
+    called = [binding.value.args[0].name_hint for block in rewritten["main"].body.blocks
+              for binding in block.bindings if isinstance(binding.value, relax.Call)
+              and binding.value.op.name == "relax.call_tir"]
+    assert replaced == 1 and len(called) == 1 and called[0].startswith("reflection_pad")
+    assert ("relax.quantize" in _ops(rewritten)) == also_float
+    x = ((np.arange(np.prod(shape)).reshape(shape) % 300 - 150 + 0.5) * 0.5).astype(np.float32)  # all halfway
+    outputs = []
+    for module in (mod, rewritten):
+        got = relax.VirtualMachine(tvm.compile(module, host_target), tvm.cpu())["main"](tvm.runtime.tensor(x))
+        outputs.append([t.numpy() for t in got] if also_float else [got.numpy()])
+    for expected, got in zip(*outputs):
+        np.testing.assert_array_equal(got, expected)
+    assert {0, 255} <= set(np.unique(outputs[1][0]))  # clipped at both ends

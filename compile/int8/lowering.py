@@ -75,6 +75,7 @@ from compile.int8.match import (
     scalar,
 )
 from compile.schedules.default import schedule_float_ops
+from compile.schedules.graph import users_of
 
 PORTABLE_LANES = 8  # int32 lanes of the untensorized kernel (LLVM vectorizes it for any CPU)
 OUTPUT_TILE = 8  # output pixels per micro-kernel: 8 accumulators + weights fit 16 AVX2 registers
@@ -532,7 +533,7 @@ def _plan_replacements(func: relax.Function) -> dict[relax.Var, _Replacement]:
         shape = tuple(int(d) for d in match.input.data.ty.shape)
         return _Replacement(integer_conv(match, bias, output, dequantized), match.input.data, shape)
 
-    users = _users(func, var2val)
+    users = users_of(func, var2val)
     # A dequantize that an integer conv reads through keeps its uint8 input alive: the conv before it
     # must then write uint8 (requantize), not its dequantized float.
     read_by_convs = {var2val[conv].args[0] for conv in convs}
@@ -562,17 +563,6 @@ def _plan_replacements(func: relax.Function) -> dict[relax.Var, _Replacement]:
         if var not in claimed:
             plans[var] = replacement(match, None, None)
     return plans
-
-
-def _users(func: relax.Function, var2val) -> dict[relax.Var, list]:
-    """Var -> the binding vars whose values read it; a var the function returns gets a None user."""
-    users: dict[relax.Var, list] = {var: [] for var in var2val}
-    for var, value in var2val.items():
-        for used in relax.analysis.free_vars(value) if not isinstance(value, relax.Var) else [value]:
-            users.setdefault(used, []).append(var)
-    for used in relax.analysis.free_vars(func.body.body):
-        users.setdefault(used, []).append(None)
-    return users
 
 
 def _dequantizes_with(dequantize: relax.Call, output: tuple[float, int], var2val) -> bool:

@@ -58,6 +58,17 @@ def index_values(expr: relax.Expr, mutator: relax.PyExprMutator) -> np.ndarray |
     return None if any(o is None for o in operands) else operation(*operands)
 
 
+def users_of(func: relax.Function, var2val) -> dict[relax.Var, list]:
+    """Var -> the binding vars whose values read it; a var the function returns gets a None user."""
+    users: dict[relax.Var, list] = {var: [] for var in var2val}
+    for var, value in var2val.items():
+        for used in relax.analysis.free_vars(value) if not isinstance(value, relax.Var) else [value]:
+            users.setdefault(used, []).append(var)
+    for used in relax.analysis.free_vars(func.body.body):
+        users.setdefault(used, []).append(None)
+    return users
+
+
 def rewrite_functions(mutator: relax.PyExprMutator, mod: tvm.IRModule) -> tvm.IRModule:
     """`mod` with each of its Relax functions rewritten by `mutator` (made on `mod`), dead bindings dropped."""
     for gvar, func in mod.functions_items():

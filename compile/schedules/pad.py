@@ -22,7 +22,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from compile import OPAQUE_PATTERN
-from compile.schedules.graph import bound_call, index_values, is_op, rewrite_functions, static_shape
+from compile.schedules.graph import bound_call, constant_of, index_values, is_op, rewrite_functions, static_shape, users_of
 
 
 def zero_pad(shape: tuple[int, ...], padding: tuple[int, int, int, int]) -> tirx.PrimFunc:
@@ -106,26 +106,39 @@ def _reflection_of(outer: relax.Call, mutator: relax.PyExprMutator) -> tuple[rel
     return (data, pads.pop()) if len(pads) == 1 else None
 
 
-def reflection_pad(shape: tuple[int, ...], pad: int, scale: int = 1) -> tirx.PrimFunc:
+def reflection_pad(shape: tuple[int, ...], pad: int, scale: int = 1,
+                   quantize_to: tuple[float, float] | None = None) -> tirx.PrimFunc:
     """NCHW float32 reflection padding by `pad` on each side, of the input upsampled `scale` times by
     nearest neighbour first (a style-transfer net's upsampling layer): per row one vector load,
     its values repeated by a shuffle into one vector store, and 2 x `pad` border values; rows split
-    over the cores."""
+    over the cores. With `quantize_to` = (scale, zero point), each value is stored quantized to
+    uint8 as relax.quantize computes it: round(x / scale) + zero point, clipped to [0, 255]."""
     n, channels, height, width = shape
     out_h, out_w = height * scale + 2 * pad, width * scale + 2 * pad
+
+    def stored(value, lanes: int = 1):
+        if quantize_to is None:
+            return value
+        def const(v: float):
+            return tirx.const(v, "float32") if lanes == 1 else tirx.Broadcast(tirx.const(v, "float32"), lanes)
+        step, zero_point = quantize_to
+        quantized = tirx.max(tirx.min(tirx.round(value / const(step)) + const(zero_point), const(255.0)), const(0.0))
+        return quantized.astype("uint8" if lanes == 1 else f"uint8x{lanes}")
+
     with IRBuilder() as ib, T.prim_func(private=True):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE_PATTERN})
         x = T.arg("x", T.buffer(shape, "float32"))
-        out = T.arg("out", T.buffer((n, channels, out_h, out_w), "float32"))
+        out = T.arg("out", T.buffer((n, channels, out_h, out_w), "float32" if quantize_to is None else "uint8"))
         with T.sblock("root"), T.parallel(0, n * channels * out_h) as task:
             b, c, y = task // (channels * out_h), task // out_h % channels, task % out_h
             source = [b, c, reflect(y, height * scale, pad) // scale]
             row = tirx.BufferLoad(x, [*source, tirx.Ramp(0, 1, width)])
             if scale > 1:
                 row = tirx.Shuffle([row] * scale, [column // scale for column in range(width * scale)])
-            T.buffer_store(out, row, [b, c, y, tirx.Ramp(pad, 1, width * scale)])
+            T.buffer_store(out, stored(row, width * scale), [b, c, y, tirx.Ramp(pad, 1, width * scale)])
             for column in [*range(pad), *range(width * scale + pad, out_w)]:
-                T.buffer_store(out, x[(*source, reflect(column, width * scale, pad) // scale)], [b, c, y, column])
+                value = x[(*source, reflect(column, width * scale, pad) // scale)]
+                T.buffer_store(out, stored(value), [b, c, y, column])
     return ib.get()
 
 
@@ -165,9 +178,14 @@ class _ReflectionPads(relax.PyExprMutator):
     def __init__(self, mod: tvm.IRModule) -> None:
         super().__init__(mod)
         self.replaced = 0
+        self.pads: dict[relax.GlobalVar, tuple] = {}  # each kernel made here: (its input, pad, upsampling)
+        self.users = {var: users for func in mod.functions.values() if isinstance(func, relax.Function)
+                      for var, users in users_of(func, relax.analysis.get_var2val(func)).items()}
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
-        call = super().visit_call_(call)
+        original, call = call, super().visit_call_(call)
+        if is_op(call, "relax.quantize"):
+            return self._quantized_pad(original, call)
         if is_op(call, "relax.take"):
             found = _reflection_of(call, self)
         elif is_op(call, "relax.call_tir") and len(call.args[1].fields) == 1 and \
@@ -183,7 +201,22 @@ class _ReflectionPads(relax.PyExprMutator):
         if upsampled is not None:
             data, scale = upsampled
         kernel = self.builder_.add_func(reflection_pad(static_shape(data), pad, scale), "reflection_pad")
+        self.pads[kernel] = (data, pad, scale)
         self.replaced += 1
+        return relax.call_tir(kernel, [data], call.ty)
+
+    def _quantized_pad(self, original: relax.Call, call: relax.Call) -> relax.Expr:
+        """A uint8 quantize with one scale and zero point of a pad made here, and read by nothing else
+        (an int8 file's QDQ pair before a conv): the pad kernel quantizes as it stores."""
+        padded = bound_call(call.args[0], self, "relax.call_tir")
+        found = self.pads.get(padded.args[0]) if padded is not None else None
+        step, zero_point = (constant_of(arg, self) for arg in call.args[1:3])
+        if found is None or len(self.users.get(original.args[0], [])) != 1 or call.attrs.out_dtype != "uint8" \
+                or step is None or zero_point is None or step.size != 1 or zero_point.size != 1:
+            return call
+        data, pad, scale = found
+        quantize_to = (float(step.reshape(-1)[0]), float(zero_point.reshape(-1)[0]))
+        kernel = self.builder_.add_func(reflection_pad(static_shape(data), pad, scale, quantize_to), "reflection_pad")
         return relax.call_tir(kernel, [data], call.ty)
 
 
