@@ -180,6 +180,9 @@ VNNI_SHAPES = [  # (C, OC, kernel, strides, padding, H, W, layout)
     (8, 3, (2, 1), (1, 1), (0, 0, 1, 0), 6, 5, "pixels"),  # sub-pixel phase conv, fewer pixels than lanes
     (32, 24, (3, 3), (1, 1), (1, 1, 1, 1), 5, 64, "pixels"),  # rows of whole 32-pixel blocks: 3 blocks of 8 channels
     (3, 16, (7, 7), (1, 1), (0, 0, 0, 0), 8, 38, "pixels"),  # stem on 32-wide rows: 3 channels, one zero-filled group
+    (16, 32, (3, 3), (2, 2), (1, 1, 1, 1), 9, 128, "pixels"),  # strided downsampling to 64-wide rows: column phases
+    (16, 32, (3, 3), (2, 2), (1, 1, 1, 1), 9, 64, "channels"),  # ... to 32-wide rows: one block a row, channels
+    (12, 8, (4, 4), (2, 2), (1, 1, 1, 1), 6, 128, "pixels"),  # a U-Net's 4x4 stride-2 conv, 64 wide, 3 groups
 ]
 VNNI_INTRINSIC_OF = {"channels": VNNI_DOT_16X4, "pixels": VNNI_PIXELS_16X4}
 
