@@ -9,12 +9,17 @@ chosen per model, the way a quantizer calibrates its ranges: the bf16 build is s
 calibration photos (the stand-in dataset's held-out domain-B images, not the benchmark's photo), each
 wide conv's extra error is measured alone, and the least harmful join while the simulated output keeps
 `TARGET_PSNR_DB` against float32. The Relax rewrite (compile/schedules/winograd.py) knows the chosen
-convs by their weights' digest (`bf16.weight_digest`).
+convs by their weights' digest (`bf16.weight_digest`). `calibrated` keeps each model's outcome in the
+build cache: a build, its roofline profile and `invoke profile` each import the model again, and the
+teacher's calibration takes about 40 s.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,6 +50,15 @@ class Budget:
     chosen: frozenset[str]
     wide: int
     simulated_psnr_db: float | None  # the simulated build with them, against float32 on the calibration photos
+
+    def to_json(self) -> str:
+        return json.dumps({"chosen": sorted(self.chosen), "wide": self.wide, "simulated_psnr_db": self.simulated_psnr_db})
+
+    @classmethod
+    def from_json(cls, text: str) -> "Budget":
+        data = json.loads(text)
+        psnr = data["simulated_psnr_db"]
+        return cls(frozenset(str(d) for d in data["chosen"]), int(data["wide"]), None if psnr is None else float(psnr))
 
     def describe(self) -> str:
         if self.simulated_psnr_db is None:
@@ -85,6 +99,23 @@ def calibrate(module: nn.Module, input_shape: tuple[int, ...]) -> Budget:
             chosen.pop()
             simulated = psnr_db(error(chosen))
     return Budget(frozenset(bf16.weight_digest(c.weight.detach().numpy()) for c in chosen), len(wide), simulated)
+
+
+def calibrated(module: nn.Module, input_shape: tuple[int, ...], key: str, cache_dir: Path) -> Budget:
+    """`calibrate`'s outcome for the model `key` names (its digest and the build's version), from
+    `cache_dir` when an earlier import calibrated it; an unreadable entry is calibrated again."""
+    named = json.dumps([key, list(input_shape), TARGET_PSNR_DB, CALIBRATION_IMAGES])
+    path = cache_dir / f"bf16-budget-{hashlib.sha256(named.encode()).hexdigest()[:24]}.json"
+    try:
+        return Budget.from_json(path.read_text())
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or a truncated or foreign file
+        pass
+    budget = calibrate(module, input_shape)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_text(budget.to_json())
+    partial.replace(path)  # never a half-written entry
+    return budget
 
 
 def calibration_images(input_shape: tuple[int, ...]) -> torch.Tensor:

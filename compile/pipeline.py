@@ -24,7 +24,7 @@ import tvm
 from tvm import relax
 
 from compile import BF16_ATTR, BF16_WIDE_ATTR, LOWERING_ATTR, bf16, bf16_budget
-from compile.build import CACHE_DIR
+from compile.build import CACHE_DIR, PIPELINE_VERSION
 from compile.database import TuningDatabase, database_for
 from compile.int8.lowering import lower_quantized_convs
 from compile.passes import prepare
@@ -393,7 +393,8 @@ def relax_for_target(model: ModelUnderTest, target: ResolvedTarget, precision: s
             mod = mod.with_attr(BF16_ATTR, True)
             if model.torch_module is None:  # an ONNX file: its wide Winograd convs keep float32 products
                 return mod
-            budget = bf16_budget.calibrate(model.torch_module, model.input_shape)
+            budget = bf16_budget.calibrated(model.torch_module, model.input_shape, f"{model.digest}|{PIPELINE_VERSION}",
+                                            CACHE_DIR)
             if not budget.wide:
                 return mod
             return mod.with_attr(BF16_WIDE_ATTR, sorted(budget.chosen)).with_attr(LOWERING_ATTR, budget.describe())

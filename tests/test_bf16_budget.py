@@ -119,3 +119,17 @@ def test_bf16_build_multiplies_exactly_the_calibrated_wide_convs_in_bf16(bf16_ho
     predicted = bf16_budget.calibrate(model.torch_module, model.input_shape).simulated_psnr_db
     measured = bf16_budget.psnr_db(float(torch.mean((built.double() - reference.double()) ** 2)))
     assert abs(measured - predicted) < 1.0
+
+
+def test_a_calibration_is_kept_and_an_unreadable_one_redone(monkeypatch, tmp_path):
+    model, shape = wide_trunk(), (1, 3, 32, 32)
+    runs = []
+    real = bf16_budget.calibrate
+    monkeypatch.setattr(bf16_budget, "calibrate", lambda *args: runs.append(args) or real(*args))
+    first = bf16_budget.calibrated(model, shape, "wide-trunk|1", tmp_path)
+    assert bf16_budget.calibrated(model, shape, "wide-trunk|1", tmp_path) == first and len(runs) == 1
+    (entry,) = tmp_path.glob("bf16-budget-*.json")
+    entry.write_text('{"chosen": [')  # cut short
+    assert bf16_budget.calibrated(model, shape, "wide-trunk|1", tmp_path) == first and len(runs) == 2
+    bf16_budget.calibrated(model, shape, "wide-trunk|2", tmp_path)  # another build version: its own entry
+    assert len(runs) == 3 and len(list(tmp_path.glob("bf16-budget-*.json"))) == 2
