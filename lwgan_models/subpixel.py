@@ -59,11 +59,16 @@ class SubPixelConvTranspose2d(nn.Module):
             for ry in range(self.stride)
             for rx in range(self.stride)
         ]
-        if fused:  # built once: in forward, an exported graph would rebuild it on every call
-            with torch.no_grad():
+        # Built once: in forward, an exported graph would slice or rebuild them on every call (and a
+        # compiler's constant folding evaluate those gathers at each import).
+        with torch.no_grad():
+            if fused:
                 kernel, bias, self.padding = self.fused_conv()
-            self.register_buffer("kernel", kernel, persistent=False)
-            self.register_buffer("bias", bias, persistent=False)
+                self.register_buffer("kernel", kernel, persistent=False)
+                self.register_buffer("bias", bias, persistent=False)
+            else:
+                for index, kernel in enumerate(self.phase_kernels()):
+                    self.register_buffer(f"phase_kernel{index}", kernel.contiguous(), persistent=False)
 
     def phase_kernels(self) -> list[torch.Tensor]:
         weight = self.convt.weight.transpose(0, 1)  # (C_in, C_out, kh, kw) -> (C_out, C_in, kh, kw)
@@ -75,9 +80,10 @@ class SubPixelConvTranspose2d(nn.Module):
             if left == right >= 0 and top == bottom >= 0:  # the conv pads: one op, no separate pad kernel
                 return F.pixel_shuffle(F.conv2d(x, self.kernel, self.bias, padding=(top, left)), self.stride)
             return F.pixel_shuffle(F.conv2d(_pad_or_crop(x, *self.padding), self.kernel, self.bias), self.stride)
+        kernels = [getattr(self, f"phase_kernel{index}") for index in range(len(self.phases))]
         outputs = [
             F.conv2d(_pad_or_crop(x, left, right, top, bottom), kernel, self.convt.bias)
-            for ((_, top, bottom), (_, left, right)), kernel in zip(self.phases, self.phase_kernels())
+            for ((_, top, bottom), (_, left, right)), kernel in zip(self.phases, kernels)
         ]
         return _interleave(outputs, self.stride)
 

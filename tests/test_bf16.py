@@ -168,8 +168,8 @@ def test_direct_bf16_conv_is_torch_on_bf16_operands(channels, out_channels, kern
 
 @needs_bf16
 def test_sub_pixel_phases_of_a_transposed_conv_run_as_bf16_blocks(bf16_target, tmp_path):
-    """A transposed conv's phases slice their weights out of its weight in the graph: folded to
-    constants, the four 64-wide RGB phases run on the bf16 block (and agree with torch)."""
+    """A transposed conv's four 64-wide RGB phases, their weights constants of their own, run on the bf16
+    block (and agree with torch)."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.ConvTranspose2d(32, 3, 4, stride=2, padding=1), torch.nn.Tanh()).eval()
     model = model_under_test(net, (1, 32, 64, 64), "bf16-phases", cache=tmp_path)  # phases 64 wide

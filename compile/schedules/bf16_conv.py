@@ -63,7 +63,7 @@ class _DirectRewriter(ConvRewriter):
 def bf16_direct_convs(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
     """Rewrite every eligible float32 convolution of `mod`'s Relax functions; returns (module, how many).
 
-    Constants are folded first: a transposed conv's sub-pixel phases slice their weights out of its
-    weight in the graph, and only constant weights can be packed for the block."""
+    Constants are folded first: only constant weights can be packed for the block, and an imported
+    graph may compute a weight from constants (a reshape or transpose of a parameter)."""
     mod = relax.transform.FoldConstant()(mod)
     return rewrite_convs(_DirectRewriter(mod), mod)
