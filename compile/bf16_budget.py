@@ -45,7 +45,7 @@ def psnr_db(mse: float) -> float:
 
 @dataclass(frozen=True)
 class Budget:
-    """The calibration's outcome: the wide convs that multiply in bf16 (by `weight_digest`), of how many."""
+    """The calibration's outcome: the wide convs that multiply in bf16 (by `bf16.weight_digest`), of how many."""
 
     chosen: frozenset[str]
     wide: int
