@@ -28,7 +28,7 @@ from torch import nn
 
 from compile import bf16
 from compile.schedules.winograd import ALPHA, TILE, A, B, eligible, transform_weight
-from lwgan_models.compression.evaluate import heldout_images
+from lwgan_models.compression.evaluate import PEAK_SQUARED, heldout_images, psnr_from_mse
 from lwgan_models.hooks import forward_hooks
 from lwgan_models.standin_data import REPO_DATASET
 
@@ -36,11 +36,6 @@ from lwgan_models.standin_data import REPO_DATASET
 # inputs other than the calibration photos and for the simulation's approximations.
 TARGET_PSNR_DB = 42.0
 CALIBRATION_IMAGES = ("066_chelsea.jpg", "067_coffee.jpg")  # of REPO_DATASET / "testB": a cat, a cup
-PEAK_SQUARED = 4.0  # images in [-1, 1]: peak-to-peak 2, as the bench's PSNR
-
-
-def psnr_db(mse: float) -> float:
-    return 10 * float(np.log10(PEAK_SQUARED / mse)) if mse > 0 else float("inf")
 
 
 @dataclass(frozen=True)
@@ -94,10 +89,10 @@ def calibrate(module: nn.Module, input_shape: tuple[int, ...]) -> Budget:
             if base + sum(extra[c] for c in chosen) + extra[conv] > budget:
                 break
             chosen.append(conv)
-        simulated = psnr_db(error(chosen))
+        simulated = psnr_from_mse(error(chosen))
         while chosen and simulated < TARGET_PSNR_DB:  # the sum was optimistic
             chosen.pop()
-            simulated = psnr_db(error(chosen))
+            simulated = psnr_from_mse(error(chosen))
     return Budget(frozenset(bf16.weight_digest(c.weight.detach().numpy()) for c in chosen), len(wide), simulated)
 
 

@@ -56,8 +56,15 @@ def torch_generator(module: torch.nn.Module) -> Generator:
 
 def psnr_db(output: torch.Tensor, reference: torch.Tensor) -> float:
     """Peak signal-to-noise ratio for images in [-1, 1] (peak-to-peak 2)."""
-    mse = float(torch.mean((output.double() - reference.double()) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)
+    return psnr_from_mse(float(torch.mean((output.double() - reference.double()) ** 2)))
+
+
+PEAK_SQUARED = 4.0  # images in [-1, 1]: peak-to-peak 2
+
+
+def psnr_from_mse(mse: float) -> float:
+    """The PSNR of a mean squared error on [-1, 1] images (errors of independent roundings add as MSEs)."""
+    return float("inf") if mse == 0 else float(10 * np.log10(PEAK_SQUARED / mse))
 
 
 def ssim(output: torch.Tensor, reference: torch.Tensor) -> float:
