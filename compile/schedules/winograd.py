@@ -288,7 +288,8 @@ class _WinogradRewriter(ConvRewriter):
         points = ALPHA * ALPHA
         m_type = relax.TensorType((points, out_channels, tiles), "float32")
         u = transform_weight(weight)
-        calibrated = bf16.weight_digest(weight) in self.wide_in_bf16
+        # hashed only where a calibration chose convs (not in fp32 builds: 2.4 MB per teacher trunk conv)
+        calibrated = bool(self.wide_in_bf16) and bf16.weight_digest(weight) in self.wide_in_bf16
         paired = self.bf16 and bf16.winograd_products_apply(channels, calibrated)  # bf16 pairs of adjacent channels
         transform = self.builder_.add_func(data_transform(batch, channels, height, width, paired, reflected),
                                            "winograd_data_transform_bf16" if paired else "winograd_data_transform")
