@@ -201,15 +201,14 @@ def plan_kernel(conv: IntegerConv, input_shape: tuple[int, ...], target: tvm.tar
 def _wide_rows(conv: IntegerConv, input_shape: tuple[int, ...], intrinsic: str) -> bool:
     """Whether a VNNI conv's output fills whole pixel blocks, at least two a row where it is strided."""
     out_channels, out_w = conv.weight.shape[0], conv.output_shape(input_shape)[3]
-    lanes = INTRINSICS[intrinsic][0]
     per_row = STRIDED_PIXEL_BLOCKS if conv.strides != (1, 1) else 1
-    return intrinsic == VNNI_DOT_16X4 and _fills_pixel_blocks(out_channels, out_w, lanes) and \
-        out_w % (per_row * PIXEL_VECTORS * lanes) == 0
+    return intrinsic == VNNI_DOT_16X4 and _fills_pixel_blocks(out_channels, out_w, INTRINSICS[intrinsic][0], per_row)
 
 
-def _fills_pixel_blocks(out_channels: int, out_w: int, lanes: int) -> bool:
-    """Whether output channels and rows come in whole blocks of `PIXEL_CHANNEL_BLOCK` x `PIXEL_VECTORS` vectors."""
-    return out_channels % PIXEL_CHANNEL_BLOCK == 0 and out_w % (PIXEL_VECTORS * lanes) == 0
+def _fills_pixel_blocks(out_channels: int, out_w: int, lanes: int, per_row: int = 1) -> bool:
+    """Whether output channels and rows come in whole blocks of `PIXEL_CHANNEL_BLOCK` x `PIXEL_VECTORS`
+    vectors, `per_row` or a multiple of it a row."""
+    return out_channels % PIXEL_CHANNEL_BLOCK == 0 and out_w % (per_row * PIXEL_VECTORS * lanes) == 0
 
 
 def runs_on_vnni(target: tvm.target.Target) -> bool:
