@@ -143,7 +143,7 @@ def reflection_pad(shape: tuple[int, ...], pad: int, scale: int = 1,
 
 
 # Where nearest-neighbour resizing samples an input of size n at output positions 0..s*n-1, by its
-# coordinate transformation: each must be position // s for `upsampled_twice` to take it.
+# coordinate transformation: each must be position // s for `nearest_upsampled` to take it.
 _SOURCE_POSITION = {
     "asymmetric": lambda dst, scale: dst / scale,
     "half_pixel": lambda dst, scale: (dst + 0.5) / scale - 0.5,
@@ -186,14 +186,13 @@ class _ReflectionPads(relax.PyExprMutator):
         original, call = call, super().visit_call_(call)
         if is_op(call, "relax.quantize"):
             return self._quantized_pad(original, call)
+        found = None
         if is_op(call, "relax.take"):
             found = _reflection_of(call, self)
-        elif is_op(call, "relax.call_tir") and len(call.args[1].fields) == 1 and \
-                isinstance(self.builder_.get()[call.args[0]], tirx.PrimFunc):
-            pad = mirror_pad_width(self.builder_.get()[call.args[0]])
+        elif is_op(call, "relax.call_tir") and len(call.args[1].fields) == 1:
+            callee = self.builder_.get()[call.args[0]]
+            pad = mirror_pad_width(callee) if isinstance(callee, tirx.PrimFunc) else None
             found = None if pad is None else (call.args[1].fields[0], pad)
-        else:
-            found = None
         if found is None:
             return call
         (data, pad), scale = found, 1
