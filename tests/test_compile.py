@@ -23,12 +23,12 @@ from compile.tuning import local_builder, seed_default_schedules, tune
 from errors import UserError
 from targets.threads import size_tvm_thread_pool
 
+from conftest import SEARCH_POPULATION, TINY_SHAPE, tiny_generator
+
 # Small spatial sizes keep untuned builds quick; every generator is fully convolutional, except
 # the 7-level U-Net, which needs 128 pixels to reach its 1x1 bottleneck.
 TEST_SIZE = {"cyclegan-unet128-ngf16": 128}
 FP32_TOLERANCE = 2e-3
-# A small evolutionary-search population: the tests check what tuning writes, not how well it searches.
-SEARCH_POPULATION = 16
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +64,6 @@ def test_every_registered_generator_matches_torch(name, host, tmp_path):
     assert np.abs(got - expected).max() < FP32_TOLERANCE
 
 
-def _tiny_generator() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.ReflectionPad2d(1), torch.nn.Conv2d(3, 8, 3), torch.nn.InstanceNorm2d(8), torch.nn.ReLU(),
-        torch.nn.Conv2d(8, 3, 1), torch.nn.Tanh(),
-    ).eval()
-
-
 def test_curve_replays_records_in_order_weighted_by_calls(tmp_path):
     """Two workloads, the second called 3 times: points start once both are measured, failures are skipped."""
     database = TuningDatabase(tmp_path / "db")
@@ -93,12 +85,10 @@ def test_curve_replays_records_in_order_weighted_by_calls(tmp_path):
     assert database.curve() == curve
 
 
-def test_tune_then_compile_from_database_without_tuning(host, tmp_path, monkeypatch):
-    module, shape = _tiny_generator(), (1, 3, 16, 16)
-    database = TuningDatabase(tmp_path / "db")
-    ran = tune(torch_to_relax(module, shape), host.tvm_target, database, trials=12, trials_per_task=4,
-               report=lambda _: None, population=SEARCH_POPULATION)
-    assert ran > 0 and database.record_count() > 0
+def test_tune_then_compile_from_database_without_tuning(host, tuned_tiny, tmp_path, monkeypatch):
+    module, shape = tiny_generator(), TINY_SHAPE
+    database = tuned_tiny.copy(tmp_path / "db")
+    assert tuned_tiny.trials > 0 and database.record_count() > 0
     log = (database.path / CURVE_FILE).read_text().splitlines()
     assert len(log) >= 1 and '"trials"' in log[0]
     curve = database.curve()  # the tasks' weights were written, so the records replay into a curve
@@ -126,7 +116,7 @@ def test_tune_then_compile_from_database_without_tuning(host, tmp_path, monkeypa
 
 def test_default_conv_schedules_are_measured_into_the_database(host, tmp_path):
     """Tuning starts by committing each conv's default schedule as a measured record, which replays."""
-    module, shape = _tiny_generator(), (1, 3, 16, 16)
+    module, shape = tiny_generator(), TINY_SHAPE
     prepared = prepare(torch_to_relax(module, shape), host.tvm_target)
     convs = [t for t in ms.relax_integration.extract_tasks(prepared, host.tvm_target) if "conv2d" in t.task_name]
     assert len(convs) == 2
@@ -147,11 +137,9 @@ def test_default_conv_schedules_are_measured_into_the_database(host, tmp_path):
     assert np.abs(_run(compiled, x) - expected).max() < FP32_TOLERANCE
 
 
-def test_tuning_appends_and_changed_database_misses_cache(host, tmp_path):
-    module, shape = _tiny_generator(), (1, 3, 16, 16)
-    database = TuningDatabase(tmp_path / "db")
-    tune(torch_to_relax(module, shape), host.tvm_target, database, trials=2, trials_per_task=2,
-         report=lambda _: None, population=SEARCH_POPULATION)
+def test_tuning_appends_and_changed_database_misses_cache(host, tuned_tiny, tmp_path):
+    module, shape = tiny_generator(), TINY_SHAPE
+    database = tuned_tiny.copy(tmp_path / "db")
     earlier = database.record_file.read_bytes()
     workloads = _line_count(database.workload_file)
     first = _build(module, shape, host, database, tmp_path / "cache")
@@ -168,7 +156,7 @@ def test_tuning_appends_and_changed_database_misses_cache(host, tmp_path):
 
 
 def test_changed_weights_miss_the_cache(host, tmp_path):
-    module, shape = _tiny_generator(), (1, 3, 16, 16)
+    module, shape = tiny_generator(), TINY_SHAPE
     database = TuningDatabase(tmp_path / "none")
     first = _build(module, shape, host, database, tmp_path / "cache")
     with torch.no_grad():
@@ -194,7 +182,7 @@ def test_corrupt_database_is_a_one_line_error(tmp_path, content, expected):
 
 def test_wrong_input_shape_names_the_model(tmp_path):
     with pytest.raises(UserError, match=r"tiny: input shape \(1, 4, 16, 16\) does not fit"):
-        torch_to_relax(_tiny_generator(), (1, 4, 16, 16), "tiny")
+        torch_to_relax(tiny_generator(), (1, 4, 16, 16), "tiny")
 
 
 def _unreplayable_database(tmp_path) -> TuningDatabase:
@@ -218,7 +206,7 @@ def test_records_that_no_longer_replay_are_skipped_when_applying(tmp_path):
 def test_tuning_into_a_database_with_unreplayable_records_appends(host, tmp_path):
     database = _unreplayable_database(tmp_path)
     workloads, records = database.workload_file.read_bytes(), database.record_file.read_bytes()
-    module, shape = _tiny_generator(), (1, 3, 16, 16)
+    module, shape = tiny_generator(), TINY_SHAPE
     ran = tune(torch_to_relax(module, shape), host.tvm_target, database, trials=4, trials_per_task=2,
                report=lambda _: None, population=SEARCH_POPULATION)
     assert ran > 0
@@ -229,12 +217,10 @@ def test_tuning_into_a_database_with_unreplayable_records_appends(host, tmp_path
     assert compiled.tuned_tasks > 0 and compiled.db_skipped == 8
 
 
-def test_tuning_records_its_thread_count_and_refuses_to_mix_counts(host, tmp_path):
+def test_tuning_records_its_thread_count_and_refuses_to_mix_counts(host, tuned_tiny, tmp_path):
     """Records measured on 1 thread would lose to any measured on 2, whatever their schedules are worth."""
-    module, shape = _tiny_generator(), (1, 3, 16, 16)
-    database = TuningDatabase(tmp_path / "db")
-    tune(torch_to_relax(module, shape), host.tvm_target, database, trials=2, trials_per_task=2,
-         report=lambda _: None, population=SEARCH_POPULATION)
+    module, shape = tiny_generator(), TINY_SHAPE
+    database = tuned_tiny.copy(tmp_path / "db")
     threads_file = database.path / THREADS_FILE
     assert json.loads(threads_file.read_text()) == {"threads": size_tvm_thread_pool()}
     records = database.record_file.read_bytes()
@@ -249,7 +235,7 @@ def test_tuning_records_its_thread_count_and_refuses_to_mix_counts(host, tmp_pat
 
 
 def test_focus_must_be_positive(host, tmp_path):
-    module, shape = _tiny_generator(), (1, 3, 16, 16)
+    module, shape = tiny_generator(), TINY_SHAPE
     with pytest.raises(UserError, match="--focus"):
         tune(torch_to_relax(module, shape), host.tvm_target, TuningDatabase(tmp_path / "db"), trials=4, trials_per_task=2,
              report=lambda _: None, focus=0)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from bench.record import load_records, read_records
-from compile.database import TuningDatabase
+from compile.database import RECORD_FILE, TuningDatabase
 from compile.torch_import import torch_to_relax
 from compile.tuning import tune
 from errors import UserError
@@ -26,6 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 from test_cli import invoke  # noqa: E402  (runs a CLI command in this process)
 from test_records import make_record  # noqa: E402  (the record factory the record tests use)
+
+from conftest import SEARCH_POPULATION, TINY_SHAPE, tiny_generator  # noqa: E402
 
 APPENDER = """
 import sys
@@ -91,7 +93,7 @@ def test_a_second_tuner_is_refused_naming_the_holder_and_a_killed_one_frees_the_
 
 
 def test_db_check_names_every_unusable_line(tmp_path):
-    from compile.database import RECORD_FILE, WORKLOAD_FILE
+    from compile.database import WORKLOAD_FILE
 
     shipped = REPO / "autotune_logs" / "host-avx2" / "cyclegan-resnet6-ngf16+kd"
     database = TuningDatabase(tmp_path / "db")
@@ -151,32 +153,22 @@ def test_ctrl_c_during_bench_says_what_was_kept_exits_130_and_leaves_no_orphan_f
     assert samples == {Path(r.sample_png).name for r in kept}  # every PNG left belongs to a kept record
 
 
-def test_a_tuner_killed_mid_append_leaves_a_database_that_builds_and_tunes_on(tmp_path):
+def test_a_tuner_killed_mid_append_leaves_a_database_that_builds_and_tunes_on(tuned_tiny, tmp_path):
     """A torn last line (what a kill during MetaSchedule's append leaves) is skipped by readers, named by
     db.check, and dropped by the next tune, whose records then follow on whole lines."""
-    import shutil
-
-    import torch
-
-    from compile.database import RECORD_FILE
     from targets import load_target, resolve
 
-    module = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU())
-    target = resolve(load_target("host")).tvm_target
-    database = TuningDatabase(tmp_path / "db")
-    tune(torch_to_relax(module, (1, 3, 8, 8)), target, database, trials=2, trials_per_task=2, report=lambda _: None,
-         population=16)
+    database = tuned_tiny.copy(tmp_path / "db")
     whole = database.record_count()
     with open(database.record_file, "a", encoding="utf-8") as f:
         f.write('[0, [[["SampleCategorical", [], [')  # killed mid-line
-    shutil.copytree(database.path, tmp_path / "copy")
     assert database.open_for_reading()[1] == 0  # readers skip the torn line: nothing else is left out
     [problem] = database.check()
     assert problem.startswith(f"{database.record_file}:{whole + 1}: torn last line")
     messages = []
-    tune(torch_to_relax(module, (1, 3, 8, 8)), target, database, trials=2, trials_per_task=2,
-         report=messages.append, population=16)
+    tune(torch_to_relax(tiny_generator(), TINY_SHAPE), resolve(load_target("host")).tvm_target, database, trials=2,
+         trials_per_task=2, report=messages.append, population=SEARCH_POPULATION)
     assert any("dropped a torn last line" in m for m in messages)
     assert database.check() == [] and database.record_count() > whole
-    earlier = (tmp_path / "copy" / RECORD_FILE).read_text().splitlines()[:whole]
+    earlier = (tuned_tiny.path / RECORD_FILE).read_text().splitlines()
     assert database.record_file.read_text().splitlines()[:whole] == earlier  # nothing earlier lost
