@@ -10,6 +10,10 @@ Transforms, instance norm, padding and activations stay float32. Every build is 
 fp32 reference by the bf16 rule (output PSNR >= 40 dB): Winograd's transforms amplify the rounding
 about tenfold, which a 9-block 256-channel network feels (`WINOGRAD_MAX_CHANNELS`).
 
+Where the CPU has AMX-BF16 tiles as well (Sapphire Rapids on), the Winograd products whose input
+channels come in whole tile rows (32) run on them (`tdpbf16ps`: 16 x 16 x 32 products an
+instruction, 256x vdpbf16ps's); the direct convs keep the AVX-512 block.
+
 The blocks that multiply are C (compile/x86_kernels/gemm_bf16.c, which says why), compiled here
 with the host compiler, cached by their source, and linked into the model's library; TIR calls them
 inside parallel loops, so TVM's thread pool runs them.
@@ -17,6 +21,7 @@ inside parallel loops, so TVM's thread pool runs them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 import subprocess
@@ -32,12 +37,17 @@ from tvm.script.ir_builder import tirx as T
 from tvm.target.codegen import target_has_features
 
 from compile import BF16_ATTR, MACS_ATTR, OPAQUE_PATTERN
+from compile.int8 import amx
 from errors import UserError
 
 KERNEL_SOURCE = Path(__file__).resolve().parent / "x86_kernels" / "gemm_bf16.c"
 BLOCK_FUNCTION = "lwgan_gemm_bf16_block"
 BLOCK_ROWS = 8  # output rows per products call: ROWS in gemm_bf16.c
-COMPILER_FLAGS = ["-O3", "-mavx512f", "-mavx512bf16", "-fPIC", "-c"]
+AMX_BLOCK_FUNCTION = "lwgan_gemm_amx_bf16_block"
+AMX_BLOCK_ROWS = 32  # AMX_ROWS in gemm_bf16.c: two 16-row tiles
+AMX_PAIRS = 16  # bf16 pairs in a tile row (64 bytes): the AMX block takes whole ones
+# The AMX block compiles on any x86 host (gcc 11 on); it runs only where the target has the tiles.
+COMPILER_FLAGS = ["-O3", "-mavx512f", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-fPIC", "-c"]
 
 
 # F(4x4, 3x3)'s transforms amplify bf16's rounding about tenfold. The shipped generators' 64-channel
@@ -60,6 +70,17 @@ def weight_digest(weight: np.ndarray) -> str:
 def available(target: tvm.target.Target) -> bool:
     """Whether `target` is an x86 CPU with AVX-512 BF16."""
     return target.kind.name == "llvm" and target_has_features(["avx512f", "avx512bf16"], target)
+
+
+def tiles_available(target: tvm.target.Target) -> bool:
+    """Whether `target` is an x86 CPU with AMX-BF16 tiles."""
+    return target.kind.name == "llvm" and target_has_features(["amx-tile", "amx-bf16"], target)
+
+
+def fills_tiles(channels: int) -> bool:
+    """Whether a Winograd conv's `channels` input channels fill whole tile rows (16 pairs), as the AMX
+    products block needs."""
+    return channels % (2 * AMX_PAIRS) == 0
 
 
 def require(target: tvm.target.Target) -> None:
@@ -100,11 +121,13 @@ def bf16_bits(values: np.ndarray) -> np.ndarray:
     return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
 
 
-def pack_rows(u: np.ndarray) -> np.ndarray:
-    """[batch, rows, channels] float32 -> uint32 [batch, rows rounded up to 8, channels / 2]: bf16
-    pairs of adjacent channels (the even one in the low half), zero rows to whole blocks."""
+def pack_rows(u: np.ndarray, on_tiles: bool = False) -> np.ndarray:
+    """[batch, rows, channels] float32 -> uint32 [batch, rows rounded up to a block, channels / 2]: bf16
+    pairs of adjacent channels (the even one in the low half), zero rows to whole blocks (of 8, or of
+    32 `on_tiles`)."""
     batch, rows, channels = u.shape
-    padded = np.zeros((batch, -(-rows // BLOCK_ROWS) * BLOCK_ROWS, channels), np.uint16)
+    block = AMX_BLOCK_ROWS if on_tiles else BLOCK_ROWS
+    padded = np.zeros((batch, -(-rows // block) * block, channels), np.uint16)
     padded[:, :rows] = bf16_bits(u)
     return np.ascontiguousarray(padded).view(np.uint32)
 
@@ -125,21 +148,24 @@ def bf16_pair(low, high, lanes: int):
     return rounded(high) | (rounded(low) >> word(16))
 
 
-def products(batch: int, rows: int, channels: int, columns: int) -> tirx.PrimFunc:
+def products(batch: int, rows: int, channels: int, columns: int, on_tiles: bool = False) -> tirx.PrimFunc:
     """(u from `pack_rows`, v uint32 [batch, channels / 2, columns]) -> m float32 [batch, rows, columns],
-    m[b] = u[b] v[b] with bf16 operands: one parallel task per (batch item, block of 8 rows)."""
-    pairs, blocks = channels // 2, -(-rows // BLOCK_ROWS)
+    m[b] = u[b] v[b] with bf16 operands: one parallel task per (batch item, block of 8 rows), or
+    `on_tiles` (`fills_tiles`) of 32 rows on AMX, once Linux has granted the tile state."""
+    block, function = (AMX_BLOCK_ROWS, AMX_BLOCK_FUNCTION) if on_tiles else (BLOCK_ROWS, BLOCK_FUNCTION)
+    pairs, blocks = channels // 2, -(-rows // block)
     with IRBuilder() as ib, T.prim_func(private=True):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE_PATTERN,
                      BF16_ATTR: True, MACS_ATTR: batch * rows * channels * columns})
-        u = T.arg("u", T.buffer((batch, blocks * BLOCK_ROWS, pairs), "uint32"))
+        u = T.arg("u", T.buffer((batch, blocks * block, pairs), "uint32"))
         v = T.arg("v", T.buffer((batch, pairs, columns), "uint32"))
         m = T.arg("m", T.buffer((batch, rows, columns), "float32"))
-        with T.sblock("root"), T.parallel(0, batch * blocks) as task:
+        with T.sblock("root"), (amx.tile_state_granted() if on_tiles else contextlib.nullcontext()), \
+                T.parallel(0, batch * blocks) as task:
             T.evaluate(tirx.call_extern(
-                "int32", BLOCK_FUNCTION, u.data, v.data, m.data,
-                *(tirx.Cast("int64", value) for value in (task // blocks, task % blocks * BLOCK_ROWS)),
-                *(tirx.const(value, "int64") for value in (rows, blocks * BLOCK_ROWS, pairs, columns)),
+                "int32", function, u.data, v.data, m.data,
+                *(tirx.Cast("int64", value) for value in (task // blocks, task % blocks * block)),
+                *(tirx.const(value, "int64") for value in (rows, blocks * block, pairs, columns)),
             ))
     return ib.get()
 

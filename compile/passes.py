@@ -9,7 +9,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from compile import BF16_ATTR, BF16_WIDE_ATTR
+from compile import BF16_ATTR, BF16_WIDE_ATTR, bf16
 from compile.rewrites import fuse_friendly
 from compile.schedules.bf16_conv import bf16_direct_convs
 from compile.schedules.norm import schedule_instance_norms
@@ -28,7 +28,8 @@ def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     On CPUs the large 3x3 convolutions become hand-scheduled Winograd kernels (compile/schedules/winograd.py);
     in a module marked for bf16 (`compile.BF16_ATTR`) their products (of the wide ones, those its
     calibration chose: `compile.BF16_WIDE_ATTR`) and the other convolutions
-    multiply in bf16 (compile/bf16.py, compile/schedules/bf16_conv.py). Reflection pads the importer
+    multiply in bf16 (compile/bf16.py, compile/schedules/bf16_conv.py), the products on AMX tiles where
+    the target has them. Reflection pads the importer
     wrote as gathers become one vectorized kernel (compile/schedules/pad.py). Zero pads and an output tanh join
     the convolutions next to them (compile/rewrites.py), and tanh becomes TVM's fast rational
     approximation: LLVM otherwise calls libm's scalar expf per element (0.45 ms of a U-Net's RGB
@@ -37,7 +38,7 @@ def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     if target.kind.name == "llvm":
         in_bf16 = bool(mod.attrs is not None and mod.attrs.get(BF16_ATTR))
         wide_in_bf16 = {str(d) for d in mod.attrs.get(BF16_WIDE_ATTR, [])} if in_bf16 else set()
-        mod = winograd_convs(mod, float_lanes(target), in_bf16, wide_in_bf16)[0]
+        mod = winograd_convs(mod, float_lanes(target), in_bf16, wide_in_bf16, bf16.tiles_available(target))[0]
         if in_bf16:
             mod = bf16_direct_convs(mod)[0]
         mod = reflection_pads(mod)[0]

@@ -3,6 +3,10 @@ only where the CPU has them, and reach a benchmark record as the `tvm-bf16` runt
 
 from __future__ import annotations
 
+import ctypes
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -23,6 +27,7 @@ from errors import UserError
 from targets.config import host_cpu_flags
 
 HOST_HAS_BF16 = {"avx512f", "avx512_bf16"} <= host_cpu_flags()
+HOST_HAS_AMX_BF16 = {"amx_tile", "amx_bf16"} <= host_cpu_flags()
 needs_bf16 = pytest.mark.skipif(not HOST_HAS_BF16, reason="this CPU has no AVX-512 BF16 to run the kernels")
 RULES = targets.BenchRules(threads=1, warmup=1, samples=3, min_duration_s=0.0)
 # bf16 keeps 8 mantissa bits (2^-9 relative rounding), and F(4x4, 3x3)'s output transform multiplies
@@ -69,6 +74,68 @@ def test_products_block_multiplies_bf16_pairs_in_float32(batch, rows, channels, 
     expected = np.einsum("bkc,bct->bkt", bf16_values(bf16.bf16_bits(u)).astype(np.float64),
                          bf16_values(bf16.bf16_bits(v)).astype(np.float64))
     np.testing.assert_allclose(m.numpy(), expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+
+
+def _emulated_amx_block(tmp_path) -> ctypes.CDLL:
+    """gemm_bf16.c built with its tile instructions in C (tests/amx_emulation.h): the AMX block's
+    layouts, chunks and tails checked on any CPU with AVX-512 BF16 (its column tail's block)."""
+    library_path = tmp_path / "gemm_bf16_emulated.so"
+    subprocess.run(["gcc", "-O2", "-mavx512f", "-mavx512bf16", "-fPIC", "-shared", "-DLWGAN_AMX_EMULATED",
+                    f"-I{Path(__file__).parent}", str(bf16.KERNEL_SOURCE), "-o", str(library_path)], check=True)
+    block = getattr(ctypes.CDLL(str(library_path)), bf16.AMX_BLOCK_FUNCTION)
+    block.restype = ctypes.c_int32
+    block.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 6
+    return block
+
+
+@needs_bf16
+@pytest.mark.parametrize("batch, rows, channels, columns", [
+    (2, 64, 64, 64),  # whole blocks: sums stored straight into m
+    (3, 40, 96, 77),  # 3 tile products per chunk; a last block of 8 rows (through its buffer); a 13-column tail
+    (1, 16, 32, 20),  # fewer columns than a chunk: all on the AVX-512 block
+])
+def test_amx_products_block_in_emulation_multiplies_bf16_pairs_in_float32(batch, rows, channels, columns, tmp_path):
+    block = _emulated_amx_block(tmp_path)
+    rng = np.random.default_rng(4)
+    u = rng.standard_normal((batch, rows, channels)).astype(np.float32)
+    v = rng.standard_normal((batch, channels, columns)).astype(np.float32)
+    u_words = bf16.pack_rows(u, on_tiles=True)
+    v_words = np.ascontiguousarray(
+        bf16.bf16_bits(v).reshape(batch, channels // 2, 2, columns).transpose(0, 1, 3, 2)).view(np.uint32)[..., 0]
+    m = np.full((batch, rows, columns), np.nan, np.float32)
+    rows_padded = u_words.shape[1]
+    assert rows_padded % bf16.AMX_BLOCK_ROWS == 0
+    for item in range(batch):
+        for row0 in range(0, rows, bf16.AMX_BLOCK_ROWS):
+            assert block(u_words.ctypes.data, v_words.ctypes.data, m.ctypes.data, item, row0, rows, rows_padded,
+                         channels // 2, columns) == 0
+    expected = np.einsum("bkc,bct->bkt", bf16_values(bf16.bf16_bits(u)).astype(np.float64),
+                         bf16_values(bf16.bf16_bits(v)).astype(np.float64))
+    np.testing.assert_allclose(m, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("channels, on_tiles", [(64, True), (48, False)])
+def test_an_amx_bf16_build_multiplies_winograd_products_on_tiles_where_channels_fill_them(channels, on_tiles,
+                                                                                          tmp_path):
+    """Built for the amx level on any x86 host (the library links); run and checked against torch where
+    the CPU has the tiles."""
+    amx_target = targets.resolve(targets.load_target("host"), isa_level="amx").tvm_target
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(channels, 32, 3), torch.nn.ReLU()).eval()
+    shape = (1, channels, 34, 66)  # 8 x 16 tiles: 4 chunks of 32 columns
+    mod, _ = winograd_convs(torch_to_relax(net, shape, "conv"), float_lanes(amx_target), bf16_products=True,
+                            bf16_tiles=bf16.tiles_available(amx_target))
+    names = [gv.name_hint for gv in mod.get_global_vars()]
+    assert ("winograd_products_amx_bf16" in names) == on_tiles and ("winograd_products_bf16" in names) != on_tiles
+    lib = library(mod, amx_target, tmp_path)
+    if not HOST_HAS_AMX_BF16:
+        return
+    x = np.random.default_rng(1).standard_normal(shape).astype("float32")
+    got = relax.VirtualMachine(lib, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    with torch.inference_mode():
+        expected = net(torch.from_numpy(x)).numpy()
+    error = np.abs(got - expected).max() / np.abs(expected).max()
+    assert 1e-4 < error < WINOGRAD_BF16_TOLERANCE
 
 
 def test_reflected_data_transform_is_the_transform_of_the_padded_input(bf16_target):

@@ -133,9 +133,7 @@ def amx_kernel(conv, input_shape: tuple[int, ...]) -> tirx.PrimFunc:
         offset = T.arg("offset", T.buffer((out_channels,), "float32"))
         out = T.arg("out", T.buffer((n, out_channels, out_h, out_w), conv.out_dtype))
         with T.sblock("root"):
-            granted = T.call_extern("int64", "syscall", tirx.const(SYS_ARCH_PRCTL, "int64"),
-                                    tirx.const(ARCH_REQ_XCOMP_PERM, "int64"), tirx.const(XFEATURE_XTILEDATA, "int64"))
-            with T.Assert(granted == tirx.const(0, "int64"), ["Linux refused this process AMX tile state"]):
+            with tile_state_granted():
                 # NCHW -> NCHW[4c] as one 32-bit word per 4 channels of a pixel, the zero point
                 # around the image and in missing channels
                 packed = T.alloc_buffer((n, groups, packed_h, packed_w), "uint32")
@@ -179,6 +177,14 @@ def amx_kernel(conv, input_shape: tuple[int, ...]) -> tirx.PrimFunc:
                                       y, x0)
                     _llvm("tilerelease")
     return ib.get()
+
+
+def tile_state_granted():
+    """A TIR assert frame: Linux grants this process AMX tile state (a cheap system call once it has),
+    else the kernel raises a TVM error; tile instructions go inside it."""
+    granted = T.call_extern("int64", "syscall", tirx.const(SYS_ARCH_PRCTL, "int64"),
+                            tirx.const(ARCH_REQ_XCOMP_PERM, "int64"), tirx.const(XFEATURE_XTILEDATA, "int64"))
+    return T.Assert(granted == tirx.const(0, "int64"), ["Linux refused this process AMX tile state"])
 
 
 def _word(values) -> tirx.PrimExpr:

@@ -259,11 +259,12 @@ def rewrite_convs(rewriter: ConvRewriter, mod: tvm.IRModule) -> tuple[tvm.IRModu
 
 @relax.expr_functor.mutator
 class _WinogradRewriter(ConvRewriter):
-    def __init__(self, mod: tvm.IRModule, lanes: int, bf16: bool, wide_in_bf16: set[str]) -> None:
+    def __init__(self, mod: tvm.IRModule, lanes: int, bf16: bool, wide_in_bf16: set[str], bf16_tiles: bool) -> None:
         super().__init__(mod)
         self.lanes = lanes
         self.bf16 = bf16
         self.wide_in_bf16 = wide_in_bf16
+        self.bf16_tiles = bf16_tiles
 
     def accepts(self, call: relax.Call, weight: np.ndarray | None) -> bool:
         return applies(call, weight)
@@ -297,9 +298,10 @@ class _WinogradRewriter(ConvRewriter):
             relax.TensorType((points, channels, tiles), "float32")
         v = self.builder_.emit(relax.call_tir(transform, [data], v_type))
         if paired:
-            products = self.builder_.add_func(bf16.products(points, out_channels, channels, tiles),
-                                              "winograd_products_bf16")
-            m = self.builder_.emit(relax.call_tir(products, [relax.const(bf16.pack_rows(u)), v], m_type))
+            on_tiles = self.bf16_tiles and bf16.fills_tiles(channels)
+            products = self.builder_.add_func(bf16.products(points, out_channels, channels, tiles, on_tiles),
+                                              "winograd_products_amx_bf16" if on_tiles else "winograd_products_bf16")
+            m = self.builder_.emit(relax.call_tir(products, [relax.const(bf16.pack_rows(u, on_tiles)), v], m_type))
         else:
             products = self.builder_.add_func(point_products(out_channels, channels, tiles, self.lanes),
                                               "winograd_products")
@@ -319,11 +321,12 @@ class _WinogradRewriter(ConvRewriter):
 
 
 def winograd_convs(mod: tvm.IRModule, lanes: int, bf16_products: bool = False,
-                   wide_in_bf16: set[str] = frozenset()) -> tuple[tvm.IRModule, int]:
+                   wide_in_bf16: set[str] = frozenset(), bf16_tiles: bool = False) -> tuple[tvm.IRModule, int]:
     """Rewrite every eligible convolution of `mod`'s Relax functions for a CPU with `lanes`-float
     vectors, with `bf16_products` on bf16 operands (compile/bf16.py; of the convs wider than
-    `bf16.WINOGRAD_MAX_CHANNELS`, those whose weight digest is in `wide_in_bf16`); returns (module, how many)."""
-    return rewrite_convs(_WinogradRewriter(mod, lanes, bf16_products, wide_in_bf16), mod)
+    `bf16.WINOGRAD_MAX_CHANNELS`, those whose weight digest is in `wide_in_bf16`), on AMX tiles with
+    `bf16_tiles` where the channels fill them; returns (module, how many)."""
+    return rewrite_convs(_WinogradRewriter(mod, lanes, bf16_products, wide_in_bf16, bf16_tiles), mod)
 
 
 def point_products(out_channels: int, channels: int, tiles: int, lanes: int) -> tirx.PrimFunc:

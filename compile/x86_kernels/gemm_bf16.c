@@ -29,13 +29,10 @@ static inline __mmask16 tail_mask(int64_t remaining) {
     return remaining >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << remaining) - 1u);
 }
 
-int32_t lwgan_gemm_bf16_block(const uint32_t *u, const uint32_t *v, float *m, int64_t batch_item, int64_t row0,
-                              int64_t rows, int64_t rows_padded, int64_t pairs, int64_t columns) {
-    const uint32_t *u_block = u + (batch_item * rows_padded + row0) * pairs;
-    const uint32_t *v_item = v + batch_item * pairs * columns;
-    float *m_block = m + (batch_item * rows + row0) * columns;
-    const int64_t stored_rows = rows - row0 < ROWS ? rows - row0 : ROWS;
-    for (int64_t t = 0; t < columns; t += 2 * LANES) {
+/* ROWS rows of a products block (u_rows, m_rows: the block's first row) from column t_begin on. */
+static inline void products_rows(const uint32_t *u_rows, const uint32_t *v_item, float *m_rows, int64_t stored_rows,
+                                 int64_t pairs, int64_t columns, int64_t t_begin) {
+    for (int64_t t = t_begin; t < columns; t += 2 * LANES) {
         const __mmask16 mask0 = tail_mask(columns - t);
         const __mmask16 mask1 = columns - t > LANES ? tail_mask(columns - t - LANES) : 0;
         __m512 acc0[ROWS], acc1[ROWS];
@@ -48,18 +45,107 @@ int32_t lwgan_gemm_bf16_block(const uint32_t *u, const uint32_t *v, float *m, in
             const __m512bh v0 = (__m512bh)_mm512_maskz_loadu_epi32(mask0, v_row);
             const __m512bh v1 = (__m512bh)_mm512_maskz_loadu_epi32(mask1, v_row + LANES);
             for (int r = 0; r < ROWS; ++r) {
-                const __m512bh w = (__m512bh)_mm512_set1_epi32((int)u_block[r * pairs + i]);
+                const __m512bh w = (__m512bh)_mm512_set1_epi32((int)u_rows[r * pairs + i]);
                 acc0[r] = _mm512_dpbf16_ps(acc0[r], w, v0);
                 acc1[r] = _mm512_dpbf16_ps(acc1[r], w, v1);
             }
         }
         for (int r = 0; r < ROWS; ++r) {
             if (r < stored_rows) {
-                _mm512_mask_storeu_ps(m_block + r * columns + t, mask0, acc0[r]);
-                _mm512_mask_storeu_ps(m_block + r * columns + t + LANES, mask1, acc1[r]);
+                _mm512_mask_storeu_ps(m_rows + r * columns + t, mask0, acc0[r]);
+                _mm512_mask_storeu_ps(m_rows + r * columns + t + LANES, mask1, acc1[r]);
             }
         }
     }
+}
+
+int32_t lwgan_gemm_bf16_block(const uint32_t *u, const uint32_t *v, float *m, int64_t batch_item, int64_t row0,
+                              int64_t rows, int64_t rows_padded, int64_t pairs, int64_t columns) {
+    const int64_t stored_rows = rows - row0 < ROWS ? rows - row0 : ROWS;
+    products_rows(u + (batch_item * rows_padded + row0) * pairs, v + batch_item * pairs * columns,
+                  m + (batch_item * rows + row0) * columns, stored_rows, pairs, columns, 0);
+    return 0;
+}
+
+/* The products block on AMX tiles (Sapphire Rapids on): `tdpbf16ps` multiplies a 16-row A tile of
+ * 16 bf16 pairs by a B tile of 16 pair rows x 16 columns into 16 x 16 float32 sums, 8192
+ * multiply-adds, where vdpbf16ps does 32. The operands' layouts are already the tiles' own: a row of
+ * u holds a row's pairs (A rows), a row of v one pair's columns (B rows, "VNNI" layout).
+ *
+ * One call computes AMX_ROWS rows (two A tiles) from row0, over every column in chunks of two
+ * 16-column tiles, the four 16 x 16 sums accumulated in tile registers over every pair; `pairs` is a
+ * multiple of 16 and `rows_padded` of AMX_ROWS (compile/bf16.py picks this block only then). Columns
+ * past the last whole chunk run on the AVX-512 block above. The caller has asked Linux for the tile
+ * state (arch_prctl), as the int8 AMX kernels do. Tile instructions are macros: the tests run this
+ * block on CPUs without AMX by defining them in C (tests/amx_emulation.h, with LWGAN_AMX_EMULATED). */
+#define AMX_ROWS 32
+#define AMX_PAIRS 16
+#define AMX_COLUMNS 32
+#define TILE 16
+
+#ifdef LWGAN_AMX_EMULATED
+#include "amx_emulation.h"
+#else
+#define TILE_CONFIG(config) _tile_loadconfig(config)
+#define TILE_ZERO(tile) _tile_zero(tile)
+#define TILE_LOAD(tile, base, stride) _tile_loadd(tile, base, stride)
+#define TILE_STORE(tile, base, stride) _tile_stored(tile, base, stride)
+#define TILE_DPBF16PS(sums, a, b) _tile_dpbf16ps(sums, a, b)
+#define TILE_RELEASE() _tile_release()
+#endif
+
+struct tile_config {  /* palette 1's 64-byte layout */
+    uint8_t palette, start_row, reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+};
+
+int32_t lwgan_gemm_amx_bf16_block(const uint32_t *u, const uint32_t *v, float *m, int64_t batch_item, int64_t row0,
+                                  int64_t rows, int64_t rows_padded, int64_t pairs, int64_t columns) {
+    const uint32_t *u_block = u + (batch_item * rows_padded + row0) * pairs;
+    const uint32_t *v_item = v + batch_item * pairs * columns;
+    float *m_block = m + (batch_item * rows + row0) * columns;
+    const int64_t stored_rows = rows - row0 < AMX_ROWS ? rows - row0 : AMX_ROWS;
+    const int64_t whole = columns / AMX_COLUMNS * AMX_COLUMNS;
+    if (whole > 0) {
+        /* tiles 0-3: sums (row tile i, column tile j) at 2i + j; 4-5: u rows 0-15, 16-31; 6-7: v columns */
+        struct tile_config config = {.palette = 1};
+        for (int t = 0; t < 8; ++t) {
+            config.rows[t] = TILE;
+            config.bytes_per_row[t] = 64;
+        }
+        TILE_CONFIG(&config);
+        float sums[AMX_ROWS][AMX_COLUMNS];  /* a block whose last rows are padding stores through here */
+        for (int64_t t = 0; t < whole; t += AMX_COLUMNS) {
+            TILE_ZERO(0);
+            TILE_ZERO(1);
+            TILE_ZERO(2);
+            TILE_ZERO(3);
+            for (int64_t i = 0; i < pairs; i += AMX_PAIRS) {
+                TILE_LOAD(4, u_block + i, pairs * 4);
+                TILE_LOAD(5, u_block + TILE * pairs + i, pairs * 4);
+                TILE_LOAD(6, v_item + i * columns + t, columns * 4);
+                TILE_LOAD(7, v_item + i * columns + t + TILE, columns * 4);
+                TILE_DPBF16PS(0, 4, 6);
+                TILE_DPBF16PS(1, 4, 7);
+                TILE_DPBF16PS(2, 5, 6);
+                TILE_DPBF16PS(3, 5, 7);
+            }
+            const int direct = stored_rows == AMX_ROWS;
+            float *target = direct ? m_block + t : &sums[0][0];
+            const int64_t stride = direct ? columns : AMX_COLUMNS;
+            TILE_STORE(0, target, stride * 4);
+            TILE_STORE(1, target + TILE, stride * 4);
+            TILE_STORE(2, target + TILE * stride, stride * 4);
+            TILE_STORE(3, target + TILE * stride + TILE, stride * 4);
+            for (int64_t r = 0; !direct && r < stored_rows; ++r)
+                for (int c = 0; c < AMX_COLUMNS; ++c) m_block[r * columns + t + c] = sums[r][c];
+        }
+        TILE_RELEASE();
+    }
+    for (int64_t r = 0; whole < columns && r < stored_rows; r += ROWS)
+        products_rows(u_block + r * pairs, v_item, m_block + r * columns, stored_rows - r < ROWS ? stored_rows - r : ROWS,
+                      pairs, columns, whole);
     return 0;
 }
 
