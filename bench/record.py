@@ -95,11 +95,12 @@ class Record:
     min_output_psnr_db: float | None = None  # bf16/fp16/int8 rule: a rounding step may flip anywhere, so judge the image
     # Roofline (`invoke bench --roofline`, TVM only): the FMA peak measured in the same run, and per
     # kernel [{kernel, calls, ms, gflop, gflops, peak, peak_fraction}] per inference, slowest first
-    # (`peak`: "fma", "bf16" or "integer", the peak its fraction is of; integer kernels have one at a
-    # VNNI level, none yet at an AMX level, whose tile kernels no microbenchmark here measures).
+    # (`peak`: "fma", "bf16", "integer", "amx-bf16" or "amx-int8", the peak its fraction is of).
     fma_peak_gflops: float | None = None
     bf16_peak_gflops: float | None = None  # vdpbf16ps, measured beside the FMA peak for a bf16 build's roofline
+    amx_bf16_peak_gflops: float | None = None  # tdpbf16ps, for a bf16 build on a CPU with AMX tiles
     int8_peak_gops: float | None = None  # vpdpbusd, measured beside the FMA peak for an int8 build on VNNI
+    amx_int8_peak_gops: float | None = None  # tdpbusd, for an int8 build at an AMX level
     kernel_profile: list | None = None
     # Memory: the runtime process's peak resident set while timing (host), or the firmware's static RAM.
     peak_rss_bytes: int | None = None

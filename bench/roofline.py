@@ -1,7 +1,8 @@
 """Where TVM's time goes, against what the CPU can do: per-kernel GFLOP/s as a fraction of measured FMA peak.
 
 The peak comes from a small C microbenchmark built with the host compiler in the same run (many
-independent vector FMA chains per thread, so latency never limits it). Per-kernel times come from
+independent vector FMA chains per thread, so latency never limits it); so do the peaks of what bf16
+and int8 kernels multiply on (vdpbf16ps, vpdpbusd, and AMX's tdpbf16ps and tdpbusd on CPUs with tiles). Per-kernel times come from
 the Relax VM's instrument hook around each call; FLOPs from TVM's own estimate on the kernels
 before code generation, matched by name (FuseOps names them the same way for tuning and build).
 """
@@ -89,6 +90,49 @@ BF16_PEAK_SOURCE = DOT_PEAK_TEMPLATE.substitute(
 INT8_PEAK_SOURCE = DOT_PEAK_TEMPLATE.substitute(
     step="_mm512_dpbusd_epi32", start="_mm512_set1_epi32", accumulator="__m512i", reduce="_mm512_reduce_add_epi32",
     ops=128, operands="__m512i a = _mm512_set1_epi32(0x01020304), b = _mm512_set1_epi32(0x01010101);")
+# AMX: four independent tile products a step (the kernels' 2 x 2 accumulators), each 16 x 16 sums of
+# `depth` products: tdpbf16ps 16 x 16 x 32 (16384 FLOP), tdpbusd 16 x 16 x 64 (32768 ops). Each thread
+# asks Linux for the tile state first, as the kernels do.
+AMX_PEAK_TEMPLATE = string.Template(r"""
+#include <immintrin.h>
+#include <omp.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define ITERATIONS 2000000L
+struct tile_config { unsigned char palette, start_row, reserved[14]; unsigned short bytes_per_row[16]; unsigned char rows[16]; };
+int main(void) {
+  if (syscall(SYS_arch_prctl, 0x1023, 18) != 0) { fprintf(stderr, "Linux refused AMX tile state\n"); return 1; }
+  double start = omp_get_wtime();
+  double sink = 0;
+  #pragma omp parallel reduction(+:sink)
+  {
+    struct tile_config config;
+    memset(&config, 0, sizeof config);
+    config.palette = 1;
+    for (int t = 0; t < 8; t++) { config.rows[t] = 16; config.bytes_per_row[t] = 64; }
+    _tile_loadconfig(&config);
+    unsigned short operands[16 * 32];
+    int sums[16 * 16];
+    for (int i = 0; i < 16 * 32; i++) operands[i] = $element;
+    _tile_loadd(4, operands, 64); _tile_loadd(5, operands, 64); _tile_loadd(6, operands, 64); _tile_loadd(7, operands, 64);
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (long n = 0; n < ITERATIONS; n++) {
+      $instruction(0, 4, 6); $instruction(1, 4, 7); $instruction(2, 5, 6); $instruction(3, 5, 7);
+    }
+    _tile_stored(0, sums, 64);
+    sink += sums[0];
+    _tile_release();
+  }
+  double seconds = omp_get_wtime() - start;
+  printf("%.3f %g\n", $ops * 4.0 * ITERATIONS * omp_get_max_threads() / seconds / 1e9, sink);
+  return 0;
+}
+""")
+AMX_FLAGS = ["-mamx-tile", "-mamx-bf16", "-mamx-int8"]
+AMX_BF16_PEAK_SOURCE = AMX_PEAK_TEMPLATE.substitute(instruction="_tile_dpbf16ps", element="0x3f80", ops=2 * 16 * 16 * 32)
+AMX_INT8_PEAK_SOURCE = AMX_PEAK_TEMPLATE.substitute(instruction="_tile_dpbusd", element="0x0101", ops=2 * 16 * 16 * 64)
 PROFILE_RUNS = 5
 
 
@@ -111,6 +155,18 @@ def int8_peak_gops(threads: int, repeats: int = 5) -> float:
     return _peak_gflops("int8 dot-product", INT8_PEAK_SOURCE, ["-mavx512f", "-mavx512vnni"], threads, repeats)
 
 
+@functools.cache
+def amx_bf16_peak_gflops(threads: int, repeats: int = 5) -> float:
+    """Best of `repeats` runs of the tdpbf16ps microbenchmark (AMX-BF16 tiles) on `threads` threads, in GFLOP/s."""
+    return _peak_gflops("AMX bf16", AMX_BF16_PEAK_SOURCE, AMX_FLAGS, threads, repeats)
+
+
+@functools.cache
+def amx_int8_peak_gops(threads: int, repeats: int = 5) -> float:
+    """Best of `repeats` runs of the tdpbusd microbenchmark (AMX-INT8 tiles) on `threads` threads, in GOP/s."""
+    return _peak_gflops("AMX int8", AMX_INT8_PEAK_SOURCE, AMX_FLAGS, threads, repeats)
+
+
 def _peak_gflops(name: str, source_text: str, flags: list[str], threads: int, repeats: int) -> float:
     with tempfile.TemporaryDirectory() as folder:
         source, binary = Path(folder) / "peak.c", Path(folder) / "peak"
@@ -121,8 +177,10 @@ def _peak_gflops(name: str, source_text: str, flags: list[str], threads: int, re
             raise UserError(f"{name} peak microbenchmark did not build with gcc: {build.stderr.strip()[-200:]}")
         best = 0.0
         for _ in range(repeats):
-            run = subprocess.run([str(binary)], capture_output=True, text=True, check=True,
+            run = subprocess.run([str(binary)], capture_output=True, text=True,
                                  env={"OMP_NUM_THREADS": str(threads), "OMP_PROC_BIND": "spread"})
+            if run.returncode != 0:
+                raise UserError(f"{name} peak microbenchmark failed: {(run.stderr or run.stdout).strip()[-200:]}")
             best = max(best, float(run.stdout.split()[0]))
     return best
 

@@ -32,13 +32,22 @@ from bench.harness import Timing, time_runtimes, wait_for_idle_threads
 from bench.memory import peak_rss_bytes
 from bench.places import PLACES
 from bench.record import Record, append_records
-from bench.roofline import bf16_peak_gflops, fma_peak_gflops, int8_peak_gops, kernel_flops, kernel_profile
+from bench.roofline import (
+    amx_bf16_peak_gflops,
+    amx_int8_peak_gops,
+    bf16_peak_gflops,
+    fma_peak_gflops,
+    int8_peak_gops,
+    kernel_flops,
+    kernel_profile,
+)
 from bench.runtimes import Inputs, Runtime, RuntimeSpec, named_inputs
 from bench.runtimes.tvm_vm import BUILD_PRECISION, TvmRuntime
-from compile import BF16_ATTR, MACS_ATTR
+from compile import BF16_ATTR, MACS_ATTR, TILES_ATTR, bf16
 from compile.artifacts import Artifact, NotBuildable, build_artifact
 from compile.build import CompiledModel
 from compile.database import TuningDatabase, trials_to_within
+from compile.int8 import amx
 from compile.int8.lowering import runs_on_vnni
 from compile.pipeline import IMAGE_CHANNELS, ModelUnderTest, prepared_kernels
 from compile.schedules.conv import PREPACKED
@@ -332,14 +341,19 @@ def target_fields(target: ResolvedTarget) -> dict:
 
 def _machine_peaks(model: ModelUnderTest, target: ResolvedTarget, precisions: set[str], threads: int) -> dict:
     """The peaks a roofline of these TVM builds is judged against: the FMA's, vdpbf16ps's for a bf16
-    build, vpdpbusd's for an int8 build at a VNNI level. Each is measured once per run, before any
-    timing: measured after one, a runtime's thread pool still spinning halved a peak."""
+    build (and tdpbf16ps's where it has AMX tiles), vpdpbusd's for an int8 build at a VNNI level,
+    tdpbusd's at an AMX one. Each is measured once per run, before any timing: measured after one, a
+    runtime's thread pool still spinning halved a peak."""
     wait_for_idle_threads()
     peaks = {"fma": fma_peak_gflops(threads)}
     if "bf16" in precisions:
         peaks["bf16"] = bf16_peak_gflops(threads)
+        if bf16.tiles_available(target.tvm_target):
+            peaks["amx-bf16"] = amx_bf16_peak_gflops(threads)
     if model.precision == "int8" and runs_on_vnni(target.tvm_target):
         peaks["integer"] = int8_peak_gops(threads)
+    if model.precision == "int8" and amx.available(target.tvm_target):
+        peaks["amx-int8"] = amx_int8_peak_gops(threads)
     return peaks
 
 
@@ -354,8 +368,10 @@ def _roofline(model: ModelUnderTest, target: ResolvedTarget, adapter: TvmRuntime
     wait_for_idle_threads()  # TVM's workers spin after the timing; the profile would share their cores
     flops, peak_of = _kernel_flops(prepared_kernels(model, target, precision))
     profile = kernel_profile(adapter.vm, adapter.args, flops, peaks, peak_of)
-    return {"fma_peak_gflops": peaks["fma"], "bf16_peak_gflops": peaks.get("bf16") if precision == "bf16" else None,
-            "int8_peak_gops": peaks.get("integer"), "kernel_profile": profile}
+    in_bf16 = precision == "bf16"
+    return {"fma_peak_gflops": peaks["fma"], "bf16_peak_gflops": peaks.get("bf16") if in_bf16 else None,
+            "amx_bf16_peak_gflops": peaks.get("amx-bf16") if in_bf16 else None, "int8_peak_gops": peaks.get("integer"),
+            "amx_int8_peak_gops": peaks.get("amx-int8"), "kernel_profile": profile}
 
 
 def _kernel_flops(built: tvm.IRModule) -> tuple[dict[str, float], dict[str, str]]:
@@ -376,7 +392,8 @@ def _kernel_flops(built: tvm.IRModule) -> tuple[dict[str, float], dict[str, str]
         name = gvar.name_hint
         if func.attrs is not None and MACS_ATTR in func.attrs:
             flops[name] = 2.0 * int(func.attrs[MACS_ATTR])
-            peak_of[name] = "bf16" if func.attrs.get(BF16_ATTR) else "integer"
+            tiles = func.attrs.get(TILES_ATTR)
+            peak_of[name] = f"amx-{tiles}" if tiles else "bf16" if func.attrs.get(BF16_ATTR) else "integer"
             continue
         try:
             flops.update(kernel_flops(tvm.IRModule({name: func})))

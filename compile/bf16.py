@@ -36,7 +36,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 from tvm.target.codegen import target_has_features
 
-from compile import BF16_ATTR, MACS_ATTR, OPAQUE_PATTERN
+from compile import BF16_ATTR, MACS_ATTR, OPAQUE_PATTERN, TILES_ATTR
 from compile.int8 import amx
 from errors import UserError
 
@@ -156,7 +156,8 @@ def products(batch: int, rows: int, channels: int, columns: int, on_tiles: bool 
     pairs, blocks = channels // 2, -(-rows // block)
     with IRBuilder() as ib, T.prim_func(private=True):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE_PATTERN,
-                     BF16_ATTR: True, MACS_ATTR: batch * rows * channels * columns})
+                     BF16_ATTR: True, MACS_ATTR: batch * rows * channels * columns,
+                     **({TILES_ATTR: "bf16"} if on_tiles else {})})
         u = T.arg("u", T.buffer((batch, blocks * block, pairs), "uint32"))
         v = T.arg("v", T.buffer((batch, pairs, columns), "uint32"))
         m = T.arg("m", T.buffer((batch, rows, columns), "float32"))

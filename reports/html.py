@@ -419,13 +419,14 @@ def combined_psnr(model_db: float, runtime_db: float | None) -> float:
 ROOFLINE_KERNELS = 8  # the slowest kernels shown per model
 
 
-PEAK_SUFFIX = {"bf16": " of bf16", "integer": " of int8"}  # a fraction not of the FMA peak says whose
+# a fraction not of the FMA peak says whose
+PEAK_SUFFIX = {"bf16": " of bf16", "integer": " of int8", "amx-bf16": " of AMX bf16", "amx-int8": " of AMX int8"}
 
 
 def _roofline_tables(records: pd.DataFrame) -> list[dict]:
     """Per model and TVM build (fp32, bf16), the latest kernel profile: where the time goes and how close
     each kernel runs to the peak of what it multiplies on (FMA, vdpbf16ps for bf16 products, vpdpbusd for
-    int8 convs on VNNI)."""
+    int8 convs on VNNI, tdpbf16ps and tdpbusd for kernels on AMX tiles)."""
     latest = {}
     for r in records[records["runtime"].map(is_compiler)].to_dict("records"):
         if isinstance(r.get("kernel_profile"), list) and r["kernel_profile"]:
@@ -434,13 +435,16 @@ def _roofline_tables(records: pd.DataFrame) -> list[dict]:
     for (model, runtime), r in sorted(latest.items()):
         kernels = r["kernel_profile"]
         total_ms = sum(k["ms"] for k in kernels)
-        bf16_peak, int8_peak = r.get("bf16_peak_gflops"), r.get("int8_peak_gops")
+        peaks = {field: None if is_missing(r.get(field)) else f"{r[field]:.1f}" for field in
+                 ("bf16_peak_gflops", "amx_bf16_peak_gflops", "int8_peak_gops", "amx_int8_peak_gops")}
         tables.append({
             "model": model,
             "runtime": runtime,
             "peak": f"{r['fma_peak_gflops']:.1f}",
-            "bf16_peak": None if is_missing(bf16_peak) else f"{bf16_peak:.1f}",
-            "int8_peak": None if is_missing(int8_peak) else f"{int8_peak:.1f}",
+            "bf16_peak": peaks["bf16_peak_gflops"],
+            "amx_bf16_peak": peaks["amx_bf16_peak_gflops"],
+            "int8_peak": peaks["int8_peak_gops"],
+            "amx_int8_peak": peaks["amx_int8_peak_gops"],
             "total_ms": format_ms(total_ms),
             "rows": [{
                 "kernel": k["kernel"],

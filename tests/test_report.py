@@ -550,6 +550,19 @@ def test_an_int8_roofline_judges_integer_convs_against_the_int8_peak(tmp_path):
     assert "FMA peak 200.0 GFLOP/s · int8 peak 900.0 GOP/s" in pages["host-avx2.html"]
 
 
+def test_kernels_on_amx_tiles_are_judged_against_the_measured_tile_peaks(tmp_path):
+    kernels = [{"kernel": "winograd_products_amx_bf16", "calls": 12.0, "ms": 4.0, "gflop": 2.0, "gflops": 500.0,
+                "peak": "amx-bf16", "peak_fraction": 500.0 / 2000.0},
+               {"kernel": "bf16_conv2d", "calls": 1.0, "ms": 1.0, "gflop": 0.2, "gflops": 200.0, "peak": "bf16",
+                "peak_fraction": 200.0 / 250.0}]
+    runs = [record("gen", "tvm-bf16", 6.0, executed_precision="bf16", fma_peak_gflops=125.0, bf16_peak_gflops=250.0,
+                   amx_bf16_peak_gflops=2000.0, kernel_profile=kernels)]
+    _, pages = render_with_pages(runs, tmp_path)
+    rows = table_rows(parsed(pages["host-avx2.html"]), "roofline-gen-tvm-bf16")
+    assert [row["of peak"] for row in rows] == ["25% of AMX bf16", "80% of bf16"]
+    assert "bf16 peak 250.0 GFLOP/s · AMX bf16 peak 2000.0 GFLOP/s" in pages["host-avx2.html"]
+
+
 def timed_variant(method: str, runtime: str, p50: float, run_id: str, **overrides) -> Record:
     """A variant of BASE (int8 unless told), or for "fp32" BASE itself, timed at `p50` in `run_id`."""
     base = {"precision": "fp32", "psnr_db": None, "ssim": None} if method == "fp32" else {}

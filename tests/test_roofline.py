@@ -5,14 +5,22 @@ from __future__ import annotations
 import pytest
 
 import targets
-from bench.roofline import fma_peak_gflops, int8_peak_gops
+from bench.roofline import (
+    amx_bf16_peak_gflops,
+    amx_int8_peak_gops,
+    bf16_peak_gflops,
+    fma_peak_gflops,
+    int8_peak_gops,
+)
 from bench.run import bench_model
 from compile.pipeline import from_variant
 from lwgan_models.registry import find_variant
 from targets import BenchRules
+from errors import UserError
 from targets.config import host_cpu_flags
 
 HOST_HAS_VNNI = {"avx512_vnni", "avx512bw"} <= host_cpu_flags()
+HOST_HAS_AMX = {"amx_tile", "amx_bf16", "amx_int8"} <= host_cpu_flags()
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -68,13 +76,43 @@ def test_int8_build_counts_integer_conv_kernels_from_their_shapes(isa_level):
     target = targets.resolve(targets.load_target("host"), isa_level=isa_level)
     built = prepared_kernels(model, target)
     flops, peak_of = _kernel_flops(built)
-    integer = {name for name, peak in peak_of.items() if peak == "integer"}
+    integer = {name for name, peak in peak_of.items() if peak in ("integer", "amx-int8")}
     kernels = {gv.name_hint: f for gv, f in built.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
     convs = {name for name in kernels if name.startswith(INTEGER_CONV)}
     assert convs and integer == convs and convs <= set(flops)
+    on_tiles = {name for name in convs if peak_of[name] == "amx-int8"}  # judged against tdpbusd's peak
+    assert bool(on_tiles) == (isa_level == "amx") and on_tiles != convs  # the RGB output layer stays on VNNI
     assert sum(flops[name] for name in convs) == 2 * model.macs  # every MAC of the network, exactly once
     assert any(flops[name] > 0 for name in set(flops) - convs)  # the float glue keeps TVM's estimate
     if isa_level == "avx512vnni":  # every integer conv is VNNI-tensorized, which the estimator cannot read:
         # without the MACs it carries, such a kernel is left out, not fatal
         tensorized = kernels[sorted(convs)[0]].without_attr(MACS_ATTR)
         assert _kernel_flops(tvm.IRModule({"tensorized": tensorized})) == ({}, {})
+
+
+def test_a_bf16_build_at_the_amx_level_judges_its_tile_products_against_the_amx_peak():
+    """Build only: the Winograd products on tiles are "amx-bf16" kernels, the direct convs "bf16" ones."""
+    from bench.run import _kernel_flops
+    import lwgan_models
+    from compile.pipeline import from_registry, prepared_kernels
+
+    model = from_registry(lwgan_models.load("cyclegan-resnet6-ngf16"), (1, 3, 128, 128))  # a 32x32 trunk: Winograd
+    target = targets.resolve(targets.load_target("host"), isa_level="amx")
+    flops, peak_of = _kernel_flops(prepared_kernels(model, target, "bf16"))
+    assert {peak for name, peak in peak_of.items() if "winograd_products" in name} == {"amx-bf16"}
+    assert {peak for name, peak in peak_of.items() if name.startswith("bf16_conv2d")} == {"bf16"}
+    assert all(flops[name] > 0 for name in peak_of)
+
+
+@pytest.mark.skipif(not HOST_HAS_AMX, reason="this CPU has no AMX tiles")
+def test_amx_peaks_are_tile_rates_above_the_vector_dot_products():
+    # a tile product does 16 x 16 x 32 (bf16) or x 64 (int8) multiply-adds: well above the vector rates
+    assert amx_bf16_peak_gflops(1) > 2 * bf16_peak_gflops(1)
+    assert amx_int8_peak_gops(1) > 2 * int8_peak_gops(1)
+
+
+@pytest.mark.skipif(HOST_HAS_AMX, reason="this CPU has AMX tiles")
+def test_an_amx_peak_on_a_cpu_without_tiles_is_a_one_line_error():
+    with pytest.raises(UserError, match=r"^AMX bf16 peak microbenchmark failed: .*AMX") as info:
+        amx_bf16_peak_gflops(1, repeats=1)
+    assert "\n" not in str(info.value)

@@ -52,7 +52,7 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.s_tir import Schedule
 
-from compile import INTEGER_CONV, MACS_ATTR, OPAQUE_PATTERN
+from compile import INTEGER_CONV, MACS_ATTR, OPAQUE_PATTERN, TILES_ATTR
 from compile.int8 import amx, winograd
 from compile.int8.intrinsics import (
     AVX2_DOT_8X2_I16,
@@ -263,7 +263,8 @@ def build_kernel(conv: IntegerConv, input_shape: tuple[int, ...], plan: KernelPl
     # as the tensorized kernels already are: a scheduled kernel cannot take in the ops after it, and
     # fusing the portable one with a tanh failed in FuseTIR (its int32 shapes against the tanh's int64).
     func = func.without_attr("global_symbol").with_attr(
-        {"tirx.is_scheduled": True, MACS_ATTR: conv.macs(input_shape), "op_pattern": OPAQUE_PATTERN})
+        {"tirx.is_scheduled": True, MACS_ATTR: conv.macs(input_shape), "op_pattern": OPAQUE_PATTERN,
+         **({TILES_ATTR: "int8"} if plan.layout == "amx" else {})})
     return Kernel(func, [weights, *per_channel])
 
 
