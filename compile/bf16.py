@@ -10,9 +10,9 @@ Transforms, instance norm, padding and activations stay float32. Every build is 
 fp32 reference by the bf16 rule (output PSNR >= 40 dB): Winograd's transforms amplify the rounding
 about tenfold, which a 9-block 256-channel network feels (`WINOGRAD_MAX_CHANNELS`).
 
-Where the CPU has AMX-BF16 tiles as well (Sapphire Rapids on), the Winograd products whose input
-channels come in whole tile rows (32) run on them (`tdpbf16ps`: 16 x 16 x 32 products an
-instruction, 256x vdpbf16ps's); the direct convs keep the AVX-512 block.
+Where the CPU has AMX-BF16 tiles as well (Sapphire Rapids on), the Winograd products and the stride-1
+direct convs whose channels come in whole tile rows (32) run on them (`tdpbf16ps`: 16 x 16 x 32
+products an instruction, 256x vdpbf16ps's); other convs keep the AVX-512 blocks.
 
 The blocks that multiply are C (compile/x86_kernels/gemm_bf16.c, which says why), compiled here
 with the host compiler, cached by their source, and linked into the model's library; TIR calls them
@@ -193,11 +193,19 @@ class ConvBlock:
 WIDE_BLOCK = ConvBlock("lwgan_conv_bf16_block", 8, 2)
 NARROW_BLOCK = ConvBlock("lwgan_conv_bf16_block_narrow", 4, 4)  # RGB outputs: 3 of 4 rows busy, not 3 of 8
 ROW_BLOCKS = {16: ConvBlock("lwgan_conv_bf16_rows16", 8, 2, 2), 8: ConvBlock("lwgan_conv_bf16_rows8", 8, 2, 4)}
+# AMX tiles: 32 output channels (two 16-row tiles) x 32 columns (two 16-column tiles), stride 1.
+AMX_CONV_BLOCK = ConvBlock("lwgan_conv_amx_bf16_block", AMX_BLOCK_ROWS, 2)
 
 
-def conv_block(out_channels: int, out_height: int, out_width: int) -> ConvBlock | None:
+def conv_block(out_channels: int, out_height: int, out_width: int, channels: int = 0, stride: int = 1,
+               on_tiles: bool = False) -> ConvBlock | None:
     """The block for a conv's output, or None where bf16 would not pay: rows of 16 or 8 columns take
-    whole rows per vector, other rows narrower than the block's columns would leave lanes idle."""
+    whole rows per vector, other rows narrower than the block's columns would leave lanes idle.
+    `on_tiles` (the target has AMX-BF16), a stride-1 conv whose input and output channels come in 32s
+    and output rows in 16s runs on the tiles."""
+    if on_tiles and stride == 1 and out_channels % AMX_BLOCK_ROWS == 0 and fills_tiles(channels) and \
+            out_width % LANES == 0:
+        return AMX_CONV_BLOCK
     block = NARROW_BLOCK if out_channels <= NARROW_BLOCK.rows else WIDE_BLOCK
     if out_width >= block.columns:
         return block
@@ -216,6 +224,20 @@ def pack_conv_weight(weight: np.ndarray, rows: int) -> np.ndarray:
     padded[:out_channels, :channels] = weight
     bits = bf16_bits(padded).reshape(blocks, rows, pairs, 2, kh, kw)
     return np.ascontiguousarray(bits.transpose(0, 2, 4, 5, 1, 3)).view(np.uint32)[..., 0]
+
+
+def pack_conv_weight_for_tiles(weight: np.ndarray) -> np.ndarray:
+    """OIHW float32 -> uint32 [OC/32][C/32][KH][KW][32][16] for `AMX_CONV_BLOCK`: per tap, two A tiles
+    of 16 output channels x 16 bf16 pairs of input channels (channels in 32s: `conv_block`)."""
+    out_channels, channels, kh, kw = weight.shape
+    bits = bf16_bits(weight).reshape(out_channels // AMX_BLOCK_ROWS, AMX_BLOCK_ROWS, channels // (2 * AMX_PAIRS),
+                                     AMX_PAIRS, 2, kh, kw)
+    return np.ascontiguousarray(bits.transpose(0, 2, 5, 6, 1, 3, 4)).view(np.uint32)[..., 0]
+
+
+def packed_conv_weight(weight: np.ndarray, block: ConvBlock) -> np.ndarray:
+    """A conv's weights in the layout `block` reads."""
+    return pack_conv_weight_for_tiles(weight) if block == AMX_CONV_BLOCK else pack_conv_weight(weight, block.rows)
 
 
 def pack_input(shape: tuple[int, ...], padding: tuple[int, int, int, int]) -> tirx.PrimFunc:
@@ -247,22 +269,26 @@ def pack_input(shape: tuple[int, ...], padding: tuple[int, int, int, int]) -> ti
 
 def direct_conv(packed_shape: tuple[int, ...], weight_shape: tuple[int, ...], stride: int,
                 out_hw: tuple[int, int], block: ConvBlock) -> tirx.PrimFunc:
-    """(packed input from `pack_input`, weight from `pack_conv_weight`, bias [OC]) -> NCHW float32:
+    """(packed input from `pack_input`, weight from `packed_conv_weight`, bias [OC]) -> NCHW float32:
     one parallel task per (batch item, output row, block of output channels)."""
     n, pairs, padded_h, padded_w = packed_shape
     out_channels, channels, kh, kw = weight_shape
     out_h, out_w = out_hw
     blocks = -(-out_channels // block.rows)
     macs = n * out_channels * out_h * out_w * channels * kh * kw  # the conv's own, not the zero channel's
+    on_tiles = block == AMX_CONV_BLOCK
     with IRBuilder() as ib, T.prim_func(private=True):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE_PATTERN,
-                     BF16_ATTR: True, MACS_ATTR: macs})
+                     BF16_ATTR: True, MACS_ATTR: macs, **({TILES_ATTR: "bf16"} if on_tiles else {})})
         x = T.arg("x", T.buffer(packed_shape, "uint32"))
-        w = T.arg("w", T.buffer((blocks, pairs, kh, kw, block.rows), "uint32"))
+        w_shape = (blocks, pairs // AMX_PAIRS, kh, kw, block.rows, AMX_PAIRS) if on_tiles else \
+            (blocks, pairs, kh, kw, block.rows)
+        w = T.arg("w", T.buffer(w_shape, "uint32"))
         b = T.arg("bias", T.buffer((out_channels,), "float32"))
         out = T.arg("out", T.buffer((n, out_channels, out_h, out_w), "float32"))
         groups = out_h // block.image_rows  # output rows a call computes: one, or a narrow block's several
-        with T.sblock("root"), T.parallel(0, n * groups * blocks) as task:
+        with T.sblock("root"), (amx.tile_state_granted() if on_tiles else contextlib.nullcontext()), \
+                T.parallel(0, n * groups * blocks) as task:
             item, row, k_block = task // (groups * blocks), task // blocks % groups, task % blocks
             T.evaluate(tirx.call_extern(
                 "int32", block.function, T.address_of(x[item, 0, 0, 0]), w.data, b.data,

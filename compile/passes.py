@@ -40,7 +40,7 @@ def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         wide_in_bf16 = {str(d) for d in mod.attrs.get(BF16_WIDE_ATTR, [])} if in_bf16 else set()
         mod = winograd_convs(mod, float_lanes(target), in_bf16, wide_in_bf16, bf16.tiles_available(target))[0]
         if in_bf16:
-            mod = bf16_direct_convs(mod)[0]
+            mod = bf16_direct_convs(mod, bf16.tiles_available(target))[0]
         mod = reflection_pads(mod)[0]
         mod = relax.transform.FastMathTransform()(fuse_friendly(mod)[0])
     with target:

@@ -15,7 +15,7 @@ from tvm import relax
 
 import targets
 from bench.run import bench_model
-from compile import bf16
+from compile import TILES_ATTR, bf16
 from compile.artifacts import NotBuildable, build_artifact
 from compile.pipeline import relax_for_target
 from compile.torch_import import torch_to_relax
@@ -76,15 +76,16 @@ def test_products_block_multiplies_bf16_pairs_in_float32(batch, rows, channels, 
     np.testing.assert_allclose(m.numpy(), expected, rtol=0, atol=1e-4 * np.abs(expected).max())
 
 
-def _emulated_amx_block(tmp_path) -> ctypes.CDLL:
-    """gemm_bf16.c built with its tile instructions in C (tests/amx_emulation.h): the AMX block's
-    layouts, chunks and tails checked on any CPU with AVX-512 BF16 (its column tail's block)."""
+def _emulated_amx_block(tmp_path, name: str, pointers: int, scalars: int) -> ctypes.CDLL:
+    """A block of gemm_bf16.c built with its tile instructions in C (tests/amx_emulation.h): the AMX
+    blocks' layouts, chunks and tails checked on any CPU with AVX-512 BF16 (the products' column tail)."""
     library_path = tmp_path / "gemm_bf16_emulated.so"
-    subprocess.run(["gcc", "-O2", "-mavx512f", "-mavx512bf16", "-fPIC", "-shared", "-DLWGAN_AMX_EMULATED",
-                    f"-I{Path(__file__).parent}", str(bf16.KERNEL_SOURCE), "-o", str(library_path)], check=True)
-    block = getattr(ctypes.CDLL(str(library_path)), bf16.AMX_BLOCK_FUNCTION)
+    if not library_path.exists():
+        subprocess.run(["gcc", "-O2", "-mavx512f", "-mavx512bf16", "-fPIC", "-shared", "-DLWGAN_AMX_EMULATED",
+                        f"-I{Path(__file__).parent}", str(bf16.KERNEL_SOURCE), "-o", str(library_path)], check=True)
+    block = getattr(ctypes.CDLL(str(library_path)), name)
     block.restype = ctypes.c_int32
-    block.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 6
+    block.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int64] * scalars
     return block
 
 
@@ -95,7 +96,7 @@ def _emulated_amx_block(tmp_path) -> ctypes.CDLL:
     (1, 16, 32, 20),  # fewer columns than a chunk: all on the AVX-512 block
 ])
 def test_amx_products_block_in_emulation_multiplies_bf16_pairs_in_float32(batch, rows, channels, columns, tmp_path):
-    block = _emulated_amx_block(tmp_path)
+    block = _emulated_amx_block(tmp_path, bf16.AMX_BLOCK_FUNCTION, 3, 6)
     rng = np.random.default_rng(4)
     u = rng.standard_normal((batch, rows, channels)).astype(np.float32)
     v = rng.standard_normal((batch, channels, columns)).astype(np.float32)
@@ -112,6 +113,58 @@ def test_amx_products_block_in_emulation_multiplies_bf16_pairs_in_float32(batch,
     expected = np.einsum("bkc,bct->bkt", bf16_values(bf16.bf16_bits(u)).astype(np.float64),
                          bf16_values(bf16.bf16_bits(v)).astype(np.float64))
     np.testing.assert_allclose(m, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+@needs_bf16
+@pytest.mark.parametrize("channels, out_channels, kernel, height, width", [
+    (64, 64, 3, 5, 50),  # 2 pair blocks, 2 channel blocks; 48 columns: a chunk of two tiles, then one of one
+    (32, 32, 1, 2, 16),  # a 1x1 conv: one pair block, one channel block, one 16-column tile
+])
+def test_amx_conv_block_in_emulation_is_a_conv_of_bf16_operands(channels, out_channels, kernel, height, width,
+                                                                tmp_path):
+    block = _emulated_amx_block(tmp_path, bf16.AMX_CONV_BLOCK.function, 4, 11)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((channels, height, width)).astype(np.float32)  # already padded (packing pads)
+    weight = rng.standard_normal((out_channels, channels, kernel, kernel)).astype(np.float32)
+    bias = rng.standard_normal(out_channels).astype(np.float32)
+    out_h, out_w = height - kernel + 1, width - kernel + 1
+    assert bf16.conv_block(out_channels, out_h, out_w, channels, 1, on_tiles=True) == bf16.AMX_CONV_BLOCK
+    x_words = np.ascontiguousarray(
+        bf16.bf16_bits(x).reshape(channels // 2, 2, height, width).transpose(0, 2, 3, 1)).view(np.uint32)[..., 0]
+    w_words = bf16.packed_conv_weight(weight, bf16.AMX_CONV_BLOCK)
+    out = np.full((out_channels, out_h, out_w), np.nan, np.float32)
+    for k_block in range(out_channels // bf16.AMX_BLOCK_ROWS):
+        for oy in range(out_h):
+            assert block(x_words.ctypes.data, w_words.ctypes.data, bias.ctypes.data, out.ctypes.data, k_block, oy,
+                         out_channels, channels // 2, kernel, kernel, 1, height, width, out_h, out_w) == 0
+    expected = torch.nn.functional.conv2d(
+        torch.from_numpy(bf16_values(bf16.bf16_bits(x))[None].astype(np.float64)),
+        torch.from_numpy(bf16_values(bf16.bf16_bits(weight)).astype(np.float64)),
+        torch.from_numpy(bias.astype(np.float64)))[0].numpy()
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("channels, stride, on_tiles", [(64, 1, True), (48, 1, False), (64, 2, False)])
+def test_an_amx_bf16_build_runs_stride_1_direct_convs_on_tiles_where_channels_fill_them(channels, stride, on_tiles,
+                                                                                       tmp_path):
+    """Built for the amx level on any x86 host; run against torch where the CPU has the tiles."""
+    amx_target = targets.resolve(targets.load_target("host"), isa_level="amx").tvm_target
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(channels, 32, 2, stride=stride).eval()  # 2x2: a sub-pixel phase, not Winograd's
+    shape = (1, channels, 17, 65 if stride == 1 else 66)  # 64-wide (stride 1) or 32-wide output rows
+    mod, rewritten = bf16_direct_convs(torch_to_relax(net, shape, "conv"), on_tiles=bf16.tiles_available(amx_target))
+    kernels = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc) and
+               f.attrs is not None and f.attrs.get("global_symbol") is None and "lwgan.bf16" in f.attrs]
+    assert rewritten == 1 and [f.attrs.get(TILES_ATTR) == "bf16" for f in kernels if "lwgan.conv_macs" in f.attrs] == \
+        [on_tiles]
+    lib = library(mod, amx_target, tmp_path)
+    if not HOST_HAS_AMX_BF16:
+        return
+    x = np.random.default_rng(1).standard_normal(shape).astype("float32")
+    got = relax.VirtualMachine(lib, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    with torch.inference_mode():
+        expected = net(torch.from_numpy(x)).numpy()
+    assert np.abs(got - expected).max() < 0.02 * np.abs(expected).max()
 
 
 @pytest.mark.parametrize("channels, on_tiles", [(64, True), (48, False)])

@@ -336,3 +336,68 @@ static inline __attribute__((always_inline)) int32_t conv_rows_block(
 
 CONV_ROWS_BLOCK(lwgan_conv_bf16_rows16, 8, 2, 1)
 CONV_ROWS_BLOCK(lwgan_conv_bf16_rows8, 8, 2, 2)
+
+/* A stride-1 direct convolution's block on AMX tiles: AMX_ROWS output channels from k_block x 32 and
+ * one output row oy, over every output column in chunks of two 16-column tiles (a last chunk of one
+ * where out_w is an odd number of 16s). Per input pair block of 16, kernel row and column:
+ *   A tiles: the weights of 16 output channels x 16 pairs, packed [OC/32][pairs/16][kh][kw][32][16];
+ *   B tiles: 16 pairs x 16 input columns of the packed input [pairs][padded_h][padded_w], one row a
+ *            pair, so consecutive columns are one 64-byte row (stride 1 only);
+ *   C tiles: 16 channels x 16 columns of float32 sums, started from the bias, stored straight into
+ *            the NCHW output (a channel's row is one tile row).
+ * compile/bf16.py picks this block only where output channels come in 32s, input channels in 32s and
+ * output columns in 16s, so no tile reads or writes past a row. */
+int32_t lwgan_conv_amx_bf16_block(const uint32_t *x, const uint32_t *w, const float *bias, float *out,
+                                  int64_t k_block, int64_t oy, int64_t channels, int64_t pairs, int64_t kh, int64_t kw,
+                                  int64_t stride, int64_t padded_h, int64_t padded_w, int64_t out_h, int64_t out_w) {
+    (void)channels;
+    (void)stride;
+    const int64_t k0 = k_block * AMX_ROWS, pair_blocks = pairs / AMX_PAIRS;
+    const int64_t plane = padded_h * padded_w, out_plane = out_h * out_w;
+    const uint32_t *w_block = w + k_block * pair_blocks * kh * kw * AMX_ROWS * AMX_PAIRS;
+    float starts[AMX_ROWS][TILE];  /* each channel's bias across a tile row */
+    for (int r = 0; r < AMX_ROWS; ++r)
+        for (int c = 0; c < TILE; ++c) starts[r][c] = bias[k0 + r];
+    struct tile_config config = {.palette = 1};
+    for (int t = 0; t < 8; ++t) {
+        config.rows[t] = TILE;
+        config.bytes_per_row[t] = 64;
+    }
+    TILE_CONFIG(&config);
+    float *row_out = out + k0 * out_plane + oy * out_w;
+    for (int64_t ox = 0; ox < out_w; ox += AMX_COLUMNS) {
+        const int two = ox + AMX_COLUMNS <= out_w;  /* else one last 16-column tile */
+        TILE_LOAD(0, &starts[0][0], TILE * 4);
+        TILE_LOAD(2, &starts[TILE][0], TILE * 4);
+        if (two) {
+            TILE_LOAD(1, &starts[0][0], TILE * 4);
+            TILE_LOAD(3, &starts[TILE][0], TILE * 4);
+        }
+        for (int64_t pb = 0; pb < pair_blocks; ++pb) {
+            for (int64_t ky = 0; ky < kh; ++ky) {
+                for (int64_t kx = 0; kx < kw; ++kx) {
+                    const uint32_t *a = w_block + ((pb * kh + ky) * kw + kx) * AMX_ROWS * AMX_PAIRS;
+                    const uint32_t *b = x + pb * AMX_PAIRS * plane + (oy + ky) * padded_w + ox + kx;
+                    TILE_LOAD(4, a, AMX_PAIRS * 4);
+                    TILE_LOAD(5, a + TILE * AMX_PAIRS, AMX_PAIRS * 4);
+                    TILE_LOAD(6, b, plane * 4);
+                    TILE_DPBF16PS(0, 4, 6);
+                    TILE_DPBF16PS(2, 5, 6);
+                    if (two) {
+                        TILE_LOAD(7, b + TILE, plane * 4);
+                        TILE_DPBF16PS(1, 4, 7);
+                        TILE_DPBF16PS(3, 5, 7);
+                    }
+                }
+            }
+        }
+        TILE_STORE(0, row_out + ox, out_plane * 4);
+        TILE_STORE(2, row_out + TILE * out_plane + ox, out_plane * 4);
+        if (two) {
+            TILE_STORE(1, row_out + ox + TILE, out_plane * 4);
+            TILE_STORE(3, row_out + TILE * out_plane + ox + TILE, out_plane * 4);
+        }
+    }
+    TILE_RELEASE();
+    return 0;
+}
