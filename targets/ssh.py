@@ -261,7 +261,10 @@ class SshSession:
         return RemoteProcess(channel, command, self.destination)
 
     def run(self, command: str, timeout_s: float = COMMAND_TIMEOUT_S, stdin: str | None = None) -> CommandResult:
-        """Run `command` to its end; stdout and stderr are read together so neither can fill up and stall it."""
+        """Run `command` to its end; stdout and stderr are read together so neither can fill up and stall it.
+
+        The end is the channel's EOF after its exit status: sshd may send the status before it has
+        forwarded the last of stderr (a check's error message once arrived as "ls:" alone)."""
         process = self.start(command)
         channel = process.channel
         if stdin is not None:
@@ -269,7 +272,8 @@ class SshSession:
         channel.shutdown_write()
         out, err = bytearray(), bytearray()
         deadline = time.monotonic() + timeout_s
-        while not (channel.exit_status_ready() and not channel.recv_ready() and not channel.recv_stderr_ready()):
+        while not (channel.exit_status_ready() and (channel.eof_received or channel.closed) and
+                   not channel.recv_ready() and not channel.recv_stderr_ready()):
             left = deadline - time.monotonic()
             if left <= 0:
                 channel.close()
