@@ -29,10 +29,12 @@ def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     in a module marked for bf16 (`compile.BF16_ATTR`) their products (of the wide ones, those its
     calibration chose: `compile.BF16_WIDE_ATTR`) and the other convolutions
     multiply in bf16 (compile/bf16.py, compile/schedules/bf16_conv.py), the products on AMX tiles where
-    the target has them. First, zero pads and an output tanh join the convolutions next to them
-    (compile/rewrites.py): a pad that is a conv's padding is written by the kernel that packs its input
-    (a bf16 block's, a Winograd transform's). Reflection pads the importer wrote as gathers become one
-    vectorized kernel (compile/schedules/pad.py), and tanh becomes TVM's fast rational
+    the target has them. First, zero pads and an output tanh join the convolutions next to them and
+    takes of constants fold (compile/rewrites.py): a pad that is a conv's padding is written by the
+    kernel that packs its input (a bf16 block's, a Winograd transform's). Reflection pads the importer
+    wrote as gathers become one vectorized kernel (compile/schedules/pad.py) before the bf16 rewrite
+    folds constants: folded there, gathers and takes printed TOPI's out-of-bounds warning dozens of
+    times a build. tanh becomes TVM's fast rational
     approximation: LLVM otherwise calls libm's scalar expf per element (0.45 ms of a U-Net's RGB
     output, 49k values), and the approximation is ~1e-7 from libm. After legalization and fusion the
     instance norms get their hand schedule (compile/schedules/norm.py)."""
@@ -41,9 +43,10 @@ def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         wide_in_bf16 = {str(d) for d in mod.attrs.get(BF16_WIDE_ATTR, [])} if in_bf16 else set()
         mod = fuse_friendly(mod)[0]  # first: a conv's zero pad becomes its padding, which its packing writes
         mod = winograd_convs(mod, float_lanes(target), in_bf16, wide_in_bf16, bf16.tiles_available(target))[0]
+        mod = reflection_pads(mod)[0]
         if in_bf16:
             mod = bf16_direct_convs(mod, bf16.tiles_available(target))[0]
-        mod = relax.transform.FastMathTransform()(reflection_pads(mod)[0])
+        mod = relax.transform.FastMathTransform()(mod)
     with target:
         mod = tvm.transform.Sequential(
             [

@@ -10,6 +10,8 @@
   padding. Sub-pixel phases pad each side differently, which torch's conv2d cannot say; as separate
   pads they were 16 kernels of a U-Net, 10-35 us each, and a copy of each input.
 - A per-tensor quantize moves ahead of the same data movement as tanh: it is elementwise too.
+- A take of a constant table at a constant index (a conditional instance norm's style row) becomes
+  the constant it selects.
 
 `subpixel_transposed_convs` turns the strided transposed convolutions of an imported ONNX file into
 their s*s sub-pixel phase convolutions, interleaved (the torch import does the same with
@@ -64,6 +66,8 @@ class _Rewriter(relax.PyExprMutator):
         name = _op_name(call)
         if name == "relax.nn.conv2d":
             return self._pad_in_conv(call)
+        if name == "relax.take":
+            return _constant_take(call)
         if name not in ACTIVATIONS or self._rearranged(call.args[0]) is None or not _elementwise(call):
             return call
         self.moved += 1
@@ -110,6 +114,20 @@ class _Rewriter(relax.PyExprMutator):
         return self.builder_.emit(relax.Call(move.op, [moved, *move.args[1:]], move.attrs))
 
 
+def _constant_take(take: relax.Call) -> relax.Expr:
+    """take(table, index) of two constants -> the constant it selects (a conditional instance norm's
+    scale and shift for its style). Left to legalization, each printed TOPI's warning that its "fast"
+    mode segfaults on out-of-bounds indices: 30 lines on every build of a style-transfer net."""
+    table, index = take.args
+    if not (isinstance(table, GenericConst) and isinstance(index, GenericConst)):
+        return take
+    axis = take.attrs.axis
+    try:
+        return relax.const(np.take(table.value.numpy(), index.value.numpy(), axis=None if axis is None else int(axis)))
+    except IndexError:  # out of bounds: left as it is
+        return take
+
+
 def _elementwise(call: relax.Call) -> bool:
     """tanh, or a quantize with one scale and zero point for the whole tensor."""
     return all(isinstance(arg, GenericConst) and arg.value.numpy().size == 1 for arg in call.args[1:])
@@ -117,8 +135,8 @@ def _elementwise(call: relax.Call) -> bool:
 
 def fuse_friendly(mod: tvm.IRModule) -> tuple[tvm.IRModule, int, int]:
     """`mod` with each tanh applied before the reshapes, transposes and concatenations that feed
-    it (where nothing else reads them), and zero pads folded into the convolutions they feed;
-    returns (module, activations moved, pads folded)."""
+    it (where nothing else reads them), zero pads folded into the convolutions they feed, and takes
+    of constants folded; returns (module, activations moved, pads folded)."""
     mod, rewriters = _rewrite_functions(mod, _Rewriter)
     return mod, sum(r.moved for r in rewriters), sum(r.folded_pads for r in rewriters)
 

@@ -108,3 +108,24 @@ def test_grouped_transposed_convolutions_stay_as_they_are(tmp_path):
     torch.onnx.export(nn.ConvTranspose2d(4, 4, 3, stride=2, groups=2).eval(), (torch.zeros(1, 4, 5, 5),), str(path),
                       input_names=["x"], opset_version=17, dynamo=False)
     assert subpixel_transposed_convs(onnx_to_relax(path))[1:] == (0, 0)
+
+
+@pytest.mark.parametrize("index, folded", [(2, True), (7, False)])  # 7: out of bounds, left to fail as it would
+def test_a_take_of_constants_becomes_the_row_it_selects(index, folded):
+    """A conditional instance norm's scale for its style: folded, so legalization never meets a take
+    in TOPI's "fast" mode (which printed a segfault warning per take on every style-transfer build)."""
+    table = np.arange(12, dtype=np.float32).reshape(4, 3)
+    builder = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((3,), "float32"))
+    with builder.function("main", [x]):
+        with builder.dataflow():
+            row = builder.emit(relax.op.take(relax.const(table), relax.const(index, "int64"), axis=0))
+            out = builder.emit_output(relax.op.add(x, row))
+        builder.emit_func_output(out)
+    rewritten = fuse_friendly(builder.get())[0]
+    values = [b.value for block in rewritten["main"].body.blocks for b in block.bindings]
+    takes = [v for v in values if isinstance(v, relax.Call) and v.op == tvm.ir.Op.get("relax.take")]
+    constants = [v.value.numpy() for v in values if isinstance(v, tvm.ir.GenericConst)]
+    assert bool(takes) != folded and bool(constants) == folded
+    if folded:
+        np.testing.assert_array_equal(constants[0], table[index])
