@@ -2,9 +2,10 @@
 
 The peak comes from a small C microbenchmark built with the host compiler in the same run (many
 independent vector FMA chains per thread, so latency never limits it); so do the peaks of what bf16
-and int8 kernels multiply on (vdpbf16ps, vpdpbusd, and AMX's tdpbf16ps and tdpbusd on CPUs with tiles). Per-kernel times come from
-the Relax VM's instrument hook around each call; FLOPs from TVM's own estimate on the kernels
-before code generation, matched by name (FuseOps names them the same way for tuning and build).
+and int8 kernels multiply on (vdpbf16ps, vpdpbusd, and AMX's tdpbf16ps and tdpbusd on CPUs with
+tiles). Per-kernel times come from the Relax VM's instrument hook around each call; FLOPs from TVM's
+own estimate on the kernels before code generation, matched by name (FuseOps names them the same way
+for tuning and build).
 """
 
 from __future__ import annotations

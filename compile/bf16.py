@@ -78,8 +78,7 @@ def tiles_available(target: tvm.target.Target) -> bool:
 
 
 def fills_tiles(channels: int) -> bool:
-    """Whether a Winograd conv's `channels` input channels fill whole tile rows (16 pairs), as the AMX
-    products block needs."""
+    """Whether `channels` input channels fill whole tile rows (16 bf16 pairs), as the AMX blocks need."""
     return channels % (2 * AMX_PAIRS) == 0
 
 

@@ -28,8 +28,8 @@ def prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     On CPUs the large 3x3 convolutions become hand-scheduled Winograd kernels (compile/schedules/winograd.py);
     in a module marked for bf16 (`compile.BF16_ATTR`) their products (of the wide ones, those its
     calibration chose: `compile.BF16_WIDE_ATTR`) and the other convolutions
-    multiply in bf16 (compile/bf16.py, compile/schedules/bf16_conv.py), the products on AMX tiles where
-    the target has them. First, zero pads and an output tanh join the convolutions next to them and
+    multiply in bf16 (compile/bf16.py, compile/schedules/bf16_conv.py), on AMX tiles where the target
+    has them and the shapes fit. First, zero pads and an output tanh join the convolutions next to them and
     takes of constants fold (compile/rewrites.py): a pad that is a conv's padding is written by the
     kernel that packs its input (a bf16 block's, a Winograd transform's). Reflection pads the importer
     wrote as gathers become one vectorized kernel (compile/schedules/pad.py) before the bf16 rewrite
