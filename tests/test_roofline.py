@@ -14,9 +14,9 @@ from bench.roofline import (
 )
 from bench.run import bench_model
 from compile.pipeline import from_variant
+from errors import UserError
 from lwgan_models.registry import find_variant
 from targets import BenchRules
-from errors import UserError
 from targets.config import host_cpu_flags
 
 HOST_HAS_VNNI = {"avx512_vnni", "avx512bw"} <= host_cpu_flags()
