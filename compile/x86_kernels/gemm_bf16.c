@@ -100,6 +100,16 @@ struct tile_config {  /* palette 1's 64-byte layout */
     uint8_t rows[16];
 };
 
+/* Tiles 0-7 as 16 rows of 64 bytes each, the shape both AMX blocks use (per thread: each call sets it). */
+static void configure_tiles(void) {
+    struct tile_config config = {.palette = 1};
+    for (int t = 0; t < 8; ++t) {
+        config.rows[t] = TILE;
+        config.bytes_per_row[t] = 64;
+    }
+    TILE_CONFIG(&config);
+}
+
 int32_t lwgan_gemm_amx_bf16_block(const uint32_t *u, const uint32_t *v, float *m, int64_t batch_item, int64_t row0,
                                   int64_t rows, int64_t rows_padded, int64_t pairs, int64_t columns) {
     const uint32_t *u_block = u + (batch_item * rows_padded + row0) * pairs;
@@ -109,12 +119,7 @@ int32_t lwgan_gemm_amx_bf16_block(const uint32_t *u, const uint32_t *v, float *m
     const int64_t whole = columns / AMX_COLUMNS * AMX_COLUMNS;
     if (whole > 0) {
         /* tiles 0-3: sums (row tile i, column tile j) at 2i + j; 4-5: u rows 0-15, 16-31; 6-7: v columns */
-        struct tile_config config = {.palette = 1};
-        for (int t = 0; t < 8; ++t) {
-            config.rows[t] = TILE;
-            config.bytes_per_row[t] = 64;
-        }
-        TILE_CONFIG(&config);
+        configure_tiles();
         float sums[AMX_ROWS][AMX_COLUMNS];  /* a block whose last rows are padding stores through here */
         for (int64_t t = 0; t < whole; t += AMX_COLUMNS) {
             TILE_ZERO(0);
@@ -358,12 +363,7 @@ int32_t lwgan_conv_amx_bf16_block(const uint32_t *x, const uint32_t *w, const fl
     float starts[AMX_ROWS][TILE];  /* each channel's bias across a tile row */
     for (int r = 0; r < AMX_ROWS; ++r)
         for (int c = 0; c < TILE; ++c) starts[r][c] = bias[k0 + r];
-    struct tile_config config = {.palette = 1};
-    for (int t = 0; t < 8; ++t) {
-        config.rows[t] = TILE;
-        config.bytes_per_row[t] = 64;
-    }
-    TILE_CONFIG(&config);
+    configure_tiles();
     float *row_out = out + k0 * out_plane + oy * out_w;
     for (int64_t ox = 0; ox < out_w; ox += AMX_COLUMNS) {
         const int two = ox + AMX_COLUMNS <= out_w;  /* else one last 16-column tile */
