@@ -147,6 +147,12 @@ def bf16_pair(low, high, lanes: int):
     return rounded(high) | (rounded(low) >> word(16))
 
 
+def _tile_state(on_tiles: bool):
+    """The TIR frame a kernel's parallel loop runs in: Linux's grant of AMX tile state where it runs on
+    tiles (`amx.tile_state_granted`), else nothing."""
+    return amx.tile_state_granted() if on_tiles else contextlib.nullcontext()
+
+
 def products(batch: int, rows: int, channels: int, columns: int, on_tiles: bool = False) -> tirx.PrimFunc:
     """(u from `pack_rows`, v uint32 [batch, channels / 2, columns]) -> m float32 [batch, rows, columns],
     m[b] = u[b] v[b] with bf16 operands: one parallel task per (batch item, block of 8 rows), or
@@ -160,7 +166,7 @@ def products(batch: int, rows: int, channels: int, columns: int, on_tiles: bool 
         u = T.arg("u", T.buffer((batch, blocks * block, pairs), "uint32"))
         v = T.arg("v", T.buffer((batch, pairs, columns), "uint32"))
         m = T.arg("m", T.buffer((batch, rows, columns), "float32"))
-        with T.sblock("root"), (amx.tile_state_granted() if on_tiles else contextlib.nullcontext()), \
+        with T.sblock("root"), _tile_state(on_tiles), \
                 T.parallel(0, batch * blocks) as task:
             T.evaluate(tirx.call_extern(
                 "int32", function, u.data, v.data, m.data,
@@ -286,7 +292,7 @@ def direct_conv(packed_shape: tuple[int, ...], weight_shape: tuple[int, ...], st
         b = T.arg("bias", T.buffer((out_channels,), "float32"))
         out = T.arg("out", T.buffer((n, out_channels, out_h, out_w), "float32"))
         groups = out_h // block.image_rows  # output rows a call computes: one, or a narrow block's several
-        with T.sblock("root"), (amx.tile_state_granted() if on_tiles else contextlib.nullcontext()), \
+        with T.sblock("root"), _tile_state(on_tiles), \
                 T.parallel(0, n * groups * blocks) as task:
             item, row, k_block = task // (groups * blocks), task // blocks % groups, task % blocks
             T.evaluate(tirx.call_extern(
