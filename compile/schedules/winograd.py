@@ -100,6 +100,7 @@ def data_transform(batch: int, channels: int, height: int, width: int, bf16_pair
     rows, cols = (height + pad - KERNEL + 1) // TILE, (width + pad - KERNEL + 1) // TILE
     lanes = _vector_tiles(cols)
     stacked = _stacked_rows(rows, cols, lanes)
+    step = lanes * stacked  # tiles a step
     group = 2 if bf16_pairs else 1  # channels per stored value
     with IRBuilder() as ib, T.prim_func(private=True):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
@@ -116,10 +117,9 @@ def data_transform(batch: int, channels: int, height: int, width: int, bf16_pair
                           for r in range(stacked)]
                 points.append(_transform_rows(_stacked(inputs, lanes)))
             tile = (n * rows + row) * cols + col
-            tiles = tirx.Ramp(tile, 1, lanes * stacked) if lanes * stacked > 1 else tile
+            tiles = tirx.Ramp(tile, 1, step) if step > 1 else tile
             for point in range(ALPHA * ALPHA):
-                value = bf16.bf16_pair(points[0][point], points[1][point], lanes * stacked) if bf16_pairs else \
-                    points[0][point]
+                value = bf16.bf16_pair(points[0][point], points[1][point], step) if bf16_pairs else points[0][point]
                 T.buffer_store(v, value, [point, c, tiles])
     return ib.get()
 
