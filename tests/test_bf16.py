@@ -39,6 +39,13 @@ def bf16_values(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
+def pair_words(values: np.ndarray, axis: int) -> np.ndarray:
+    """float32 -> uint32 words of bf16 pairs of adjacent entries along `axis` (the even one in the low
+    half), as the blocks read their operands."""
+    bits = np.ascontiguousarray(np.moveaxis(bf16.bf16_bits(values), axis, -1))
+    return np.ascontiguousarray(np.moveaxis(bits.view(np.uint32), -1, axis))
+
+
 def library(mod: tvm.IRModule, target: tvm.target.Target, tmp_path) -> tvm.runtime.Module:
     path = tmp_path / "lib.so"
     tvm.compile(mod, target).export_library(str(path), options=[str(bf16.kernel_object(tmp_path))])
@@ -65,12 +72,10 @@ def test_products_block_multiplies_bf16_pairs_in_float32(batch, rows, channels, 
     rng = np.random.default_rng(1)
     u = rng.standard_normal((batch, rows, channels)).astype(np.float32)
     v = rng.standard_normal((batch, channels, columns)).astype(np.float32)
-    v_words = bf16.bf16_bits(v).reshape(batch, channels // 2, 2, columns).transpose(0, 1, 3, 2)
     func = bf16.products(batch, rows, channels, columns).with_attr("global_symbol", "products")
     m = tvm.runtime.tensor(np.full((batch, rows, columns), np.nan, np.float32))
     library(tvm.IRModule({"products": func}), bf16_target, tmp_path)["products"](
-        tvm.runtime.tensor(bf16.pack_rows(u)), tvm.runtime.tensor(np.ascontiguousarray(v_words).view(np.uint32)[..., 0]),
-        m)
+        tvm.runtime.tensor(bf16.pack_rows(u)), tvm.runtime.tensor(pair_words(v, axis=1)), m)
     expected = np.einsum("bkc,bct->bkt", bf16_values(bf16.bf16_bits(u)).astype(np.float64),
                          bf16_values(bf16.bf16_bits(v)).astype(np.float64))
     np.testing.assert_allclose(m.numpy(), expected, rtol=0, atol=1e-4 * np.abs(expected).max())
@@ -101,8 +106,7 @@ def test_amx_products_block_in_emulation_multiplies_bf16_pairs_in_float32(batch,
     u = rng.standard_normal((batch, rows, channels)).astype(np.float32)
     v = rng.standard_normal((batch, channels, columns)).astype(np.float32)
     u_words = bf16.pack_rows(u, on_tiles=True)
-    v_words = np.ascontiguousarray(
-        bf16.bf16_bits(v).reshape(batch, channels // 2, 2, columns).transpose(0, 1, 3, 2)).view(np.uint32)[..., 0]
+    v_words = pair_words(v, axis=1)
     m = np.full((batch, rows, columns), np.nan, np.float32)
     rows_padded = u_words.shape[1]
     assert rows_padded % bf16.AMX_BLOCK_ROWS == 0
@@ -129,8 +133,7 @@ def test_amx_conv_block_in_emulation_is_a_conv_of_bf16_operands(channels, out_ch
     bias = rng.standard_normal(out_channels).astype(np.float32)
     out_h, out_w = height - kernel + 1, width - kernel + 1
     assert bf16.conv_block(out_channels, out_h, out_w, channels, 1, on_tiles=True) == bf16.AMX_CONV_BLOCK
-    x_words = np.ascontiguousarray(
-        bf16.bf16_bits(x).reshape(channels // 2, 2, height, width).transpose(0, 2, 3, 1)).view(np.uint32)[..., 0]
+    x_words = pair_words(x, axis=0)
     w_words = bf16.packed_conv_weight(weight, bf16.AMX_CONV_BLOCK)
     out = np.full((out_channels, out_h, out_w), np.nan, np.float32)
     for k_block in range(out_channels // bf16.AMX_BLOCK_ROWS):
