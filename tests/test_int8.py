@@ -14,6 +14,7 @@ from torch import nn
 from tvm import relax
 
 from compile.int8 import amx as int8_amx
+from compile.int8 import lowering
 from compile.int8.lowering import (
     IntegerConv,
     build_kernel,
@@ -324,6 +325,38 @@ def test_qdq_model_runs_every_conv_as_an_integer_kernel_and_matches_the_qdq_refe
     # No float convolution is left, and every conv output's DequantizeLinear went into its kernel.
     assert not {"relax.nn.conv2d", "relax.dequantize"} & ops_in(lowered)
     assert psnr_against_qdq_reference(qdq_file, lowered, AVX2, seed=0) >= 30.0
+
+
+def tir_calls(mod: tvm.IRModule) -> dict[relax.Var, relax.Call]:
+    """Binding var -> kernel call, of `mod`'s main."""
+    return {binding.var: binding.value for block in mod["main"].body.blocks for binding in block.bindings
+            if isinstance(binding.value, relax.Call) and binding.value.op.name == "relax.call_tir"}
+
+
+def packed_pads(mod: tvm.IRModule) -> dict[relax.Var, str]:
+    """The vars of `mod`'s main a kernel writes as a uint8 tensor of more than 4 axes (a conv's packed
+    input), with the kernel's name."""
+    return {var: call.args[0].name_hint for var, call in tir_calls(mod).items()
+            if len(call.ty.shape) > 4 and call.ty.dtype == "uint8"}
+
+
+@pytest.mark.skipif(not HOST_HAS_VNNI, reason="this CPU has no AVX-512 VNNI to run the kernels")
+def test_reflection_pads_write_the_vnni_convs_packed_input_and_no_output_changes(qdq_file, monkeypatch):
+    """Both reflection pads (before the RGB stem's pixel kernel and the residual conv's channel kernel)
+    store the conv's packed layout, which the conv reads as is; the model's output is bit for bit the
+    one of convs that pack their input themselves."""
+    lowered, _ = lower_quantized_convs(onnx_to_relax(qdq_file), VNNI)
+    pads = packed_pads(lowered)
+    assert len(pads) == 2 and all(name.startswith("reflection_pad") for name in pads.values())
+    readers = [call.args[0].name_hint for call in tir_calls(lowered).values() if call.args[1].fields[0] in pads]
+    assert len(readers) == 2 and all(name.startswith("int8_conv2d") for name in readers)
+    monkeypatch.setattr(lowering, "prepackable", lambda conv, plan: False)
+    self_packing, _ = lower_quantized_convs(onnx_to_relax(qdq_file), VNNI)
+    assert not packed_pads(self_packing)
+    x = tvm.runtime.tensor((np.random.default_rng(3).random((1, 3, 16, 16), np.float32) * 2 - 1).astype(np.float32))
+    outputs = [relax.VirtualMachine(tvm.compile(mod, VNNI), tvm.cpu())["main"](x).numpy() for mod in (lowered, self_packing)]
+    np.testing.assert_array_equal(*outputs)
+    assert outputs[0].std() > 0.05
 
 
 def test_qdq_model_on_a_cpu_without_dot_product_instructions_builds_and_matches_the_qdq_reference(qdq_file):

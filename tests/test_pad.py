@@ -9,7 +9,7 @@ import tvm
 from tvm import relax, topi
 
 from compile.onnx_import import onnx_to_relax
-from compile.schedules.pad import mirror_pad_width, reflection_pads
+from compile.schedules.pad import mirror_pad_width, packed_reflection_pad, reflection_pad, reflection_pads
 from compile.torch_import import torch_to_relax
 from lwgan_models.onnx_export import export_onnx
 
@@ -143,3 +143,40 @@ def test_a_quantize_after_the_pad_joins_its_kernel_exactly(also_float, host_targ
     for expected, got in zip(*outputs):
         np.testing.assert_array_equal(got, expected)
     assert {0, 255} <= set(np.unique(outputs[1][0]))  # clipped at both ends
+
+
+def _run_kernel(func: tvm.tirx.PrimFunc, x: np.ndarray, out: np.ndarray, target) -> np.ndarray:
+    library = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
+    tensors = [tvm.runtime.tensor(a) for a in (x, out)]
+    library.mod["main"](*tensors)
+    return tensors[1].numpy()
+
+
+@pytest.mark.parametrize("shape, pad, scale, extra_columns", [
+    ((1, 64, 8, 32), 1, 1, 0),  # a residual block's pad: 16-column chunks, whole 4-channel groups
+    ((1, 3, 13, 13), 3, 1, 5),  # RGB (a zero-point fourth channel), an odd width (one column a chunk), whole tiles
+    ((2, 8, 5, 6), 2, 2, 2),  # batch; upsampled x2 first (12 columns: 4-column chunks)
+])
+def test_packed_pad_stores_the_quantized_pad_interleaved_for_the_int8_conv(shape, pad, scale, extra_columns,
+                                                                           host_target):
+    """Byte for byte the quantizing pad's output, its channels in groups of 4 side by side, the zero point in
+    the channels and columns past the input's."""
+    n, channels, height, width = shape
+    quantize_to = (0.05, 7.0)
+    out_h, out_w = height * scale + 2 * pad, width * scale + 2 * pad
+    packed_shape = (n, -(-channels // 4), out_h, out_w + extra_columns, 4)
+    x = (np.random.default_rng(0).standard_normal(shape) * 4).astype(np.float32)
+    got = _run_kernel(packed_reflection_pad(shape, pad, scale, quantize_to, packed_shape), x,
+                      np.full(packed_shape, 99, np.uint8), host_target)
+    padded = _run_kernel(reflection_pad(shape, pad, scale, quantize_to), x, np.zeros((n, channels, out_h, out_w), np.uint8),
+                         host_target)
+    expected = np.full((n, packed_shape[1] * 4, out_h, out_w + extra_columns), 7, np.uint8)
+    expected[:, :channels, :, :out_w] = padded
+    expected = expected.reshape(n, packed_shape[1], 4, out_h, -1).transpose(0, 1, 3, 4, 2)
+    np.testing.assert_array_equal(got, expected)
+    assert len(np.unique(padded)) > 100  # a real spread of values, not one clipped constant
+
+
+def test_packed_pad_refuses_a_layout_too_small_for_the_padded_input():
+    with pytest.raises(ValueError, match="does not hold"):
+        packed_reflection_pad((1, 8, 6, 6), 1, 1, (0.1, 0.0), (1, 2, 8, 7, 4))  # 7 columns < 8

@@ -76,7 +76,8 @@ from compile.int8.match import (
     scalar,
 )
 from compile.schedules.default import schedule_float_ops
-from compile.schedules.graph import users_of
+from compile.schedules.graph import bound_call, static_shape, users_of
+from compile.schedules.pad import packed_reflection_pad, reflection_padding, uint8_quantization
 
 PORTABLE_LANES = 8  # int32 lanes of the untensorized kernel (LLVM vectorizes it for any CPU)
 OUTPUT_TILE = 8  # output pixels per micro-kernel: 8 accumulators + weights fit 16 AVX2 registers
@@ -240,8 +241,9 @@ class Kernel:
     constants: list[np.ndarray]
 
 
-def build_kernel(conv: IntegerConv, input_shape: tuple[int, ...], plan: KernelPlan) -> Kernel:
-    """The scheduled kernel for `conv` at `input_shape`, with its weights in the kernel's layout."""
+def build_kernel(conv: IntegerConv, input_shape: tuple[int, ...], plan: KernelPlan, prepacked: bool = False) -> Kernel:
+    """The scheduled kernel for `conv` at `input_shape`, with its weights in the kernel's layout; with
+    `prepacked` (where `prepackable`) it reads its input in the packed layout (`packed_input_shape`)."""
     register_int8_intrinsics()
     lanes = plan.lanes if plan.layout != "pixels" else 1
     per_channel = [
@@ -254,11 +256,11 @@ def build_kernel(conv: IntegerConv, input_shape: tuple[int, ...], plan: KernelPl
     elif plan.layout == "winograd":
         func, weights = winograd.winograd_kernel(conv, input_shape), winograd.transform_weight(conv.weight)
     elif plan.layout == "pixels":
-        func, weights = _direct_kernel(conv, input_shape, plan), _pack_weight_for_pixels(conv.weight)
+        func, weights = _direct_kernel(conv, input_shape, plan, prepacked), _pack_weight_for_pixels(conv.weight)
     elif plan.layout == "depthwise":
         func, weights = _depthwise_kernel(conv, input_shape), conv.weight[:, 0]
     else:
-        func, weights = _direct_kernel(conv, input_shape, plan), pack_weight(conv.weight, plan.lanes)
+        func, weights = _direct_kernel(conv, input_shape, plan, prepacked), pack_weight(conv.weight, plan.lanes)
     # Private (no global symbol): the module gives each kernel its own name. Opaque to operator fusion,
     # as the tensorized kernels already are: a scheduled kernel cannot take in the ops after it, and
     # fusing the portable one with a tanh failed in FuseTIR (its int32 shapes against the tanh's int64).
@@ -277,30 +279,64 @@ def _pack_weight_for_pixels(weight: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(oc, c_blocks, REDUCTION, kh, kw).transpose(0, 1, 3, 4, 2))
 
 
-def _direct_kernel(conv: IntegerConv, input_shape: tuple[int, ...], plan: KernelPlan) -> tirx.PrimFunc:
-    """Direct convolution (data, packed weight, correction, multiplier, offset) -> NCHW output."""
+def prepackable(conv: IntegerConv, plan: KernelPlan) -> bool:
+    """Whether the kernel for `conv` can read its input already packed (`packed_input_shape`): a direct
+    kernel of stride 1 whose input arrives padded (a reflection pad's output), so its packing only interleaves."""
+    return plan.layout in ("channels", "pixels") and conv.strides == (1, 1) and not any(conv.padding)
+
+
+def packed_input_shape(conv: IntegerConv, input_shape: tuple[int, ...], plan: KernelPlan) -> tuple[int, ...]:
+    """The layout a direct kernel packs its uint8 input into: groups of 4 channels interleaved,
+    NC[4]HW -> (N, C/4, rows, [column phases,] columns, 4); the pixels layout has the phase axis.
+    Channels past C and columns past the input's (whole tiles) hold the zero point."""
+    n, channels = input_shape[:2]
+    _, _, out_h, out_w = conv.output_shape(input_shape)
+    _, _, kh, kw = conv.weight.shape
+    stride_h, stride_w = conv.strides
+    padded_w = _padded_width(conv, input_shape, plan)
+    c_blocks, rows = -(-channels // REDUCTION), (out_h - 1) * stride_h + kh
+    if plan.layout == "pixels":  # column phase p of the padded input, column w: its column w * stride + p
+        return (n, c_blocks, rows, stride_w, padded_w + (kw - 1) // stride_w, REDUCTION)
+    return (n, c_blocks, rows, (padded_w - 1) * stride_w + kw, REDUCTION)
+
+
+def _tile(conv: IntegerConv, input_shape: tuple[int, ...], plan: KernelPlan) -> int:
+    """Output pixels per micro-kernel: 8 (channel lanes) or, with pixel lanes, `PIXEL_VECTORS` vectors
+    of a block of channels, or for fewer channels as many vectors as keep about 12 accumulators in
+    the 16 AVX2 registers."""
+    _, out_channels, out_h, out_w = conv.output_shape(input_shape)
+    _, _, kh, kw = conv.weight.shape
+    lanes = plan.lanes
+    if plan.layout != "pixels":
+        aliased = lanes >= 16 and kh == kw == 1 and (out_h * out_w) % ALIASED_PLANE_BYTES == 0
+        return min(ALIASED_TILE if aliased else OUTPUT_TILE, out_w)
+    if _fills_pixel_blocks(out_channels, out_w, lanes):
+        return PIXEL_VECTORS * lanes
+    return lanes * max(1, min(4, 12 // out_channels))
+
+
+def _padded_width(conv: IntegerConv, input_shape: tuple[int, ...], plan: KernelPlan) -> int:
+    """Output columns computed: whole tiles (the extra columns are computed and dropped)."""
+    out_w, tile = conv.output_shape(input_shape)[3], _tile(conv, input_shape, plan)
+    return -(-out_w // tile) * tile
+
+
+def _direct_kernel(conv: IntegerConv, input_shape: tuple[int, ...], plan: KernelPlan,
+                   prepacked: bool = False) -> tirx.PrimFunc:
+    """Direct convolution (data, packed weight, correction, multiplier, offset) -> NCHW output. With
+    `prepacked` its first argument is the input in the packed layout (`packed_input_shape`) instead
+    of NCHW, written by the kernel before it (a reflection pad: compile/schedules/pad.py)."""
     n, channels, height, width = (int(d) for d in input_shape)
     _, out_channels, out_h, out_w = conv.output_shape(input_shape)
     _, _, kh, kw = conv.weight.shape
     pixels = plan.layout == "pixels"
     lanes = plan.lanes
     oc_blocks, c_blocks = -(-out_channels // lanes), -(-channels // REDUCTION)
-    # Output pixels per micro-kernel: 8 (channel lanes) or, with pixel lanes, `PIXEL_VECTORS` vectors
-    # of a block of channels, or for fewer channels as many vectors as keep about 12 accumulators in
-    # the 16 AVX2 registers.
-    aliased = lanes >= 16 and kh == kw == 1 and (out_h * out_w) % ALIASED_PLANE_BYTES == 0
-    if not pixels:
-        tile = min(ALIASED_TILE if aliased else OUTPUT_TILE, out_w)
-    elif _fills_pixel_blocks(out_channels, out_w, lanes):
-        tile = PIXEL_VECTORS * lanes
-    else:
-        tile = lanes * max(1, min(4, 12 // out_channels))
-    padded_w = -(-out_w // tile) * tile  # whole tiles: the extra columns are computed and dropped
+    tile, padded_w = _tile(conv, input_shape, plan), _padded_width(conv, input_shape, plan)
     stride_h, stride_w = conv.strides
     top, left = conv.padding[:2]
     zero_point = tirx.const(conv.input_zero_point, "uint8")
 
-    data = te.placeholder((n, channels, height, width), "uint8", name="data")
     if pixels:
         weight = te.placeholder((out_channels, c_blocks, kh, kw, REDUCTION), "int8", name="weight")
         channel_count = out_channels
@@ -311,20 +347,24 @@ def _direct_kernel(conv: IntegerConv, input_shape: tuple[int, ...], plan: Kernel
     multiplier = te.placeholder((channel_count,), "float32", name="multiplier")
     offset = te.placeholder((channel_count,), "float32", name="offset")
 
-    def pack(b, cb, h, w, ci):
-        c, y, x = cb * REDUCTION + ci, h - top, w - left
-        inside = tirx.all(c < channels, y >= 0, y < height, x >= 0, x < width)
-        clamped = data[b, tirx.min(c, channels - 1), tirx.max(tirx.min(y, height - 1), 0),
-                       tirx.max(tirx.min(x, width - 1), 0)]
-        return tirx.if_then_else(inside, clamped, zero_point)
-
-    rows = (out_h - 1) * stride_h + kh
-    if pixels:  # column phase p of the padded input, column w: its column w * stride + p
-        phase_columns = padded_w + (kw - 1) // stride_w
-        packed = te.compute((n, c_blocks, rows, stride_w, phase_columns, REDUCTION),
-                            lambda b, cb, h, p, w, ci: pack(b, cb, h, w * stride_w + p, ci), name="packed")
+    packed_shape = packed_input_shape(conv, input_shape, plan)
+    if prepacked:
+        data = packed = te.placeholder(packed_shape, "uint8", name="packed")
     else:
-        packed = te.compute((n, c_blocks, rows, (padded_w - 1) * stride_w + kw, REDUCTION), pack, name="packed")
+        data = te.placeholder((n, channels, height, width), "uint8", name="data")
+
+        def pack(b, cb, h, w, ci):
+            c, y, x = cb * REDUCTION + ci, h - top, w - left
+            inside = tirx.all(c < channels, y >= 0, y < height, x >= 0, x < width)
+            clamped = data[b, tirx.min(c, channels - 1), tirx.max(tirx.min(y, height - 1), 0),
+                           tirx.max(tirx.min(x, width - 1), 0)]
+            return tirx.if_then_else(inside, clamped, zero_point)
+
+        if pixels:
+            packed = te.compute(packed_shape, lambda b, cb, h, p, w, ci: pack(b, cb, h, w * stride_w + p, ci),
+                                name="packed")
+        else:
+            packed = te.compute(packed_shape, pack, name="packed")
     rc = te.reduce_axis((0, c_blocks), "rc")
     ry = te.reduce_axis((0, kh), "ry")
     rx = te.reduce_axis((0, kw), "rx")
@@ -463,6 +503,9 @@ def _fuse_epilogue(sch: Schedule, conv, tile_loop) -> None:
 
 
 def _parallel_packing(sch: Schedule) -> None:
+    """The input's packing, rows split over the cores; nothing where the input arrives packed."""
+    if not any(sch.get(block).name_hint == "packed" for block in sch.get_child_blocks(sch.get_sblock("root"))):
+        return
     pack = sch.get_sblock("packed")
     pb, pc, ph = sch.get_loops(pack)[:3]
     sch.parallel(sch.fuse(pb, pc, ph))
@@ -537,6 +580,7 @@ class _Replacement:
     conv: IntegerConv
     data: relax.Var
     input_shape: tuple[int, ...]
+    sole_reader: bool  # the conv is all that reads `data` (through its one dequantize)
 
 
 def _plan_replacements(func: relax.Function) -> dict[relax.Var, _Replacement]:
@@ -545,11 +589,14 @@ def _plan_replacements(func: relax.Function) -> dict[relax.Var, _Replacement]:
     var2val = relax.analysis.get_var2val(func)
     convs = conv_matches(var2val, _covered)
 
+    users = users_of(func, var2val)
+
     def replacement(match, bias, output, dequantized=False):
         shape = tuple(int(d) for d in match.input.data.ty.shape)
-        return _Replacement(integer_conv(match, bias, output, dequantized), match.input.data, shape)
+        readers = users.get(match.input.data, [])
+        sole_reader = len(readers) == 1 and readers[0] is not None and len(users.get(readers[0], [])) == 1
+        return _Replacement(integer_conv(match, bias, output, dequantized), match.input.data, shape, sole_reader)
 
-    users = users_of(func, var2val)
     # A dequantize that an integer conv reads through keeps its uint8 input alive: the conv before it
     # must then write uint8 (requantize), not its dequantized float.
     read_by_convs = {var2val[conv].args[0] for conv in convs}
@@ -601,14 +648,31 @@ class _IntegerConvRewriter(relax.PyExprMutator):
             return
         conv, shape = replacement.conv, replacement.input_shape
         plan = plan_kernel(conv, shape, self.target)
-        kernel = build_kernel(conv, shape, plan)
-        args = [self.visit_expr(replacement.data), *(relax.const(c) for c in kernel.constants)]
+        data = self.visit_expr(replacement.data)
+        padding = self._quantized_reflection_padding(data) if replacement.sole_reader and prepackable(conv, plan) else None
+        if padding is not None:  # the pad writes the conv's packed input
+            source, pad, scale, quantize_to = padding
+            packed_shape = packed_input_shape(conv, shape, plan)
+            pad_kernel = packed_reflection_pad(static_shape(source), pad, scale, quantize_to, packed_shape)
+            data = self.builder_.emit(relax.call_tir(self.builder_.add_func(pad_kernel, "reflection_pad"), [source],
+                                                     relax.TensorType(packed_shape, "uint8")))
+        kernel = build_kernel(conv, shape, plan, prepacked=padding is not None)
+        args = [data, *(relax.const(c) for c in kernel.constants)]
         out_ty = relax.TensorType(conv.output_shape(shape), conv.out_dtype)
         gvar = self.builder_.add_func(kernel.func, INTEGER_CONV)
         self.kernels[gvar.name_hint] = plan
         value = relax.call_tir(gvar, args, out_ty)
         emit = self.builder_.emit if isinstance(binding.var, relax.DataflowVar) else self.builder_.emit_output
         self.set_var_remap(binding.var, emit(value, binding.var.name))
+
+    def _quantized_reflection_padding(self, data: relax.Expr) -> tuple[relax.Expr, int, int, tuple[float, float]] | None:
+        """(x, p, s, (scale, zero point)) where `data` is x (upsampled s times) reflection-padded by p and
+        quantized to uint8, as an int8 file's Pad before a conv is imported; None for anything else."""
+        quantize = bound_call(data, self, "relax.quantize")
+        quantize_to = uint8_quantization(quantize, self) if quantize is not None else None
+        padded = bound_call(quantize.args[0], self, "relax.call_tir") if quantize_to is not None else None
+        padding = reflection_padding(padded, self) if padded is not None else None
+        return None if padding is None else (*padding, quantize_to)
 
 
 def _instance_norm_of(expr: relax.Expr, var2val) -> tuple[relax.Expr, float] | None:

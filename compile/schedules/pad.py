@@ -117,13 +117,7 @@ def reflection_pad(shape: tuple[int, ...], pad: int, scale: int = 1,
     out_h, out_w = height * scale + 2 * pad, width * scale + 2 * pad
 
     def stored(value, lanes: int = 1):
-        if quantize_to is None:
-            return value
-        def const(v: float):
-            return tirx.const(v, "float32") if lanes == 1 else tirx.Broadcast(tirx.const(v, "float32"), lanes)
-        step, zero_point = quantize_to
-        quantized = tirx.max(tirx.min(tirx.round(value / const(step)) + const(zero_point), const(255.0)), const(0.0))
-        return quantized.astype("uint8" if lanes == 1 else f"uint8x{lanes}")
+        return value if quantize_to is None else _quantized(value, quantize_to, lanes)
 
     with IRBuilder() as ib, T.prim_func(private=True):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE_PATTERN})
@@ -139,6 +133,78 @@ def reflection_pad(shape: tuple[int, ...], pad: int, scale: int = 1,
             for column in [*range(pad), *range(width * scale + pad, out_w)]:
                 value = x[(*source, reflect(column, width * scale, pad) // scale)]
                 T.buffer_store(out, stored(value), [b, c, y, column])
+    return ib.get()
+
+
+def _quantized(value, quantize_to: tuple[float, float], lanes: int = 1):
+    """`value` (float32, `lanes` of them) quantized to uint8 as relax.quantize computes it: round(x / scale)
+    + zero point, clipped to [0, 255]."""
+    def const(v: float):
+        return tirx.const(v, "float32") if lanes == 1 else tirx.Broadcast(tirx.const(v, "float32"), lanes)
+    step, zero_point = quantize_to
+    quantized = tirx.max(tirx.min(tirx.round(value / const(step)) + const(zero_point), const(255.0)), const(0.0))
+    return quantized.astype("uint8" if lanes == 1 else f"uint8x{lanes}")
+
+
+PACKED_GROUP = 4  # channels interleaved per pixel in a packed int8 input: the 4 bytes vpdpbusd sums
+
+
+def packed_reflection_pad(shape: tuple[int, ...], pad: int, scale: int, quantize_to: tuple[float, float],
+                          packed_shape: tuple[int, ...]) -> tirx.PrimFunc:
+    """`reflection_pad` quantizing to uint8 and storing straight into an integer conv's packed input
+    (compile/int8/lowering.py `packed_input_shape`): (N, C/4, rows, [1,] columns, 4), each pixel's 4
+    channels side by side. Per row of a group of 4 channels: each chunk of up to 16 columns is 4
+    vector loads (one per channel, repeated by a shuffle where upsampled), quantized, interleaved by
+    one shuffle into a single store; the 2 x `pad` border columns are stored one value at a time.
+    Channels past C (an RGB input's fourth) and columns past the padded row (the conv's whole
+    tiles) get the zero point, which the conv reads as zero."""
+    n, channels, height, width = shape
+    inner_w = width * scale
+    out_h, out_w = height * scale + 2 * pad, inner_w + 2 * pad
+    c_blocks, rows, columns = packed_shape[1], packed_shape[2], packed_shape[-2]
+    if packed_shape[-1] != PACKED_GROUP or rows != out_h or columns < out_w or c_blocks * PACKED_GROUP < channels:
+        raise ValueError(f"packed layout {packed_shape} does not hold a {shape} input reflection-padded by {pad}")
+    chunk = next((c for c in (16, 8, 4, 2) if inner_w % c == 0 and c % scale == 0), scale)  # whole chunks of whole pixels
+    zero_point = int(quantize_to[1])
+    row_bytes = columns * PACKED_GROUP
+
+    with IRBuilder() as ib, T.prim_func(private=True):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE_PATTERN})
+        x = T.arg("x", T.buffer(shape, "float32"))
+        out = T.arg("out", T.buffer(packed_shape, "uint8"))
+        with T.sblock("root"):
+            flat = T.decl_buffer((int(np.prod(packed_shape)),), "uint8", data=out.data)  # each row one span
+            with T.parallel(0, n * c_blocks * out_h) as task:
+                b, cb, y = task // (c_blocks * out_h), task // out_h % c_blocks, task % out_h
+                source_row = reflect(y, height * scale, pad) // scale
+                row_start = task * row_bytes
+
+                def channel_values(ci: int, column, lanes: int):
+                    """The quantized values of channel cb * 4 + ci at `column` of the source row (`lanes` from there)."""
+                    c = cb * PACKED_GROUP + ci
+                    loaded = tirx.BufferLoad(x, [b, tirx.min(c, channels - 1), source_row,
+                                                column if lanes == 1 else tirx.Ramp(column, 1, lanes)])
+                    values = _quantized(loaded, quantize_to, lanes)
+                    if channels % PACKED_GROUP == 0:
+                        return values
+                    zero = tirx.const(zero_point, "uint8")
+                    return tirx.Select(c < channels, values, zero if lanes == 1 else tirx.Broadcast(zero, lanes))
+
+                with T.serial(0, inner_w // chunk) as j:
+                    groups = [channel_values(ci, j * (chunk // scale), chunk // scale) for ci in range(PACKED_GROUP)]
+                    if scale > 1:
+                        groups = [tirx.Shuffle([g] * scale, [k // scale for k in range(chunk)]) for g in groups]
+                    interleaved = tirx.Shuffle(groups, [ci * chunk + k for k in range(chunk) for ci in range(PACKED_GROUP)])
+                    T.buffer_store(flat, interleaved,
+                                   [tirx.Ramp(row_start + (pad + j * chunk) * PACKED_GROUP, 1, chunk * PACKED_GROUP)])
+                for column in [*range(pad), *range(inner_w + pad, out_w)]:
+                    source = reflect(column, inner_w, pad) // scale
+                    for ci in range(PACKED_GROUP):
+                        T.buffer_store(flat, channel_values(ci, source, 1), [row_start + column * PACKED_GROUP + ci])
+                if columns > out_w:
+                    tail = (columns - out_w) * PACKED_GROUP
+                    T.buffer_store(flat, tirx.Broadcast(tirx.const(zero_point, "uint8"), tail),
+                                   [tirx.Ramp(row_start + out_w * PACKED_GROUP, 1, tail)])
     return ib.get()
 
 
@@ -186,19 +252,10 @@ class _ReflectionPads(relax.PyExprMutator):
         original, call = call, super().visit_call_(call)
         if is_op(call, "relax.quantize"):
             return self._quantized_pad(original, call)
-        found = None
-        if is_op(call, "relax.take"):
-            found = _reflection_of(call, self)
-        elif is_op(call, "relax.call_tir") and len(call.args[1].fields) == 1:
-            callee = self.builder_.get()[call.args[0]]
-            pad = mirror_pad_width(callee) if isinstance(callee, tirx.PrimFunc) else None
-            found = None if pad is None else (call.args[1].fields[0], pad)
+        found = reflection_padding(call, self)
         if found is None:
             return call
-        (data, pad), scale = found, 1
-        upsampled = nearest_upsampled(data, self)
-        if upsampled is not None:
-            data, scale = upsampled
+        data, pad, scale = found
         kernel = self.builder_.add_func(reflection_pad(static_shape(data), pad, scale), "reflection_pad")
         self.pads[kernel] = (data, pad, scale)
         self.replaced += 1
@@ -209,14 +266,38 @@ class _ReflectionPads(relax.PyExprMutator):
         (an int8 file's QDQ pair before a conv): the pad kernel quantizes as it stores."""
         padded = bound_call(call.args[0], self, "relax.call_tir")
         found = self.pads.get(padded.args[0]) if padded is not None else None
-        step, zero_point = (constant_of(arg, self) for arg in call.args[1:3])
-        if found is None or len(self.users.get(original.args[0], [])) != 1 or call.attrs.out_dtype != "uint8" \
-                or step is None or zero_point is None or step.size != 1 or zero_point.size != 1:
+        quantize_to = uint8_quantization(call, self)
+        if found is None or len(self.users.get(original.args[0], [])) != 1 or quantize_to is None:
             return call
         data, pad, scale = found
-        quantize_to = (float(step.reshape(-1)[0]), float(zero_point.reshape(-1)[0]))
         kernel = self.builder_.add_func(reflection_pad(static_shape(data), pad, scale, quantize_to), "reflection_pad")
         return relax.call_tir(kernel, [data], call.ty)
+
+
+def reflection_padding(call: relax.Call, mutator: relax.PyExprMutator) -> tuple[relax.Expr, int, int] | None:
+    """(x, p, s) where `call` reflection-pads x by p on each side of both spatial axes, x first
+    upsampled s times by nearest neighbour (s = 1: not upsampled), as torch.export writes it (two
+    takes) or the ONNX importer (TOPI's mirror_pad); None for anything else."""
+    found = None
+    if is_op(call, "relax.take"):
+        found = _reflection_of(call, mutator)
+    elif is_op(call, "relax.call_tir") and len(call.args[1].fields) == 1:
+        callee = mutator.builder_.get()[call.args[0]]
+        pad = mirror_pad_width(callee) if isinstance(callee, tirx.PrimFunc) else None
+        found = None if pad is None else (call.args[1].fields[0], pad)
+    if found is None:
+        return None
+    data, pad = found
+    upsampled = nearest_upsampled(data, mutator)
+    return (data, pad, 1) if upsampled is None else (upsampled[0], pad, upsampled[1])
+
+
+def uint8_quantization(call: relax.Call, mutator: relax.PyExprMutator) -> tuple[float, float] | None:
+    """(scale, zero point) of a quantize to uint8 with one of each; None for anything else."""
+    step, zero_point = (constant_of(arg, mutator) for arg in call.args[1:3])
+    if call.attrs.out_dtype != "uint8" or step is None or zero_point is None or step.size != 1 or zero_point.size != 1:
+        return None
+    return float(step.reshape(-1)[0]), float(zero_point.reshape(-1)[0])
 
 
 def reflection_pads(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
