@@ -4,7 +4,9 @@ Every runtime of a benchmark shares one Python process, so their memory cannot b
 there. Here a fresh interpreter imports only the runtime at hand, loads the artifact its plug-in
 names (bench/runtimes/: a TVM library, an ONNX or .tflite file, a pickled torch module) the way the
 plug-in loads it, runs a few inferences and reports its peak resident set (VmHWM): what a process
-serving that model on the device would need.
+serving that model on the device would need. The benchmark runs this child before it runs the
+runtime itself, so a runtime that kills its process (`Crashed`: say, a tile configuration an AMX
+CPU rejects, SIGILL) takes down only the child.
 
     python -m bench.memory RUNTIME ARTIFACT INPUTS THREADS PLUGIN_FILE
 
@@ -14,6 +16,7 @@ multi-input model's inputs by name, in the graph's order: the values the benchma
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import tempfile
@@ -27,9 +30,13 @@ INFERENCES = 3
 TIMEOUT_S = 600
 
 
+class Crashed(UserError):
+    """The child was killed by a signal: the runtime would have killed the benchmark's process too."""
+
+
 def peak_rss_bytes(runtime: str, artifact: Path, inputs, threads: int) -> int:
     """Run the child below on `inputs` (a shape, an array, or arrays by name) and return its VmHWM in bytes;
-    a failing child is a UserError with its last line."""
+    a failing child is a UserError with its last line, one killed by a signal `Crashed`."""
     import numpy as np
 
     from bench.runtimes import get
@@ -45,6 +52,9 @@ def peak_rss_bytes(runtime: str, artifact: Path, inputs, threads: int) -> int:
             capture_output=True, text=True, cwd=REPO_ROOT, timeout=TIMEOUT_S,
         )
     lines = child.stdout.strip().splitlines()
+    if child.returncode < 0:
+        raise Crashed(f"{runtime} on {artifact.name} was killed by {signal.Signals(-child.returncode).name} "
+                      "in a process of its own")
     if child.returncode != 0 or not lines or not lines[-1].isdigit():
         detail = (child.stderr.strip().splitlines() or ["no output"])[-1]
         raise UserError(f"peak memory of {runtime} on {artifact.name}: the measuring process failed ({detail})")

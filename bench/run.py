@@ -29,7 +29,7 @@ from skimage import data as skimage_data
 from bench import runtimes as runtime_registry
 from bench.energy import measure_energy
 from bench.harness import Timing, time_runtimes, wait_for_idle_threads
-from bench.memory import peak_rss_bytes
+from bench.memory import Crashed, peak_rss_bytes
 from bench.places import PLACES
 from bench.record import Record, append_records
 from bench.roofline import (
@@ -179,10 +179,11 @@ def _bench_at(
 
     adapters: list[Runtime] = []
     artifacts: dict[str, Artifact] = {}
+    peak_rss: dict[str, int | None] = {}
     records = []
     for spec in specs:
         try:
-            artifact, adapter = _load(spec, model, target, place, rules.threads, report)
+            artifact, adapter, peak_rss[spec.name] = _load(spec, model, target, place, x, rules.threads, report)
         except NotBuildable as exc:
             records.append(not_run_record(common, spec, rules.threads, str(exc)))
             report(f"  {model.name:28s} {spec.name:12s} not run: {exc}")
@@ -211,8 +212,6 @@ def _bench_at(
     for adapter, timing in zip(adapters, timings):
         artifact = artifacts[adapter.name]
         power = measure_energy(adapter, probe, rules)
-        peak_rss = (peak_rss_bytes(adapter.name, artifact.path, x, rules.threads)
-                    if place.measures_memory else None)
         kernels = _roofline(model, target, adapter, peaks) if peaks and adapter.name in BUILD_PRECISION else {}
         if power.get("power_error"):
             report(f"  {model.name}: {adapter.name}: power not measured: {power['power_error']}")
@@ -223,7 +222,7 @@ def _bench_at(
             threads=adapter.threads,
             executed_precision=precisions[adapter.name],
             artifact_bytes=artifact.path.stat().st_size,
-            peak_rss_bytes=peak_rss,
+            peak_rss_bytes=peak_rss[adapter.name],
             **(tvm_build_fields(artifact.build, precisions[adapter.name]) if artifact.build else {}),
             **measurement_fields(timing, check),
             base_latency_p50_ms=base_p50 if adapter.name == "tvm" else None,
@@ -235,24 +234,33 @@ def _bench_at(
         report(
             f"  {model.name:28s} {adapter.name:12s} p50 {record.latency_p50_ms:9.3f} ms  "
             f"cov {record.latency_cov:5.3f}  {record.executed_precision:4s} err {check.max_abs_err:.1e}  "
-            f"{check.psnr_db:.1f} dB" + ("" if peak_rss is None else f"  peak RSS {peak_rss / 1e6:.0f} MB")
+            f"{check.psnr_db:.1f} dB" + ("" if record.peak_rss_bytes is None
+                                         else f"  peak RSS {record.peak_rss_bytes / 1e6:.0f} MB")
             + ("" if record.valid else "  INVALID: " + record.invalid_reason)
         )
     order = [spec.name for spec in specs]
     return sorted(records, key=lambda record: order.index(record.runtime))
 
 
-def _load(spec: RuntimeSpec, model: ModelUnderTest, target: ResolvedTarget, place, threads: int,
-          report: Callable[[str], None]) -> tuple[Artifact, Runtime]:
-    """Build the runtime's artifact and load it at the place. A peer that fails to load the model is
-    `NotBuildable` (its record says why); TVM failing is the suite's own bug and keeps its traceback."""
+def _load(spec: RuntimeSpec, model: ModelUnderTest, target: ResolvedTarget, place, x: Inputs, threads: int,
+          report: Callable[[str], None]) -> tuple[Artifact, Runtime, int | None]:
+    """Build the runtime's artifact, measure its peak memory where the place can (bench/memory.py) and
+    load it at the place; returns the peak resident bytes too. The memory child runs the model first:
+    a runtime that kills it (`Crashed`) never runs in this process and is `NotBuildable`, as is a peer
+    that fails to run the model (its record says why); TVM failing otherwise is the suite's own bug."""
     if spec.name == "tvm":
         report(f"  {model.name}: building for {target.config.name} ({target.isa_level or 'no isa level'})")
     artifact = build_artifact(spec.artifact, model, target)
     if artifact.build is not None:
         report_tuning(model, target, artifact.build, report)
     try:
-        return artifact, place.load(spec, artifact.path, threads)
+        peak_rss = peak_rss_bytes(spec.name, artifact.path, x, threads) if place.measures_memory else None
+    except UserError as exc:
+        if spec.peer or isinstance(exc, Crashed):
+            raise NotBuildable(str(exc)) from exc
+        raise
+    try:
+        return artifact, place.load(spec, artifact.path, threads), peak_rss
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - any peer's own error type: the record carries its message

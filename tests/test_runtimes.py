@@ -27,6 +27,7 @@ SHAPE = (1, 3, 32, 32)
 RULES = targets.BenchRules(threads=2, warmup=1, samples=3, min_duration_s=0.0)
 QUIET = {"report": lambda _: None}
 PLUGIN = Path(__file__).parent / "plugins" / "onnx_reference_runtime.py"
+CRASHING_PLUGIN = Path(__file__).parent / "plugins" / "crashing_runtime.py"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -119,6 +120,20 @@ def test_a_plugin_registered_outside_the_package_reaches_records_and_report(fake
     index = render_report(load_records(tmp_path / "results"), tmp_path / "report.html")
     page = next((tmp_path / "report-devices").glob("*.html")).read_text(encoding="utf-8")
     assert "<td>onnx-reference</td>" in page and index.exists()
+
+
+def test_a_runtime_that_kills_its_process_gets_a_record_and_the_benchmark_goes_on(generator, host):
+    """Its first inferences run in the peak-memory child, before it ever runs in this process: the child
+    dies of SIGILL, this test's process (which would have died with it) writes the records."""
+    runtimes.load_plugin(CRASHING_PLUGIN)
+    try:
+        records = bench_model(generator, host, "crash", ("crashing", "tvm"), RULES, **QUIET)
+    finally:
+        runtimes.unregister("crashing")
+    crashed, tvm_record = records
+    assert not crashed.valid and crashed.samples == 0
+    assert crashed.invalid_reason.startswith("not run: crashing on ") and "killed by SIGILL" in crashed.invalid_reason
+    assert tvm_record.runtime == "tvm" and tvm_record.valid and tvm_record.peak_rss_bytes > 0
 
 
 def test_an_unknown_runtime_is_a_one_line_error_listing_the_registry():
