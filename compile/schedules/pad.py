@@ -10,6 +10,8 @@ scalar, 0.45 ms for 32x128x128 outputs). Where a Winograd conv reads the pad, it
 reads the unpadded input instead (compile/schedules/winograd.py). The ONNX importer writes a reflect
 Pad as TOPI's mirror_pad, whose loops run scalar (0.13 ms for an int8 CycleGAN's 16x134x134 output
 pad, fused with its quantize): those become the same kernel (`mirror_pad_width` reads their widths).
+Before an int8 direct conv the pad quantizes and stores the conv's packed input itself
+(`packed_reflection_pad`, called by compile/int8/lowering.py).
 """
 
 from __future__ import annotations
@@ -185,7 +187,7 @@ def packed_reflection_pad(shape: tuple[int, ...], pad: int, scale: int, quantize
                     loaded = tirx.BufferLoad(x, [b, tirx.min(c, channels - 1), source_row,
                                                 column if lanes == 1 else tirx.Ramp(column, 1, lanes)])
                     values = _quantized(loaded, quantize_to, lanes)
-                    if channels % PACKED_GROUP == 0:
+                    if c_blocks * PACKED_GROUP == channels:
                         return values
                     zero = tirx.const(zero_point, "uint8")
                     return tirx.Select(c < channels, values, zero if lanes == 1 else tirx.Broadcast(zero, lanes))
