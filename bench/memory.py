@@ -4,11 +4,14 @@ Every runtime of a benchmark shares one Python process, so their memory cannot b
 there. Here a fresh interpreter imports only the runtime at hand, loads the artifact its plug-in
 names (bench/runtimes/: a TVM library, an ONNX or .tflite file, a pickled torch module) the way the
 plug-in loads it, runs a few inferences and reports its peak resident set (VmHWM): what a process
-serving that model on the device would need. The benchmark runs this child before it runs the
+serving that model on the device would need, in the environment its plug-in says such a process
+has (`RuntimeSpec.serving_env`, `serving_without`). The benchmark runs this child before it runs the
 runtime itself, so a runtime that kills its process (`Crashed`: say, a tile configuration an AMX
 CPU rejects, SIGILL) takes down only the child.
 
-    python -m bench.memory RUNTIME ARTIFACT INPUTS THREADS PLUGIN_FILE
+    python -m bench.memory RUNTIME ARTIFACT INPUTS THREADS PLUGIN_FILE [MODULE,...]
+
+The last argument names modules the child must not import (an import of them fails).
 
 INPUTS is a one-input model's shape (NxCxHxW, filled uniform in [-1, 1]) or an .npz of a
 multi-input model's inputs by name, in the graph's order: the values the benchmark fed it.
@@ -16,6 +19,7 @@ multi-input model's inputs by name, in the graph's order: the values the benchma
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -47,9 +51,11 @@ def peak_rss_bytes(runtime: str, artifact: Path, inputs, threads: int) -> int:
             np.savez(given, **inputs)
         else:
             given = "x".join(str(d) for d in (inputs if isinstance(inputs, tuple) else inputs.shape))
+        spec = get(runtime)
         child = subprocess.run(
-            [sys.executable, "-m", "bench.memory", runtime, str(artifact), given, str(threads), get(runtime).source],
-            capture_output=True, text=True, cwd=REPO_ROOT, timeout=TIMEOUT_S,
+            [sys.executable, "-m", "bench.memory", runtime, str(artifact), given, str(threads), spec.source,
+             ",".join(spec.serving_without)],
+            capture_output=True, text=True, cwd=REPO_ROOT, timeout=TIMEOUT_S, env={**os.environ, **dict(spec.serving_env)},
         )
     lines = child.stdout.strip().splitlines()
     if child.returncode < 0:
@@ -87,6 +93,8 @@ def _run(runtime: str, artifact: str, inputs: str, threads: int, plugin: str) ->
 
 
 if __name__ == "__main__":
-    runtime_name, artifact_path, input_text, thread_count, plugin_file = sys.argv[1:6]
+    runtime_name, artifact_path, input_text, thread_count, plugin_file, absent = sys.argv[1:7]
+    for module in filter(None, absent.split(",")):
+        sys.modules[module] = None  # `import module` now raises ImportError
     _run(runtime_name, artifact_path, input_text, int(thread_count), plugin_file)
     print(_vm_hwm_bytes())

@@ -58,6 +58,10 @@ class RuntimeSpec:
     places: tuple[str, ...] = ("host",)  # "host" and/or "board"
     peer: bool = True  # a baseline TVM is measured against
     source: str = ""  # the plug-in's file (`register` fills it in), so another process can load it too
+    # How a process serving the artifact on a device runs, which the peak-memory child copies
+    # (bench/memory.py): environment variables it sets, and installed modules it would not have.
+    serving_env: tuple[tuple[str, str], ...] = ()
+    serving_without: tuple[str, ...] = ()
 
     def version(self) -> str | None:
         """The installed version of its package, or None where it is not installed."""

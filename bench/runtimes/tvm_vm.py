@@ -155,16 +155,25 @@ BUILD_PRECISION = {"tvm": "fp32", "tvm-bf16": "bf16"}  # TVM's runtimes: the pre
 
 
 def load(library: Path, threads: int, name: str = "tvm") -> TvmRuntime:
+    """The library in the Relax VM of TVM's runtime (`tvm.runtime.vm`: no compiler needed, so it also loads
+    in a process that has only libtvm_runtime, as a device serving the model would)."""
     import tvm
-    from tvm import relax
+    from tvm.runtime.vm import VirtualMachine
 
-    runtime = TvmRuntime(relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu()), tvm.cpu(), threads)
+    runtime = TvmRuntime(VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu()), tvm.cpu(), threads)
     runtime.name, runtime.precision = name, BUILD_PRECISION[name]
     return runtime
 
 
+# A device serving a TVM library loads libtvm_runtime alone (TVM_USE_RUNTIME_LIB=1: 3 MB, where the
+# compiler's library is 260 MB), and has no torch, which tvm_ffi imports whenever it is installed:
+# with both, the peak-memory child read 445 MB for a U-Net that needs 131.
+SERVING_ENV = (("TVM_USE_RUNTIME_LIB", "1"),)
+SERVING_WITHOUT = ("torch",)
 SPEC = register(RuntimeSpec(name="tvm", label="TVM", artifact="tvm", load=load, package="apache-tvm",
-                            places=("host", "board"), peer=False))
+                            places=("host", "board"), peer=False, serving_env=SERVING_ENV,
+                            serving_without=SERVING_WITHOUT))
 # The same model built to multiply in bf16 (compile/bf16.py), on hosts with AVX-512 BF16 (or AMX, which has it too).
 SPEC_BF16 = register(RuntimeSpec(name="tvm-bf16", label="TVM bf16", artifact="tvm-bf16", package="apache-tvm",
-                                 peer=False, load=lambda library, threads: load(library, threads, "tvm-bf16")))
+                                 peer=False, load=lambda library, threads: load(library, threads, "tvm-bf16"),
+                                 serving_env=SERVING_ENV, serving_without=SERVING_WITHOUT))
