@@ -183,12 +183,20 @@ LANES = 16  # float32 lanes of a zmm register: output columns per vector
 @dataclass(frozen=True)
 class ConvBlock:
     """One of gemm_bf16.c's direct conv blocks: `rows` output channels x `vecs` vectors of columns; a
-    block for narrow rows fills each vector with whole output rows, `image_rows` of them per call."""
+    block for narrow rows fills each vector with whole output rows, `image_rows` of them per call. A
+    block with `pixels` has the output channels in its vectors instead (`rows` = 16 x `vecs`), and
+    computes that many output pixels per call."""
 
     function: str
     rows: int
     vecs: int
     image_rows: int = 1
+    pixels: int = 0
+
+    def calls_per_image(self, out_h: int, out_w: int) -> int:
+        """Calls per image and block of output channels: one per output row, or per `image_rows` rows,
+        or per `pixels` pixels."""
+        return out_h * out_w // self.pixels if self.pixels else out_h // self.image_rows
 
     @property
     def columns(self) -> int:
@@ -198,6 +206,9 @@ class ConvBlock:
 WIDE_BLOCK = ConvBlock("lwgan_conv_bf16_block", 8, 2)
 NARROW_BLOCK = ConvBlock("lwgan_conv_bf16_block_narrow", 4, 4)  # RGB outputs: 3 of 4 rows busy, not 3 of 8
 ROW_BLOCKS = {16: ConvBlock("lwgan_conv_bf16_rows16", 8, 2, 2), 8: ConvBlock("lwgan_conv_bf16_rows8", 8, 2, 4)}
+# Outputs smaller still (a U-Net's 4x4 to 1x1 layers): 32 output channels in two vectors x 8, 4, 2 or 1 pixels.
+CHANNEL_BLOCKS = {pixels: ConvBlock(f"lwgan_conv_bf16_channels{pixels}", 2 * LANES, 2, pixels=pixels)
+                  for pixels in (8, 4, 2, 1)}
 # AMX tiles: 32 output channels (two 16-row tiles) x 32 columns (two 16-column tiles), stride 1.
 AMX_CONV_BLOCK = ConvBlock("lwgan_conv_amx_bf16_block", AMX_BLOCK_ROWS, 2)
 
@@ -205,7 +216,8 @@ AMX_CONV_BLOCK = ConvBlock("lwgan_conv_amx_bf16_block", AMX_BLOCK_ROWS, 2)
 def conv_block(out_channels: int, out_height: int, out_width: int, channels: int = 0, stride: int = 1,
                on_tiles: bool = False) -> ConvBlock | None:
     """The block for a conv's output, or None where bf16 would not pay: rows of 16 or 8 columns take
-    whole rows per vector, other rows narrower than the block's columns would leave lanes idle.
+    whole rows per vector; outputs narrower still take the output channels in the vectors where they
+    come in 32s (`CHANNEL_BLOCKS`); other rows narrower than the block's columns would leave lanes idle.
     `on_tiles` (the target has AMX-BF16), a stride-1 conv whose input and output channels come in 32s
     and output rows in 16s runs on the tiles."""
     if on_tiles and stride == 1 and out_channels % AMX_BLOCK_ROWS == 0 and fills_tiles(channels) and \
@@ -215,9 +227,11 @@ def conv_block(out_channels: int, out_height: int, out_width: int, channels: int
     if out_width >= block.columns:
         return block
     rows_block = ROW_BLOCKS.get(out_width)
-    if rows_block is None or out_channels <= NARROW_BLOCK.rows or out_height % rows_block.image_rows:
-        return None
-    return rows_block
+    if rows_block is not None and out_channels > NARROW_BLOCK.rows and out_height % rows_block.image_rows == 0:
+        return rows_block
+    if out_width < min(ROW_BLOCKS) and out_channels % (2 * LANES) == 0:
+        return CHANNEL_BLOCKS[next(p for p in CHANNEL_BLOCKS if (out_height * out_width) % p == 0)]
+    return None
 
 
 def pack_conv_weight(weight: np.ndarray, rows: int) -> np.ndarray:
@@ -275,7 +289,8 @@ def pack_input(shape: tuple[int, ...], padding: tuple[int, int, int, int]) -> ti
 def direct_conv(packed_shape: tuple[int, ...], weight_shape: tuple[int, ...], stride: int,
                 out_hw: tuple[int, int], block: ConvBlock) -> tirx.PrimFunc:
     """(packed input from `pack_input`, weight from `packed_conv_weight`, bias [OC]) -> NCHW float32:
-    one parallel task per (batch item, output row, block of output channels)."""
+    one parallel task per (batch item, call of the block, block of output channels): a call takes an
+    output row, or several (`ConvBlock.calls_per_image`)."""
     n, pairs, padded_h, padded_w = packed_shape
     out_channels, channels, kh, kw = weight_shape
     out_h, out_w = out_hw
@@ -291,7 +306,7 @@ def direct_conv(packed_shape: tuple[int, ...], weight_shape: tuple[int, ...], st
         w = T.arg("w", T.buffer(w_shape, "uint32"))
         b = T.arg("bias", T.buffer((out_channels,), "float32"))
         out = T.arg("out", T.buffer((n, out_channels, out_h, out_w), "float32"))
-        groups = out_h // block.image_rows  # output rows a call computes: one, or a narrow block's several
+        groups = block.calls_per_image(out_h, out_w)
         with T.sblock("root"), _tile_state(on_tiles), \
                 T.parallel(0, n * groups * blocks) as task:
             item, row, k_block = task // (groups * blocks), task // blocks % groups, task % blocks

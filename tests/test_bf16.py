@@ -268,6 +268,10 @@ def _op_names(mod: tvm.IRModule) -> list[str]:
     (16, 16, 3, 1, 1, 16, 16, True),  # 16 columns, stride 1
     (40, 16, 2, 1, 0, 9, 9, True),  # a sub-pixel phase's 2x2 conv to 8 columns: two rows in each vector
     (32, 20, 3, 2, 1, 16, 16, False),  # 8 columns at stride 2; 20 channels = 2.5 blocks
+    (128, 128, 4, 2, 1, 8, 8, True),  # a U-Net's inner downsampling to 4x4: channels in the lanes, 8 pixels a call
+    (256, 64, 2, 1, 0, 3, 3, True),  # a sub-pixel phase to 2x2: 4 pixels a call
+    (128, 128, 4, 2, 1, 2, 2, False),  # the innermost layer: one pixel
+    (96, 32, 3, 1, 1, 3, 5, True),  # 3x5 outputs: 15 pixels, one a call
 ])
 def test_direct_bf16_conv_is_torch_on_bf16_operands(channels, out_channels, kernel, stride, padding, height, width,
                                                    bias, bf16_target, tmp_path):
@@ -332,10 +336,12 @@ def test_a_bf16_build_writes_the_zero_pads_of_sub_pixel_phases_in_their_packing(
 
 def test_narrow_grouped_dilated_and_stride_3_convs_stay_float32():
     """Rows narrower than a block's columns would leave lanes idle (32; 64 for RGB outputs' block), unless
-    whole rows fill its vectors (16 or 8 columns, as many rows as a block takes)."""
+    whole rows fill its vectors (16 or 8 columns, as many rows as a block takes) or, in rows of fewer than
+    8 columns, output channels in 32s do."""
     for conv, shape in [(torch.nn.Conv2d(16, 3, 7, padding=3), (1, 16, 32, 32)),
                         (torch.nn.Conv2d(16, 16, 3, padding=1), (1, 16, 12, 12)),
                         (torch.nn.Conv2d(16, 16, 3, padding=1), (1, 16, 6, 8)),
+                        (torch.nn.Conv2d(16, 48, 3, padding=1), (1, 16, 4, 4)),
                         (torch.nn.Conv2d(16, 16, 3, padding=1, groups=2), (1, 16, 32, 32)),
                         (torch.nn.Conv2d(16, 16, 3, padding=2, dilation=2), (1, 16, 32, 32)),
                         (torch.nn.Conv2d(16, 16, 3, stride=3), (1, 16, 33, 33))]:

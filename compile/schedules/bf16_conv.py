@@ -3,7 +3,8 @@ compile/bf16.py's `vdpbf16ps` block on bf16 pairs of channels, its bias added in
 
 Which convs: constant weights, ungrouped, undilated, stride 1 or 2, NCHW, and output rows at least
 as wide as the block's columns (`bf16.conv_block`: 32, or 64 for the 4-channel block RGB outputs get),
-or rows of 16 or 8 columns, which a block takes several at a time. On CPUs with AMX-BF16, stride-1
+or rows of 16 or 8 columns, which a block takes several at a time, or narrower outputs of output
+channels in 32s, which a block takes in its vectors. On CPUs with AMX-BF16, stride-1
 convs with channels in 32s and rows in 16s run on its tiles instead.
 """
 

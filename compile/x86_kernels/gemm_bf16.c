@@ -342,6 +342,73 @@ static inline __attribute__((always_inline)) int32_t conv_rows_block(
 CONV_ROWS_BLOCK(lwgan_conv_bf16_rows16, 8, 2, 1)
 CONV_ROWS_BLOCK(lwgan_conv_bf16_rows8, 8, 2, 2)
 
+/* Output channels in the lanes, for outputs too small to fill a vector with columns or rows (a
+ * U-Net's innermost layers: 4x4 down to 1x1 pixels of 128-256 channels, their weights far larger than
+ * their activations, so the halved bytes of bf16 weights count most). A call computes `vecs` vectors
+ * of 16 output channels (rows = 16 x vecs, from k_block x rows) at `pixels` consecutive output pixels
+ * (row-major, from group x pixels), each pixel's input pair broadcast against the channels' weight
+ * pairs; the weights are packed as the other blocks' with rows = 16 x vecs. compile/bf16.py picks a
+ * `pixels` that divides out_h x out_w and output channels in whole blocks, so no lane is a tail. */
+#define MAX_PIXELS 8
+
+static inline __attribute__((always_inline)) int32_t conv_channels_block(
+        const int vecs, const int pixels, const uint32_t *x, const uint32_t *w, const float *bias, float *out,
+        int64_t k_block, int64_t group, int64_t pairs, int64_t kh, int64_t kw, int64_t stride, int64_t padded_h,
+        int64_t padded_w, int64_t out_h, int64_t out_w) {
+    const int64_t rows = vecs * LANES, k0 = k_block * rows, out_hw = out_h * out_w, p0 = group * pixels;
+    const uint32_t *w_block = w + k_block * pairs * kh * kw * rows;
+    int64_t first[MAX_PIXELS];  /* each pixel's input word at pair 0, tap (0, 0) */
+    _Pragma("GCC unroll 8")
+    for (int p = 0; p < pixels; ++p)
+        first[p] = (p0 + p) / out_w * stride * padded_w + (p0 + p) % out_w * stride;
+    __m512 acc[MAX_PIXELS][MAX_VECS];
+    _Pragma("GCC unroll 8")
+    for (int p = 0; p < pixels; ++p) {
+        _Pragma("GCC unroll 8")
+        for (int j = 0; j < vecs; ++j) acc[p][j] = _mm512_loadu_ps(bias + k0 + j * LANES);
+    }
+    for (int64_t i = 0; i < pairs; ++i) {
+        for (int64_t ky = 0; ky < kh; ++ky) {
+            for (int64_t kx = 0; kx < kw; ++kx) {
+                const uint32_t *tap = x + (i * padded_h + ky) * padded_w + kx;
+                const uint32_t *weights = w_block + ((i * kh + ky) * kw + kx) * rows;
+                __m512bh weight[MAX_VECS];
+                _Pragma("GCC unroll 8")
+                for (int j = 0; j < vecs; ++j) weight[j] = (__m512bh)_mm512_loadu_si512(weights + j * LANES);
+                _Pragma("GCC unroll 8")
+                for (int p = 0; p < pixels; ++p) {
+                    const __m512bh pair = (__m512bh)_mm512_set1_epi32((int)tap[first[p]]);
+                    _Pragma("GCC unroll 8")
+                    for (int j = 0; j < vecs; ++j) acc[p][j] = _mm512_dpbf16_ps(acc[p][j], weight[j], pair);
+                }
+            }
+        }
+    }
+    const __m512i planes = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                              _mm512_set1_epi32((int)out_hw));
+    _Pragma("GCC unroll 8")
+    for (int p = 0; p < pixels; ++p) {  /* a vector's 16 channels go to 16 planes of the NCHW output */
+        _Pragma("GCC unroll 8")
+        for (int j = 0; j < vecs; ++j)
+            _mm512_i32scatter_ps(out + (k0 + j * LANES) * out_hw + p0 + p, planes, acc[p][j], 4);
+    }
+    return 0;
+}
+
+#define CONV_CHANNELS_BLOCK(name, vecs, pixels)                                                                    \
+    int32_t name(const uint32_t *x, const uint32_t *w, const float *bias, float *out, int64_t k_block,              \
+                 int64_t group, int64_t channels, int64_t pairs, int64_t kh, int64_t kw, int64_t stride,            \
+                 int64_t padded_h, int64_t padded_w, int64_t out_h, int64_t out_w) {                                \
+        (void)channels;                                                                                            \
+        return conv_channels_block(vecs, pixels, x, w, bias, out, k_block, group, pairs, kh, kw, stride, padded_h, \
+                                   padded_w, out_h, out_w);                                                         \
+    }
+
+CONV_CHANNELS_BLOCK(lwgan_conv_bf16_channels8, 2, 8)
+CONV_CHANNELS_BLOCK(lwgan_conv_bf16_channels4, 2, 4)
+CONV_CHANNELS_BLOCK(lwgan_conv_bf16_channels2, 2, 2)
+CONV_CHANNELS_BLOCK(lwgan_conv_bf16_channels1, 2, 1)
+
 /* A stride-1 direct convolution's block on AMX tiles: AMX_ROWS output channels from k_block x 32 and
  * one output row oy, over every output column in chunks of two 16-column tiles (a last chunk of one
  * where out_w is an odd number of 16s). Per input pair block of 16, kernel row and column:
