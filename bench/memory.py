@@ -55,7 +55,8 @@ def peak_rss_bytes(runtime: str, artifact: Path, inputs, threads: int) -> int:
         child = subprocess.run(
             [sys.executable, "-m", "bench.memory", runtime, str(artifact), given, str(threads), spec.source,
              ",".join(spec.serving_without)],
-            capture_output=True, text=True, cwd=REPO_ROOT, timeout=TIMEOUT_S, env={**os.environ, **dict(spec.serving_env)},
+            capture_output=True, text=True, cwd=REPO_ROOT, timeout=TIMEOUT_S,
+            env={**os.environ, **dict(spec.serving_env)},
         )
     lines = child.stdout.strip().splitlines()
     if child.returncode < 0:

@@ -354,7 +354,8 @@ def test_reflection_pads_write_the_vnni_convs_packed_input_and_no_output_changes
     self_packing, _ = lower_quantized_convs(onnx_to_relax(qdq_file), VNNI)
     assert not packed_pads(self_packing)
     x = tvm.runtime.tensor((np.random.default_rng(3).random((1, 3, 16, 16), np.float32) * 2 - 1).astype(np.float32))
-    outputs = [relax.VirtualMachine(tvm.compile(mod, VNNI), tvm.cpu())["main"](x).numpy() for mod in (lowered, self_packing)]
+    outputs = [relax.VirtualMachine(tvm.compile(mod, VNNI), tvm.cpu())["main"](x).numpy()
+               for mod in (lowered, self_packing)]
     np.testing.assert_array_equal(*outputs)
     assert outputs[0].std() > 0.05
 

@@ -168,8 +168,8 @@ def test_packed_pad_stores_the_quantized_pad_interleaved_for_the_int8_conv(shape
     x = (np.random.default_rng(0).standard_normal(shape) * 4).astype(np.float32)
     got = _run_kernel(packed_reflection_pad(shape, pad, scale, quantize_to, packed_shape), x,
                       np.full(packed_shape, 99, np.uint8), host_target)
-    padded = _run_kernel(reflection_pad(shape, pad, scale, quantize_to), x, np.zeros((n, channels, out_h, out_w), np.uint8),
-                         host_target)
+    padded = _run_kernel(reflection_pad(shape, pad, scale, quantize_to), x,
+                         np.zeros((n, channels, out_h, out_w), np.uint8), host_target)
     expected = np.full((n, packed_shape[1] * 4, out_h, out_w + extra_columns), 7, np.uint8)
     expected[:, :channels, :, :out_w] = padded
     expected = expected.reshape(n, packed_shape[1], 4, out_h, -1).transpose(0, 1, 3, 4, 2)

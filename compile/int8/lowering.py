@@ -649,7 +649,8 @@ class _IntegerConvRewriter(relax.PyExprMutator):
         conv, shape = replacement.conv, replacement.input_shape
         plan = plan_kernel(conv, shape, self.target)
         data = self.visit_expr(replacement.data)
-        padding = self._quantized_reflection_padding(data) if replacement.sole_reader and prepackable(conv, plan) else None
+        padding = (self._quantized_reflection_padding(data) if replacement.sole_reader and prepackable(conv, plan)
+                   else None)
         if padding is not None:  # the pad writes the conv's packed input
             source, pad, scale, quantize_to = padding
             packed_shape = packed_input_shape(conv, shape, plan)
@@ -665,7 +666,8 @@ class _IntegerConvRewriter(relax.PyExprMutator):
         emit = self.builder_.emit if isinstance(binding.var, relax.DataflowVar) else self.builder_.emit_output
         self.set_var_remap(binding.var, emit(value, binding.var.name))
 
-    def _quantized_reflection_padding(self, data: relax.Expr) -> tuple[relax.Expr, int, int, tuple[float, float]] | None:
+    def _quantized_reflection_padding(self, data: relax.Expr
+                                      ) -> tuple[relax.Expr, int, int, tuple[float, float]] | None:
         """(x, p, s, (scale, zero point)) where `data` is x (upsampled s times) reflection-padded by p and
         quantized to uint8, as an int8 file's Pad before a conv is imported; None for anything else."""
         quantize = bound_call(data, self, "relax.quantize")

@@ -166,7 +166,8 @@ def packed_reflection_pad(shape: tuple[int, ...], pad: int, scale: int, quantize
     c_blocks, rows, columns = packed_shape[1], packed_shape[2], packed_shape[-2]
     if packed_shape[-1] != PACKED_GROUP or rows != out_h or columns < out_w or c_blocks * PACKED_GROUP < channels:
         raise ValueError(f"packed layout {packed_shape} does not hold a {shape} input reflection-padded by {pad}")
-    chunk = next((c for c in (16, 8, 4, 2) if inner_w % c == 0 and c % scale == 0), scale)  # whole chunks of whole pixels
+    # columns a step: whole chunks of the row, of whole upsampled pixels
+    chunk = next((c for c in (16, 8, 4, 2) if inner_w % c == 0 and c % scale == 0), scale)
     zero_point = int(quantize_to[1])
     row_bytes = columns * PACKED_GROUP
 
@@ -182,7 +183,7 @@ def packed_reflection_pad(shape: tuple[int, ...], pad: int, scale: int, quantize
                 row_start = task * row_bytes
 
                 def channel_values(ci: int, column, lanes: int):
-                    """The quantized values of channel cb * 4 + ci at `column` of the source row (`lanes` from there)."""
+                    """Channel cb * 4 + ci quantized at `column` of the source row (`lanes` from there)."""
                     c = cb * PACKED_GROUP + ci
                     loaded = tirx.BufferLoad(x, [b, tirx.min(c, channels - 1), source_row,
                                                 column if lanes == 1 else tirx.Ramp(column, 1, lanes)])
@@ -196,7 +197,8 @@ def packed_reflection_pad(shape: tuple[int, ...], pad: int, scale: int, quantize
                     groups = [channel_values(ci, j * (chunk // scale), chunk // scale) for ci in range(PACKED_GROUP)]
                     if scale > 1:
                         groups = [tirx.Shuffle([g] * scale, [k // scale for k in range(chunk)]) for g in groups]
-                    interleaved = tirx.Shuffle(groups, [ci * chunk + k for k in range(chunk) for ci in range(PACKED_GROUP)])
+                    interleaved = tirx.Shuffle(groups, [ci * chunk + k for k in range(chunk)
+                                                        for ci in range(PACKED_GROUP)])
                     T.buffer_store(flat, interleaved,
                                    [tirx.Ramp(row_start + (pad + j * chunk) * PACKED_GROUP, 1, chunk * PACKED_GROUP)])
                 for column in [*range(pad), *range(inner_w + pad, out_w)]:
