@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -185,6 +186,28 @@ def test_a_thread_count_that_is_not_a_number_is_a_clear_error(monkeypatch):
     monkeypatch.setenv(ENV, "two")
     with pytest.raises(UserError, match="TVM_NUM_THREADS='two': expected a positive whole number"):
         size_tvm_thread_pool()
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: every thread is on it anyway")
+def test_tvms_worker_threads_are_not_pinned_to_one_core():
+    """A fresh process (TVM starts its pool once per process) sets up the pool as the benchmark does:
+    every thread may run on every CPU of the process. TVM left to itself pins its worker to one core."""
+    import subprocess
+    import sys
+
+    from targets.threads import BIND_ENV
+
+    script = ("import glob, tvm\n"
+              "from bench.runtimes.tvm_vm import TvmRuntime\n"
+              "TvmRuntime(vm=None, device=tvm.cpu(), threads=2)\n"
+              "for f in glob.glob('/proc/self/task/*/status'):\n"
+              "    print([l.split()[1] for l in open(f) if l.startswith('Cpus_allowed_list')][0])\n")
+    env = {k: v for k, v in os.environ.items() if k != BIND_ENV}
+    allowed = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                              env={**env, **extra}, cwd=Path(__file__).parent.parent).stdout.split()
+               for extra in ({}, {BIND_ENV: "1"})]
+    assert len(allowed[0]) >= 2 and len(set(allowed[0])) == 1  # the same CPUs for every thread
+    assert len(set(allowed[1])) > 1  # pinned: a worker on one core
 
 
 def test_next_runtime_waits_for_spinning_threads():
