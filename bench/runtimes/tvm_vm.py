@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 
 @contextlib.contextmanager
 def kept_cpu_affinity():
-    """Undo TVM's pinning of the calling thread to core 0 (its `config_threadpool` does that).
+    """Undo TVM's pinning of the calling thread to core 0 (its `config_threadpool` does that where a
+    user pins TVM's threads, `TVM_BIND_THREADS=1`; targets/threads.py leaves them unpinned).
 
     Every thread created later inherits the pin: ONNX Runtime's and torch's pools started after
     it ran on one core (the process's affinity read {0} after TVM's thread pool was set up), so a
