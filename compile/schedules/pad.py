@@ -24,6 +24,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from compile import OPAQUE_PATTERN
+from compile.int8.intrinsics import REDUCTION  # channels a packed int8 input interleaves per pixel
 from compile.schedules.graph import bound_call, constant_of, index_values, is_op, rewrite_functions, static_shape, users_of
 
 
@@ -148,9 +149,6 @@ def _quantized(value, quantize_to: tuple[float, float], lanes: int = 1):
     return quantized.astype("uint8" if lanes == 1 else f"uint8x{lanes}")
 
 
-PACKED_GROUP = 4  # channels interleaved per pixel in a packed int8 input: the 4 bytes vpdpbusd sums
-
-
 def packed_reflection_pad(shape: tuple[int, ...], pad: int, scale: int, quantize_to: tuple[float, float],
                           packed_shape: tuple[int, ...]) -> tirx.PrimFunc:
     """`reflection_pad` quantizing to uint8 and storing straight into an integer conv's packed input
@@ -164,12 +162,12 @@ def packed_reflection_pad(shape: tuple[int, ...], pad: int, scale: int, quantize
     inner_w = width * scale
     out_h, out_w = height * scale + 2 * pad, inner_w + 2 * pad
     c_blocks, rows, columns = packed_shape[1], packed_shape[2], packed_shape[-2]
-    if packed_shape[-1] != PACKED_GROUP or rows != out_h or columns < out_w or c_blocks * PACKED_GROUP < channels:
+    if packed_shape[-1] != REDUCTION or rows != out_h or columns < out_w or c_blocks * REDUCTION < channels:
         raise ValueError(f"packed layout {packed_shape} does not hold a {shape} input reflection-padded by {pad}")
     # columns a step: whole chunks of the row, of whole upsampled pixels
     chunk = next((c for c in (16, 8, 4, 2) if inner_w % c == 0 and c % scale == 0), scale)
-    zero_point = int(quantize_to[1])
-    row_bytes = columns * PACKED_GROUP
+    zero = tirx.const(int(quantize_to[1]), "uint8")  # the conv reads it as zero
+    row_bytes = columns * REDUCTION
 
     with IRBuilder() as ib, T.prim_func(private=True):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE_PATTERN})
@@ -184,31 +182,30 @@ def packed_reflection_pad(shape: tuple[int, ...], pad: int, scale: int, quantize
 
                 def channel_values(ci: int, column, lanes: int):
                     """Channel cb * 4 + ci quantized at `column` of the source row (`lanes` from there)."""
-                    c = cb * PACKED_GROUP + ci
+                    c = cb * REDUCTION + ci
                     loaded = tirx.BufferLoad(x, [b, tirx.min(c, channels - 1), source_row,
                                                 column if lanes == 1 else tirx.Ramp(column, 1, lanes)])
                     values = _quantized(loaded, quantize_to, lanes)
-                    if c_blocks * PACKED_GROUP == channels:
+                    if c_blocks * REDUCTION == channels:
                         return values
-                    zero = tirx.const(zero_point, "uint8")
                     return tirx.Select(c < channels, values, zero if lanes == 1 else tirx.Broadcast(zero, lanes))
 
                 with T.serial(0, inner_w // chunk) as j:
-                    groups = [channel_values(ci, j * (chunk // scale), chunk // scale) for ci in range(PACKED_GROUP)]
+                    groups = [channel_values(ci, j * (chunk // scale), chunk // scale) for ci in range(REDUCTION)]
                     if scale > 1:
                         groups = [tirx.Shuffle([g] * scale, [k // scale for k in range(chunk)]) for g in groups]
                     interleaved = tirx.Shuffle(groups, [ci * chunk + k for k in range(chunk)
-                                                        for ci in range(PACKED_GROUP)])
+                                                        for ci in range(REDUCTION)])
                     T.buffer_store(flat, interleaved,
-                                   [tirx.Ramp(row_start + (pad + j * chunk) * PACKED_GROUP, 1, chunk * PACKED_GROUP)])
+                                   [tirx.Ramp(row_start + (pad + j * chunk) * REDUCTION, 1, chunk * REDUCTION)])
                 for column in [*range(pad), *range(inner_w + pad, out_w)]:
                     source = reflect(column, inner_w, pad) // scale
-                    for ci in range(PACKED_GROUP):
-                        T.buffer_store(flat, channel_values(ci, source, 1), [row_start + column * PACKED_GROUP + ci])
+                    for ci in range(REDUCTION):
+                        T.buffer_store(flat, channel_values(ci, source, 1), [row_start + column * REDUCTION + ci])
                 if columns > out_w:
-                    tail = (columns - out_w) * PACKED_GROUP
-                    T.buffer_store(flat, tirx.Broadcast(tirx.const(zero_point, "uint8"), tail),
-                                   [tirx.Ramp(row_start + out_w * PACKED_GROUP, 1, tail)])
+                    tail = (columns - out_w) * REDUCTION
+                    T.buffer_store(flat, tirx.Broadcast(zero, tail),
+                                   [tirx.Ramp(row_start + out_w * REDUCTION, 1, tail)])
     return ib.get()
 
 
