@@ -1,11 +1,14 @@
-/* The AMX tile instructions compile/x86_kernels/gemm_bf16.c uses, in C, so that its AMX block runs
- * (and is checked against numpy) on CPUs without AMX: compiled with -DLWGAN_AMX_EMULATED -I tests.
+/* The AMX tile instructions the suite's kernels use, in C, so that they run (and are checked against
+ * numpy and torch) on CPUs without AMX: compile/x86_kernels/gemm_bf16.c's AMX blocks compiled with
+ * -DLWGAN_AMX_EMULATED -I tests, and compile/int8/amx.py's kernels calling them through
+ * tests/amx_calls.c.
  *
  * Each follows the pseudo-code of Intel's instruction set reference (LDTILECFG, TILEZERO, TILELOADD,
- * TILESTORED, TDPBF16PS, TILERELEASE), with the checks the hardware makes: an instruction on an
- * unconfigured state or tiles whose shapes do not chain (#UD on a CPU) aborts with a message. bf16 to
- * float32 is exact (the top 16 bits); each pair is added to the float32 sum one product at a time, as
- * the reference's two `+=` lines do. */
+ * TILESTORED, TDPBF16PS, TDPBSUD, TILERELEASE), with the checks the hardware makes: an instruction on
+ * an unconfigured state or tiles whose shapes do not chain (#UD on a CPU) aborts with a message. bf16
+ * to float32 is exact (the top 16 bits); each pair is added to the float32 sum one product at a time,
+ * as the reference's two `+=` lines do. Integer sums wrap around in 32 bits, as the reference's do. */
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -75,6 +78,22 @@ static void emulated_dpbf16ps(int dst, int a, int b) {
                 const unsigned char *x = &ta->data[row][4 * k], *y = &tb->data[k][4 * col];
                 sums[col] += emulated_bf16(x, 0) * emulated_bf16(y, 0);
                 sums[col] += emulated_bf16(x, 1) * emulated_bf16(y, 1);
+            }
+    }
+}
+
+static void emulated_dpbsud(int dst, int a, int b) {
+    struct emulated_tile *c = emulated_tile(dst), *ta = emulated_tile(a), *tb = emulated_tile(b);
+    const int k_words = ta->bytes_per_row / 4, n = c->bytes_per_row / 4;
+    if (ta->rows != c->rows || tb->rows != k_words || tb->bytes_per_row != c->bytes_per_row)
+        emulated_fault("tdpbsud: tile shapes do not chain (A rows = C rows, A words = B rows, B columns = C columns)");
+    for (int row = 0; row < c->rows; ++row) {
+        uint32_t *sums = (uint32_t *)c->data[row];
+        for (int k = 0; k < k_words; ++k)
+            for (int col = 0; col < n; ++col) {
+                const int8_t *x = (const int8_t *)&ta->data[row][4 * k];  /* signed A */
+                const uint8_t *y = &tb->data[k][4 * col];  /* unsigned B */
+                sums[col] += (uint32_t)(x[0] * y[0] + x[1] * y[1] + x[2] * y[2] + x[3] * y[3]);
             }
     }
 }

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -11,8 +14,10 @@ import pytest
 import torch
 import tvm
 from torch import nn
-from tvm import relax
+from tvm import relax, tirx
+from tvm.script.ir_builder import tirx as T
 
+from compile import TILES_ATTR
 from compile.int8 import amx as int8_amx
 from compile.int8 import lowering
 from compile.int8.lowering import (
@@ -66,21 +71,27 @@ def exact_accumulators(x: np.ndarray, conv: IntegerConv) -> np.ndarray:
     return acc
 
 
-def run_kernel(conv: IntegerConv, x: np.ndarray, target: tvm.target.Target = AVX2):
+def compiled(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.runtime.Module:
+    return tvm.compile(mod, target).mod
+
+
+def run_kernel(conv: IntegerConv, x: np.ndarray, target: tvm.target.Target = AVX2, build=compiled):
+    """`conv`'s kernel for `target`, built by `build(mod, target)` (a runtime module), run on `x`."""
     plan = plan_kernel(conv, x.shape, target)
     kernel = build_kernel(conv, x.shape, plan)
-    library = tvm.compile(tvm.IRModule({"main": kernel.func.with_attr("global_symbol", "main")}), target)
+    library = build(tvm.IRModule({"main": kernel.func.with_attr("global_symbol", "main")}), target)
     out = np.zeros(conv.output_shape(x.shape), conv.out_dtype)
     tensors = [tvm.runtime.tensor(a) for a in (x, *kernel.constants, out)]
-    library.mod["main"](*tensors)
+    library["main"](*tensors)
     return tensors[-1].numpy(), plan, library
 
 
-def run_exactly(conv: IntegerConv, x: np.ndarray, target: tvm.target.Target, instruction: str):
-    """Run `conv` (dequantizing epilogue, scale 1), check that `instruction` is in its code and
-    that it returns the exact int32 accumulators; returns the plan."""
-    got, plan, library = run_kernel(conv, x, target)
-    assert instruction in library.mod.inspect_source("asm")  # really tensorized
+def run_exactly(conv: IntegerConv, x: np.ndarray, target: tvm.target.Target, instruction: str | None,
+                build=compiled):
+    """Run `conv` (dequantizing epilogue, scale 1), check that `instruction` is in its code (unless
+    None) and that it returns the exact int32 accumulators; returns the plan."""
+    got, plan, library = run_kernel(conv, x, target, build)
+    assert instruction is None or instruction in library.inspect_source("asm")  # really tensorized
     expected = exact_accumulators(x, conv) + conv.correction[None, :, None, None]
     assert np.abs(expected).max() < 2**24  # so float32 holds every accumulator exactly
     np.testing.assert_array_equal(got, expected.astype(np.float32))
@@ -170,7 +181,7 @@ def test_requantizing_epilogue_rounds_half_to_even_and_clamps_like_quantize_line
     # The QDQ graph's DequantizeLinear after it, fused: the same grid values, as floats.
     dequantized, _, _ = run_kernel(dataclasses.replace(conv, dequantize=(0.25, 3)), x)
     np.testing.assert_array_equal(dequantized, (expected.astype(np.float32) - 3) * 0.25)
-    assert "vpmaddwd" in library.mod.inspect_source("asm")  # really tensorized
+    assert "vpmaddwd" in library.inspect_source("asm")  # really tensorized
 
 
 VNNI_SHAPES = [  # (C, OC, kernel, strides, padding, H, W, layout)
@@ -225,24 +236,52 @@ AMX_SHAPES = [  # (C, OC, kernel, strides, padding, H, W, kernel columns folded 
 ]
 
 
-@pytest.mark.skipif(not HOST_HAS_AMX, reason="this CPU has no AMX tiles to run the kernels")
+TESTS = Path(__file__).resolve().parent
+
+
+def _emulated_instruction(name: str, *args) -> None:
+    T.evaluate(T.call_extern("void", f"lwgan_emulated_{name}", *args))
+
+
+@pytest.fixture(params=["emulated", pytest.param("tiles", marks=pytest.mark.skipif(
+    not HOST_HAS_AMX, reason="this CPU has no AMX tiles to run the kernels"))])
+def amx_build(request, monkeypatch, tmp_path):
+    """build(mod, target) -> runtime module, for the AMX kernels of compile/int8/amx.py: on the tiles
+    where this CPU has them, and on every x86 CPU "emulated": the kernels are built with each tile
+    instruction a call into tests/amx_calls.c (Intel's pseudo-code in C, exact like the tiles) and no
+    request for tile state, and that file is linked in."""
+    if request.param == "tiles":
+        return compiled
+    monkeypatch.setattr(int8_amx, "_llvm", _emulated_instruction)
+    monkeypatch.setattr(int8_amx, "tile_state_granted", contextlib.nullcontext)
+    calls = tmp_path / "amx_calls.o"
+    subprocess.run(["gcc", "-O2", "-fPIC", "-c", f"-I{TESTS}", str(TESTS / "amx_calls.c"), "-o", str(calls)], check=True)
+    libraries = iter(range(1000))
+
+    def build(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.runtime.Module:
+        path = tmp_path / f"emulated{next(libraries)}.so"
+        tvm.compile(mod, target).export_library(str(path), options=[str(calls)])
+        return tvm.runtime.load_module(str(path))
+
+    return build
+
+
 @pytest.mark.parametrize("channels, out_channels, kernel, strides, padding, height, width, folded", AMX_SHAPES)
 def test_amx_kernels_accumulate_exactly_in_int32(channels, out_channels, kernel, strides, padding, height, width,
-                                                 folded):
+                                                 folded, amx_build):
     rng = np.random.default_rng(channels * 100 + out_channels)
     conv = make_conv(rng, channels, out_channels, kernel, strides, padding, weight_limit=127)
     x = rng.integers(0, 256, (1, channels, height, width), dtype=np.uint8)
-    plan = run_exactly(conv, x, AMX, "tdpbsud")
+    plan = run_exactly(conv, x, AMX, "tdpbsud" if amx_build is compiled else None, amx_build)
     assert (plan.layout, plan.intrinsic) == ("amx", int8_amx.INTRINSIC)
     assert int8_amx.folds_columns(conv) == folded
 
 
-@pytest.mark.skipif(not HOST_HAS_AMX, reason="this CPU has no AMX tiles to run the kernel")
-def test_amx_requantizing_epilogue_matches_quantize_linear():
+def test_amx_requantizing_epilogue_matches_quantize_linear(amx_build):
     rng = np.random.default_rng(11)
     conv = make_conv(rng, 64, 32, (3, 3), padding=(1, 1, 1, 1), requantize=True, multiplier=2.0**-10, offset=128.0)
     x = rng.integers(0, 256, (1, 64, 8, 16), dtype=np.uint8)
-    got, plan, _ = run_kernel(conv, x, AMX)
+    got, plan, _ = run_kernel(conv, x, AMX, amx_build)
     assert plan.layout == "amx" and got.dtype == np.uint8
     value = (exact_accumulators(x, conv) + conv.correction[None, :, None, None]) * 2.0**-10 + 128.0
     expected = np.clip(np.rint(value), 0, 255).astype(np.uint8)
@@ -295,11 +334,12 @@ def qdq_file(tmp_path_factory):
     return quantize.export_qdq(prepared, shape, tmp_path_factory.mktemp("int8") / "tiny+ptq.onnx")
 
 
-def psnr_against_qdq_reference(qdq_file, lowered: tvm.IRModule, target: tvm.target.Target, seed: int) -> float:
-    """PSNR of the lowered model built for `target` against the QDQ file run by ONNX Runtime's
-    reference kernels (graph optimisations off), on a seeded input."""
+def psnr_against_qdq_reference(qdq_file, lowered: tvm.IRModule, target: tvm.target.Target, seed: int,
+                               build=compiled) -> float:
+    """PSNR of the lowered model built for `target` (by `build`) against the QDQ file run by ONNX
+    Runtime's reference kernels (graph optimisations off), on a seeded input."""
     x = (np.random.default_rng(seed).random((1, 3, 16, 16), np.float32) * 2 - 1).astype(np.float32)
-    got = relax.VirtualMachine(tvm.compile(lowered, target), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    got = relax.VirtualMachine(build(lowered, target), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     reference = ort.InferenceSession(str(qdq_file), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
@@ -340,24 +380,37 @@ def packed_pads(mod: tvm.IRModule) -> dict[relax.Var, str]:
             if len(call.ty.shape) > 4 and call.ty.dtype == "uint8"}
 
 
-@pytest.mark.skipif(not HOST_HAS_VNNI, reason="this CPU has no AVX-512 VNNI to run the kernels")
-def test_reflection_pads_write_the_vnni_convs_packed_input_and_no_output_changes(qdq_file, monkeypatch):
-    """Both reflection pads (before the RGB stem's pixel kernel and the residual conv's channel kernel)
-    store the conv's packed layout, which the conv reads as is; the model's output is bit for bit the
-    one of convs that pack their input themselves."""
-    lowered, _ = lower_quantized_convs(onnx_to_relax(qdq_file), VNNI)
+def assert_pads_write_packed_inputs_and_no_output_changes(qdq_file, target, build, monkeypatch) -> list[tirx.PrimFunc]:
+    """Both reflection pads (before the RGB stem and the residual conv) store the conv's packed layout,
+    which the conv reads as is; the model's output is bit for bit the one of convs that pack their
+    input themselves. Returns the kernels that read a packed input."""
+    lowered, _ = lower_quantized_convs(onnx_to_relax(qdq_file), target)
     pads = packed_pads(lowered)
     assert len(pads) == 2 and all(name.startswith("reflection_pad") for name in pads.values())
-    readers = [call.args[0].name_hint for call in tir_calls(lowered).values() if call.args[1].fields[0] in pads]
-    assert len(readers) == 2 and all(name.startswith("int8_conv2d") for name in readers)
-    monkeypatch.setattr(lowering, "prepackable", lambda conv, plan: False)
-    self_packing, _ = lower_quantized_convs(onnx_to_relax(qdq_file), VNNI)
+    readers = [call.args[0] for call in tir_calls(lowered).values() if call.args[1].fields[0] in pads]
+    assert len(readers) == 2 and all(gvar.name_hint.startswith("int8_conv2d") for gvar in readers)
+    with monkeypatch.context() as patched:
+        patched.setattr(lowering, "prepackable", lambda conv, plan: False)
+        self_packing, _ = lower_quantized_convs(onnx_to_relax(qdq_file), target)
     assert not packed_pads(self_packing)
     x = tvm.runtime.tensor((np.random.default_rng(3).random((1, 3, 16, 16), np.float32) * 2 - 1).astype(np.float32))
-    outputs = [relax.VirtualMachine(tvm.compile(mod, VNNI), tvm.cpu())["main"](x).numpy()
-               for mod in (lowered, self_packing)]
+    outputs = [relax.VirtualMachine(build(mod, target), tvm.cpu())["main"](x).numpy() for mod in (lowered, self_packing)]
     np.testing.assert_array_equal(*outputs)
     assert outputs[0].std() > 0.05
+    return [lowered[gvar] for gvar in readers]
+
+
+@pytest.mark.skipif(not HOST_HAS_VNNI, reason="this CPU has no AVX-512 VNNI to run the kernels")
+def test_reflection_pads_write_the_vnni_convs_packed_input_and_no_output_changes(qdq_file, monkeypatch):
+    """The RGB stem's pixel kernel and the residual conv's channel kernel."""
+    assert_pads_write_packed_inputs_and_no_output_changes(qdq_file, VNNI, compiled, monkeypatch)
+
+
+@pytest.mark.skipif(not HOST_HAS_VNNI, reason="this CPU has no AVX-512 VNNI to run the VNNI kernels beside the tiles")
+def test_reflection_pad_writes_the_amx_convs_packed_input_and_no_output_changes(qdq_file, amx_build, monkeypatch):
+    """The residual conv on tiles (64 channels: unfolded) reads its pad's bytes as its B tiles' rows."""
+    readers = assert_pads_write_packed_inputs_and_no_output_changes(qdq_file, AMX, amx_build, monkeypatch)
+    assert sorted(str(kernel.attrs.get(TILES_ATTR)) for kernel in readers) == ["None", "int8"]
 
 
 def test_qdq_model_on_a_cpu_without_dot_product_instructions_builds_and_matches_the_qdq_reference(qdq_file):
@@ -369,13 +422,13 @@ def test_qdq_model_on_a_cpu_without_dot_product_instructions_builds_and_matches_
     assert psnr_against_qdq_reference(qdq_file, lowered, portable, seed=2) >= 30.0
 
 
-@pytest.mark.skipif(not HOST_HAS_AMX, reason="this CPU has no AMX tiles to run the kernels")
-def test_qdq_model_on_amx_matches_the_qdq_reference(qdq_file):
+@pytest.mark.skipif(not HOST_HAS_VNNI, reason="this CPU has no AVX-512 VNNI to run the VNNI kernels beside the tiles")
+def test_qdq_model_on_amx_matches_the_qdq_reference(qdq_file, amx_build):
     lowered, summary = lower_quantized_convs(onnx_to_relax(qdq_file), AMX)
     # 64-channel convs (the strided one and the residual one) on tiles; 8- and 3-channel ones, fewer
     # than a tile's 16, with VNNI's pixel lanes
     assert summary.intrinsics == tuple(sorted((int8_amx.INTRINSIC, VNNI_PIXELS_16X4)))
-    assert psnr_against_qdq_reference(qdq_file, lowered, AMX, seed=1) >= 30.0
+    assert psnr_against_qdq_reference(qdq_file, lowered, AMX, seed=1, build=amx_build) >= 30.0
 
 
 def test_pipeline_routes_int8_models_through_the_lowering_and_fp32_ones_past_it(qdq_file, tmp_path):

@@ -103,30 +103,47 @@ def _tile(index: int):
     return tirx.const(index, "uint8")
 
 
-def amx_kernel(conv, input_shape: tuple[int, ...]) -> tirx.PrimFunc:
+def packed_input_shape(conv, input_shape: tuple[int, ...]) -> tuple[int, int, int, int, int]:
+    """The layout the kernel reads its input in, NCHW[4c] as bytes: (N, groups of 4 channels, rows,
+    columns, 4), the channels zero-point-filled to whole product blocks and the rows and columns
+    padded (for a folded conv, its channels are the C x KW folded ones and its columns the outputs')."""
+    n, channels = (int(d) for d in input_shape[:2])
+    _, _, out_h, out_w = conv.output_shape(input_shape)
+    _, _, kh, kw = conv.weight.shape
+    lanes, columns = (channels * kw, 1) if folds_columns(conv) else (channels, kw)
+    block = _block_channels(lanes)
+    groups = -(-lanes // block) * block // REDUCTION
+    return n, groups, (out_h - 1) * conv.strides[0] + kh, out_w + columns - 1, REDUCTION
+
+
+def amx_kernel(conv, input_shape: tuple[int, ...], prepacked: bool = False) -> tirx.PrimFunc:
     """The PrimFunc (data, packed weight, correction, multiplier, offset) -> NCHW output for an
-    `IntegerConv` (compile/int8/lowering.py) that `applies`."""
+    `IntegerConv` (compile/int8/lowering.py) that `applies`. With `prepacked` (an unfolded conv of
+    stride 1 whose input arrives padded) `data` is already in `packed_input_shape`, written by the
+    kernel before it (a reflection pad: compile/schedules/pad.py), and the kernel packs nothing."""
     n, channels, height, width = (int(d) for d in input_shape)
     _, out_channels, out_h, out_w = conv.output_shape(input_shape)
     _, _, kh, kw = conv.weight.shape
     top, left = conv.padding[:2]
     stride_h, stride_w = conv.strides
     folded = folds_columns(conv)
+    if prepacked and (folded or conv.strides != (1, 1) or any(conv.padding)):
+        raise ValueError("only an unfolded conv of stride 1 without padding of its own reads a packed input")
     # The packed input's channels, and the kernel columns the products still step over.
     lanes, columns = (channels * kw, 1) if folded else (channels, kw)
     block = _block_channels(lanes)
     blocks = -(-lanes // block)
-    groups = blocks * block // REDUCTION  # 4-channel groups of the packed input
+    _, groups, packed_h, packed_w, _ = packed_input_shape(conv, input_shape)
     pixels = _tile_pixels(out_w)
     pixel_tiles = 2 if out_w % (2 * pixels) == 0 else 1
     row_block = pixels * pixel_tiles
     channel_tiles = 2 if out_channels % (2 * CHANNELS) == 0 else 1
     channel_pairs = out_channels // (CHANNELS * channel_tiles)
-    packed_h, packed_w = (out_h - 1) * stride_h + kh, out_w + columns - 1
 
     with IRBuilder() as ib, T.prim_func(private=True):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        data = T.arg("data", T.buffer((n, channels, height, width), "uint8"))
+        data = T.arg("data", T.buffer((n, groups, packed_h, packed_w, REDUCTION) if prepacked
+                                      else (n, channels, height, width), "uint8"))
         weight = T.arg("weight", T.buffer((out_channels // CHANNELS, blocks, kh, columns, CHANNELS, block), "int8"))
         correction = T.arg("correction", T.buffer((out_channels,), "int32"))
         multiplier = T.arg("multiplier", T.buffer((out_channels,), "float32"))
@@ -134,13 +151,20 @@ def amx_kernel(conv, input_shape: tuple[int, ...]) -> tirx.PrimFunc:
         out = T.arg("out", T.buffer((n, out_channels, out_h, out_w), conv.out_dtype))
         with T.sblock("root"):
             with tile_state_granted():
-                # NCHW -> NCHW[4c] as one 32-bit word per 4 channels of a pixel, the zero point
-                # around the image and in missing channels
-                packed = T.alloc_buffer((n, groups, packed_h, packed_w), "uint32")
-                if folded:
-                    _pack_folded(data, packed, conv.input_zero_point, (top, left), stride_w, lanes)
+                if prepacked:
+                    def input_row(b, group, y, x):  # the address of a B tile's first row
+                        return T.address_of(data[b, group, y, x, 0])
                 else:
-                    _pack(data, packed, conv.input_zero_point, (top, left))
+                    # NCHW -> NCHW[4c] as one 32-bit word per 4 channels of a pixel, the zero point
+                    # around the image and in missing channels
+                    packed = T.alloc_buffer((n, groups, packed_h, packed_w), "uint32")
+                    if folded:
+                        _pack_folded(data, packed, conv.input_zero_point, (top, left), stride_w, lanes)
+                    else:
+                        _pack(data, packed, conv.input_zero_point, (top, left))
+
+                    def input_row(b, group, y, x):
+                        return T.address_of(packed[b, group, y, x])
                 config = T.alloc_buffer((64,), "uint8")
                 _fill_config(config, pixels, block)
                 tasks = n * channel_pairs * out_h  # rows of output tiles, per channel pair
@@ -162,8 +186,8 @@ def amx_kernel(conv, input_shape: tuple[int, ...]) -> tirx.PrimFunc:
                                     _llvm("tileloadd64", _tile(WEIGHTS[i]), T.address_of(tile), tirx.const(block, "int64"))
                                 group = cb * (block // REDUCTION)
                                 for j in range(pixel_tiles):
-                                    row = packed[b, group, y * stride_h + ry, x0 + j * pixels + rx]
-                                    _llvm("tileloadd64", _tile(INPUTS[j]), T.address_of(row),
+                                    row = input_row(b, group, y * stride_h + ry, x0 + j * pixels + rx)
+                                    _llvm("tileloadd64", _tile(INPUTS[j]), row,
                                           tirx.const(packed_h * packed_w * REDUCTION, "int64"))
                                 for i in range(channel_tiles):
                                     for j in range(pixel_tiles):

@@ -252,7 +252,7 @@ def build_kernel(conv: IntegerConv, input_shape: tuple[int, ...], plan: KernelPl
         _per_channel(conv.offset, lanes, "float32"),
     ]
     if plan.layout == "amx":
-        func, weights = amx.amx_kernel(conv, input_shape), amx.pack_weight(conv)
+        func, weights = amx.amx_kernel(conv, input_shape, prepacked), amx.pack_weight(conv)
     elif plan.layout == "winograd":
         func, weights = winograd.winograd_kernel(conv, input_shape), winograd.transform_weight(conv.weight)
     elif plan.layout == "pixels":
@@ -281,14 +281,19 @@ def _pack_weight_for_pixels(weight: np.ndarray) -> np.ndarray:
 
 def prepackable(conv: IntegerConv, plan: KernelPlan) -> bool:
     """Whether the kernel for `conv` can read its input already packed (`packed_input_shape`): a direct
-    kernel of stride 1 whose input arrives padded (a reflection pad's output), so its packing only interleaves."""
-    return plan.layout in ("channels", "pixels") and conv.strides == (1, 1) and not any(conv.padding)
+    or AMX kernel of stride 1 whose input arrives padded (a reflection pad's output), so its packing
+    only interleaves (an AMX kernel's, unless it folds kernel columns into channels)."""
+    unpadded = conv.strides == (1, 1) and not any(conv.padding)
+    return unpadded and (plan.layout in ("channels", "pixels") or plan.layout == "amx" and not amx.folds_columns(conv))
 
 
 def packed_input_shape(conv: IntegerConv, input_shape: tuple[int, ...], plan: KernelPlan) -> tuple[int, ...]:
     """The layout a direct kernel packs its uint8 input into: groups of 4 channels interleaved,
-    NC[4]HW -> (N, C/4, rows, [column phases,] columns, 4); the pixels layout has the phase axis.
-    Channels past C and columns past the input's (whole tiles) hold the zero point."""
+    NC[4]HW -> (N, C/4, rows, [column phases,] columns, 4); the pixels layout has the phase axis, an
+    AMX kernel's channels come in whole product blocks (`amx.packed_input_shape`). Channels past C
+    and columns past the input's (whole tiles) hold the zero point."""
+    if plan.layout == "amx":
+        return amx.packed_input_shape(conv, input_shape)
     n, channels = input_shape[:2]
     _, _, out_h, out_w = conv.output_shape(input_shape)
     _, _, kh, kw = conv.weight.shape
