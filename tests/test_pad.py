@@ -152,19 +152,20 @@ def _run_kernel(func: tvm.tirx.PrimFunc, x: np.ndarray, out: np.ndarray, target)
     return tensors[1].numpy()
 
 
-@pytest.mark.parametrize("shape, pad, scale, extra_columns", [
-    ((1, 64, 8, 32), 1, 1, 0),  # a residual block's pad: 16-column chunks, whole 4-channel groups
-    ((1, 3, 13, 13), 3, 1, 5),  # RGB (a zero-point fourth channel), an odd width (one column a chunk), whole tiles
-    ((2, 8, 5, 6), 2, 2, 2),  # batch; upsampled x2 first (12 columns: 4-column chunks)
+@pytest.mark.parametrize("shape, pad, scale, extra_columns, extra_groups", [
+    ((1, 64, 8, 32), 1, 1, 0, 0),  # a residual block's pad: 16-column chunks, whole 4-channel groups
+    ((1, 3, 13, 13), 3, 1, 5, 0),  # RGB (a zero-point fourth channel), an odd width (one column a chunk), whole tiles
+    ((2, 8, 5, 6), 2, 2, 2, 0),  # batch; upsampled x2 first (12 columns: 4-column chunks)
+    ((1, 96, 4, 16), 1, 1, 0, 8),  # an AMX conv's 96 channels in 2 blocks of 64: 8 groups of zero points
 ])
 def test_packed_pad_stores_the_quantized_pad_interleaved_for_the_int8_conv(shape, pad, scale, extra_columns,
-                                                                           host_target):
+                                                                           extra_groups, host_target):
     """Byte for byte the quantizing pad's output, its channels in groups of 4 side by side, the zero point in
-    the channels and columns past the input's."""
+    the channels, groups and columns past the input's."""
     n, channels, height, width = shape
     quantize_to = (0.05, 7.0)
     out_h, out_w = height * scale + 2 * pad, width * scale + 2 * pad
-    packed_shape = (n, -(-channels // 4), out_h, out_w + extra_columns, 4)
+    packed_shape = (n, -(-channels // 4) + extra_groups, out_h, out_w + extra_columns, 4)
     x = (np.random.default_rng(0).standard_normal(shape) * 4).astype(np.float32)
     got = _run_kernel(packed_reflection_pad(shape, pad, scale, quantize_to, packed_shape), x,
                       np.full(packed_shape, 99, np.uint8), host_target)
