@@ -3,6 +3,7 @@ only where the CPU has them, and reach a benchmark record as the `tvm-bf16` runt
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import subprocess
 from pathlib import Path
@@ -17,6 +18,7 @@ import targets
 from bench.run import bench_model
 from compile import TILES_ATTR, bf16
 from compile.artifacts import NotBuildable, build_artifact
+from compile.int8 import amx as int8_amx
 from compile.pipeline import relax_for_target
 from compile.torch_import import torch_to_relax
 from compile.passes import float_lanes, prepare
@@ -149,8 +151,9 @@ def test_amx_conv_block_in_emulation_is_a_conv_of_bf16_operands(channels, out_ch
 
 @pytest.mark.parametrize("channels, stride, on_tiles", [(64, 1, True), (48, 1, False), (64, 2, False)])
 def test_an_amx_bf16_build_runs_stride_1_direct_convs_on_tiles_where_channels_fill_them(channels, stride, on_tiles,
-                                                                                       tmp_path):
-    """Built for the amx level on any x86 host; run against torch where the CPU has the tiles."""
+                                                                                       amx_bf16_error):
+    """Built for the amx level on any x86 host; run against torch where the CPU has the tiles or
+    AVX-512 BF16 (emulated tiles)."""
     amx_target = targets.resolve(targets.load_target("host"), isa_level="amx").tvm_target
     torch.manual_seed(0)
     net = torch.nn.Conv2d(channels, 32, 2, stride=stride).eval()  # 2x2: a sub-pixel phase, not Winograd's
@@ -160,15 +163,15 @@ def test_an_amx_bf16_build_runs_stride_1_direct_convs_on_tiles_where_channels_fi
                f.attrs is not None and f.attrs.get("global_symbol") is None and "lwgan.bf16" in f.attrs]
     assert rewritten == 1 and [f.attrs.get(TILES_ATTR) == "bf16" for f in kernels if "lwgan.conv_macs" in f.attrs] == \
         [on_tiles]
-    error = _error_where_tiles_run(library(mod, amx_target, tmp_path), net, shape)
+    error = amx_bf16_error(mod, amx_target, net, shape)
     assert error is None or error < 0.02
 
 
 @pytest.mark.parametrize("channels, on_tiles", [(64, True), (48, False)])
 def test_an_amx_bf16_build_multiplies_winograd_products_on_tiles_where_channels_fill_them(channels, on_tiles,
-                                                                                          tmp_path):
+                                                                                          amx_bf16_error):
     """Built for the amx level on any x86 host (the library links); run and checked against torch where
-    the CPU has the tiles."""
+    the CPU has the tiles or AVX-512 BF16 (emulated tiles)."""
     amx_target = targets.resolve(targets.load_target("host"), isa_level="amx").tvm_target
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(channels, 32, 3), torch.nn.ReLU()).eval()
@@ -177,20 +180,40 @@ def test_an_amx_bf16_build_multiplies_winograd_products_on_tiles_where_channels_
                             bf16_tiles=bf16.tiles_available(amx_target))
     names = [gv.name_hint for gv in mod.get_global_vars()]
     assert ("winograd_products_amx_bf16" in names) == on_tiles and ("winograd_products_bf16" in names) != on_tiles
-    error = _error_where_tiles_run(library(mod, amx_target, tmp_path), net, shape)
+    error = amx_bf16_error(mod, amx_target, net, shape)
     assert error is None or 1e-4 < error < WINOGRAD_BF16_TOLERANCE
 
 
-def _error_where_tiles_run(lib: tvm.runtime.Module, net: torch.nn.Module, shape: tuple[int, ...]) -> float | None:
-    """A library built for the amx level, run where this CPU has AMX-BF16 tiles: its largest error against
-    torch over the output's range. None elsewhere, where building and linking it is what a test checks."""
-    if not HOST_HAS_AMX_BF16:
-        return None
-    x = np.random.default_rng(1).standard_normal(shape).astype("float32")
-    got = relax.VirtualMachine(lib, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
-    with torch.inference_mode():
-        expected = net(torch.from_numpy(x)).numpy()
-    return float(np.abs(got - expected).max() / np.abs(expected).max())
+@pytest.fixture
+def amx_bf16_error(monkeypatch, tmp_path):
+    """error(mod, target, net, shape): a module built for the amx level (after this fixture) linked and
+    run, its largest error against torch over the output's range. On the tiles where this CPU has
+    AMX-BF16; on a CPU with AVX-512 BF16 only, with gemm_bf16.c's tile instructions in C
+    (tests/amx_emulation.h) and no request for tile state. None on other CPUs, where building and
+    linking the library is what a test checks."""
+    kernels = None
+    if not HOST_HAS_AMX_BF16 and HOST_HAS_BF16:
+        monkeypatch.setattr(int8_amx, "tile_state_granted", contextlib.nullcontext)
+        kernels = tmp_path / "gemm_bf16_emulated.o"
+        subprocess.run(["gcc", *bf16.COMPILER_FLAGS, "-DLWGAN_AMX_EMULATED", f"-I{Path(__file__).parent}",
+                        str(bf16.KERNEL_SOURCE), "-o", str(kernels)], check=True)
+
+    def error(mod: tvm.IRModule, target: tvm.target.Target, net: torch.nn.Module, shape: tuple[int, ...]):
+        if kernels is None:
+            lib = library(mod, target, tmp_path)
+        else:
+            path = tmp_path / "emulated.so"
+            tvm.compile(mod, target).export_library(str(path), options=[str(kernels)])
+            lib = tvm.runtime.load_module(str(path))
+        if not (HOST_HAS_AMX_BF16 or HOST_HAS_BF16):
+            return None
+        x = np.random.default_rng(1).standard_normal(shape).astype("float32")
+        got = relax.VirtualMachine(lib, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+        with torch.inference_mode():
+            expected = net(torch.from_numpy(x)).numpy()
+        return float(np.abs(got - expected).max() / np.abs(expected).max())
+
+    return error
 
 
 def test_reflected_data_transform_is_the_transform_of_the_padded_input(bf16_target):
