@@ -232,6 +232,7 @@ AMX_SHAPES = [  # (C, OC, kernel, strides, padding, H, W, kernel columns folded 
     (96, 32, (3, 3), (1, 1), (0, 0, 0, 0), 6, 34, False),  # 2 channel blocks (one part-filled), 2x2 output tiles
     (3, 16, (7, 7), (1, 1), (3, 3, 3, 3), 13, 16, True),  # stem: 3 channels x 7 columns fill 24 of 64 bytes
     (16, 32, (3, 3), (2, 2), (1, 1, 1, 1), 9, 32, True),  # strided downsampling
+    (32, 16, (3, 3), (2, 2), (1, 1, 1, 1), 5, 96, True),  # 96 folded channels in 2 blocks; 16-column packing steps
     (128, 32, (2, 2), (1, 1), (1, 0, 0, 1), 8, 8, False),  # sub-pixel phase conv: asymmetric padding
 ]
 
