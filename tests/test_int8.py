@@ -37,6 +37,7 @@ from compile.int8.intrinsics import (
 )
 from compile.onnx_import import onnx_to_relax
 from compile.pipeline import from_onnx_file, relax_for_target
+from compile.subjects import models_under_test
 from lwgan_models.compression import quantize
 from lwgan_models.compression.evaluate import psnr_db
 from targets import load_target, resolve
@@ -430,6 +431,24 @@ def test_qdq_model_on_amx_matches_the_qdq_reference(qdq_file, amx_build):
     # than a tile's 16, with VNNI's pixel lanes
     assert summary.intrinsics == tuple(sorted((int8_amx.INTRINSIC, VNNI_PIXELS_16X4)))
     assert psnr_against_qdq_reference(qdq_file, lowered, AMX, seed=1, build=amx_build) >= 30.0
+
+
+@pytest.mark.skipif(not HOST_HAS_VNNI, reason="this CPU has no AVX-512 VNNI to run the VNNI kernels beside the tiles")
+def test_shipped_int8_variant_on_amx_matches_its_vnni_build_bit_for_bit(amx_build):
+    """cyclegan-resnet6-ngf16+ptq as the pipeline builds it for the amx level (its stem and strided convs
+    folded, the trunk reading its pads' packed input) and for avx512vnni: the same integer sums and
+    epilogues, so the same output."""
+    model = models_under_test("cyclegan-resnet6-ngf16+ptq", None, None, None, False)[0]
+    x = tvm.runtime.tensor(np.random.default_rng(0).uniform(-1, 1, model.input_shape).astype(np.float32))
+    outputs = {}
+    for level, build in (("amx", amx_build), ("avx512vnni", compiled)):
+        target = resolve(load_target("host"), isa_level=level)
+        mod = relax_for_target(model, target)()
+        tiled = [f for f in mod.functions.values() if isinstance(f, tirx.PrimFunc) and f.attrs.get(TILES_ATTR) == "int8"]
+        assert (len(tiled) >= 5) == (level == "amx")  # stem, 2 strided, trunk, sub-pixel phases
+        outputs[level] = relax.VirtualMachine(build(mod, target.tvm_target), tvm.cpu())["main"](x).numpy()
+    np.testing.assert_array_equal(outputs["amx"], outputs["avx512vnni"])
+    assert outputs["amx"].std() > 0.1
 
 
 def test_pipeline_routes_int8_models_through_the_lowering_and_fp32_ones_past_it(qdq_file, tmp_path):
