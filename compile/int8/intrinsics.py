@@ -63,14 +63,14 @@ def _dot_8x4_avx2(
     with T.sblock("root"):
         T.reads(C[0:8], A[0:4], B[0:8, 0:4])
         T.writes(C[0:8])
-        A_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-        A_u8x32 = T.reinterpret(T.broadcast(A_i32, 8), dtype="uint8x32")
-        B_i8x32 = B.vload([0, 0], dtype="int8x32")
-        pairs = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), A_u8x32, B_i8x32, dtype="int16x16"
-        )
         C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs, T.int16x16(1), dtype="int32x8"
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+            T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 8), dtype="uint8x32"),
+                B.vload([0, 0], dtype="int8x32"), dtype="int16x16",
+            ),
+            T.int16x16(1), dtype="int32x8",
         )
 
 
@@ -102,14 +102,14 @@ def _dot_pixels_8x4_avx2(
     with T.sblock("root"):
         T.reads(C[0:8], A[0:8, 0:4], B[0:4])
         T.writes(C[0:8])
-        B_i32 = T.reinterpret(B.vload([0], "int8x4"), dtype="int32")
-        B_i8x32 = T.reinterpret(T.broadcast(B_i32, 8), dtype="int8x32")
-        pairs = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), A.vload([0, 0], dtype="uint8x32"), B_i8x32,
-            dtype="int16x16",
-        )
         C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs, T.int16x16(1), dtype="int32x8"
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+            T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), A.vload([0, 0], dtype="uint8x32"),
+                T.reinterpret(T.broadcast(T.reinterpret(B.vload([0], "int8x4"), dtype="int32"), 8), dtype="int8x32"),
+                dtype="int16x16",
+            ),
+            T.int16x16(1), dtype="int32x8",
         )
 
 
@@ -124,12 +124,10 @@ def _dot_16x4_vnni(
     with T.sblock("root"):
         T.reads(C[0:16], A[0:4], B[0:16, 0:4])
         T.writes(C[0:16])
-        A_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-        A_u8x64 = T.reinterpret(T.broadcast(A_i32, 16), dtype="uint8x64")
-        B_i8x64 = B.vload([0, 0], dtype="int8x64")
-        C_i32x16 = C.vload([0], dtype="int32x16")
         C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), C_i32x16, A_u8x64, B_i8x64, dtype="int32x16"
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), C.vload([0], dtype="int32x16"),
+            T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16), dtype="uint8x64"),
+            B.vload([0, 0], dtype="int8x64"), dtype="int32x16",
         )
 
 
@@ -143,15 +141,10 @@ def _dot_16x4_vnni_i32_operands(
     with T.sblock("root"):
         T.reads(C[0:16], A[0:4], B[0:16, 0:4])
         T.writes(C[0:16])
-        A_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-        B_i32x16 = T.reinterpret(B.vload([0, 0], dtype="int8x64"), dtype="int32x16")
-        C_i32x16 = C.vload([0], dtype="int32x16")
         C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-            C_i32x16,
-            T.broadcast(A_i32, 16),
-            B_i32x16,
-            dtype="int32x16",
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), C.vload([0], dtype="int32x16"),
+            T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16),
+            T.reinterpret(B.vload([0, 0], dtype="int8x64"), dtype="int32x16"), dtype="int32x16",
         )
 
 
@@ -165,12 +158,11 @@ def _dot_pixels_16x4_vnni(
     with T.sblock("root"):
         T.reads(C[0:16], A[0:16, 0:4], B[0:4])
         T.writes(C[0:16])
-        B_i32 = T.reinterpret(B.vload([0], "int8x4"), dtype="int32")
-        B_i8x64 = T.reinterpret(T.broadcast(B_i32, 16), dtype="int8x64")
-        C_i32x16 = C.vload([0], dtype="int32x16")
         C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), C_i32x16, A.vload([0, 0], dtype="uint8x64"),
-            B_i8x64, dtype="int32x16"
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), C.vload([0], dtype="int32x16"),
+            A.vload([0, 0], dtype="uint8x64"),
+            T.reinterpret(T.broadcast(T.reinterpret(B.vload([0], "int8x4"), dtype="int32"), 16), dtype="int8x64"),
+            dtype="int32x16",
         )
 
 
@@ -184,12 +176,10 @@ def _dot_pixels_16x4_vnni_i32_operands(
     with T.sblock("root"):
         T.reads(C[0:16], A[0:16, 0:4], B[0:4])
         T.writes(C[0:16])
-        B_i32 = T.reinterpret(B.vload([0], "int8x4"), dtype="int32")
-        A_i32x16 = T.reinterpret(A.vload([0, 0], dtype="uint8x64"), dtype="int32x16")
-        C_i32x16 = C.vload([0], dtype="int32x16")
         C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), C_i32x16, A_i32x16, T.broadcast(B_i32, 16),
-            dtype="int32x16",
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), C.vload([0], dtype="int32x16"),
+            T.reinterpret(A.vload([0, 0], dtype="uint8x64"), dtype="int32x16"),
+            T.broadcast(T.reinterpret(B.vload([0], "int8x4"), dtype="int32"), 16), dtype="int32x16",
         )
 
 
@@ -218,11 +208,10 @@ def _dot_8x2_i16_avx2(
     with T.sblock("root"):
         T.reads(C[0:8], A[0:2], B[0:8, 0:2])
         T.writes(C[0:8])
-        A_i32 = T.reinterpret(A.vload([0], "int16x2"), dtype="int32")
-        A_i16x16 = T.reinterpret(T.broadcast(A_i32, 8), dtype="int16x16")
         C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), A_i16x16, B.vload([0, 0], dtype="int16x16"),
-            dtype="int32x8",
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+            T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), 8), dtype="int16x16"),
+            B.vload([0, 0], dtype="int16x16"), dtype="int32x8",
         )
 
 
