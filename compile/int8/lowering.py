@@ -94,6 +94,7 @@ ALIASED_TILE = 32
 # 32 -> 32 at 64x64 0.49 -> 0.22 ms; rows of 32 ran as fast as before, narrower ones slower.
 PIXEL_CHANNEL_BLOCK = 8
 PIXEL_VECTORS = 2
+PARALLEL_TASKS = 16  # parallel tasks of a pixel-lane kernel, at least (`_rows_per_task`)
 # Strided convs too: their packing puts each column phase apart (even columns, then odd ones), so a
 # tap's 16 pixels are again one contiguous load. Measured against channels in the lanes (time ratio):
 # 16 -> 32 3x3 to 64x64 outputs 0.72, a 32 -> 64 4x4 to 64x64 0.58; to rows of one block (32x32
@@ -485,9 +486,10 @@ def _schedule_pixels(func: tirx.PrimFunc, plan: KernelPlan, tile: int) -> tirx.P
     block = PIXEL_CHANNEL_BLOCK if out_channels % PIXEL_CHANNEL_BLOCK == 0 else out_channels
     oc_outer, oc_inner = sch.split(oc, [None, block])
     x_outer, x_vector, x_lane = sch.split(x, [None, tile // plan.lanes, plan.lanes])
-    sch.reorder(b, oc_outer, y, x_outer, rc, ry, rx, oc_inner, x_vector, x_lane, ri)
+    y_outer, y_inner = sch.split(y, [None, _rows_per_task(sch, (b, oc_outer), y)])
+    sch.reorder(b, oc_outer, y_outer, y_inner, x_outer, rc, ry, rx, oc_inner, x_vector, x_lane, ri)
     _fuse_epilogue(sch, conv, x_outer)
-    sch.parallel(sch.fuse(b, oc_outer, y))
+    sch.parallel(sch.fuse(b, oc_outer, y_outer))
     init = sch.decompose_reduction(conv, rc)
     sch.tensorize(x_lane, plan.intrinsic)
     sch.unroll(x_vector)
@@ -497,6 +499,16 @@ def _schedule_pixels(func: tirx.PrimFunc, plan: KernelPlan, tile: int) -> tirx.P
     sch.vectorize(sch.split(epilogue_x, [None, plan.lanes])[1])
     _parallel_packing(sch)
     return sch.mod["main"]
+
+
+def _rows_per_task(sch: Schedule, outer_loops, rows) -> int:
+    """Output rows a parallel task runs: the most that still leave `PARALLEL_TASKS` tasks. TVM
+    allocates a kernel's 1 KB accumulator tile from its workspace pool once per task (a call, and
+    a free), so fewer, longer tasks spend less there (resnet6+ptq: 4.6K calls an inference at a row
+    a task)."""
+    outer = int(np.prod([sch.get(loop).extent.value for loop in outer_loops]))
+    extent = sch.get(rows).extent.value
+    return max(d for d in range(1, extent + 1) if extent % d == 0 and (outer * extent // d >= PARALLEL_TASKS or d == 1))
 
 
 def _fuse_epilogue(sch: Schedule, conv, tile_loop) -> None:
