@@ -94,7 +94,9 @@ ALIASED_TILE = 32
 # 32 -> 32 at 64x64 0.49 -> 0.22 ms; rows of 32 ran as fast as before, narrower ones slower.
 PIXEL_CHANNEL_BLOCK = 8
 PIXEL_VECTORS = 2
-PARALLEL_TASKS = 16  # parallel tasks of a pixel-lane kernel, at least (`_rows_per_task`)
+# parallel tasks of a pixel-lane kernel, at least (`_rows_per_task`): TVM hands each thread an equal
+# share of them, so enough that 2, 3, 4 or 6 threads get even shares (16 ran the same on 2 threads)
+PARALLEL_TASKS = 24
 # Strided convs too: their packing puts each column phase apart (even columns, then odd ones), so a
 # tap's 16 pixels are again one contiguous load. Measured against channels in the lanes (time ratio):
 # 16 -> 32 3x3 to 64x64 outputs 0.72, a 32 -> 64 4x4 to 64x64 0.58; to rows of one block (32x32
