@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import subprocess
 from pathlib import Path
 
@@ -258,7 +259,7 @@ def amx_build(request, monkeypatch, tmp_path):
     monkeypatch.setattr(int8_amx, "tile_state_granted", contextlib.nullcontext)
     calls = tmp_path / "amx_calls.o"
     subprocess.run(["gcc", "-O2", "-fPIC", "-c", f"-I{TESTS}", str(TESTS / "amx_calls.c"), "-o", str(calls)], check=True)
-    libraries = iter(range(1000))
+    libraries = itertools.count()
 
     def build(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.runtime.Module:
         path = tmp_path / f"emulated{next(libraries)}.so"

@@ -251,8 +251,9 @@ def _pack(data, packed, zero_point: int, padding) -> None:
 def _pack_folded(data, packed, zero_point: int, padding, stride_w: int, lanes: int) -> None:
     """Folded packing (`folds_columns`): lane rx * C + c of output column x is input column
     x * stride + rx of channel c. The columns whose every lane reads inside the row go
-    `PACK_VECTOR` at a time (a strided vector load per lane), the rest one word at a time; a
-    byte at a time, the strided convs' packing took longer than their tile products."""
+    `PACK_VECTOR` at a time (a strided vector load per lane), the rest one word at a time. Packed
+    a byte at a time, a strided conv's input took longer than its tile products (16 -> 32 channels
+    at 128x128: 0.039 ms against about 0.032; 0.028 ms this way)."""
     n, channels, height, width = (int(d) for d in data.shape)
     _, groups, packed_h, packed_w = (int(d) for d in packed.shape)
     top, left = padding

@@ -15,6 +15,10 @@ reduction k: one broadcast 32-bit group of 4 activations against a [lanes x 4] w
   activations) for convolutions with fewer output channels than lanes (an RGB output layer).
 - AVX2 int16 (`vpmaddwd`, 8 lanes x 2): C[i] += sum_k A[k] * B[i, k] on int16, for the exact
   integer Winograd convolution (compile/int8/winograd.py); int16 pair sums cannot overflow int32.
+
+The implementations write their operands inline: TVM 0.27 turns each named intermediate into a
+buffer taken from its workspace pool every time the enclosing parallel task runs (a call and a free:
+15K of them per resnet6+ptq inference, 4-9% of its time).
 """
 
 from __future__ import annotations
