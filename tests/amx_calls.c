@@ -1,6 +1,6 @@
 /* The AMX instructions of compile/int8/amx.py's kernels as C functions (on tests/amx_emulation.h),
  * for tests that build those kernels with calls instead of tile instructions (tests/test_int8.py's
- * `emulated_tiles`) and link this file: the kernels then run, exactly, on CPUs without AMX. */
+ * `amx_build`) and link this file: the kernels then run, exactly, on CPUs without AMX. */
 #include "amx_emulation.h"
 
 void lwgan_emulated_ldtilecfg(const void *config) { emulated_config(config); }

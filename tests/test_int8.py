@@ -246,13 +246,17 @@ def _emulated_instruction(name: str, *args) -> None:
     T.evaluate(T.call_extern("void", f"lwgan_emulated_{name}", *args))
 
 
-@pytest.fixture(params=["emulated", pytest.param("tiles", marks=pytest.mark.skipif(
-    not HOST_HAS_AMX, reason="this CPU has no AMX tiles to run the kernels"))])
+@pytest.fixture(params=[
+    pytest.param("emulated", marks=pytest.mark.skipif(not HOST_HAS_VNNI, reason="this CPU has no AVX-512 VNNI to "
+                                                                                 "run the amx level's other code")),
+    pytest.param("tiles", marks=pytest.mark.skipif(not HOST_HAS_AMX, reason="this CPU has no AMX tiles to run the "
+                                                                             "kernels")),
+])
 def amx_build(request, monkeypatch, tmp_path):
     """build(mod, target) -> runtime module, for the AMX kernels of compile/int8/amx.py: on the tiles
-    where this CPU has them, and on every x86 CPU "emulated": the kernels are built with each tile
-    instruction a call into tests/amx_calls.c (Intel's pseudo-code in C, exact like the tiles) and no
-    request for tile state, and that file is linked in."""
+    where this CPU has them, and "emulated" on any CPU with AVX-512 VNNI (the rest of the amx level's
+    code): the kernels are built with each tile instruction a call into tests/amx_calls.c (Intel's
+    pseudo-code in C, exact like the tiles) and no request for tile state, and that file is linked in."""
     if request.param == "tiles":
         return compiled
     monkeypatch.setattr(int8_amx, "_llvm", _emulated_instruction)
