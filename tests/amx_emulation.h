@@ -66,11 +66,24 @@ static float emulated_bf16(const unsigned char *pair, int half) {
     return value;
 }
 
+/* The tiles of `what`'s C += A B, checked as the hardware checks them: A rows = C rows, A's 4-byte
+ * groups = B rows, B columns = C columns. Returns the 4-byte groups each sum adds up. */
+static int emulated_product(const char *what, int dst, int a, int b, struct emulated_tile **c,
+                            struct emulated_tile **ta, struct emulated_tile **tb) {
+    *c = emulated_tile(dst), *ta = emulated_tile(a), *tb = emulated_tile(b);
+    const int groups = (*ta)->bytes_per_row / 4;
+    if ((*ta)->rows != (*c)->rows || (*tb)->rows != groups || (*tb)->bytes_per_row != (*c)->bytes_per_row) {
+        char message[160];
+        snprintf(message, sizeof message, "%s: tile shapes do not chain (A rows = C rows, A groups of 4 bytes = "
+                 "B rows, B columns = C columns)", what);
+        emulated_fault(message);
+    }
+    return groups;
+}
+
 static void emulated_dpbf16ps(int dst, int a, int b) {
-    struct emulated_tile *c = emulated_tile(dst), *ta = emulated_tile(a), *tb = emulated_tile(b);
-    const int k_pairs = ta->bytes_per_row / 4, n = c->bytes_per_row / 4;
-    if (ta->rows != c->rows || tb->rows != k_pairs || tb->bytes_per_row != c->bytes_per_row)
-        emulated_fault("tdpbf16ps: tile shapes do not chain (A rows = C rows, A pairs = B rows, B columns = C columns)");
+    struct emulated_tile *c, *ta, *tb;
+    const int k_pairs = emulated_product("tdpbf16ps", dst, a, b, &c, &ta, &tb), n = c->bytes_per_row / 4;
     for (int row = 0; row < c->rows; ++row) {
         float *sums = (float *)c->data[row];
         for (int k = 0; k < k_pairs; ++k)
@@ -83,10 +96,8 @@ static void emulated_dpbf16ps(int dst, int a, int b) {
 }
 
 static void emulated_dpbsud(int dst, int a, int b) {
-    struct emulated_tile *c = emulated_tile(dst), *ta = emulated_tile(a), *tb = emulated_tile(b);
-    const int k_words = ta->bytes_per_row / 4, n = c->bytes_per_row / 4;
-    if (ta->rows != c->rows || tb->rows != k_words || tb->bytes_per_row != c->bytes_per_row)
-        emulated_fault("tdpbsud: tile shapes do not chain (A rows = C rows, A words = B rows, B columns = C columns)");
+    struct emulated_tile *c, *ta, *tb;
+    const int k_words = emulated_product("tdpbsud", dst, a, b, &c, &ta, &tb), n = c->bytes_per_row / 4;
     for (int row = 0; row < c->rows; ++row) {
         uint32_t *sums = (uint32_t *)c->data[row];
         for (int k = 0; k < k_words; ++k)

@@ -104,17 +104,24 @@ def _tile(index: int):
     return tirx.const(index, "uint8")
 
 
+def _products(conv, channels: int) -> tuple[int, int, int, int]:
+    """(lanes, columns, block, blocks): the packed input's channels (C, or C x KW folded), the kernel
+    columns the products still step over, input channels per product, and products per tap."""
+    kw = conv.weight.shape[3]
+    lanes, columns = (channels * kw, 1) if folds_columns(conv) else (channels, kw)
+    block = _block_channels(lanes)
+    return lanes, columns, block, -(-lanes // block)
+
+
 def packed_input_shape(conv, input_shape: tuple[int, ...]) -> tuple[int, int, int, int, int]:
     """The layout the kernel reads its input in, NCHW[4c] as bytes: (N, groups of 4 channels, rows,
     columns, 4), the channels zero-point-filled to whole product blocks and the rows and columns
     padded (for a folded conv, its channels are the C x KW folded ones and its columns the outputs')."""
     n, channels = (int(d) for d in input_shape[:2])
     _, _, out_h, out_w = conv.output_shape(input_shape)
-    _, _, kh, kw = conv.weight.shape
-    lanes, columns = (channels * kw, 1) if folds_columns(conv) else (channels, kw)
-    block = _block_channels(lanes)
-    groups = -(-lanes // block) * block // REDUCTION
-    return n, groups, (out_h - 1) * conv.strides[0] + kh, out_w + columns - 1, REDUCTION
+    _, columns, block, blocks = _products(conv, channels)
+    rows = (out_h - 1) * conv.strides[0] + conv.weight.shape[2]
+    return n, blocks * block // REDUCTION, rows, out_w + columns - 1, REDUCTION
 
 
 def amx_kernel(conv, input_shape: tuple[int, ...], prepacked: bool = False) -> tirx.PrimFunc:
@@ -124,16 +131,13 @@ def amx_kernel(conv, input_shape: tuple[int, ...], prepacked: bool = False) -> t
     kernel before it (a reflection pad: compile/schedules/pad.py), and the kernel packs nothing."""
     n, channels, height, width = (int(d) for d in input_shape)
     _, out_channels, out_h, out_w = conv.output_shape(input_shape)
-    _, _, kh, kw = conv.weight.shape
+    kh = conv.weight.shape[2]
     top, left = conv.padding[:2]
     stride_h, stride_w = conv.strides
     folded = folds_columns(conv)
     if prepacked and (folded or conv.strides != (1, 1) or any(conv.padding)):
         raise ValueError("only an unfolded conv of stride 1 without padding of its own reads a packed input")
-    # The packed input's channels, and the kernel columns the products still step over.
-    lanes, columns = (channels * kw, 1) if folded else (channels, kw)
-    block = _block_channels(lanes)
-    blocks = -(-lanes // block)
+    lanes, columns, block, blocks = _products(conv, channels)
     _, groups, packed_h, packed_w, _ = packed_input_shape(conv, input_shape)
     pixels = _tile_pixels(out_w)
     pixel_tiles = 2 if out_w % (2 * pixels) == 0 else 1
