@@ -21,11 +21,13 @@ from tvm.script.ir_builder import tirx as T
 from compile import TILES_ATTR
 from compile.int8 import amx as int8_amx
 from compile.int8 import lowering
+from compile.int8.packing import pack_input
 from compile.int8.lowering import (
     IntegerConv,
     build_kernel,
     lower_quantized_convs,
     pack_weight,
+    packed_input_shape,
     plan_kernel,
 )
 from compile.int8.intrinsics import (
@@ -81,9 +83,16 @@ def run_kernel(conv: IntegerConv, x: np.ndarray, target: tvm.target.Target = AVX
     """`conv`'s kernel for `target`, built by `build(mod, target)` (a runtime module), run on `x`."""
     plan = plan_kernel(conv, x.shape, target)
     kernel = build_kernel(conv, x.shape, plan)
-    library = build(tvm.IRModule({"main": kernel.func.with_attr("global_symbol", "main")}), target)
+    functions = {"main": kernel.func.with_attr("global_symbol", "main")}
+    if kernel.pack is not None:
+        functions["pack"] = kernel.pack.with_attr("global_symbol", "pack")
+        packed = tvm.runtime.tensor(np.zeros(packed_input_shape(conv, x.shape, plan), np.uint8))
+    library = build(tvm.IRModule(functions), target)
+    if kernel.pack is not None:
+        library["pack"](tvm.runtime.tensor(x), packed)
     out = np.zeros(conv.output_shape(x.shape), conv.out_dtype)
-    tensors = [tvm.runtime.tensor(a) for a in (x, *kernel.constants, out)]
+    tensors = [packed if kernel.pack is not None else tvm.runtime.tensor(x),
+               *(tvm.runtime.tensor(a) for a in (*kernel.constants, out))]
     library["main"](*tensors)
     return tensors[-1].numpy(), plan, library
 
@@ -211,6 +220,38 @@ def test_vnni_kernels_accumulate_exactly_in_int32(channels, out_channels, kernel
     x = rng.integers(0, 256, (1, channels, height, width), dtype=np.uint8)
     plan = run_exactly(conv, x, VNNI, "vpdpbusd")
     assert (plan.layout, plan.intrinsic) == (layout, VNNI_INTRINSIC_OF[layout])
+
+
+def reference_packing(x: np.ndarray, packed_shape: tuple[int, ...], zero_point: int, top: int, left: int) -> np.ndarray:
+    """`pack_input`'s layout by its definition: column w of phase p is input column w * phases + p - left."""
+    n, channels, height, width = x.shape
+    phases = packed_shape[3] if len(packed_shape) == 6 else 1
+    groups, rows, columns = packed_shape[1], packed_shape[2], packed_shape[-2]
+    planes = np.full((n, groups * 4, rows, phases, columns), zero_point, np.uint8)
+    for p in range(phases):
+        for w in range(columns):
+            source = w * phases + p - left
+            if 0 <= source < width:
+                planes[:, :channels, top:top + height, p, w] = x[:, :, :rows - top, source]
+    packed = planes.reshape(n, groups, 4, rows, phases, columns).transpose(0, 1, 3, 4, 5, 2)
+    return packed.reshape(packed_shape)
+
+
+@pytest.mark.parametrize("shape, packed_shape, top_left", [
+    ((1, 16, 128, 128), (1, 4, 129, 2, 65, 4), (1, 1)),  # a stride-2 pixel kernel's column phases (resnet6)
+    ((1, 32, 64, 64), (1, 8, 65, 66, 4), (1, 1)),  # the channel kernel's plain rows, zero-point border
+    ((2, 6, 9, 37), (2, 3, 11, 2, 30, 4), (1, 2)),  # batch, 6 channels in 3 groups, odd width, past the row
+    ((1, 3, 5, 40), (1, 1, 6, 1, 48, 4), (0, 0)),  # RGB: a zero-point fourth channel; whole tiles past the input
+])
+def test_pack_kernel_writes_the_direct_kernels_layout(shape, packed_shape, top_left, host_target):
+    """Byte for byte the packed layout: 4 channels side by side, a row's column phases apart, and the
+    zero point where the input ends (columns, rows, channels and groups past it)."""
+    x = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
+    library = tvm.compile(tvm.IRModule({"main": pack_input(shape, packed_shape, 7, top_left)
+                                        .with_attr("global_symbol", "main")}), host_target).mod
+    packed = tvm.runtime.tensor(np.full(packed_shape, 99, np.uint8))
+    library["main"](tvm.runtime.tensor(x), packed)
+    np.testing.assert_array_equal(packed.numpy(), reference_packing(x, packed_shape, 7, *top_left))
 
 
 def test_avx512_vnni_level_compiles_to_vpdpbusd():
@@ -381,19 +422,19 @@ def tir_calls(mod: tvm.IRModule) -> dict[relax.Var, relax.Call]:
 
 
 def packed_pads(mod: tvm.IRModule) -> dict[relax.Var, str]:
-    """The vars of `mod`'s main a kernel writes as a uint8 tensor of more than 4 axes (a conv's packed
-    input), with the kernel's name."""
+    """The vars of `mod`'s main a reflection pad writes as a uint8 tensor of more than 4 axes (a conv's
+    packed input), with the kernel's name."""
     return {var: call.args[0].name_hint for var, call in tir_calls(mod).items()
-            if len(call.ty.shape) > 4 and call.ty.dtype == "uint8"}
+            if len(call.ty.shape) > 4 and call.ty.dtype == "uint8" and call.args[0].name_hint.startswith("reflection_pad")}
 
 
 def assert_pads_write_packed_inputs_and_no_output_changes(qdq_file, target, build, monkeypatch) -> list[tirx.PrimFunc]:
     """Both reflection pads (before the RGB stem and the residual conv) store the conv's packed layout,
-    which the conv reads as is; the model's output is bit for bit the one of convs that pack their
-    input themselves. Returns the kernels that read a packed input."""
+    which the conv reads as is; the model's output is bit for bit the one of convs whose input a pack
+    kernel (or an AMX kernel itself) packs. Returns the kernels that read a packed input."""
     lowered, _ = lower_quantized_convs(onnx_to_relax(qdq_file), target)
     pads = packed_pads(lowered)
-    assert len(pads) == 2 and all(name.startswith("reflection_pad") for name in pads.values())
+    assert len(pads) == 2
     readers = [call.args[0] for call in tir_calls(lowered).values() if call.args[1].fields[0] in pads]
     assert len(readers) == 2 and all(gvar.name_hint.startswith("int8_conv2d") for gvar in readers)
     with monkeypatch.context() as patched:

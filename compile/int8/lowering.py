@@ -26,7 +26,8 @@ rounds half to even and clamps to [0, 255] like QuantizeLinear. Spatial zero pad
 float input is the zero point in the integer domain (dequantize(z_x) = 0), so padding is exact.
 
 Kernels (`plan_kernel` picks one per conv and target):
-- "channels": the uint8 NCHW input is packed into NCHW[4c] (zero point in the padding), the int8
+- "channels": the uint8 NCHW input is packed into NCHW[4c] (zero point in the padding) by its own kernel
+  (compile/int8/packing.py) or by the reflection pad before the conv, the int8
   weights are pre-packed at compile time as OIHW[lanes o][4 i] constants (`lanes` = the
   intrinsic's int32 vector width), accumulators are NCHW[lanes c] in registers per tile of 8
   output pixels, and the epilogue writes NCHW again.
@@ -54,6 +55,7 @@ from tvm.s_tir import Schedule
 
 from compile import INTEGER_CONV, MACS_ATTR, OPAQUE_PATTERN, TILES_ATTR
 from compile.int8 import amx, winograd
+from compile.int8.packing import pack_input
 from compile.int8.intrinsics import (
     AVX2_DOT_8X2_I16,
     AVX2_DOT_8X4,
@@ -238,16 +240,21 @@ def _per_channel(values: np.ndarray, lanes: int, dtype: str) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Kernel:
-    """A scheduled kernel: call it with (data, *constants, output) (NCHW, `IntegerConv.out_dtype`)."""
+    """A scheduled kernel: call it with (data, *constants, output) (NCHW, `IntegerConv.out_dtype`); where
+    `pack` is given, `data` is what `pack` makes of the NCHW input: call pack(input, data) first."""
 
     func: tirx.PrimFunc
     constants: list[np.ndarray]
+    pack: tirx.PrimFunc | None = None
 
 
 def build_kernel(conv: IntegerConv, input_shape: tuple[int, ...], plan: KernelPlan, prepacked: bool = False) -> Kernel:
-    """The scheduled kernel for `conv` at `input_shape`, with its weights in the kernel's layout; with
-    `prepacked` (where `prepackable`) it reads its input in the packed layout (`packed_input_shape`)."""
+    """The scheduled kernel for `conv` at `input_shape`, with its weights in the kernel's layout. A direct
+    kernel reads its input packed (`packed_input_shape`): by the kernel's `pack`, or with `prepacked`
+    (where `prepackable`) as the kernel before it wrote it; an AMX kernel packs it itself unless
+    `prepacked`."""
     register_int8_intrinsics()
+    pack = None
     lanes = plan.lanes if plan.layout != "pixels" else 1
     per_channel = [
         _per_channel(conv.correction, lanes, "int32"),
@@ -258,19 +265,21 @@ def build_kernel(conv: IntegerConv, input_shape: tuple[int, ...], plan: KernelPl
         func, weights = amx.amx_kernel(conv, input_shape, prepacked), amx.pack_weight(conv)
     elif plan.layout == "winograd":
         func, weights = winograd.winograd_kernel(conv, input_shape), winograd.transform_weight(conv.weight)
-    elif plan.layout == "pixels":
-        func, weights = _direct_kernel(conv, input_shape, plan, prepacked), _pack_weight_for_pixels(conv.weight)
     elif plan.layout == "depthwise":
         func, weights = _depthwise_kernel(conv, input_shape), conv.weight[:, 0]
     else:
-        func, weights = _direct_kernel(conv, input_shape, plan, prepacked), pack_weight(conv.weight, plan.lanes)
+        func = _direct_kernel(conv, input_shape, plan)
+        weights = _pack_weight_for_pixels(conv.weight) if plan.layout == "pixels" else pack_weight(conv.weight, plan.lanes)
+        if not prepacked:
+            pack = pack_input(input_shape, packed_input_shape(conv, input_shape, plan), conv.input_zero_point,
+                              conv.padding[:2])
     # Private (no global symbol): the module gives each kernel its own name. Opaque to operator fusion,
     # as the tensorized kernels already are: a scheduled kernel cannot take in the ops after it, and
     # fusing the portable one with a tanh failed in FuseTIR (its int32 shapes against the tanh's int64).
     func = func.without_attr("global_symbol").with_attr(
         {"tirx.is_scheduled": True, MACS_ATTR: conv.macs(input_shape), "op_pattern": OPAQUE_PATTERN,
          **({TILES_ATTR: "int8"} if plan.layout == "amx" else {})})
-    return Kernel(func, [weights, *per_channel])
+    return Kernel(func, [weights, *per_channel], pack)
 
 
 def _pack_weight_for_pixels(weight: np.ndarray) -> np.ndarray:
@@ -329,12 +338,11 @@ def _padded_width(conv: IntegerConv, input_shape: tuple[int, ...], plan: KernelP
     return -(-out_w // tile) * tile
 
 
-def _direct_kernel(conv: IntegerConv, input_shape: tuple[int, ...], plan: KernelPlan,
-                   prepacked: bool = False) -> tirx.PrimFunc:
-    """Direct convolution (data, packed weight, correction, multiplier, offset) -> NCHW output. With
-    `prepacked` its first argument is the input in the packed layout (`packed_input_shape`) instead
-    of NCHW, written by the kernel before it (a reflection pad: compile/schedules/pad.py)."""
-    n, channels, height, width = (int(d) for d in input_shape)
+def _direct_kernel(conv: IntegerConv, input_shape: tuple[int, ...], plan: KernelPlan) -> tirx.PrimFunc:
+    """Direct convolution (packed input, packed weight, correction, multiplier, offset) -> NCHW output;
+    the input in `packed_input_shape`, written by the kernel before it (compile/int8/packing.py, or a
+    reflection pad: compile/schedules/pad.py)."""
+    n, channels = input_shape[:2]
     _, out_channels, out_h, out_w = conv.output_shape(input_shape)
     _, _, kh, kw = conv.weight.shape
     pixels = plan.layout == "pixels"
@@ -342,8 +350,6 @@ def _direct_kernel(conv: IntegerConv, input_shape: tuple[int, ...], plan: Kernel
     oc_blocks, c_blocks = -(-out_channels // lanes), -(-channels // REDUCTION)
     tile, padded_w = _tile(conv, input_shape, plan), _padded_width(conv, input_shape, plan)
     stride_h, stride_w = conv.strides
-    top, left = conv.padding[:2]
-    zero_point = tirx.const(conv.input_zero_point, "uint8")
 
     if pixels:
         weight = te.placeholder((out_channels, c_blocks, kh, kw, REDUCTION), "int8", name="weight")
@@ -355,24 +361,7 @@ def _direct_kernel(conv: IntegerConv, input_shape: tuple[int, ...], plan: Kernel
     multiplier = te.placeholder((channel_count,), "float32", name="multiplier")
     offset = te.placeholder((channel_count,), "float32", name="offset")
 
-    packed_shape = packed_input_shape(conv, input_shape, plan)
-    if prepacked:
-        data = packed = te.placeholder(packed_shape, "uint8", name="packed")
-    else:
-        data = te.placeholder((n, channels, height, width), "uint8", name="data")
-
-        def pack(b, cb, h, w, ci):
-            c, y, x = cb * REDUCTION + ci, h - top, w - left
-            inside = tirx.all(c < channels, y >= 0, y < height, x >= 0, x < width)
-            clamped = data[b, tirx.min(c, channels - 1), tirx.max(tirx.min(y, height - 1), 0),
-                           tirx.max(tirx.min(x, width - 1), 0)]
-            return tirx.if_then_else(inside, clamped, zero_point)
-
-        if pixels:
-            packed = te.compute(packed_shape, lambda b, cb, h, p, w, ci: pack(b, cb, h, w * stride_w + p, ci),
-                                name="packed")
-        else:
-            packed = te.compute(packed_shape, pack, name="packed")
+    packed = te.placeholder(packed_input_shape(conv, input_shape, plan), "uint8", name="packed")
     rc = te.reduce_axis((0, c_blocks), "rc")
     ry = te.reduce_axis((0, kh), "ry")
     rx = te.reduce_axis((0, kw), "rx")
@@ -404,7 +393,7 @@ def _direct_kernel(conv: IntegerConv, input_shape: tuple[int, ...], plan: Kernel
         return conv.finish(accumulator(b, c, y, x) + correction[c], c, multiplier, offset)
 
     out = te.compute((n, out_channels, out_h, out_w), epilogue, name="epilogue")
-    func = te.create_prim_func([data, weight, correction, multiplier, offset, out])
+    func = te.create_prim_func([packed, weight, correction, multiplier, offset, out])
     return (_schedule_pixels if pixels else _schedule_channels)(func, plan, tile)
 
 
@@ -473,7 +462,6 @@ def _schedule_channels(func: tirx.PrimFunc, plan: KernelPlan, tile: int) -> tirx
         sch.tensorize(lane, plan.intrinsic)
     sch.unroll(x_inner)
     sch.vectorize(sch.get_loops(init)[-1])
-    _parallel_packing(sch)
     return sch.mod["main"]
 
 
@@ -499,7 +487,6 @@ def _schedule_pixels(func: tirx.PrimFunc, plan: KernelPlan, tile: int) -> tirx.P
     sch.vectorize(sch.get_loops(init)[-1])
     epilogue_x = sch.get_loops(sch.get_sblock("epilogue"))[-1]
     sch.vectorize(sch.split(epilogue_x, [None, plan.lanes])[1])
-    _parallel_packing(sch)
     return sch.mod["main"]
 
 
@@ -519,15 +506,6 @@ def _fuse_epilogue(sch: Schedule, conv, tile_loop) -> None:
     sch.reverse_compute_at(accumulators, tile_loop)
     sch.compute_inline(accumulators)  # the epilogue reads the tile's accumulators directly
     sch.reverse_compute_at(sch.get_sblock("epilogue"), tile_loop)
-
-
-def _parallel_packing(sch: Schedule) -> None:
-    """The input's packing, rows split over the cores; nothing where the input arrives packed."""
-    if not any(sch.get(block).name_hint == "packed" for block in sch.get_child_blocks(sch.get_sblock("root"))):
-        return
-    pack = sch.get_sblock("packed")
-    pb, pc, ph = sch.get_loops(pack)[:3]
-    sch.parallel(sch.fuse(pb, pc, ph))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -670,13 +648,14 @@ class _IntegerConvRewriter(relax.PyExprMutator):
         data = self.visit_expr(replacement.data)
         padding = (self._quantized_reflection_padding(data) if replacement.sole_reader and prepackable(conv, plan)
                    else None)
+        kernel = build_kernel(conv, shape, plan, prepacked=padding is not None)
         if padding is not None:  # the pad writes the conv's packed input
             source, pad, scale, quantize_to = padding
             packed_shape = packed_input_shape(conv, shape, plan)
             pad_kernel = packed_reflection_pad(static_shape(source), pad, scale, quantize_to, packed_shape)
-            data = self.builder_.emit(relax.call_tir(self.builder_.add_func(pad_kernel, "reflection_pad"), [source],
-                                                     relax.TensorType(packed_shape, "uint8")))
-        kernel = build_kernel(conv, shape, plan, prepacked=padding is not None)
+            data = self._packed(pad_kernel, "reflection_pad", source, packed_shape)
+        elif kernel.pack is not None:
+            data = self._packed(kernel.pack, "int8_pack", data, packed_input_shape(conv, shape, plan))
         args = [data, *(relax.const(c) for c in kernel.constants)]
         out_ty = relax.TensorType(conv.output_shape(shape), conv.out_dtype)
         gvar = self.builder_.add_func(kernel.func, INTEGER_CONV)
@@ -684,6 +663,11 @@ class _IntegerConvRewriter(relax.PyExprMutator):
         value = relax.call_tir(gvar, args, out_ty)
         emit = self.builder_.emit if isinstance(binding.var, relax.DataflowVar) else self.builder_.emit_output
         self.set_var_remap(binding.var, emit(value, binding.var.name))
+
+    def _packed(self, kernel: tirx.PrimFunc, name: str, source: relax.Expr, packed_shape: tuple[int, ...]) -> relax.Expr:
+        """The conv's packed input, as `kernel` writes it from `source`."""
+        return self.builder_.emit(relax.call_tir(self.builder_.add_func(kernel, name), [source],
+                                                 relax.TensorType(packed_shape, "uint8")))
 
     def _quantized_reflection_padding(self, data: relax.Expr
                                       ) -> tuple[relax.Expr, int, int, tuple[float, float]] | None:

@@ -25,6 +25,7 @@ from tvm.script.ir_builder import tirx as T
 
 from compile import OPAQUE_PATTERN
 from compile.int8.intrinsics import REDUCTION  # channels a packed int8 input interleaves per pixel
+from compile.int8.packing import interleaved
 from compile.schedules.graph import bound_call, constant_of, index_values, is_op, rewrite_functions, static_shape, users_of
 
 
@@ -194,9 +195,7 @@ def packed_reflection_pad(shape: tuple[int, ...], pad: int, scale: int, quantize
                     groups = [channel_values(ci, j * (chunk // scale), chunk // scale) for ci in range(REDUCTION)]
                     if scale > 1:
                         groups = [tirx.Shuffle([g] * scale, [k // scale for k in range(chunk)]) for g in groups]
-                    interleaved = tirx.Shuffle(groups, [ci * chunk + k for k in range(chunk)
-                                                        for ci in range(REDUCTION)])
-                    T.buffer_store(flat, interleaved,
+                    T.buffer_store(flat, interleaved(groups, chunk),
                                    [tirx.Ramp(row_start + (pad + j * chunk) * REDUCTION, 1, chunk * REDUCTION)])
                 for column in [*range(pad), *range(inner_w + pad, out_w)]:
                     source = reflect(column, inner_w, pad) // scale
