@@ -461,6 +461,25 @@ def test_reflection_pad_writes_the_amx_convs_packed_input_and_no_output_changes(
     assert sorted(str(kernel.attrs.get(TILES_ATTR)) for kernel in readers) == ["None", "int8"]
 
 
+def test_instance_norms_read_the_convs_bytes_and_no_output_changes(qdq_file, monkeypatch):
+    """An instance norm after a requantized conv reads the conv's uint8 output, dequantizing as it reads,
+    where the conv would otherwise write its output dequantized to float32: the stem's, the strided
+    conv's and the residual conv's norms; the output is bit for bit the same."""
+    def uint8_norms(mod: tvm.IRModule) -> int:
+        return sum(call.args[0].name_hint.startswith("fused_instance_norm") and call.args[1].fields[0].ty.dtype == "uint8"
+                   for call in tir_calls(mod).values())
+
+    lowered, _ = lower_quantized_convs(onnx_to_relax(qdq_file), AVX2)
+    with monkeypatch.context() as patched:
+        patched.setattr(lowering, "_sole_instance_norm", lambda *args: None)
+        float_norms, _ = lower_quantized_convs(onnx_to_relax(qdq_file), AVX2)
+    assert (uint8_norms(lowered), uint8_norms(float_norms)) == (3, 0)
+    x = tvm.runtime.tensor((np.random.default_rng(4).random((1, 3, 16, 16), np.float32) * 2 - 1).astype(np.float32))
+    outputs = [relax.VirtualMachine(compiled(mod, AVX2), tvm.cpu())["main"](x).numpy() for mod in (lowered, float_norms)]
+    np.testing.assert_array_equal(*outputs)
+    assert outputs[0].std() > 0.05
+
+
 def test_qdq_model_on_a_cpu_without_dot_product_instructions_builds_and_matches_the_qdq_reference(qdq_file):
     """The portable integer kernels (any LLVM CPU: plain x86-64, a Cortex-A72). Their output conv was
     fused with the tanh after it and FuseTIR refused the pair; the kernels are opaque to fusion now."""

@@ -10,7 +10,7 @@ on the shipped generators' norms; so `prepare` schedules them and tuning leaves 
 from __future__ import annotations
 
 import tvm
-from tvm import tirx
+from tvm import te, tirx, topi
 from tvm.s_tir import Schedule
 from tvm.s_tir.schedule import ScheduleError
 
@@ -25,6 +25,30 @@ def schedule_instance_norms(mod: tvm.IRModule, vector_lanes: int) -> tvm.IRModul
             if scheduled is not None:
                 mod[gvar] = scheduled.with_attr("tirx.is_scheduled", True)
     return mod
+
+
+# relax's OpPatternKind.kOutEWiseFusable, what LegalizeOps gives an instance norm: FuseOps joins the
+# elementwise ops after it (affine, ReLU, residual add, quantize) into its kernel
+OUT_ELEMWISE_FUSABLE = 4
+
+
+def dequantizing_instance_norm(shape: tuple[int, ...], dequantize: tuple[float, int], epsilon: float) -> tirx.PrimFunc:
+    """(uint8 x, gamma, beta) -> float32 instance norm of x dequantized with (scale, zero point), as
+    relax.dequantize then relax.nn.instance_norm compute it, over every axis after the channels. As one
+    kernel it reads the bytes an integer conv wrote (compile/int8/lowering.py); as two ops, FuseOps kept
+    the dequantize apart (it joins no producer to a norm) and the conv wrote float32 instead."""
+    scale, zero_point = dequantize
+    shape = [tirx.IntImm("int64", d) for d in shape]  # as legalized ops write theirs: FuseTIR matches the buffers
+    data = te.placeholder(shape, "uint8", name="data")
+    gamma = te.placeholder((shape[1],), "float32", name="gamma")
+    beta = te.placeholder((shape[1],), "float32", name="beta")
+    dequantized = te.compute(
+        shape, lambda *i: (data(*i).astype("float32") - tirx.const(zero_point, "float32")) * tirx.const(scale, "float32"),
+        name="dequantize")
+    norm = topi.nn.instance_norm(dequantized, gamma, beta, channel_axis=1, axis=list(range(2, len(shape))),
+                                 epsilon=epsilon)
+    func = te.create_prim_func([data, gamma, beta, norm]).without_attr("global_symbol")
+    return func.with_attr("op_pattern", OUT_ELEMWISE_FUSABLE)
 
 
 def _is_reduction(sch: Schedule, block) -> bool:
