@@ -273,7 +273,8 @@ def build_kernel(conv: IntegerConv, input_shape: tuple[int, ...], plan: KernelPl
         func, weights = _depthwise_kernel(conv, input_shape), conv.weight[:, 0]
     else:
         func = _direct_kernel(conv, input_shape, plan)
-        weights = _pack_weight_for_pixels(conv.weight) if plan.layout == "pixels" else pack_weight(conv.weight, plan.lanes)
+        pixels = plan.layout == "pixels"
+        weights = _pack_weight_for_pixels(conv.weight) if pixels else pack_weight(conv.weight, plan.lanes)
         if not prepacked:
             pack = pack_input(input_shape, packed_input_shape(conv, input_shape, plan), conv.input_zero_point,
                               conv.padding[:2])
@@ -586,11 +587,14 @@ class _Replacement:
 
 @dataclass(frozen=True)
 class _DequantizingNorm:
+    """What an instance norm of a requantized conv's output reads instead of the floats it dequantizes."""
+
     data: relax.Var  # the uint8 tensor (an integer conv's) that the norm reads through a dequantize
     dequantize: tuple[float, int]  # its (scale, zero point)
 
 
-def _plan_replacements(func: relax.Function) -> tuple[dict[relax.Var, _Replacement], dict[relax.Var, _DequantizingNorm]]:
+def _plan_replacements(func: relax.Function
+                       ) -> tuple[dict[relax.Var, _Replacement], dict[relax.Var, _DequantizingNorm]]:
     """Binding var -> the integer conv that computes it. A requantized conv replaces the quantize
     binding; a conv without output quantize replaces its bias add (or the conv itself). Also binding
     var -> the dequantizing norm that computes it: an instance norm of a requantized conv's output
@@ -619,7 +623,8 @@ def _plan_replacements(func: relax.Function) -> tuple[dict[relax.Var, _Replaceme
         output = (found.scale, found.zero_point)
         dequantized = users[var][0] if len(users[var]) == 1 else None
         dequantize = call_to(dequantized, "relax.dequantize", var2val) if dequantized is not None else None
-        if dequantize is not None and dequantized not in read_by_convs and _dequantizes_with(dequantize, output, var2val):
+        if (dequantize is not None and dequantized not in read_by_convs
+                and _dequantizes_with(dequantize, output, var2val)):
             norm = _sole_instance_norm(dequantized, users, var2val)
             if norm is not None:
                 norms[norm] = _DequantizingNorm(var, output)
@@ -647,11 +652,13 @@ def _sole_instance_norm(dequantized: relax.Var, users, var2val) -> relax.Var | N
     """The binding var of the instance norm that is all that reads `dequantized`, over NCHW's spatial
     axes with float32 gamma and beta; else None."""
     readers = users.get(dequantized, [])
-    norm = call_to(readers[0], "relax.nn.instance_norm", var2val) if len(readers) == 1 and readers[0] is not None else None
+    if len(readers) != 1 or readers[0] is None:
+        return None
+    norm = call_to(readers[0], "relax.nn.instance_norm", var2val)
     if norm is None or not norm.args[0].same_as(dequantized) or int(norm.attrs.channel_axis) != 1:
         return None
-    ndim = len(dequantized.ty.shape)
-    if [int(a) for a in norm.attrs.axes] != list(range(2, ndim)) or any(str(a.ty.dtype) != "float32" for a in norm.args[1:]):
+    spatial = list(range(2, len(dequantized.ty.shape)))
+    if [int(a) for a in norm.attrs.axes] != spatial or any(str(a.ty.dtype) != "float32" for a in norm.args[1:]):
         return None
     return readers[0]
 
@@ -708,7 +715,8 @@ class _IntegerConvRewriter(relax.PyExprMutator):
         args = [self.visit_expr(plan.data), self.visit_expr(norm.args[1]), self.visit_expr(norm.args[2])]
         return relax.call_tir(self.builder_.add_func(kernel, "instance_norm"), args, relax.TensorType(shape, "float32"))
 
-    def _packed(self, kernel: tirx.PrimFunc, name: str, source: relax.Expr, packed_shape: tuple[int, ...]) -> relax.Expr:
+    def _packed(self, kernel: tirx.PrimFunc, name: str, source: relax.Expr,
+                packed_shape: tuple[int, ...]) -> relax.Expr:
         """The conv's packed input, as `kernel` writes it from `source`."""
         return self.builder_.emit(relax.call_tir(self.builder_.add_func(kernel, name), [source],
                                                  relax.TensorType(packed_shape, "uint8")))

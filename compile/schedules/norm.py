@@ -42,9 +42,8 @@ def dequantizing_instance_norm(shape: tuple[int, ...], dequantize: tuple[float, 
     data = te.placeholder(shape, "uint8", name="data")
     gamma = te.placeholder((shape[1],), "float32", name="gamma")
     beta = te.placeholder((shape[1],), "float32", name="beta")
-    dequantized = te.compute(
-        shape, lambda *i: (data(*i).astype("float32") - tirx.const(zero_point, "float32")) * tirx.const(scale, "float32"),
-        name="dequantize")
+    zero, step = tirx.const(zero_point, "float32"), tirx.const(scale, "float32")
+    dequantized = te.compute(shape, lambda *i: (data(*i).astype("float32") - zero) * step, name="dequantize")
     norm = topi.nn.instance_norm(dequantized, gamma, beta, channel_axis=1, axis=list(range(2, len(shape))),
                                  epsilon=epsilon)
     func = te.create_prim_func([data, gamma, beta, norm]).without_attr("global_symbol")
