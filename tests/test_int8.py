@@ -480,6 +480,33 @@ def test_instance_norms_read_the_convs_bytes_and_no_output_changes(qdq_file, mon
     assert outputs[0].std() > 0.05
 
 
+def test_a_pad_read_only_by_its_conv_copies_the_bytes_its_norm_quantized_and_no_output_changes(tmp_path, monkeypatch):
+    """Between instance norm + ReLU and the next conv's reflection pad, the quantize moves into the norm's
+    kernel, which then stores bytes that the pad copies into the conv's packed input; the stem's pad of the
+    model's input still quantizes itself. Bit for bit the output of the pad quantizing floats."""
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(3, 8, 3), nn.InstanceNorm2d(8), nn.ReLU(),
+                        nn.ReflectionPad2d(1), nn.Conv2d(8, 3, 3), nn.Tanh()).eval()
+    shape = (1, 3, 16, 16)
+    calibration = [torch.rand(shape) * 2 - 1 for _ in range(3)]
+    qdq = quantize.export_qdq(quantize.calibrate(quantize.prepare(net, calibration[0]), calibration), shape,
+                              tmp_path / "pair+ptq.onnx")
+
+    def pad_inputs(mod: tvm.IRModule) -> list[str]:
+        return sorted(str(call.args[1].fields[0].ty.dtype) for call in tir_calls(mod).values()
+                      if call.args[0].name_hint.startswith("reflection_pad"))
+
+    lowered, _ = lower_quantized_convs(onnx_to_relax(qdq), AVX2)
+    with monkeypatch.context() as patched:
+        patched.setattr(lowering, "_quantizes_before_pad", lambda *args: False)
+        float_pads, _ = lower_quantized_convs(onnx_to_relax(qdq), AVX2)
+    assert (pad_inputs(lowered), pad_inputs(float_pads)) == (["float32", "uint8"], ["float32", "float32"])
+    x = tvm.runtime.tensor((np.random.default_rng(5).random(shape, np.float32) * 2 - 1).astype(np.float32))
+    outputs = [relax.VirtualMachine(compiled(mod, AVX2), tvm.cpu())["main"](x).numpy() for mod in (lowered, float_pads)]
+    np.testing.assert_array_equal(*outputs)
+    assert outputs[0].std() > 0.05
+
+
 def test_qdq_model_on_a_cpu_without_dot_product_instructions_builds_and_matches_the_qdq_reference(qdq_file):
     """The portable integer kernels (any LLVM CPU: plain x86-64, a Cortex-A72). Their output conv was
     fused with the tanh after it and FuseTIR refused the pair; the kernels are opaque to fusion now."""

@@ -161,7 +161,7 @@ def _run_kernel(func: tvm.tirx.PrimFunc, x: np.ndarray, out: np.ndarray, target)
 def test_packed_pad_stores_the_quantized_pad_interleaved_for_the_int8_conv(shape, pad, scale, extra_columns,
                                                                            extra_groups, host_target):
     """Byte for byte the quantizing pad's output, its channels in groups of 4 side by side, the zero point in
-    the channels, groups and columns past the input's."""
+    the channels, groups and columns past the input's; the same from the input quantized already."""
     n, channels, height, width = shape
     quantize_to = (0.05, 7.0)
     out_h, out_w = height * scale + 2 * pad, width * scale + 2 * pad
@@ -171,6 +171,11 @@ def test_packed_pad_stores_the_quantized_pad_interleaved_for_the_int8_conv(shape
                       np.full(packed_shape, 99, np.uint8), host_target)
     padded = _run_kernel(reflection_pad(shape, pad, scale, quantize_to), x,
                          np.zeros((n, channels, out_h, out_w), np.uint8), host_target)
+    # quantized first (by the kernel before it), the pad copies the bytes into the same layout
+    quantized = padded[:, :, pad:pad + height * scale:scale, pad:pad + width * scale:scale]
+    copied = _run_kernel(packed_reflection_pad(shape, pad, scale, quantize_to, packed_shape, quantized_input=True),
+                         np.ascontiguousarray(quantized), np.full(packed_shape, 99, np.uint8), host_target)
+    np.testing.assert_array_equal(copied, got)
     expected = np.full((n, packed_shape[1] * 4, out_h, out_w + extra_columns), 7, np.uint8)
     expected[:, :channels, :, :out_w] = padded
     expected = expected.reshape(n, packed_shape[1], 4, out_h, -1).transpose(0, 1, 3, 4, 2)

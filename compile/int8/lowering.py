@@ -82,7 +82,7 @@ from compile.int8.match import (
 )
 from compile.schedules.default import schedule_float_ops
 from compile.schedules.norm import dequantizing_instance_norm
-from compile.schedules.graph import bound_call, static_shape, users_of
+from compile.schedules.graph import bound_call, is_op, static_shape, users_of
 from compile.schedules.pad import packed_reflection_pad, reflection_padding, uint8_quantization
 
 PORTABLE_LANES = 8  # int32 lanes of the untensorized kernel (LLVM vectorizes it for any CPU)
@@ -675,6 +675,7 @@ class _IntegerConvRewriter(relax.PyExprMutator):
         self.target = target
         self.plans: dict[relax.Var, _Replacement] = {}
         self.norms: dict[relax.Var, _DequantizingNorm] = {}
+        self.users: dict[relax.Var, list] = {}  # of the function being rewritten, before the rewrite
         self.kernels: dict[str, KernelPlan] = {}  # kernel name -> its plan (identical convs share one kernel)
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
@@ -693,9 +694,13 @@ class _IntegerConvRewriter(relax.PyExprMutator):
                    else None)
         kernel = build_kernel(conv, shape, plan, prepacked=padding is not None)
         if padding is not None:  # the pad writes the conv's packed input
-            source, pad, scale, quantize_to = padding
+            source, pad, scale, quantize = padding
+            quantize_to = uint8_quantization(quantize, self)
+            quantized_input = _quantizes_before_pad(source, self, self.users)
+            if quantized_input:
+                source = self.builder_.emit(relax.op.quantize(source, *quantize.args[1:], int(quantize.attrs.axis), "uint8"))
             packed_shape = packed_input_shape(conv, shape, plan)
-            pad_kernel = packed_reflection_pad(static_shape(source), pad, scale, quantize_to, packed_shape)
+            pad_kernel = packed_reflection_pad(static_shape(source), pad, scale, quantize_to, packed_shape, quantized_input)
             data = self._packed(pad_kernel, "reflection_pad", source, packed_shape)
         elif kernel.pack is not None:
             data = self._packed(kernel.pack, "int8_pack", data, packed_input_shape(conv, shape, plan))
@@ -721,15 +726,25 @@ class _IntegerConvRewriter(relax.PyExprMutator):
         return self.builder_.emit(relax.call_tir(self.builder_.add_func(kernel, name), [source],
                                                  relax.TensorType(packed_shape, "uint8")))
 
-    def _quantized_reflection_padding(self, data: relax.Expr
-                                      ) -> tuple[relax.Expr, int, int, tuple[float, float]] | None:
-        """(x, p, s, (scale, zero point)) where `data` is x (upsampled s times) reflection-padded by p and
-        quantized to uint8, as an int8 file's Pad before a conv is imported; None for anything else."""
+    def _quantized_reflection_padding(self, data: relax.Expr) -> tuple[relax.Expr, int, int, relax.Call] | None:
+        """(x, p, s, quantize) where `data` is x (upsampled s times) reflection-padded by p and quantized to
+        uint8 with one scale and zero point, as an int8 file's Pad before a conv is imported; None for
+        anything else."""
         quantize = bound_call(data, self, "relax.quantize")
         quantize_to = uint8_quantization(quantize, self) if quantize is not None else None
         padded = bound_call(quantize.args[0], self, "relax.call_tir") if quantize_to is not None else None
         padding = reflection_padding(padded, self) if padded is not None else None
-        return None if padding is None else (*padding, quantize_to)
+        return None if padding is None else (*padding, quantize)
+
+
+def _quantizes_before_pad(source: relax.Expr, mutator: relax.PyExprMutator, users: dict) -> bool:
+    """Whether the quantize after a reflection pad moves before it, and so into the kernel computing the
+    pad's float input (a norm's), which then stores a byte a value for the pad to copy: where the pad is
+    all that reads that input, an op's result (not a kernel's, nor a parameter, which would take a
+    quantize kernel of their own)."""
+    producer = mutator.lookup_binding(source) if isinstance(source, relax.Var) else None
+    computed = isinstance(producer, relax.Call) and isinstance(producer.op, tvm.ir.Op)
+    return computed and not is_op(producer, "relax.call_tir") and len(users.get(source, [])) == 1
 
 
 def _instance_norm_of(expr: relax.Expr, var2val) -> tuple[relax.Expr, float] | None:
@@ -845,6 +860,7 @@ def lower_quantized_convs(mod: tvm.IRModule, target: tvm.target.Target) -> tuple
     for gvar, func in mod.functions_items():
         if isinstance(func, relax.Function):
             rewriter.plans, rewriter.norms = _plan_replacements(func)
+            rewriter.users = users_of(func, relax.analysis.get_var2val(func))
             if rewriter.plans:
                 rewritten = relax.analysis.remove_all_unused(rewriter.visit_expr(func))
                 rewriter.builder_.update_func(gvar, rewritten)

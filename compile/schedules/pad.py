@@ -151,14 +151,16 @@ def _quantized(value, quantize_to: tuple[float, float], lanes: int = 1):
 
 
 def packed_reflection_pad(shape: tuple[int, ...], pad: int, scale: int, quantize_to: tuple[float, float],
-                          packed_shape: tuple[int, ...]) -> tirx.PrimFunc:
+                          packed_shape: tuple[int, ...], quantized_input: bool = False) -> tirx.PrimFunc:
     """`reflection_pad` quantizing to uint8 and storing straight into an integer conv's packed input
     (compile/int8/lowering.py `packed_input_shape`): (N, C/4, rows, [1,] columns, 4), each pixel's 4
     channels side by side. Per row of a group of 4 channels: each chunk of up to 16 columns is 4
     vector loads (one per channel, repeated by a shuffle where upsampled), quantized, interleaved by
     one shuffle into a single store; the 2 x `pad` border columns are stored one value at a time.
     Channels past C (an RGB input's fourth) and columns past the padded row (the conv's whole
-    tiles) get the zero point, which the conv reads as zero."""
+    tiles) get the zero point, which the conv reads as zero. With `quantized_input` the input holds
+    the uint8 values already (quantized by the kernel before, as a pad commutes with the quantize):
+    the pad only copies them."""
     n, channels, height, width = shape
     inner_w = width * scale
     out_h, out_w = height * scale + 2 * pad, inner_w + 2 * pad
@@ -172,7 +174,7 @@ def packed_reflection_pad(shape: tuple[int, ...], pad: int, scale: int, quantize
 
     with IRBuilder() as ib, T.prim_func(private=True):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": OPAQUE_PATTERN})
-        x = T.arg("x", T.buffer(shape, "float32"))
+        x = T.arg("x", T.buffer(shape, "uint8" if quantized_input else "float32"))
         out = T.arg("out", T.buffer(packed_shape, "uint8"))
         with T.sblock("root"):
             flat = T.decl_buffer((int(np.prod(packed_shape)),), "uint8", data=out.data)  # each row one span
@@ -186,7 +188,7 @@ def packed_reflection_pad(shape: tuple[int, ...], pad: int, scale: int, quantize
                     c = cb * REDUCTION + ci
                     loaded = tirx.BufferLoad(x, [b, tirx.min(c, channels - 1), source_row,
                                                 column if lanes == 1 else tirx.Ramp(column, 1, lanes)])
-                    values = _quantized(loaded, quantize_to, lanes)
+                    values = loaded if quantized_input else _quantized(loaded, quantize_to, lanes)
                     if c_blocks * REDUCTION == channels:
                         return values
                     return tirx.Select(c < channels, values, zero if lanes == 1 else tirx.Broadcast(zero, lanes))
