@@ -44,7 +44,7 @@ def pack_input(input_shape: tuple[int, ...], packed_shape: tuple[int, ...], zero
     def inside_columns(p: int, spare: int = 0) -> tuple[int, int]:
         """[first, end): the columns of phase p whose input column, and `spare` columns after it, lie
         inside the row."""
-        first = max(0, -(-(left - p) // phases))
+        first = min(columns, max(0, -(-(left - p) // phases)))
         return first, max(first, min(columns, (width - 1 - spare - p + left) // phases + 1))
 
     with IRBuilder() as ib, T.prim_func(private=True):
