@@ -507,6 +507,27 @@ def test_a_pad_read_only_by_its_conv_copies_the_bytes_its_norm_quantized_and_no_
     assert outputs[0].std() > 0.05
 
 
+def test_sub_pixel_phases_share_one_packing_and_no_output_changes(qdq_file, monkeypatch):
+    """The transposed conv's four phase convs read one packed input (laid out for the 2x2 phase, the
+    largest), where each had its own packing kernel; bit for bit the same output."""
+    def readers_per_packing(mod: tvm.IRModule) -> list[int]:
+        calls = tir_calls(mod)
+        packings = [var for var, call in calls.items() if call.args[0].name_hint.startswith("int8_pack")]
+        return sorted(sum(c.args[0].name_hint.startswith("int8_conv2d") and c.args[1].fields[0].same_as(var)
+                          for c in calls.values()) for var in packings)
+
+    lowered, _ = lower_quantized_convs(onnx_to_relax(qdq_file), AVX2)
+    with monkeypatch.context() as patched:
+        patched.setattr(lowering, "_shared_packings", lambda *args: {})
+        apart, _ = lower_quantized_convs(onnx_to_relax(qdq_file), AVX2)
+    # the strided conv's and the output conv's own packings; the phases': one, or one each
+    assert (readers_per_packing(lowered), readers_per_packing(apart)) == ([1, 1, 4], [1] * 6)
+    x = tvm.runtime.tensor((np.random.default_rng(6).random((1, 3, 16, 16), np.float32) * 2 - 1).astype(np.float32))
+    outputs = [relax.VirtualMachine(compiled(mod, AVX2), tvm.cpu())["main"](x).numpy() for mod in (lowered, apart)]
+    np.testing.assert_array_equal(*outputs)
+    assert outputs[0].std() > 0.05
+
+
 def test_qdq_model_on_a_cpu_without_dot_product_instructions_builds_and_matches_the_qdq_reference(qdq_file):
     """The portable integer kernels (any LLVM CPU: plain x86-64, a Cortex-A72). Their output conv was
     fused with the tanh after it and FuseTIR refused the pair; the kernels are opaque to fusion now."""
