@@ -706,8 +706,10 @@ class _IntegerConvRewriter(relax.PyExprMutator):
             quantize_to = uint8_quantization(quantize, self)
             quantized_input = _quantizes_before_pad(source, self, self.users)
             if quantized_input:
-                source = self.builder_.emit(relax.op.quantize(source, *quantize.args[1:], int(quantize.attrs.axis), "uint8"))
-            pad_kernel = packed_reflection_pad(static_shape(source), pad, scale, quantize_to, packed_shape, quantized_input)
+                axis = int(quantize.attrs.axis)
+                source = self.builder_.emit(relax.op.quantize(source, *quantize.args[1:], axis, "uint8"))
+            pad_kernel = packed_reflection_pad(static_shape(source), pad, scale, quantize_to, packed_shape,
+                                               quantized_input)
             data = self._packed(pad_kernel, "reflection_pad", source, packed_shape)
         elif kernel.pack is not None:
             data = self._packed(kernel.pack, "int8_pack", data, packed_shape)
