@@ -242,6 +242,7 @@ def reference_packing(x: np.ndarray, packed_shape: tuple[int, ...], zero_point: 
     ((1, 32, 64, 64), (1, 8, 65, 66, 4), (1, 1)),  # the channel kernel's plain rows, zero-point border
     ((2, 6, 9, 37), (2, 3, 11, 2, 30, 4), (1, 2)),  # batch, 6 channels in 3 groups, odd width, past the row
     ((1, 3, 5, 40), (1, 1, 6, 1, 48, 4), (0, 0)),  # RGB: a zero-point fourth channel; whole tiles past the input
+    ((1, 4, 3, 2), (1, 1, 5, 2, 4), (1, 3)),  # a row narrower than the left padding: all zero point
 ])
 def test_pack_kernel_writes_the_direct_kernels_layout(shape, packed_shape, top_left, host_target):
     """Byte for byte the packed layout: 4 channels side by side, a row's column phases apart, and the
