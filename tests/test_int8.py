@@ -416,6 +416,16 @@ def test_qdq_model_runs_every_conv_as_an_integer_kernel_and_matches_the_qdq_refe
     assert psnr_against_qdq_reference(qdq_file, lowered, AVX2, seed=0) >= 30.0
 
 
+def assert_same_outputs(first: tvm.IRModule, second: tvm.IRModule, seed: int, target: tvm.target.Target = AVX2,
+                        build=compiled, shape: tuple[int, ...] = (1, 3, 16, 16)) -> None:
+    """Both modules, built for `target` by `build`, give bit for bit the same output on a seeded input,
+    and a real spread of values, not one constant."""
+    x = tvm.runtime.tensor((np.random.default_rng(seed).random(shape, np.float32) * 2 - 1).astype(np.float32))
+    outputs = [relax.VirtualMachine(build(mod, target), tvm.cpu())["main"](x).numpy() for mod in (first, second)]
+    np.testing.assert_array_equal(*outputs)
+    assert outputs[0].std() > 0.05
+
+
 def tir_calls(mod: tvm.IRModule) -> dict[relax.Var, relax.Call]:
     """Binding var -> kernel call, of `mod`'s main."""
     return {binding.var: binding.value for block in mod["main"].body.blocks for binding in block.bindings
@@ -442,10 +452,7 @@ def assert_pads_write_packed_inputs_and_no_output_changes(qdq_file, target, buil
         patched.setattr(lowering, "prepackable", lambda conv, plan: False)
         self_packing, _ = lower_quantized_convs(onnx_to_relax(qdq_file), target)
     assert not packed_pads(self_packing)
-    x = tvm.runtime.tensor((np.random.default_rng(3).random((1, 3, 16, 16), np.float32) * 2 - 1).astype(np.float32))
-    outputs = [relax.VirtualMachine(build(mod, target), tvm.cpu())["main"](x).numpy() for mod in (lowered, self_packing)]
-    np.testing.assert_array_equal(*outputs)
-    assert outputs[0].std() > 0.05
+    assert_same_outputs(lowered, self_packing, seed=3, target=target, build=build)
     return [lowered[gvar] for gvar in readers]
 
 
@@ -475,10 +482,7 @@ def test_instance_norms_read_the_convs_bytes_and_no_output_changes(qdq_file, mon
         patched.setattr(lowering, "_sole_instance_norm", lambda *args: None)
         float_norms, _ = lower_quantized_convs(onnx_to_relax(qdq_file), AVX2)
     assert (uint8_norms(lowered), uint8_norms(float_norms)) == (3, 0)
-    x = tvm.runtime.tensor((np.random.default_rng(4).random((1, 3, 16, 16), np.float32) * 2 - 1).astype(np.float32))
-    outputs = [relax.VirtualMachine(compiled(mod, AVX2), tvm.cpu())["main"](x).numpy() for mod in (lowered, float_norms)]
-    np.testing.assert_array_equal(*outputs)
-    assert outputs[0].std() > 0.05
+    assert_same_outputs(lowered, float_norms, seed=4)
 
 
 def test_a_pad_read_only_by_its_conv_copies_the_bytes_its_norm_quantized_and_no_output_changes(tmp_path, monkeypatch):
@@ -502,10 +506,7 @@ def test_a_pad_read_only_by_its_conv_copies_the_bytes_its_norm_quantized_and_no_
         patched.setattr(lowering, "_quantizes_before_pad", lambda *args: False)
         float_pads, _ = lower_quantized_convs(onnx_to_relax(qdq), AVX2)
     assert (pad_inputs(lowered), pad_inputs(float_pads)) == (["float32", "uint8"], ["float32", "float32"])
-    x = tvm.runtime.tensor((np.random.default_rng(5).random(shape, np.float32) * 2 - 1).astype(np.float32))
-    outputs = [relax.VirtualMachine(compiled(mod, AVX2), tvm.cpu())["main"](x).numpy() for mod in (lowered, float_pads)]
-    np.testing.assert_array_equal(*outputs)
-    assert outputs[0].std() > 0.05
+    assert_same_outputs(lowered, float_pads, seed=5, shape=shape)
 
 
 def test_sub_pixel_phases_share_one_packing_and_no_output_changes(qdq_file, monkeypatch):
@@ -523,10 +524,7 @@ def test_sub_pixel_phases_share_one_packing_and_no_output_changes(qdq_file, monk
         apart, _ = lower_quantized_convs(onnx_to_relax(qdq_file), AVX2)
     # the strided conv's and the output conv's own packings; the phases': one, or one each
     assert (readers_per_packing(lowered), readers_per_packing(apart)) == ([1, 1, 4], [1] * 6)
-    x = tvm.runtime.tensor((np.random.default_rng(6).random((1, 3, 16, 16), np.float32) * 2 - 1).astype(np.float32))
-    outputs = [relax.VirtualMachine(compiled(mod, AVX2), tvm.cpu())["main"](x).numpy() for mod in (lowered, apart)]
-    np.testing.assert_array_equal(*outputs)
-    assert outputs[0].std() > 0.05
+    assert_same_outputs(lowered, apart, seed=6)
 
 
 def test_qdq_model_on_a_cpu_without_dot_product_instructions_builds_and_matches_the_qdq_reference(qdq_file):

@@ -702,8 +702,7 @@ class _IntegerConvRewriter(relax.PyExprMutator):
         kernel = build_kernel(conv, shape, plan, prepacked=padding is not None or key in self.packed_inputs,
                               packed_shape=packed_shape)
         if padding is not None:  # the pad writes the conv's packed input
-            source, pad, scale, quantize = padding
-            quantize_to = uint8_quantization(quantize, self)
+            source, pad, scale, quantize, quantize_to = padding
             quantized_input = _quantizes_before_pad(source, self, self.users)
             if quantized_input:
                 axis = int(quantize.attrs.axis)
@@ -739,15 +738,16 @@ class _IntegerConvRewriter(relax.PyExprMutator):
         return self.builder_.emit(relax.call_tir(self.builder_.add_func(kernel, name), [source],
                                                  relax.TensorType(packed_shape, "uint8")))
 
-    def _quantized_reflection_padding(self, data: relax.Expr) -> tuple[relax.Expr, int, int, relax.Call] | None:
-        """(x, p, s, quantize) where `data` is x (upsampled s times) reflection-padded by p and quantized to
-        uint8 with one scale and zero point, as an int8 file's Pad before a conv is imported; None for
-        anything else."""
+    def _quantized_reflection_padding(self, data: relax.Expr
+                                      ) -> tuple[relax.Expr, int, int, relax.Call, tuple[float, float]] | None:
+        """(x, p, s, quantize, (scale, zero point)) where `data` is x (upsampled s times) reflection-padded
+        by p and quantized to uint8 with one scale and zero point, as an int8 file's Pad before a conv is
+        imported; None for anything else."""
         quantize = bound_call(data, self, "relax.quantize")
         quantize_to = uint8_quantization(quantize, self) if quantize is not None else None
         padded = bound_call(quantize.args[0], self, "relax.call_tir") if quantize_to is not None else None
         padding = reflection_padding(padded, self) if padded is not None else None
-        return None if padding is None else (*padding, quantize)
+        return None if padding is None else (*padding, quantize, quantize_to)
 
 
 def _packing_key(replacement: _Replacement, plan: KernelPlan) -> tuple:
